@@ -1,0 +1,64 @@
+"""The ``cryosvi`` command: one subcommand per module in this package.
+
+Each command module defines ``register(subparsers)``, which adds its parser and sets
+``func`` to the function that runs it. Modules are imported only when needed so that
+``cryosvi --help`` stays fast. A :class:`~cryosvi.errors.CryosviError` (a user mistake)
+is printed as one line, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from cryosvi import __version__
+from cryosvi.errors import CryosviError
+
+COMMANDS = {
+    "simulate": "simulate a particle stack from the forward model",
+    "modes": "ANM normal modes of a structure",
+    "train": "train the amortized posterior (guide) on particles",
+    "infer": "posterior over pose, defocus and modes for each particle",
+    "evaluate": "compare a posterior STAR file with the ground truth",
+    "bench": "time the forward model stage by stage",
+    "demo": "simulate, train, infer and evaluate on the bundled 1OL5",
+}
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cryosvi",
+        description="Physics-aware amortized Bayesian inference of pose, CTF defocus "
+        "and normal-mode conformation for single-particle cryo-EM.",
+    )
+    parser.add_argument("--version", action="version", version=f"cryosvi {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, summary in COMMANDS.items():
+        if name == chosen:
+            importlib.import_module(f"cryosvi.cli.{name}").register(subparsers, summary)
+        else:
+            subparsers.add_parser(name, help=summary, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args) or 0
+    except CryosviError as error:
+        print(f"cryosvi {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cryosvi {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+"""The one exception type for user mistakes: the CLI prints its message, never a traceback."""
+
+
+class CryosviError(Exception):
+    """A problem with the user's input (file, option or number), stated in one line."""
