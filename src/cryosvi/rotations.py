@@ -1,0 +1,97 @@
+"""Rotations: unit quaternions, RELION ZYZ Euler angles and matrices.
+
+Conventions
+-----------
+* Quaternions are scalar-first, ``(w, x, y, z)``, as in the paper (identity = (1, 0, 0, 0)).
+  roma stores them scalar-last; the conversion happens here and nowhere else.
+* A particle whose RELION Euler matrix is ``A`` shows the atoms at ``A @ r``, projected
+  along z. ``A`` is RELION's ``Euler_angles2matrix(rot, tilt, psi)`` (src/euler.cpp):
+  ``A = Rz(psi) Ry(tilt) Rz(rot)`` with ``Rz(a) = [[c, s, 0], [-s, c, 0], [0, 0, 1]]`` and
+  ``Ry(b) = [[c, 0, -s], [0, 1, 0], [s, 0, c]]``. The model's quaternion q gives
+  ``A = quaternion_to_matrix(q)`` directly, so ``matrix_to_euler`` of it is what goes to
+  rlnAngleRot/Tilt/Psi.
+"""
+
+from __future__ import annotations
+
+import math
+
+import roma
+import torch
+from torch import Tensor
+
+
+def quaternion_to_matrix(quaternion: Tensor) -> Tensor:
+    """(..., 4) unit quaternion (w, x, y, z) -> (..., 3, 3) rotation matrix."""
+    return roma.unitquat_to_rotmat(roma.quat_wxyz_to_xyzw(quaternion))
+
+
+def matrix_to_quaternion(matrix: Tensor) -> Tensor:
+    """(..., 3, 3) rotation matrix -> (..., 4) unit quaternion (w, x, y, z) with w >= 0."""
+    quaternion = roma.quat_xyzw_to_wxyz(roma.rotmat_to_unitquat(matrix))
+    return quaternion * torch.where(quaternion[..., :1] < 0, -1.0, 1.0).to(quaternion)
+
+
+def euler_to_matrix(rot: Tensor, tilt: Tensor, psi: Tensor) -> Tensor:
+    """RELION ZYZ Euler angles (..., degrees) -> (..., 3, 3) matrix, as ``Euler_angles2matrix``."""
+    a, b, g = (torch.deg2rad(torch.as_tensor(angle)) for angle in (rot, tilt, psi))
+    ca, sa, cb, sb, cg, sg = a.cos(), a.sin(), b.cos(), b.sin(), g.cos(), g.sin()
+    rows = [
+        [cg * cb * ca - sg * sa, cg * cb * sa + sg * ca, -cg * sb],
+        [-sg * cb * ca - cg * sa, -sg * cb * sa + cg * ca, sg * sb],
+        [sb * ca, sb * sa, cb],
+    ]
+    return torch.stack([torch.stack(row, dim=-1) for row in rows], dim=-2)
+
+
+def matrix_to_euler(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(..., 3, 3) matrix -> RELION (rot, tilt, psi) in degrees, tilt in [0, 180].
+
+    As RELION's ``Euler_matrix2angles``: at tilt 0 or 180 (gimbal lock) rot is set to 0
+    and the whole in-plane angle goes to psi.
+    """
+    a02, a12, a22 = matrix[..., 0, 2], matrix[..., 1, 2], matrix[..., 2, 2]
+    sin_tilt = torch.sqrt(a02**2 + a12**2)
+    regular = sin_tilt > 16 * torch.finfo(matrix.dtype).eps
+    tilt = torch.atan2(sin_tilt, a22)
+    rot = torch.where(regular, torch.atan2(matrix[..., 2, 1], matrix[..., 2, 0]), 0.0)
+    psi_lock = torch.where(
+        a22 > 0,
+        torch.atan2(-matrix[..., 1, 0], matrix[..., 0, 0]),
+        torch.atan2(matrix[..., 1, 0], -matrix[..., 0, 0]),
+    )
+    psi = torch.where(regular, torch.atan2(a12, -a02), psi_lock)
+    return torch.rad2deg(rot), torch.rad2deg(tilt), torch.rad2deg(psi)
+
+
+def geodesic_angle(first: Tensor, second: Tensor) -> Tensor:
+    """Angle (degrees) of the rotation taking one matrix to the other; (..., 3, 3) -> (...)."""
+    return torch.rad2deg(roma.rotmat_geodesic_distance(first, second))
+
+
+def quaternion_geodesic_angle(first: Tensor, second: Tensor) -> Tensor:
+    """Rotation angle (degrees) between unit quaternions (..., 4); q and -q are the same.
+
+    2 acos|<q1, q2>|, computed as 4 atan2(|q1 - q2|, |q1 + q2|) after aligning signs,
+    which stays accurate for tiny angles where acos loses precision.
+    """
+    sign = torch.where((first * second).sum(-1, keepdim=True) < 0, -1.0, 1.0).to(second)
+    second = second * sign
+    half = torch.atan2((first - second).norm(dim=-1), (first + second).norm(dim=-1))
+    return torch.rad2deg(4 * half)
+
+
+def random_quaternions(n: int, generator: torch.Generator | None = None,
+                       dtype=torch.float32, device=None) -> Tensor:
+    """(n, 4) quaternions uniform on SO(3) (Haar measure), w >= 0."""
+    quaternion = torch.randn(n, 4, generator=generator, dtype=dtype, device=device)
+    quaternion = quaternion / quaternion.norm(dim=-1, keepdim=True)
+    return quaternion * torch.where(quaternion[:, :1] < 0, -1.0, 1.0).to(quaternion)
+
+
+def rotate(coords: Tensor, matrix: Tensor) -> Tensor:
+    """Apply rotations to point sets: coords (B, N, 3), matrix (B, 3, 3) -> (B, N, 3)."""
+    return coords @ matrix.transpose(-1, -2)
+
+
+DEGREE = math.pi / 180.0

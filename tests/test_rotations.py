@@ -1,0 +1,98 @@
+"""Rotation conventions: RELION's ZYZ Euler matrices (src/euler.cpp), scalar-first
+quaternions, geodesic angles and Haar-uniform sampling."""
+
+import math
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+
+from cryosvi.rotations import (euler_to_matrix, geodesic_angle, matrix_to_euler,
+                               matrix_to_quaternion, quaternion_geodesic_angle,
+                               quaternion_to_matrix, random_quaternions, rotate)
+
+F64 = dict(dtype=torch.float64)
+
+
+def relion_euler_matrix(rot, tilt, psi):
+    """RELION's Euler_angles2matrix written out element by element (src/euler.cpp)."""
+    a, b, g = np.deg2rad([rot, tilt, psi])
+    ca, sa, cb, sb, cg, sg = np.cos(a), np.sin(a), np.cos(b), np.sin(b), np.cos(g), np.sin(g)
+    cc, cs, sc, ss = cb * ca, cb * sa, sb * ca, sb * sa
+    return np.array([[cg * cc - sg * sa, cg * cs + sg * ca, -cg * sb],
+                     [-sg * cc - cg * sa, -sg * cs + cg * ca, sg * sb],
+                     [sc, ss, cb]])
+
+
+@pytest.mark.parametrize("angles", [(0, 0, 0), (90, 0, 0), (0, 90, 0), (0, 0, 90),
+                                    (30, 50, 70), (-120, 170, 45), (200, 10, -80)])
+def test_euler_matrix_is_relions(angles):
+    matrix = euler_to_matrix(*(torch.tensor(float(a), **F64) for a in angles))
+    np.testing.assert_allclose(matrix.numpy(), relion_euler_matrix(*angles), atol=1e-14)
+
+
+def test_rot_90_maps_x_to_minus_y():
+    # A = Rz(90) in RELION's (transposed) convention: the atom at +x appears at -y.
+    matrix = euler_to_matrix(torch.tensor(90.0, **F64), torch.tensor(0.0, **F64),
+                             torch.tensor(0.0, **F64))
+    atom = torch.tensor([[[10.0, 0.0, 0.0]]], **F64)
+    np.testing.assert_allclose(rotate(atom, matrix[None]).numpy(), [[[0, -10, 0]]], atol=1e-12)
+
+
+def test_euler_round_trip_and_range():
+    torch.manual_seed(0)
+    matrices = quaternion_to_matrix(random_quaternions(2000, dtype=torch.float64))
+    rot, tilt, psi = matrix_to_euler(matrices)
+    assert tilt.min() >= 0 and tilt.max() <= 180
+    assert rot.abs().max() <= 180 and psi.abs().max() <= 180
+    np.testing.assert_allclose(euler_to_matrix(rot, tilt, psi).numpy(), matrices.numpy(),
+                               atol=1e-12)
+
+
+@pytest.mark.parametrize("tilt", [0.0, 180.0])
+def test_gimbal_lock_puts_in_plane_angle_in_psi(tilt):
+    matrix = euler_to_matrix(*(torch.tensor(a, **F64) for a in (25.0, tilt, 40.0)))
+    rot, tilt_out, psi = matrix_to_euler(matrix)
+    assert rot.item() == 0.0 and tilt_out.item() == pytest.approx(tilt)
+    np.testing.assert_allclose(euler_to_matrix(rot, tilt_out, psi).numpy(), matrix.numpy(),
+                               atol=1e-12)
+
+
+def test_quaternion_is_scalar_first_active_rotation():
+    theta = 0.7
+    q = torch.tensor([math.cos(theta / 2), 0.0, 0.0, math.sin(theta / 2)], **F64)
+    c, s = math.cos(theta), math.sin(theta)
+    expected = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
+    np.testing.assert_allclose(quaternion_to_matrix(q).numpy(), expected, atol=1e-14)
+    np.testing.assert_allclose(quaternion_to_matrix(-q).numpy(), expected, atol=1e-14)
+    np.testing.assert_allclose(matrix_to_quaternion(torch.tensor(expected)).numpy(), q.numpy(),
+                               atol=1e-14)
+
+
+def test_geodesic_angles_agree_and_ignore_sign():
+    torch.manual_seed(1)
+    q1, q2 = random_quaternions(500, **F64), random_quaternions(500, **F64)
+    from_quaternions = quaternion_geodesic_angle(q1, q2)
+    from_matrices = geodesic_angle(quaternion_to_matrix(q1), quaternion_to_matrix(q2))
+    np.testing.assert_allclose(from_quaternions.numpy(), from_matrices.numpy(), atol=1e-6)
+    np.testing.assert_allclose(quaternion_geodesic_angle(q1, -q2).numpy(),
+                               from_quaternions.numpy(), atol=1e-9)
+    assert quaternion_geodesic_angle(q1, q1).abs().max() < 1e-6
+    # a known small rotation about x: exact angle, even at 1e-4 degrees
+    for degrees in (1e-4, 3.0, 179.0):
+        half = math.radians(degrees) / 2
+        turn = torch.tensor([[math.cos(half), math.sin(half), 0.0, 0.0]], **F64)
+        identity = torch.tensor([[1.0, 0.0, 0.0, 0.0]], **F64)
+        assert quaternion_geodesic_angle(identity, turn).item() == pytest.approx(degrees, rel=1e-9)
+
+
+def test_random_quaternions_are_haar_uniform():
+    # The rotation angle of a Haar-random rotation has density (1 - cos t) / pi on [0, pi].
+    generator = torch.Generator().manual_seed(3)
+    q = random_quaternions(20000, generator=generator, **F64)
+    angle = np.deg2rad(quaternion_geodesic_angle(q, torch.tensor([1.0, 0, 0, 0], **F64)).numpy())
+    cdf = lambda t: (t - np.sin(t)) / np.pi  # noqa: E731
+    assert scipy.stats.kstest(angle, cdf).pvalue > 1e-3
+    mean_matrix = quaternion_to_matrix(q).mean(0)
+    assert mean_matrix.abs().max() < 0.03  # E[R] = 0 under the Haar measure
