@@ -1,0 +1,441 @@
+"""Compare a posterior STAR file (from ``cryosvi infer``) with the ground truth.
+
+Metrics
+-------
+* defocus and each mode amplitude: Pearson r, RMSE and bias (posterior mean - truth), Å;
+* pose: geodesic angle (degrees) between the posterior-mean and the true rotation,
+  summarised by median, mean and 90th percentile;
+* calibration: the fraction of particles whose truth lies in the central credible region
+  of level ``p``. Defocus and modes: ``mean +- z std`` with ``z = Phi^-1((1 + p) / 2)``
+  (Gaussian posterior). Pose: geodesic error ``<= sigma * chi_3^-1(p)`` with sigma =
+  ``cryosviPoseStdDeg``, because a small isotropic Gaussian rotation error with per-axis
+  std sigma has a rotation angle distributed as sigma times a chi variable with 3 degrees
+  of freedom. A calibrated posterior gives coverage ~= p.
+
+Coverages are computed only where the posterior has the std column; the others are
+listed under ``skipped``. All quantiles come from scipy, so levels and radii agree.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy import stats
+
+from cryosvi.errors import CryosviError
+from cryosvi.io.star import MODE_COLUMN, ParticleTable
+from cryosvi.rotations import euler_to_matrix, geodesic_angle, quaternion_geodesic_angle
+
+ANGLE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
+DEFOCUS_STD_COLUMN = "cryosviDefocusStd"
+MODE_STD_COLUMN = "cryosviModeAmplitudeStd{}"
+POSE_STD_COLUMN = "cryosviPoseStdDeg"
+NAME_COLUMN = "rlnImageName"
+
+COVERAGE_LEVELS = {"coverage68": 0.68, "coverage95": 0.95}
+"""The two headline credible levels, by their key in the metrics."""
+CALIBRATION_LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+"""Nominal levels of the calibration curve."""
+
+PLOT_FILES = ("truth_vs_prediction.png", "pose_error.png", "calibration.png")
+METRICS_FILE = "metrics.json"
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def pearson_r(truth: np.ndarray, prediction: np.ndarray) -> float:
+    """Pearson correlation of two (N,) arrays; NaN when either is constant or N < 2."""
+    truth, prediction = np.asarray(truth, float), np.asarray(prediction, float)
+    if truth.size < 2:
+        return math.nan
+    a, b = truth - truth.mean(), prediction - prediction.mean()
+    denominator = math.sqrt(float(a @ a) * float(b @ b))
+    # Constant input (e.g. a latent fixed during inference): r is undefined, not 0.
+    if denominator == 0:
+        return math.nan
+    return float(np.clip(a @ b / denominator, -1.0, 1.0))
+
+
+def rmse(truth: np.ndarray, prediction: np.ndarray) -> float:
+    """Root-mean-square error of two (N,) arrays, in their unit."""
+    difference = np.asarray(prediction, float) - np.asarray(truth, float)
+    return float(np.sqrt(np.mean(difference**2)))
+
+
+def gaussian_radius(level: float) -> float:
+    """z with P(|X| <= z) = level for X ~ N(0, 1) (0.994 for 0.68, 1.960 for 0.95)."""
+    return float(stats.norm.ppf(0.5 + level / 2))
+
+
+def pose_radius(level: float) -> float:
+    """r with P(|w| <= r) = level for w ~ N(0, I_3): chi_3 quantile (1.872 for 0.68)."""
+    return float(stats.chi(3).ppf(level))
+
+
+def gaussian_coverage(truth: np.ndarray, mean: np.ndarray, std: np.ndarray,
+                      level: float) -> float:
+    """Fraction of (N,) truths inside ``mean +- z(level) * std`` (any common unit)."""
+    inside = np.abs(np.asarray(truth, float) - np.asarray(mean, float)) \
+        <= gaussian_radius(level) * np.asarray(std, float)
+    return float(np.mean(inside))
+
+
+def pose_coverage(error_deg: np.ndarray, std_deg: np.ndarray, level: float) -> float:
+    """Fraction of (N,) geodesic errors within ``chi_3^-1(level) * std`` (both degrees)."""
+    inside = np.asarray(error_deg, float) <= pose_radius(level) * np.asarray(std_deg, float)
+    return float(np.mean(inside))
+
+
+def euler_geodesic_error(truth_deg: np.ndarray, predicted_deg: np.ndarray) -> np.ndarray:
+    """Rotation angle (degrees, in [0, 180]) between RELION ZYZ Euler triples.
+
+    truth_deg, predicted_deg: (N, 3) (rot, tilt, psi) in degrees -> (N,). Computed on the
+    rotation matrices, so equivalent Euler triples (e.g. rot + a, psi - a at tilt 0) give 0.
+    """
+    truth, predicted = (torch.as_tensor(np.asarray(a, float), dtype=torch.float64)
+                        for a in (truth_deg, predicted_deg))
+    # float64: roma's asin form loses ~sqrt(eps) near 180 deg; 1e-6 deg in float64.
+    first = euler_to_matrix(truth[:, 0], truth[:, 1], truth[:, 2])
+    second = euler_to_matrix(predicted[:, 0], predicted[:, 1], predicted[:, 2])
+    return geodesic_angle(first, second).numpy()
+
+
+def quaternion_geodesic_error(truth: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+    """Rotation angle (degrees) between (N, 4) unit quaternions (w, x, y, z) -> (N,).
+
+    q and -q are the same rotation and give 0. Inputs are renormalised.
+    """
+    first, second = (torch.as_tensor(np.asarray(q, float), dtype=torch.float64)
+                     for q in (truth, predicted))
+    first = first / first.norm(dim=-1, keepdim=True)
+    second = second / second.norm(dim=-1, keepdim=True)
+    return quaternion_geodesic_angle(first, second).numpy()
+
+
+def error_summary(error_deg: np.ndarray) -> dict:
+    """Median, mean and 90th percentile of (N,) pose errors, degrees."""
+    error_deg = np.asarray(error_deg, float)
+    return {"median_error_deg": float(np.median(error_deg)),
+            "mean_error_deg": float(np.mean(error_deg)),
+            "p90_error_deg": float(np.percentile(error_deg, 90))}
+
+
+# ----------------------------------------------------------------------- table handling
+
+
+def _column(table: ParticleTable, column: str) -> np.ndarray:
+    """One numeric, finite (N,) column, or a CryosviError naming file and column."""
+    values = pd.to_numeric(table.particles[column], errors="coerce").to_numpy(float)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise CryosviError(f"{table.path}: column {column} has {int(bad.sum())} non-numeric "
+                           f"or non-finite value(s) (first at particle {row + 1})")
+    return values
+
+
+def _std_column(table: ParticleTable, column: str) -> np.ndarray:
+    values = _column(table, column)
+    if (values < 0).any():
+        raise CryosviError(f"{table.path}: column {column} has negative standard deviations")
+    return values
+
+
+def _defocus(table: ParticleTable) -> np.ndarray:
+    """(N,) defocus, Å: mean of U and V (the model has no astigmatism), U alone if no V."""
+    if "rlnDefocusV" in table.particles.columns:
+        return 0.5 * (_column(table, "rlnDefocusU") + _column(table, "rlnDefocusV"))
+    return _column(table, "rlnDefocusU")
+
+
+def match_rows(posterior: ParticleTable, truth: ParticleTable) -> tuple[np.ndarray, str]:
+    """Index into ``truth`` for each posterior row, and how rows were matched.
+
+    By rlnImageName when both tables have it (the sets must be equal and without
+    duplicates), by row order otherwise (the counts must be equal).
+    """
+    n_post, n_truth = len(posterior), len(truth)
+    if NAME_COLUMN in posterior.particles.columns and NAME_COLUMN in truth.particles.columns:
+        names_post = posterior.particles[NAME_COLUMN].astype(str)
+        names_truth = truth.particles[NAME_COLUMN].astype(str)
+        for table, names in ((posterior, names_post), (truth, names_truth)):
+            duplicated = names[names.duplicated()]
+            if len(duplicated):
+                raise CryosviError(f"{table.path}: {len(duplicated)} duplicate {NAME_COLUMN}"
+                                   f"(s), e.g. {duplicated.iloc[0]}")
+        position = pd.Series(np.arange(n_truth), index=names_truth.to_numpy())
+        missing = names_post[~names_post.isin(position.index)]
+        if len(missing) or n_post != n_truth:
+            example = f"; e.g. {missing.iloc[0]} is not in the truth" if len(missing) else ""
+            raise CryosviError(
+                f"posterior and truth describe different particles: {n_post} vs {n_truth} "
+                f"particles, {n_post - len(missing)} {NAME_COLUMN}s in common{example}")
+        return position.loc[names_post.to_numpy()].to_numpy(), NAME_COLUMN
+    if n_post != n_truth:
+        raise CryosviError(f"posterior has {n_post} particles but truth has {n_truth} "
+                           f"(no {NAME_COLUMN} in both files to match them by)")
+    return np.arange(n_truth), "row order"
+
+
+def _latent_metrics(truth: np.ndarray, mean: np.ndarray, std: np.ndarray | None,
+                    unit: str, std_column: str) -> dict:
+    r = pearson_r(truth, mean)
+    metrics = {"unit": unit, "pearson_r": r if math.isfinite(r) else None,
+               "rmse": rmse(truth, mean),
+               "bias": float(np.mean(mean - truth)), "std_column": std_column}
+    for key, level in COVERAGE_LEVELS.items():
+        metrics[key] = None if std is None else gaussian_coverage(truth, mean, std, level)
+    metrics["mean_posterior_std"] = None if std is None else float(np.mean(std))
+    return metrics
+
+
+def evaluate_tables(posterior: ParticleTable, truth: ParticleTable) -> dict:
+    """All metrics of a posterior table against the truth, as a JSON-ready dict.
+
+    Required: rlnAngleRot/Tilt/Psi and rlnDefocusU in both; every
+    ``cryosviModeAmplitude{k}`` of the posterior also in the truth. Optional (coverage):
+    cryosviDefocusStd, cryosviModeAmplitudeStd{k}, cryosviPoseStdDeg. Undefined numbers
+    (e.g. r of a constant column, a skipped coverage) are None. Schema: see
+    ``write_report``; the per-particle arrays are under the private key ``"_arrays"``
+    (removed before writing JSON).
+    """
+    posterior.require(*ANGLE_COLUMNS, "rlnDefocusU")
+    truth.require(*ANGLE_COLUMNS, "rlnDefocusU")
+    modes = posterior.mode_columns()
+    truth.require(*modes)
+    order, matched_by = match_rows(posterior, truth)
+
+    def truth_column(values: np.ndarray) -> np.ndarray:
+        return values[order]
+
+    skipped: list[str] = []
+    latents: dict[str, dict] = {}
+    arrays: dict[str, dict] = {}
+    columns = [("defocus", _defocus, DEFOCUS_STD_COLUMN)]
+    columns += [(f"mode{k}", (lambda t, c=c: _column(t, c)), MODE_STD_COLUMN.format(k))
+                for k, c in enumerate(modes, start=1)]
+    for name, read, std_column in columns:
+        true_values, mean = truth_column(read(truth)), read(posterior)
+        std = None
+        if std_column in posterior.particles.columns:
+            std = _std_column(posterior, std_column)
+        else:
+            skipped.append(f"coverage of {name}: no column {std_column} in the posterior")
+        latents[name] = _latent_metrics(true_values, mean, std, "Å", std_column)
+        arrays[name] = {"truth": true_values, "mean": mean, "std": std}
+    extra = [c for c in truth.mode_columns() if c not in modes]
+    if extra:
+        skipped.append(f"{len(extra)} truth mode(s) not in the posterior: {', '.join(extra)}")
+
+    true_angles = np.stack([truth_column(_column(truth, c)) for c in ANGLE_COLUMNS], -1)
+    mean_angles = np.stack([_column(posterior, c) for c in ANGLE_COLUMNS], -1)
+    error = euler_geodesic_error(true_angles, mean_angles)
+    pose_std = None
+    if POSE_STD_COLUMN in posterior.particles.columns:
+        pose_std = _std_column(posterior, POSE_STD_COLUMN)
+    else:
+        skipped.append(f"coverage of pose: no column {POSE_STD_COLUMN} in the posterior")
+    pose = {"unit": "deg", **error_summary(error), "std_column": POSE_STD_COLUMN}
+    for key, level in COVERAGE_LEVELS.items():
+        pose[key] = None if pose_std is None else pose_coverage(error, pose_std, level)
+    pose["median_posterior_std_deg"] = None if pose_std is None else float(np.median(pose_std))
+    arrays["pose"] = {"error": error, "std": pose_std}
+
+    calibration = {"levels": list(CALIBRATION_LEVELS)}
+    for name, latent in arrays.items():
+        if latent["std"] is None:
+            continue
+        if name == "pose":
+            observed = [pose_coverage(error, pose_std, p) for p in CALIBRATION_LEVELS]
+        else:
+            observed = [gaussian_coverage(latent["truth"], latent["mean"], latent["std"], p)
+                        for p in CALIBRATION_LEVELS]
+        calibration[name] = observed
+
+    return {
+        "n_particles": len(posterior), "posterior": str(posterior.path),
+        "truth": str(truth.path), "matched_by": matched_by,
+        "coverage_levels": dict(COVERAGE_LEVELS),
+        "latents": latents, "pose": pose, "calibration": calibration, "skipped": skipped,
+        "_arrays": arrays,
+    }
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def _json_ready(value):
+    """NaN/inf -> None (strict JSON has no NaN); numpy scalars -> Python numbers."""
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items() if not str(k).startswith("_")}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def _replace_atomically(path: Path, write) -> None:
+    """Call ``write(temporary_path)``, then rename onto ``path`` (no half-written files)."""
+    temporary = path.with_name(f".{path.name}.partial")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _save_figure(figure, path: Path) -> None:
+    _replace_atomically(path, lambda t: figure.savefig(t, format="png", dpi=110))
+
+
+def format_table(metrics: dict) -> str:
+    """A compact text table of the headline numbers (for stdout)."""
+    def number(value, spec):
+        return "-" if value is None or not math.isfinite(value) else format(value, spec)
+
+    lines = [f"{'latent':<10}{'r':>8}{'RMSE':>12}{'cov68':>8}{'cov95':>8}"]
+    for name, m in metrics["latents"].items():
+        lines.append(f"{name:<10}{number(m['pearson_r'], '.4f'):>8}"
+                     f"{number(m['rmse'], '.4g') + ' ' + m['unit']:>12}"
+                     f"{number(m['coverage68'], '.3f'):>8}{number(m['coverage95'], '.3f'):>8}")
+    pose = metrics["pose"]
+    lines.append(f"{'pose':<10}{'':>8}{'':>12}{number(pose['coverage68'], '.3f'):>8}"
+                 f"{number(pose['coverage95'], '.3f'):>8}")
+    lines.append(f"pose error (deg): median {pose['median_error_deg']:.3g}, "
+                 f"mean {pose['mean_error_deg']:.3g}, 90th percentile "
+                 f"{pose['p90_error_deg']:.3g}  ({metrics['n_particles']} particles)")
+    for reason in metrics["skipped"]:
+        lines.append(f"skipped: {reason}")
+    return "\n".join(lines)
+
+
+def _plot_truth_vs_prediction(metrics: dict, arrays: dict):
+    from matplotlib.figure import Figure
+
+    names = list(metrics["latents"])
+    columns = min(len(names), 3)
+    rows = math.ceil(len(names) / columns)
+    figure = Figure(figsize=(4.2 * columns, 4.0 * rows), layout="constrained")
+    axes = figure.subplots(rows, columns, squeeze=False).ravel()
+    for axis, name in zip(axes, names):
+        data, m = arrays[name], metrics["latents"][name]
+        n = data["truth"].size
+        alpha = float(np.clip(300 / n, 0.08, 0.8))  # dense sets stay readable
+        if data["std"] is not None and n <= 500:
+            axis.errorbar(data["truth"], data["mean"], yerr=data["std"], fmt="o", ms=3,
+                          alpha=alpha, elinewidth=0.8, color="C0")
+        else:
+            axis.scatter(data["truth"], data["mean"], s=6, alpha=alpha, color="C0",
+                         linewidths=0)
+        low = min(data["truth"].min(), data["mean"].min())
+        high = max(data["truth"].max(), data["mean"].max())
+        axis.plot([low, high], [low, high], "k--", lw=1, label="identity")
+        r = "n/a" if m["pearson_r"] is None else f"{m['pearson_r']:.3f}"
+        axis.set_title(f"{name}: r = {r}, RMSE = {m['rmse']:.3g} {m['unit']}", fontsize=10)
+        axis.set_xlabel(f"truth ({m['unit']})")
+        axis.set_ylabel(f"posterior mean ({m['unit']})")
+    for axis in axes[len(names):]:
+        axis.set_visible(False)
+    return figure
+
+
+def _plot_pose_error(metrics: dict, arrays: dict):
+    from matplotlib.figure import Figure
+
+    error = arrays["pose"]["error"]
+    pose = metrics["pose"]
+    figure = Figure(figsize=(6, 4), layout="constrained")
+    axis = figure.subplots()
+    # Log bins show both the near-correct core and the flipped-pose tail; errors below
+    # 1e-3 deg are piled into the first bin rather than dropped.
+    floor = 1e-3
+    high = max(float(error.max()), 10 * floor)
+    low = max(min(float(error.min()), high / 10), floor)
+    bins = np.geomspace(low, high * 1.0001, 40)
+    axis.hist(np.clip(error, low, None), bins=bins, color="C0", alpha=0.8)
+    axis.set_xscale("log")
+    median = max(pose["median_error_deg"], low)
+    axis.axvline(median, color="C3", lw=2, label=f"median {pose['median_error_deg']:.3g}°")
+    axis.axvline(max(pose["p90_error_deg"], low), color="C1", lw=1.5, ls="--",
+                 label=f"90th percentile {pose['p90_error_deg']:.3g}°")
+    axis.set_xlabel("pose geodesic error (degrees)")
+    axis.set_ylabel("particles")
+    axis.set_title(f"pose error, {error.size} particles (mean {pose['mean_error_deg']:.3g}°)",
+                   fontsize=10)
+    axis.legend()
+    return figure
+
+
+def _plot_calibration(metrics: dict):
+    from matplotlib.figure import Figure
+
+    calibration = metrics["calibration"]
+    levels = calibration["levels"]
+    figure = Figure(figsize=(5, 5), layout="constrained")
+    axis = figure.subplots()
+    axis.plot([0, 1], [0, 1], "k--", lw=1, label="calibrated")
+    curves = [name for name in calibration if name != "levels"]
+    for i, name in enumerate(curves):
+        axis.plot(levels, calibration[name], "o-", ms=3, color=f"C{i}", label=name)
+    if not curves:
+        axis.text(0.5, 0.5, "no std columns in the posterior", ha="center", va="center")
+    axis.set_xlim(0, 1)
+    axis.set_ylim(0, 1)
+    axis.set_aspect("equal")
+    axis.set_xlabel("credible level (expected coverage)")
+    axis.set_ylabel("observed coverage")
+    axis.set_title(f"calibration, {metrics['n_particles']} particles", fontsize=10)
+    axis.legend(loc="upper left", fontsize=8)
+    return figure
+
+
+def write_report(metrics: dict, posterior: ParticleTable, truth: ParticleTable,
+                 directory: str | Path) -> list[Path]:
+    """Write ``metrics.json`` and the three PNGs into ``directory`` (created); returns paths.
+
+    ``metrics`` comes from :func:`evaluate_tables` on the same tables (its per-particle
+    arrays are used for the plots; recomputed if absent). Each file is written atomically
+    and overwrites an existing one.
+
+    metrics.json::
+
+        {"n_particles": int, "posterior": str, "truth": str,
+         "matched_by": "rlnImageName" | "row order",
+         "coverage_levels": {"coverage68": 0.68, "coverage95": 0.95},
+         "latents": {"defocus" | "mode<k>": {"unit": "Å", "pearson_r": float|null,
+                     "rmse": float, "bias": float, "std_column": str,
+                     "coverage68": float|null, "coverage95": float|null,
+                     "mean_posterior_std": float|null}},
+         "pose": {"unit": "deg", "median_error_deg", "mean_error_deg", "p90_error_deg",
+                  "std_column": str, "coverage68": float|null, "coverage95": float|null,
+                  "median_posterior_std_deg": float|null},
+         "calibration": {"levels": [0.1, ..., 0.99], "<latent>" | "pose": [observed, ...]},
+         "skipped": [str, ...]}
+    """
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CryosviError(f"cannot create output directory {directory}: {error}") from None
+    arrays = metrics.get("_arrays") or evaluate_tables(posterior, truth)["_arrays"]
+    paths = []
+    text = json.dumps(_json_ready(metrics), indent=2, ensure_ascii=False) + "\n"
+    path = directory / METRICS_FILE
+    _replace_atomically(path, lambda t: t.write_text(text, encoding="utf-8"))
+    paths.append(path)
+    figures = (_plot_truth_vs_prediction(metrics, arrays), _plot_pose_error(metrics, arrays),
+               _plot_calibration(metrics))
+    for name, figure in zip(PLOT_FILES, figures):
+        _save_figure(figure, directory / name)
+        paths.append(directory / name)
+    return paths

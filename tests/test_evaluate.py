@@ -1,0 +1,286 @@
+"""``cryosvi evaluate``: metrics on hand-made cases and the command end to end."""
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.stats
+import torch
+from scipy.spatial.transform import Rotation
+
+from cryosvi.cli.main import main
+from cryosvi.config import Optics
+from cryosvi.errors import CryosviError
+from cryosvi.evaluate import (PLOT_FILES, euler_geodesic_error, evaluate_tables,
+                              gaussian_coverage, pearson_r, pose_coverage,
+                              quaternion_geodesic_error, rmse)
+from cryosvi.io.star import ParticleTable, optics_table, read_star, write_star
+from cryosvi.rotations import euler_to_matrix, matrix_to_euler
+
+
+def numpy_geodesic_deg(first, second):
+    """Independent reference: arccos((tr(A^T B) - 1) / 2) in numpy, degrees."""
+    trace = np.einsum("nij,nij->n", first, second)
+    return np.rad2deg(np.arccos(np.clip((trace - 1) / 2, -1, 1)))
+
+
+def hamilton(p, q):
+    """Quaternion product (w, x, y, z), written out."""
+    w1, x1, y1, z1 = np.moveaxis(p, -1, 0)
+    w2, x2, y2, z2 = np.moveaxis(q, -1, 0)
+    return np.stack([w1 * w2 - x1 * x2 - y1 * y2 - z1 * z2,
+                     w1 * x2 + x1 * w2 + y1 * z2 - z1 * y2,
+                     w1 * y2 - x1 * z2 + y1 * w2 + z1 * x2,
+                     w1 * z2 + x1 * y2 - y1 * x2 + z1 * w2], -1)
+
+
+def random_angles(n, rng):
+    return np.stack([rng.uniform(-180, 180, n), rng.uniform(5, 175, n),
+                     rng.uniform(-180, 180, n)], -1)
+
+
+# ------------------------------------------------------------------ pose geodesic error
+
+
+@pytest.mark.parametrize("theta", [1e-4, 0.5, 5.0, 90.0, 179.0])
+@pytest.mark.parametrize("axis", [0, 2])
+def test_extra_rotation_about_z_gives_that_angle(theta, axis):
+    # A = Rz(psi) Ry(tilt) Rz(rot): adding theta to psi (or to rot) composes one more
+    # rotation of theta about z, on the left (or right), so the geodesic error is theta.
+    angles = random_angles(50, np.random.default_rng(1))
+    moved = angles.copy()
+    moved[:, axis] += theta
+    np.testing.assert_allclose(euler_geodesic_error(angles, moved), theta,
+                               rtol=1e-7, atol=1e-7)
+
+
+def test_equivalent_euler_triples_give_zero_error():
+    rng = np.random.default_rng(2)
+    angles = random_angles(40, rng)
+    a = rng.uniform(-180, 180, 40)
+    tilt0 = angles.copy()
+    tilt0[:, 1] = 0
+    tilt180 = angles.copy()
+    tilt180[:, 1] = 180
+    cases = [
+        # gimbal lock at tilt 0: only rot + psi matters
+        (tilt0, tilt0 + np.stack([a, 0 * a, -a], -1)),
+        # at tilt 180: only psi - rot matters
+        (tilt180, tilt180 + np.stack([a, 0 * a, a], -1)),
+        # RELION's twin triple (rot + 180, -tilt, psi + 180)
+        (angles, angles * [1, -1, 1] + [180, 0, 180]),
+        # full turns
+        (angles, angles + [360, -360, 720]),
+    ]
+    for first, second in cases:
+        np.testing.assert_allclose(euler_geodesic_error(first, second), 0, atol=1e-5)
+
+
+def test_euler_error_matches_numpy_trace_formula_and_known_flip():
+    rng = np.random.default_rng(3)
+    first, second = random_angles(200, rng), random_angles(200, rng)
+    matrices = [euler_to_matrix(*torch.as_tensor(a.T, dtype=torch.float64)).numpy()
+                for a in (first, second)]
+    np.testing.assert_allclose(euler_geodesic_error(first, second),
+                               numpy_geodesic_deg(*matrices), atol=1e-6)
+    # tilt 0 vs tilt 180 is a half-turn about y
+    assert euler_geodesic_error([[0, 0, 0]], [[0, 180, 0]])[0] == pytest.approx(180, abs=1e-6)
+
+
+def test_quaternion_error_q_and_minus_q_and_known_angle():
+    rng = np.random.default_rng(4)
+    q = rng.normal(size=(100, 4))
+    q /= np.linalg.norm(q, axis=-1, keepdims=True)
+    np.testing.assert_allclose(quaternion_geodesic_error(q, -q), 0, atol=1e-6)
+    np.testing.assert_allclose(quaternion_geodesic_error(q, q), 0, atol=1e-6)
+    for theta in (1e-4, 3.0, 120.0, 180.0):
+        half = np.deg2rad(theta) / 2
+        axis = rng.normal(size=(100, 3))
+        axis /= np.linalg.norm(axis, axis=-1, keepdims=True)
+        turn = np.concatenate([np.full((100, 1), np.cos(half)), np.sin(half) * axis], -1)
+        turned = hamilton(q, turn)
+        np.testing.assert_allclose(quaternion_geodesic_error(q, turned), theta, rtol=1e-6)
+        np.testing.assert_allclose(quaternion_geodesic_error(q, -turned), theta, rtol=1e-6)
+
+
+# ----------------------------------------------------------------- r, RMSE and coverage
+
+
+def test_pearson_and_rmse_against_scipy_and_hand_values():
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=300)
+    y = 0.7 * x + rng.normal(size=300)
+    assert pearson_r(x, y) == pytest.approx(scipy.stats.pearsonr(x, y)[0], abs=1e-12)
+    assert pearson_r(x, 2 * x + 1) == pytest.approx(1.0)
+    assert pearson_r(x, -x) == pytest.approx(-1.0)
+    assert math.isnan(pearson_r(x, np.full(300, 3.0)))  # constant: undefined, not 0
+    assert rmse([0, 0], [3, 4]) == pytest.approx(math.sqrt(12.5))
+    assert rmse(x, y) == pytest.approx(np.sqrt(np.mean((x - y) ** 2)))
+
+
+def binomial_tolerance(p, n, k=4.0):
+    return k * math.sqrt(p * (1 - p) / n)
+
+
+@pytest.mark.parametrize("level", [0.68, 0.95])
+def test_gaussian_coverage_is_calibrated_only_with_correct_stds(level):
+    n = 20000
+    rng = np.random.default_rng(6)
+    std = rng.uniform(50, 500, n)  # heteroscedastic, as a real posterior
+    mean = rng.normal(10000, 2000, n)
+    truth = mean + std * rng.normal(size=n)
+    observed = gaussian_coverage(truth, mean, std, level)
+    assert abs(observed - level) < binomial_tolerance(level, n)
+    # stds half the truth: P(|Z| < z/2) = 0.38 (68 %) and 0.67 (95 %)
+    expected = 2 * scipy.stats.norm.cdf(scipy.stats.norm.ppf(0.5 + level / 2) / 2) - 1
+    too_small = gaussian_coverage(truth, mean, std / 2, level)
+    assert abs(too_small - expected) < binomial_tolerance(expected, n)
+    assert too_small < level - 0.25
+
+
+@pytest.mark.parametrize("level", [0.68, 0.95])
+def test_pose_coverage_from_real_rotations(level):
+    # True rotations perturbed by exp(w), w ~ N(0, sigma^2 I_3) per particle (scipy's
+    # rotation vectors, not ours): the geodesic error is |w|, sigma * chi_3.
+    n = 20000
+    rng = np.random.default_rng(7)
+    truth = random_angles(n, rng)
+    sigma_deg = rng.uniform(1, 10, n)
+    w = np.deg2rad(sigma_deg)[:, None] * rng.normal(size=(n, 3))
+    matrices = euler_to_matrix(*torch.as_tensor(truth.T, dtype=torch.float64)).numpy()
+    perturbed = torch.as_tensor(matrices @ Rotation.from_rotvec(w).as_matrix())
+    predicted = np.stack([a.numpy() for a in matrix_to_euler(perturbed)], -1)
+    error = euler_geodesic_error(truth, predicted)
+    np.testing.assert_allclose(error, np.rad2deg(np.linalg.norm(w, axis=-1)), atol=1e-6)
+    assert abs(pose_coverage(error, sigma_deg, level) - level) < binomial_tolerance(level, n)
+    assert pose_coverage(error, sigma_deg / 2, level) < level - 0.3
+
+
+# ------------------------------------------------------------------- tables and the CLI
+
+
+def make_tables(n=60, k=2, seed=0, calibrated=True, names=True):
+    """A truth table and a posterior whose errors are drawn from its own stds."""
+    rng = np.random.default_rng(seed)
+    truth = pd.DataFrame(random_angles(n, rng), columns=["rlnAngleRot", "rlnAngleTilt",
+                                                         "rlnAnglePsi"])
+    defocus = rng.normal(10000, 1500, n)
+    truth["rlnDefocusU"] = truth["rlnDefocusV"] = defocus
+    for j in range(1, k + 1):
+        truth[f"cryosviModeAmplitude{j}"] = rng.normal(0, 2, n)
+    if names:
+        truth.insert(0, "rlnImageName", [f"{i + 1:06d}@stack.mrcs" for i in range(n)])
+    posterior = truth.copy()
+    scale = 1.0 if calibrated else 0.2
+    posterior["cryosviDefocusStd"] = np.full(n, 200.0) * scale
+    posterior["rlnDefocusU"] = posterior["rlnDefocusV"] = defocus + 200 * rng.normal(size=n)
+    for j in range(1, k + 1):
+        posterior[f"cryosviModeAmplitude{j}"] += 0.5 * rng.normal(size=n)
+        posterior[f"cryosviModeAmplitudeStd{j}"] = 0.5 * scale
+    posterior["rlnAnglePsi"] += 3.0  # every pose 3 degrees off about z
+    posterior["cryosviPoseStdDeg"] = 2.0
+    return posterior, truth
+
+
+def as_table(frame, name="x.star"):
+    return ParticleTable(frame.reset_index(drop=True), optics_table(Optics()), name)
+
+
+def test_evaluate_tables_numbers_and_row_matching():
+    posterior, truth = make_tables(n=200, k=2)
+    metrics = evaluate_tables(as_table(posterior), as_table(truth))
+    assert metrics["matched_by"] == "rlnImageName" and metrics["n_particles"] == 200
+    assert set(metrics["latents"]) == {"defocus", "mode1", "mode2"}
+    defocus = metrics["latents"]["defocus"]
+    assert defocus["pearson_r"] == pytest.approx(
+        scipy.stats.pearsonr(truth["rlnDefocusU"], posterior["rlnDefocusU"])[0])
+    assert defocus["rmse"] == pytest.approx(
+        np.sqrt(np.mean((truth["rlnDefocusU"] - posterior["rlnDefocusU"]) ** 2)))
+    pose = metrics["pose"]
+    for key in ("median_error_deg", "mean_error_deg", "p90_error_deg"):
+        assert pose[key] == pytest.approx(3.0, abs=1e-6)
+    # 3 deg error vs radius 1.872 * 2 = 3.74 (68 %) and 2.795 * 2 = 5.59 (95 %): all inside
+    assert pose["coverage68"] == 1.0 and pose["coverage95"] == 1.0
+    assert metrics["skipped"] == []
+    assert set(metrics["calibration"]) == {"levels", "defocus", "mode1", "mode2", "pose"}
+    # shuffled posterior rows are matched back by name: same numbers
+    shuffled = posterior.sample(frac=1.0, random_state=1)
+    again = evaluate_tables(as_table(shuffled), as_table(truth))
+    assert again["latents"]["defocus"]["pearson_r"] == pytest.approx(defocus["pearson_r"])
+    assert again["pose"]["mean_error_deg"] == pytest.approx(pose["mean_error_deg"])
+
+
+def test_missing_std_columns_skip_coverage():
+    posterior, truth = make_tables(k=2)
+    posterior = posterior.drop(columns=["cryosviModeAmplitudeStd2", "cryosviPoseStdDeg",
+                                        "cryosviModeAmplitude2"])
+    metrics = evaluate_tables(as_table(posterior), as_table(truth))
+    assert metrics["pose"]["coverage95"] is None
+    assert metrics["latents"]["mode1"]["coverage95"] is not None
+    assert "mode2" not in metrics["latents"]
+    assert set(metrics["calibration"]) == {"levels", "defocus", "mode1"}
+    skipped = " ".join(metrics["skipped"])
+    assert "cryosviPoseStdDeg" in skipped and "cryosviModeAmplitude2" in skipped
+
+
+def write_pair(directory, posterior, truth):
+    optics = optics_table(Optics())
+    write_star(directory / "posterior.star", posterior, optics)
+    write_star(directory / "truth.star", truth, optics)
+    return ["evaluate", "--posterior", str(directory / "posterior.star"),
+            "--truth", str(directory / "truth.star"), "-o", str(directory / "eval")]
+
+
+def test_cli_end_to_end(tmp_path, capsys):
+    posterior, truth = make_tables(n=300, k=1, calibrated=False)
+    argv = write_pair(tmp_path, posterior, truth)
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "metrics.json").write_text("stale")  # must be overwritten
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "defocus" in out and "mode1" in out and "median" in out
+    for name in PLOT_FILES:
+        data = (tmp_path / "eval" / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    expected = evaluate_tables(read_star(tmp_path / "posterior.star"),
+                               read_star(tmp_path / "truth.star"))
+    assert metrics["latents"]["mode1"]["rmse"] == pytest.approx(
+        expected["latents"]["mode1"]["rmse"])
+    assert metrics["coverage_levels"] == {"coverage68": 0.68, "coverage95": 0.95}
+    # stds 5x too small: coverage far below nominal
+    assert metrics["latents"]["defocus"]["coverage95"] < 0.5
+    assert not list((tmp_path / "eval").glob("*.partial"))
+
+
+def drop(column):
+    return lambda p, t: (p.drop(columns=[column]), t)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (drop("rlnAngleTilt"), "missing STAR column(s) rlnAngleTilt"),
+    (lambda p, t: (p, t.drop(columns=["cryosviModeAmplitude1"])), "cryosviModeAmplitude1"),
+    (lambda p, t: (p.iloc[:-1], t), "59 vs 60 particles"),
+    (lambda p, t: (p.drop(columns=["rlnImageName"]).iloc[:-1], t), "59 particles but"),
+    (lambda p, t: (p.assign(rlnImageName=p["rlnImageName"].str.replace("@", "@x")), t),
+     "different particles"),
+    (lambda p, t: (p.assign(rlnDefocusU=np.nan), t), "rlnDefocusU"),
+    (lambda p, t: (p.assign(cryosviPoseStdDeg=-1.0), t), "negative"),
+])
+def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys, damage, message):
+    posterior, truth = damage(*make_tables(n=60, k=1))
+    argv = write_pair(tmp_path, posterior, truth)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("cryosvi evaluate: error:")
+    assert message in err
+    assert not (tmp_path / "eval").exists()
+
+
+def test_missing_file_is_a_user_error(tmp_path):
+    with pytest.raises(CryosviError, match="not found"):
+        read_star(tmp_path / "nope.star")
+    assert main(["evaluate", "--posterior", str(tmp_path / "nope.star"), "--truth",
+                 str(tmp_path / "nope.star"), "-o", str(tmp_path / "e")]) == 2
