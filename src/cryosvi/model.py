@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from cryosvi.config import Priors
-from pyro.distributions import ProjectedNormal  # TODO: cryosvi.distributions
+from cryosvi.distributions import ProjectedNormal
 from cryosvi.forward import ForwardModel
 
 SITES = ("enm_scale", "rotation", "defocus")
