@@ -1,0 +1,161 @@
+"""``cryosvi demo``: simulate, train, infer and evaluate on the bundled 1OL5, end to end.
+
+With no arguments: the paper preset (32 px, SNR 20, one mode), 10 000 training particles
+(seed 0) and 2 000 held-out particles (seed 1), a guide for pose + defocus + mode trained
+by simulation, its posterior of the held-out particles and their evaluation, in
+``cryosvi-demo/``:
+
+    data/train/, data/test/   particles.star + .mrcs + reference.npz
+    run/                      the training run (run.json, checkpoint.pt, log.jsonl, loss.png)
+    posterior.star            the held-out posterior
+    report/                   metrics.json, truth_vs_prediction.png, pose_error.png,
+                              calibration.png, loss.png
+    demo.json                 settings and the wall time of every step
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from cryosvi.cli.common import positive, positive_int
+from cryosvi.cli.train import add_guide_arguments
+from cryosvi.errors import CryosviError
+
+MARKER = "demo.json"
+DEMO_DEFAULTS = dict(n_train=10000, n_test=2000, epochs=20, batch_size=128, lr=2e-3,
+                     channels="16,32,64", hidden=256, components=4, importance=32, moves=2)
+"""Sized for about 10 minutes on a 2-core CPU (measured: see benchmarks/results)."""
+
+
+def register(subparsers, summary: str) -> None:
+    parser = subparsers.add_parser(
+        "demo", help=summary,
+        description="Simulate the paper preset from the bundled 1OL5 (training and held-out "
+        "sets with different seeds), train a guide for pose + defocus + mode by "
+        "simulation, infer the held-out particles, evaluate and write a report. Sized to "
+        "finish in about 10 minutes on a 2-core CPU; uses CUDA when present.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("-o", "--output", default="cryosvi-demo", help="output directory")
+    parser.add_argument("--n-train", type=positive_int, default=DEMO_DEFAULTS["n_train"])
+    parser.add_argument("--n-test", type=positive_int, default=DEMO_DEFAULTS["n_test"])
+    parser.add_argument("--snr", type=positive, default=20.0)
+    parser.add_argument("--epochs", type=positive_int, default=DEMO_DEFAULTS["epochs"],
+                        help="simulation epochs of n-train fresh particles each")
+    parser.add_argument("--batch-size", type=positive_int, default=DEMO_DEFAULTS["batch_size"])
+    parser.add_argument("--lr", type=positive, default=DEMO_DEFAULTS["lr"])
+    add_guide_arguments(parser)
+    parser.set_defaults(channels=DEMO_DEFAULTS["channels"], hidden=DEMO_DEFAULTS["hidden"],
+                        components=DEMO_DEFAULTS["components"], shared_trunk=True)
+    parser.add_argument("--importance", type=int, default=DEMO_DEFAULTS["importance"],
+                        help="SMC samples per particle at inference (0: the guide alone)")
+    parser.add_argument("--moves", type=int, default=DEMO_DEFAULTS["moves"],
+                        help="Metropolis moves per SMC tempering step")
+    parser.add_argument("--separate-encoders", dest="shared_trunk", action="store_false",
+                        help="the paper's one conv trunk per latent (default here: one "
+                        "shared trunk, 3x cheaper per epoch)")
+    parser.add_argument("--device", default="auto", help="auto (cuda when present), cpu "
+                        "or cuda")
+    parser.add_argument("--threads", type=positive_int, help="CPU threads for torch")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--force", action="store_true",
+                        help="overwrite an output directory that is not a previous demo")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(func=run)
+
+
+def prepare_output(output: Path, force: bool) -> None:
+    if output.exists():
+        if not output.is_dir():
+            raise CryosviError(f"{output} exists and is not a directory")
+        if any(output.iterdir()) and not (output / MARKER).is_file() and not force:
+            raise CryosviError(f"{output} exists and is not a cryosvi demo directory; "
+                               "choose another -o or use --force")
+        shutil.rmtree(output)
+    output.mkdir(parents=True)
+
+
+def run(args) -> None:
+    import torch
+
+    from cryosvi.cli.train import parse_channels
+    from cryosvi.config import PAPER_PRESET, Noise
+    from cryosvi.evaluate import evaluate_tables, format_table, write_report
+    from cryosvi.infer import infer
+    from cryosvi.io.star import read_star
+    from cryosvi.reference import Reference, build_reference
+    from cryosvi.simulate import simulate_dataset
+    from cryosvi.train import TrainOptions, default_schedule, train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    output = Path(args.output)
+    prepare_output(output, args.force)
+    times: dict[str, float] = {}
+    record = {"settings": vars(args) | {"func": None, "device": device}, "seconds": times}
+
+    def save_record():
+        (output / MARKER).write_text(json.dumps(record, indent=2, default=str) + "\n")
+
+    save_record()
+    start = time.perf_counter()
+    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr,
+                                                                  flush=True))
+
+    tic = time.perf_counter()
+    settings = dict(PAPER_PRESET)
+    settings["noise"] = Noise(snr=args.snr)
+    reference = build_reference(None, None, 2, **settings)
+    say(f"[1/4] simulating {args.n_train} + {args.n_test} particles (1OL5, "
+        f"{reference.n_atoms} pseudo-atoms, {reference.optics.box} px, SNR {args.snr:g})")
+    simulate_dataset(reference, args.n_train, output / "data" / "train", seed=args.seed,
+                     device=device)
+    simulate_dataset(reference, args.n_test, output / "data" / "test",
+                     seed=args.seed + 1, device=device)
+    times["simulate"] = round(time.perf_counter() - tic, 1)
+
+    tic = time.perf_counter()
+    say(f"[2/4] training pose + defocus + mode by simulation ({args.epochs} epochs of "
+        f"{args.n_train} particles, device {device})")
+    options = TrainOptions(
+        schedule=default_schedule("sim", args.epochs, args.lr, args.batch_size),
+        channels=parse_channels(args.channels), hidden=args.hidden,
+        n_components=args.components, conditioning=not args.no_conditioning,
+        phase_flip=args.phase_flip, shared_trunk=args.shared_trunk,
+        seed=args.seed, device=device)
+    train_reference = Reference.load(output / "data" / "train" / "reference.npz")
+    info = train(output / "data" / "train" / "particles.star", train_reference,
+                 output / "run", options, progress=not args.quiet)
+    times["train"] = round(time.perf_counter() - tic, 1)
+    record["parameters"] = info["parameters"]
+
+    tic = time.perf_counter()
+    say(f"[3/4] inferring the held-out particles (guide + tempered SMC, "
+        f"{args.importance} samples per particle)")
+    test_star = output / "data" / "test" / "particles.star"
+    infer(output / "run", test_star, output / "posterior.star", device=device,
+          importance=args.importance, moves=args.moves, progress=not args.quiet)
+    times["infer"] = round(time.perf_counter() - tic, 1)
+
+    tic = time.perf_counter()
+    say("[4/4] evaluating")
+    posterior, truth = read_star(output / "posterior.star"), read_star(test_star)
+    metrics = evaluate_tables(posterior, truth)
+    write_report(metrics, posterior, truth, output / "report")
+    shutil.copy(output / "run" / "loss.png", output / "report" / "loss.png")
+    times["evaluate"] = round(time.perf_counter() - tic, 1)
+    times["total"] = round(time.perf_counter() - start, 1)
+    record["metrics"] = {k: v for k, v in metrics.items() if not k.startswith("_")}
+    save_record()
+    print(format_table(metrics))
+    print(f"guide: {info['parameters']:,} parameters; wall time {times['total']:.0f} s "
+          f"(simulate {times['simulate']:.0f}, train {times['train']:.0f}, infer "
+          f"{times['infer']:.0f}, evaluate {times['evaluate']:.0f}) on {device}")
+    print(f"report: {output / 'report'}/")

@@ -1,0 +1,174 @@
+"""``cryosvi train``: train the amortized posterior (the guide) for a particle set."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from cryosvi.cli.common import positive, positive_int
+from cryosvi.errors import CryosviError
+
+DEFAULTS = dict(latents="pose,defocus,modes", objective="sim", epochs=40,
+                channels="32,64,128", hidden=512, components=4)
+
+
+def add_guide_arguments(parser) -> None:
+    group = parser.add_argument_group("guide architecture")
+    group.add_argument("--channels", default=DEFAULTS["channels"],
+                       help="channels of the three conv modules of each encoder")
+    group.add_argument("--hidden", type=positive_int, default=DEFAULTS["hidden"],
+                       help="width of the two hidden MLP layers")
+    group.add_argument("--components", type=positive_int, default=DEFAULTS["components"],
+                       help="antipodal ProjectedNormal components of the pose posterior")
+    group.add_argument("--no-conditioning", action="store_true",
+                       help="independent encoders (the paper's); default feeds defocus "
+                       "into the pose encoder and both into the mode encoder")
+    group.add_argument("--phase-flip", action="store_true",
+                       help="phase-flip the images by the CTF at the defocus before the "
+                       "pose and mode encoders")
+    group.add_argument("--shared-trunk", action="store_true",
+                       help="one conv trunk for all latents (each keeps its MLP): about "
+                       "3x less convolution work than the paper's separate encoders")
+
+
+def register(subparsers, summary: str) -> None:
+    parser = subparsers.add_parser(
+        "train", help=summary,
+        description="Train the guide (one CNN encoder per latent) for the particles in a "
+        "RELION STAR file. The default objective ('sim') trains on fresh simulations from "
+        "the model, with the priors and optics of the particles and the reference; 'elbo' "
+        "is the paper's SVI on the particles; 'sim+elbo' fine-tunes a simulation-trained "
+        "guide on the particles. Latents left out of --latents are fixed to the values in "
+        "the STAR file. Writes RUN/run.json, reference.npz, checkpoint.pt (every epoch), "
+        "log.jsonl and loss.png.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--particles", help="particle STAR file (RELION 3.1, with "
+                        "data_optics); optional with --resume")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--reference", help="reference.npz (e.g. from 'cryosvi simulate')")
+    source.add_argument("--structure", help="PDB/mmCIF file to build the reference from")
+    parser.add_argument("--chain", help="with --structure: chain ID")
+    parser.add_argument("--stride", type=positive_int, default=2,
+                        help="with --structure: keep every k-th C-alpha")
+    parser.add_argument("--n-modes", type=positive_int, default=1,
+                        help="with --structure: number of ANM modes")
+    parser.add_argument("--mode-std", type=positive, default=2.0,
+                        help="with --structure: prior std of each mode amplitude, Å")
+    parser.add_argument("--sigma", type=positive, default=2.0,
+                        help="with --structure: pseudo-atom Gaussian std, Å")
+    parser.add_argument("-o", "--output", required=True, help="run directory")
+    parser.add_argument("--latents", default=DEFAULTS["latents"],
+                        help="latents to infer, from pose, defocus, modes; the others are "
+                        "fixed to the STAR file's values")
+    parser.add_argument("--objective", choices=["sim", "elbo", "sim+elbo"],
+                        default=DEFAULTS["objective"])
+    parser.add_argument("--epochs", type=positive_int, default=DEFAULTS["epochs"],
+                        help="epochs of the (first) stage; a simulation epoch is as many "
+                        "fresh particles as the STAR file has (see --epoch-size)")
+    parser.add_argument("--finetune-epochs", type=positive_int,
+                        help="sim+elbo: ELBO epochs (default epochs/4)")
+    parser.add_argument("--epoch-size", type=positive_int,
+                        help="simulated particles per 'sim' epoch")
+    parser.add_argument("--batch-size", type=positive_int, help="default 128")
+    parser.add_argument("--lr", type=positive, help="peak learning rate (default 1e-3 "
+                        "for sim, 1e-4 for elbo)")
+    parser.add_argument("--schedule", help="staged schedule file (TOML/JSON), or 'paper' "
+                        "for the bundled paper schedule; replaces --objective/--epochs")
+    parser.add_argument("--init", metavar="RUN",
+                        help="start from the guide of another run with the same "
+                        "architecture (e.g. simulation pre-training, then --objective elbo)")
+    parser.add_argument("--noise-std", type=positive,
+                        help="noise std of the particles (default: the reference's, else "
+                        "estimated from the images)")
+    add_guide_arguments(parser)
+    parser.add_argument("--device", help="cpu or cuda (default cpu; on --resume the run's)")
+    parser.add_argument("--threads", type=positive_int, help="CPU threads for torch")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in -o from its last checkpoint")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing run")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run)
+
+
+def parse_channels(text: str) -> tuple[int, ...]:
+    try:
+        channels = tuple(int(c) for c in text.split(","))
+    except ValueError:
+        raise CryosviError(f"--channels must be integers separated by commas, got {text!r}") \
+            from None
+    if len(channels) < 1 or min(channels) < 1:
+        raise CryosviError(f"--channels must be positive integers, got {text!r}")
+    return channels
+
+
+def reference_from_args(args, particles: str):
+    """The reference of --reference, or one built from --structure with the particles'
+    optics."""
+    from cryosvi.reference import Reference
+
+    if args.reference:
+        return Reference.load(args.reference)
+    if not args.structure:
+        raise CryosviError("give --reference reference.npz or --structure FILE")
+    from cryosvi.config import PAPER_PRESET, Imaging, Noise, Priors
+    from cryosvi.io.star import read_star
+    from cryosvi.reference import build_reference
+
+    optics = read_star(particles).single_optics()
+    preset = PAPER_PRESET["imaging"]
+    window = preset.window if (args.sigma == preset.sigma
+                               and optics.pixel_size == PAPER_PRESET["optics"].pixel_size) \
+        else None
+    imaging = Imaging(sigma=args.sigma, window=window, pad_factor=preset.pad_factor)
+    priors = Priors(mode_std=(args.mode_std,) * args.n_modes)
+    return build_reference(args.structure, args.chain, args.stride, optics, imaging, priors,
+                           Noise(snr=float("inf"), std=0.0))
+
+
+def options_from_args(args):
+    from cryosvi.guide import parse_latents
+    from cryosvi.train import TrainOptions, default_schedule, load_schedule
+
+    try:
+        latents = parse_latents(args.latents)
+    except ValueError as error:
+        raise CryosviError(f"--latents: {error}") from None
+    if args.schedule:
+        overrides = {k: v for k, v in (("lr", args.lr), ("batch_size", args.batch_size))
+                     if v is not None}
+        schedule = load_schedule(args.schedule, overrides)
+    else:
+        schedule = default_schedule(args.objective, args.epochs, args.lr, args.batch_size,
+                                    args.finetune_epochs, args.epoch_size)
+    return TrainOptions(latents=latents, schedule=schedule,
+                        channels=parse_channels(args.channels), hidden=args.hidden,
+                        n_components=args.components, conditioning=not args.no_conditioning,
+                        phase_flip=args.phase_flip, shared_trunk=args.shared_trunk,
+                        seed=args.seed, device=args.device or "cpu",
+                        noise_std=args.noise_std, init_from=args.init)
+
+
+def run(args) -> None:
+    import shlex
+
+    import torch
+
+    from cryosvi.train import train
+
+    command = shlex.join(["cryosvi", *sys.argv[1:]]) if sys.argv[1:2] == ["train"] else None
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.resume:
+        info = train(args.particles, None, args.output, resume=True,
+                     progress=not args.quiet, device=args.device, command=command)
+    else:
+        if not args.particles:
+            raise CryosviError("--particles is required (unless --resume)")
+        reference = reference_from_args(args, args.particles)
+        options = options_from_args(args)
+        info = train(args.particles, reference, args.output, options, force=args.force,
+                     progress=not args.quiet, command=command)
+    print(f"trained {info['parameters']:,} guide parameters for "
+          f"{info['epochs_done']} epoch(s) in {info['train_seconds']:.0f} s: "
+          f"{args.output}/ (status {info['status']})", file=sys.stdout)

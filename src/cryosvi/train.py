@@ -1,0 +1,798 @@
+"""Training the guide: objectives, staged schedules, checkpoints, resume, logs.
+
+Objectives (a schedule is a list of stages, each with one objective):
+
+* ``sim`` -- simulation-based training (neural posterior estimation). Every step draws
+  fresh (latents, image) pairs from the model itself (``simulate.sample_prior`` plus white
+  noise of the run's noise std) and minimises ``-log q(z_true | x)``, the forward KL from
+  the model's joint to the guide. It is mass-covering, cannot fall into pose local minima
+  and never runs out of data; only the priors, optics and noise level come from the
+  particles.
+* ``elbo`` -- the paper's objective: ``Trace_ELBO`` on the particles with ClippedAdam
+  (``pyro.optim.clipped_adam.ClippedAdam``, the optimizer ``pyro.optim.ClippedAdam``
+  wraps; one instance over all guide parameters is the same update as ``SVI.step``).
+  The loss is reported per particle (the full-data ELBO divided by the number of
+  particles). Sites without reparameterised samples get Pyro's score-function term.
+* ``sim`` then ``elbo``: pre-training by simulation, fine-tuning on the particles.
+
+Each stage lists the encoders it trains; the others are frozen (the paper's staged
+schedule, ``data/schedule_paper.toml``).
+
+Run directory (``RUN/``):
+    run.json        settings: latents, guide config, schedule, data, noise, seed, status
+    reference.npz   the reference with the priors and noise std used for training
+    checkpoint.pt   guide + optimizer + RNG states + position, written atomically per epoch
+    log.jsonl       one JSON line per epoch (loss, lr, time, validation metrics)
+    loss.png        the loss curve
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+import tomllib
+from dataclasses import asdict, dataclass, field, replace
+from importlib.resources import files
+from pathlib import Path
+
+import numpy as np
+import pyro
+import torch
+from pyro import poutine
+from pyro.infer import Trace_ELBO
+from pyro.optim.clipped_adam import ClippedAdam
+from tqdm.auto import tqdm
+
+from cryosvi import __version__
+from cryosvi.errors import CryosviError
+from cryosvi.guide import ORDER, Guide, GuideConfig
+from cryosvi.io.mrc import ParticleImages
+from cryosvi.io.star import ParticleTable, read_star
+from cryosvi.model import model
+from cryosvi.reference import Reference
+
+RUN_FILE = "run.json"
+CHECKPOINT = "checkpoint.pt"
+LOG_FILE = "log.jsonl"
+PLOT_FILE = "loss.png"
+REFERENCE_FILE = "reference.npz"
+OBJECTIVES = ("sim", "elbo")
+SITE_NAMES = {"defocus": "defocus", "rotation": "pose", "enm_scale": "modes"}
+VALIDATION_SIZE = 512
+
+
+class TrainingDiverged(CryosviError):
+    """The loss or a gradient became NaN/Inf."""
+
+
+# ---------------------------------------------------------------------------- schedule
+@dataclass
+class Stage:
+    """One stage of a schedule.
+
+    objective: 'sim' or 'elbo'. epochs: passes over the particles (elbo) or over
+    ``epoch_size`` simulated particles (sim; default: the number of particles).
+    train: CLI latent names ('pose', 'defocus', 'modes') whose encoders are optimised in
+    this stage (None: all inferred ones). lr: peak learning rate; decay: 'constant' or
+    'cosine' (to lr * final_lr_fraction over the stage), after ``warmup`` linear steps.
+    """
+
+    objective: str = "sim"
+    epochs: int = 10
+    lr: float = 1e-3
+    batch_size: int = 128
+    train: tuple[str, ...] | None = None
+    decay: str = "cosine"
+    final_lr_fraction: float = 0.01
+    warmup: int = 0
+    epoch_size: int | None = None
+    name: str = ""
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise CryosviError(f"schedule: unknown objective {self.objective!r} "
+                               f"(choose from {', '.join(OBJECTIVES)})")
+        if self.decay not in ("constant", "cosine"):
+            raise CryosviError(f"schedule: unknown decay {self.decay!r} (constant or cosine)")
+        if self.epochs < 0 or self.batch_size < 1 or not self.lr > 0:
+            raise CryosviError("schedule: epochs >= 0, batch_size >= 1 and lr > 0 required")
+        if self.train is not None:
+            self.train = tuple(self.train)
+            unknown = [n for n in self.train if n not in SITE_NAMES.values()]
+            if unknown:
+                raise CryosviError(f"schedule: unknown latent(s) {', '.join(unknown)} in "
+                                   "'train' (choose from pose, defocus, modes)")
+
+    def trained_sites(self, latents: tuple[str, ...]) -> tuple[str, ...]:
+        if self.train is None:
+            return latents
+        return tuple(s for s in latents if SITE_NAMES[s] in self.train)
+
+    def steps_per_epoch(self, n_particles: int) -> int:
+        size = self.epoch_size or n_particles if self.objective == "sim" else n_particles
+        return max(1, math.ceil(size / self.batch_size))
+
+    def lr_at(self, step: int, total: int) -> float:
+        if self.warmup and step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        if self.decay == "constant" or total <= 1:
+            return self.lr
+        progress = (step - self.warmup) / max(1, total - self.warmup)
+        floor = self.final_lr_fraction
+        return self.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+PAPER_SCHEDULE = "paper"
+
+
+def load_schedule(path: str | Path, overrides: dict | None = None) -> list[Stage]:
+    """Stages from a TOML (or JSON) file: ``[defaults]`` then ``[[stage]]`` tables.
+    ``path='paper'`` is the bundled ``data/schedule_paper.toml``. ``overrides`` (e.g.
+    {'lr': ...} from the command line) replace the file's values in every stage."""
+    if str(path) == PAPER_SCHEDULE:
+        text = (files("cryosvi") / "data" / "schedule_paper.toml").read_text()
+        name = "schedule_paper.toml"
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise CryosviError(f"schedule file not found: {path}")
+        text, name = path.read_text(), str(path)
+    try:
+        data = json.loads(text) if name.endswith(".json") else tomllib.loads(text)
+    except (ValueError, tomllib.TOMLDecodeError) as error:
+        raise CryosviError(f"cannot read schedule {name}: {error}") from None
+    defaults = data.get("defaults", {})
+    stages = data.get("stage", data.get("stages"))
+    if not stages:
+        raise CryosviError(f"schedule {name}: no [[stage]] tables")
+    fields = set(Stage.__dataclass_fields__)
+    out = []
+    for i, entry in enumerate(stages):
+        values = {**defaults, **entry, **(overrides or {})}
+        unknown = set(values) - fields
+        if unknown:
+            raise CryosviError(f"schedule {name}: stage {i + 1} has unknown key(s) "
+                               f"{', '.join(sorted(unknown))}")
+        out.append(Stage(**values))
+    return out
+
+
+def default_schedule(objective: str, epochs: int, lr: float | None, batch_size: int | None,
+                     finetune_epochs: int = 0, epoch_size: int | None = None) -> list[Stage]:
+    """One stage per objective: 'sim', 'elbo' or 'sim+elbo'."""
+    sim = Stage(objective="sim", epochs=epochs, lr=lr or 1e-3, batch_size=batch_size or 128,
+                decay="cosine", warmup=50, epoch_size=epoch_size, name="simulation")
+    elbo = Stage(objective="elbo", epochs=epochs, lr=lr or 1e-4, batch_size=batch_size or 128,
+                 decay="constant", name="elbo")
+    if objective == "sim":
+        return [sim]
+    if objective == "elbo":
+        return [elbo]
+    if objective == "sim+elbo":
+        return [sim, replace(elbo, epochs=finetune_epochs or max(1, epochs // 4),
+                             lr=(lr or 1e-3) / 10, name="elbo fine-tuning")]
+    raise CryosviError(f"unknown objective {objective!r} (sim, elbo or sim+elbo)")
+
+
+# ------------------------------------------------------------------------ the data
+KNOWN_COLUMNS = {
+    "defocus": ("rlnDefocusU",),
+    "rotation": ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"),
+}
+
+
+def known_values(table: ParticleTable, sites, n_modes: int) -> dict[str, torch.Tensor]:
+    """Values of the fixed (known) sites for every particle, read from the STAR file."""
+    from cryosvi.io.star import MODE_COLUMN
+    from cryosvi.rotations import euler_to_matrix, matrix_to_quaternion
+
+    out = {}
+    frame = table.particles
+    for site in sites:
+        if site == "defocus":
+            table.require("rlnDefocusU")
+            values = frame["rlnDefocusU"].to_numpy(float)
+            if "rlnDefocusV" in frame:
+                values = (values + frame["rlnDefocusV"].to_numpy(float)) / 2
+            out[site] = torch.tensor(values, dtype=torch.float32)
+        elif site == "rotation":
+            table.require(*KNOWN_COLUMNS["rotation"])
+            angles = [torch.tensor(frame[c].to_numpy(float), dtype=torch.float64)
+                      for c in KNOWN_COLUMNS["rotation"]]
+            out[site] = matrix_to_quaternion(euler_to_matrix(*angles)).float()
+        else:
+            columns = [MODE_COLUMN.format(k + 1) for k in range(n_modes)]
+            table.require(*columns)
+            out[site] = torch.tensor(frame[columns].to_numpy(float), dtype=torch.float32)
+        if not torch.isfinite(out[site]).all():
+            raise CryosviError(f"{table.path}: non-finite values in the {SITE_NAMES[site]} "
+                               "columns")
+    return out
+
+
+def image_statistics(images: ParticleImages, max_images: int = 2000,
+                     seed: int = 0) -> tuple[float, float, float]:
+    """Pixel mean and std of up to ``max_images`` particles (a random subset), and the
+    mean power per pixel of their outer Fourier shell (see ``high_frequency_power``)."""
+    n = len(images)
+    index = np.arange(n) if n <= max_images else np.sort(
+        np.random.default_rng(seed).choice(n, max_images, replace=False))
+    total, total_sq, count, shell = 0.0, 0.0, 0, []
+    for i in range(0, len(index), 512):
+        chunk = images[index[i:i + 512]].astype(np.float64)
+        total += chunk.sum()
+        total_sq += np.square(chunk).sum()
+        count += chunk.size
+        shell.append(high_frequency_power(torch.from_numpy(chunk)) * len(chunk))
+    mean = total / count
+    return mean, math.sqrt(max(total_sq / count - mean**2, 0.0)), sum(shell) / len(index)
+
+
+def high_frequency_power(images: torch.Tensor) -> float:
+    """Mean |FFT|^2 / L^2 of (B, L, L) images over the Fourier shell 0.8-1 x Nyquist. For
+    white noise of std s this is s^2; band-limited signal (Gaussian pseudo-atoms of std
+    >~ one pixel) contributes little there."""
+    box = images.shape[-1]
+    fy = torch.fft.fftfreq(box, dtype=torch.float64)
+    fx = torch.fft.rfftfreq(box, dtype=torch.float64)
+    radius = torch.sqrt(fy[:, None] ** 2 + fx[None, :] ** 2) / 0.5
+    shell = (radius >= 0.8) & (radius <= 1.0)
+    # rfft2 keeps half the plane; interior columns stand for two coefficients each, but a
+    # mean over the shell of a flat spectrum is the same either way.
+    power = torch.fft.rfft2(images.double()).abs().square() / box**2
+    return float(power[..., shell].mean())
+
+
+def estimate_noise_std(image_shell_power: float, reference: Reference,
+                       device: str = "cpu", n: int = 1000) -> float:
+    """Noise std of the particles: the power of their outer Fourier shell minus that of
+    clean images simulated from the reference (white noise is flat in frequency, the
+    pseudo-atom signal is not)."""
+    from cryosvi.simulate import sample_prior
+
+    forward = reference.forward_model().to(device)
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        _, clean = sample_prior(reference, forward, n)
+    signal = high_frequency_power(clean.cpu())
+    noise_var = image_shell_power - signal
+    if not noise_var > 0.05 * image_shell_power:
+        raise CryosviError("cannot estimate the noise level: the particles' high-frequency "
+                           "power is not above the reference's; give --noise-std")
+    return math.sqrt(noise_var)
+
+
+def check_compatible(table: ParticleTable, images: ParticleImages, reference: Reference):
+    """Box and pixel size of the particles must match the reference."""
+    optics = table.single_optics()
+    ref = reference.optics
+    if images.box != ref.box or optics.box != ref.box:
+        raise CryosviError(f"{table.path}: images are {images.box} px (optics group says "
+                           f"{optics.box}) but the reference is for {ref.box} px")
+    if not math.isclose(optics.pixel_size, ref.pixel_size, rel_tol=1e-3):
+        raise CryosviError(f"{table.path}: pixel size {optics.pixel_size} Å does not match "
+                           f"the reference's {ref.pixel_size} Å")
+    for name in ("voltage", "spherical_aberration", "amplitude_contrast"):
+        if not math.isclose(getattr(optics, name), getattr(ref, name), rel_tol=1e-3,
+                            abs_tol=1e-6):
+            print(f"note: {name} {getattr(optics, name)} from {table.path.name} replaces "
+                  f"the reference's {getattr(ref, name)}", file=sys.stderr)
+
+
+def priors_from_particles(table: ParticleTable, reference: Reference) -> Reference:
+    """The reference with the optics of the STAR file and the defocus prior set to the
+    mean and std of the particles' rlnDefocusU (when present and not constant)."""
+    optics = table.single_optics()
+    optics = replace(reference.optics, voltage=optics.voltage,
+                     spherical_aberration=optics.spherical_aberration,
+                     amplitude_contrast=optics.amplitude_contrast)
+    priors = reference.priors
+    if "rlnDefocusU" in table.particles:
+        defocus = table.particles["rlnDefocusU"].to_numpy(float)
+        if "rlnDefocusV" in table.particles:
+            defocus = (defocus + table.particles["rlnDefocusV"].to_numpy(float)) / 2
+        if len(defocus) > 1 and np.isfinite(defocus).all() and defocus.std() > 0:
+            priors = replace(priors, defocus_mean=float(defocus.mean()),
+                             defocus_std=float(defocus.std(ddof=1)))
+    return reference.with_settings(optics=optics, priors=priors)
+
+
+# ----------------------------------------------------------------------- run files
+def read_run(directory: str | Path) -> dict:
+    """``RUN/run.json``; a directory without one is not a run (CryosviError)."""
+    directory = Path(directory)
+    path = directory / RUN_FILE
+    if not directory.is_dir():
+        raise CryosviError(f"run directory not found: {directory}")
+    if not path.is_file():
+        raise CryosviError(f"{directory} is not a cryosvi run (no {RUN_FILE})")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as error:
+        raise CryosviError(f"{path} is damaged: {error}") from None
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    temporary = path.with_name(path.name + ".partial")
+    temporary.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(temporary, path)
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    temporary = path.with_name(path.name + ".partial")
+    torch.save(state, temporary)
+    os.replace(temporary, path)
+
+
+def load_trained(directory: str | Path, device: str = "cpu"):
+    """(run info, reference, guide in eval mode) of a run directory."""
+    directory = Path(directory)
+    info = read_run(directory)
+    checkpoint = directory / CHECKPOINT
+    if not checkpoint.is_file():
+        raise CryosviError(f"{directory} has no {CHECKPOINT}: training has not finished an "
+                           "epoch yet")
+    reference = Reference.load(directory / REFERENCE_FILE)
+    guide = Guide(GuideConfig.from_dict(info["guide"])).to(device)
+    state = torch.load(checkpoint, map_location=device, weights_only=False)
+    guide.load_state_dict(state["guide"])
+    guide.eval()
+    return info, reference, guide
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+             "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------------------ objectives
+def simulation_batch(reference: Reference, forward, noise_std: float, batch_size: int):
+    """Fresh (latents, noisy images) from the model's prior."""
+    from cryosvi.simulate import sample_prior
+
+    with torch.no_grad():
+        latents, clean = sample_prior(reference, forward, batch_size)
+        images = clean + noise_std * torch.randn_like(clean)
+    return latents, images
+
+
+def simulation_loss(guide: Guide, latents: dict, images, sites) -> tuple[torch.Tensor, dict]:
+    """Forward-KL loss -E log q(z_true | x) over ``sites``; also the per-site terms."""
+    log_q = guide.log_prob(images, latents)
+    terms = {s: -log_q[s].mean() for s in sites}
+    return sum(terms.values()), {s: float(v.detach()) for s, v in terms.items()}
+
+
+def elbo_loss(guide: Guide, forward, priors, noise_std: float, images, known: dict,
+              n_particles: int) -> torch.Tensor:
+    """-ELBO per particle of a mini-batch (Trace_ELBO, subsampled plate)."""
+    conditioned = poutine.condition(model, data=known) if known else model
+    loss = Trace_ELBO().differentiable_loss(
+        conditioned, guide.pyro_guide(known, register=False), forward, priors, noise_std,
+        images=images, n_particles=n_particles)
+    return loss / n_particles
+
+
+# ------------------------------------------------------------------------ validation
+def validation_set(reference: Reference, forward, noise_std: float, seed: int, n: int):
+    """A fixed simulated set for monitoring, drawn without touching the global RNG."""
+    devices = [forward.coords.device] if forward.coords.is_cuda else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed + 7_919)
+        return simulation_batch(reference, forward, noise_std, n)
+
+
+def validation_metrics(guide: Guide, latents: dict, images, known_sites) -> dict:
+    """Loss and point-estimate accuracy on the simulated validation set."""
+    from cryosvi.infer import posterior_summary
+    from cryosvi.rotations import quaternion_geodesic_angle
+
+    was_training = guide.training
+    guide.eval()
+    out = {}
+    with torch.no_grad():
+        log_q = guide.log_prob(images, latents)
+        out["val_loss"] = float(-sum(v.mean() for v in log_q.values()))
+        known = {s: latents[s] for s in known_sites}
+        summary = posterior_summary(guide, images, known, n_samples=32)
+    if "defocus" in guide.config.latents:
+        out["val_defocus_r"] = pearson(summary["defocus_mean"], latents["defocus"])
+        z = (summary["defocus_mean"] - latents["defocus"]) / summary["defocus_std"]
+        out["val_defocus_cover95"] = float((z.abs() < 1.96).float().mean())
+    if "enm_scale" in guide.config.latents:
+        out["val_mode_r"] = pearson(summary["modes_mean"][:, 0], latents["enm_scale"][:, 0])
+        z = (summary["modes_mean"] - latents["enm_scale"]) / summary["modes_std"]
+        out["val_mode_cover95"] = float((z.abs() < 1.96).float().mean())
+    if "rotation" in guide.config.latents:
+        error = quaternion_geodesic_angle(summary["rotation_mean"], latents["rotation"])
+        out["val_pose_median_deg"] = float(error.median())
+    guide.train(was_training)
+    return out
+
+
+def pearson(a, b) -> float:
+    a = a.double() - a.double().mean()
+    b = b.double() - b.double().mean()
+    return float((a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-30))
+
+
+# ------------------------------------------------------------------------ training
+@dataclass
+class TrainOptions:
+    """What ``train`` needs besides the data: schedule and guide settings."""
+
+    latents: tuple[str, ...] = ORDER
+    schedule: list = field(default_factory=lambda: default_schedule("sim", 20, None, None))
+    channels: tuple[int, ...] = (32, 64, 128)
+    hidden: int = 512
+    n_components: int = 4
+    conditioning: bool = True
+    phase_flip: bool = False
+    shared_trunk: bool = False
+    seed: int = 0
+    device: str = "cpu"
+    noise_std: float | None = None
+    validation_size: int = VALIDATION_SIZE
+    init_from: str | None = None
+
+
+def prepare(particles: str | Path, reference: Reference, options: TrainOptions):
+    """Read and check the particles; the run's reference (priors from the STAR file,
+    noise std), the guide config and the known values of fixed latents."""
+    table = read_star(particles)
+    table.require("rlnImageName")
+    images = ParticleImages(table)
+    check_compatible(table, images, reference)
+    reference = priors_from_particles(table, reference)
+    fixed = [s for s in ORDER if s not in options.latents]
+    known = known_values(table, fixed, reference.n_modes)
+    _, image_std, shell_power = image_statistics(images, seed=options.seed)
+    if not image_std > 0:
+        raise CryosviError(f"{table.path}: the particle images are constant")
+    noise_std = options.noise_std
+    if noise_std is None:
+        noise_std = reference.noise.std if reference.noise.std > 0 else estimate_noise_std(
+            shell_power, reference, options.device)
+    reference = reference.with_settings(noise=replace(reference.noise, std=float(noise_std)))
+    priors = reference.priors
+    config = GuideConfig(
+        box=reference.optics.box, n_modes=reference.n_modes, latents=tuple(options.latents),
+        channels=tuple(options.channels), hidden=options.hidden,
+        n_components=options.n_components, conditioning=options.conditioning,
+        phase_flip=options.phase_flip, shared_trunk=options.shared_trunk,
+        defocus_mean=priors.defocus_mean,
+        defocus_std=priors.defocus_std, mode_std=tuple(priors.mode_std),
+        input_scale=image_std, optics=asdict(reference.optics))
+    return table, images, reference, config, known
+
+
+def train(particles: str | Path, reference: Reference | None, output: str | Path,
+          options: TrainOptions | None = None, resume: bool = False, force: bool = False,
+          max_epochs: int | None = None, progress: bool = True,
+          device: str | None = None, command: str | None = None) -> dict:
+    """Train a guide on ``particles`` into the run directory ``output``.
+
+    resume: continue ``output`` from its checkpoint with its stored settings (the
+    reference, options and schedule given here are then ignored; ``device`` may move it).
+    max_epochs: stop after this many epochs in this call (the run can be resumed).
+    command: the command line, recorded in run.json. Returns the final run info.
+    """
+    output = Path(output)
+    if resume:
+        info = read_run(output)
+        if not (output / CHECKPOINT).is_file():
+            raise CryosviError(f"{output} has no checkpoint to resume from; start it again "
+                               "without --resume")
+        options = options_from_info(info)
+        if device:
+            options = replace(options, device=device)
+        reference = Reference.load(output / REFERENCE_FILE)
+        particles = info["particles"] if particles is None else particles
+    else:
+        options = options or TrainOptions()
+        if device:
+            options = replace(options, device=device)
+        if reference is None:
+            raise CryosviError("a reference is needed (--reference or --structure)")
+        if (output / RUN_FILE).exists() and not force:
+            raise CryosviError(f"{output} already holds a run; use --resume to continue it "
+                               "or --force to start over")
+    device = torch.device(options.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CryosviError("--device cuda was asked for but CUDA is not available")
+    table, images, reference, config, known = prepare(particles, reference, options)
+    if options.init_from:
+        # Keep the initial run's output parameterisation, so its weights mean the same.
+        theirs = read_run(options.init_from)["guide"]
+        config = replace(config, **{k: (tuple(theirs[k]) if isinstance(theirs[k], list)
+                                        else theirs[k])
+                                    for k in INIT_KEEPS if k in theirs})
+    if resume and json.loads(json.dumps(config.to_dict())) != info["guide"]:
+        now = json.loads(json.dumps(config.to_dict()))
+        changed = [k for k, v in now.items() if info["guide"].get(k) != v]
+        raise CryosviError(f"the particles differ from those the run was started with "
+                           f"({', '.join(changed)} changed)")
+    stages = options.schedule
+    active = [s for s in stages if s.trained_sites(config.latents)]
+    if not active:
+        raise CryosviError("no schedule stage trains any of the inferred latents")
+    n_particles = len(table)
+    output.mkdir(parents=True, exist_ok=True)
+
+    pyro.set_rng_seed(options.seed)
+    guide = Guide(config).to(device)
+    forward = reference.forward_model().to(device)
+    optimizer = ClippedAdam(guide.parameters(), lr=active[0].lr)
+    start = {"stage": 0, "stage_epoch": 0, "epoch": 0, "step": 0, "seconds": 0.0}
+    if resume:
+        state = torch.load(output / CHECKPOINT, map_location=device, weights_only=False)
+        guide.load_state_dict(state["guide"])
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        start = state["position"]
+        truncate_log(output / LOG_FILE, start["epoch"])
+    else:
+        if options.init_from:
+            initialise_from(guide, options.init_from, device)
+        for stale in (CHECKPOINT, LOG_FILE, PLOT_FILE):
+            (output / stale).unlink(missing_ok=True)
+        reference.save(output / REFERENCE_FILE)
+    info = {
+        "cryosvi": __version__, "particles": str(Path(particles).resolve()),
+        "n_particles": n_particles, "latents": list(config.latents),
+        "guide": config.to_dict(), "parameters": guide.parameter_count(),
+        "schedule": [asdict(s) for s in stages], "seed": options.seed,
+        "device": str(device), "noise_std": reference.noise.std,
+        "fixed_from_star": [SITE_NAMES[s] for s in ORDER if s not in config.latents],
+        "validation_size": options.validation_size, "status": "training",
+        "init_from": options.init_from,
+        "command": (info["command"] if resume and "command" in info else command),
+        "epochs_done": start["epoch"],
+    }
+    write_json_atomic(output / RUN_FILE, info)
+
+    val_latents, val_images = validation_set(reference, forward, reference.noise.std,
+                                             options.seed, options.validation_size)
+    fixed_sites = [s for s in ORDER if s not in config.latents]
+    known_device = {s: v.to(device) for s, v in known.items()}
+    position = dict(start)
+    seconds = position["seconds"]
+    epochs_this_call = 0
+    for stage_index in range(start["stage"], len(stages)):
+        stage = stages[stage_index]
+        sites = stage.trained_sites(config.latents)
+        first_epoch = start["stage_epoch"] if stage_index == start["stage"] else 0
+        if not sites or first_epoch >= stage.epochs:
+            continue
+        for site, encoder in guide.encoders.items():
+            encoder.requires_grad_(site in sites)
+        steps = stage.steps_per_epoch(n_particles)
+        total = steps * stage.epochs
+        for stage_epoch in range(first_epoch, stage.epochs):
+            if max_epochs is not None and epochs_this_call >= max_epochs:
+                return finish(output, info, position, stopped=True)
+            tic = time.perf_counter()
+            guide.train()
+            losses, terms_sum = [], {}
+            order = np.random.default_rng([options.seed, position["epoch"]]).permutation(
+                n_particles)
+            bar = tqdm(range(steps), disable=not progress, leave=False, dynamic_ncols=True,
+                       desc=f"epoch {position['epoch'] + 1} {stage.name or stage.objective}")
+            for i in bar:
+                lr = stage.lr_at(stage_epoch * steps + i, total)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                if stage.objective == "sim":
+                    latents, batch_images = simulation_batch(reference, forward,
+                                                             reference.noise.std,
+                                                             stage.batch_size)
+                    loss, terms = simulation_loss(guide, latents, batch_images, sites)
+                else:
+                    index = np.sort(order[i * stage.batch_size:(i + 1) * stage.batch_size])
+                    batch_images = torch.from_numpy(images[index]).to(device)
+                    batch_known = {s: v[index] for s, v in known_device.items()}
+                    loss = elbo_loss(guide, forward, reference.priors, reference.noise.std,
+                                     batch_images, batch_known, n_particles)
+                    terms = {}
+                value = float(loss.detach())
+                step = position["step"] + 1
+                if not math.isfinite(value):
+                    raise diverged(output, f"the loss is {value}", step, position)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = total_grad_norm(guide)
+                if not math.isfinite(grad_norm):
+                    raise diverged(output, f"a gradient is {grad_norm}", step, position)
+                optimizer.step()
+                position["step"] = step
+                losses.append(value)
+                for k, v in terms.items():
+                    terms_sum[k] = terms_sum.get(k, 0.0) + v
+                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4g}",
+                                refresh=False)
+            bar.close()
+            seconds += time.perf_counter() - tic
+            metrics = validation_metrics(guide, val_latents, val_images, fixed_sites)
+            position.update(stage=stage_index, stage_epoch=stage_epoch + 1,
+                            epoch=position["epoch"] + 1, seconds=seconds)
+            record = {"epoch": position["epoch"], "stage": stage_index,
+                      "objective": stage.objective, "step": position["step"],
+                      "loss": float(np.mean(losses)), "lr": lr,
+                      "seconds": round(seconds, 2),
+                      **{f"loss_{SITE_NAMES[k]}": v / len(losses) for k, v in terms_sum.items()},
+                      **metrics, "loss_steps": chunk_means(losses, 20)}
+            append_log(output / LOG_FILE, record)
+            save_checkpoint(output / CHECKPOINT, {
+                "guide": guide.state_dict(), "optimizer": optimizer.state_dict(),
+                "rng": rng_state(), "position": dict(position), "format": 1})
+            info["epochs_done"] = position["epoch"]
+            write_json_atomic(output / RUN_FILE, info)
+            plot_log(output / LOG_FILE, output / PLOT_FILE)
+            if progress:
+                print(epoch_line(record), file=sys.stderr, flush=True)
+            epochs_this_call += 1
+    return finish(output, info, position, stopped=False)
+
+
+INIT_KEEPS = ("defocus_mean", "defocus_std", "mode_std", "input_scale")
+"""Guide settings taken from the run given to --init (the output parameterisation)."""
+
+
+def initialise_from(guide: Guide, run: str | Path, device) -> None:
+    """Start from the guide weights of another run (e.g. simulation pre-training before
+    ELBO fine-tuning); the architecture must be the same."""
+    info = read_run(run)
+    checkpoint = Path(run) / CHECKPOINT
+    if not checkpoint.is_file():
+        raise CryosviError(f"--init: {run} has no {CHECKPOINT}")
+    theirs = info["guide"]
+    keys = ("box", "n_modes", "latents", "channels", "hidden", "n_components",
+            "conditioning", "phase_flip", "shared_trunk")
+    mine = json.loads(json.dumps(guide.config.to_dict()))
+    different = [k for k in keys if mine.get(k) != theirs.get(k, False if k == "shared_trunk"
+                                                               else None)]
+    if different:
+        raise CryosviError(f"--init: the guide of {run} differs in {', '.join(different)}")
+    state = torch.load(checkpoint, map_location=device, weights_only=False)
+    guide.load_state_dict(state["guide"])
+
+
+def finish(output: Path, info: dict, position: dict, stopped: bool) -> dict:
+    info["status"] = "stopped" if stopped else "finished"
+    info["epochs_done"] = position["epoch"]
+    info["train_seconds"] = round(position["seconds"], 2)
+    write_json_atomic(output / RUN_FILE, info)
+    return info
+
+
+def diverged(output: Path, what: str, step: int, position: dict) -> TrainingDiverged:
+    kept = (f"{output / CHECKPOINT} keeps the last good state (epoch {position['epoch']})"
+            if (output / CHECKPOINT).is_file() else "no epoch had finished, so there is no "
+            "checkpoint")
+    return TrainingDiverged(f"{what} at step {step}; training stopped. {kept}. Try a lower "
+                            "--lr or a larger --batch-size.")
+
+
+def total_grad_norm(module: torch.nn.Module) -> float:
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack(
+        [torch.linalg.vector_norm(g) for g in grads])))
+
+
+def chunk_means(values, n_chunks: int) -> list[float]:
+    chunks = np.array_split(np.asarray(values, dtype=float), min(n_chunks, len(values)))
+    return [round(float(c.mean()), 6) for c in chunks]
+
+
+def epoch_line(record: dict) -> str:
+    parts = [f"epoch {record['epoch']:>3}", f"{record['objective']:>4}",
+             f"loss {record['loss']:.4g}", f"val {record.get('val_loss', float('nan')):.4g}"]
+    for key, label in (("val_defocus_r", "defocus r"), ("val_mode_r", "mode r"),
+                       ("val_pose_median_deg", "pose median")):
+        if key in record:
+            parts.append(f"{label} {record[key]:.3f}")
+    parts.append(f"{record['seconds']:.0f} s")
+    return " | ".join(parts)
+
+
+def append_log(path: Path, record: dict) -> None:
+    with open(path, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def read_log(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_log(path: Path, epochs: int) -> None:
+    """Drop log lines of epochs after the checkpoint (written before a crash)."""
+    records = [r for r in read_log(path) if r["epoch"] <= epochs]
+    temporary = path.with_name(path.name + ".partial")
+    temporary.write_text("".join(json.dumps(r) + "\n" for r in records))
+    os.replace(temporary, path)
+
+
+def plot_log(log: Path, output: Path) -> None:
+    """loss.png: training loss per step (chunk means) and validation loss per epoch,
+    with the validation pose error on a second panel when it was measured."""
+    from matplotlib.figure import Figure
+
+    records = read_log(log)
+    if not records:
+        return
+    has_pose = any("val_pose_median_deg" in r for r in records)
+    figure = Figure(figsize=(10 if has_pose else 6, 4), layout="constrained")
+    axes = figure.subplots(1, 2 if has_pose else 1, squeeze=False)
+    ax = axes[0, 0]
+    series = {objective: ([], []) for objective in OBJECTIVES}
+    previous = 0
+    for r in records:
+        chunk = r.get("loss_steps", [r["loss"]])
+        positions = np.linspace(previous, r["step"], len(chunk) + 1)[1:]
+        series[r["objective"]][0].extend(positions)
+        series[r["objective"]][1].extend(chunk)
+        previous = r["step"]
+    labels = {"sim": "training: simulation -log q(z | x)", "elbo": "training: -ELBO / particle"}
+    axis_of = {"sim": ax, "elbo": ax}
+    if series["sim"][0] and series["elbo"][0]:
+        axis_of["elbo"] = ax.twinx()  # different scales: ELBO on the right axis
+        axis_of["elbo"].set_ylabel("-ELBO / particle", color="C1")
+    for colour, objective in (("C0", "sim"), ("C1", "elbo")):
+        xs, ys = series[objective]
+        if not xs:
+            continue
+        target = axis_of[objective]
+        target.scatter(xs, ys, s=4, color=colour, label=labels[objective])
+        finite = [y for y in ys if np.isfinite(y)]
+        if finite:
+            low, high = np.percentile(finite, [1, 99])
+            pad = max(high - low, 1e-3 * max(abs(high), 1.0))
+            target.set_ylim(low - 0.05 * pad, high + 0.1 * pad)
+    validation = [r for r in records if "val_loss" in r]
+    ax.plot([r["step"] for r in validation], [r["val_loss"] for r in validation], "k.-",
+            label="validation (simulated) -log q(z | x)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    handles = [h for a in set(axis_of.values()) for h in a.get_legend_handles_labels()[0]]
+    ax.legend(handles=handles, fontsize=8)
+    if has_pose:
+        ax = axes[0, 1]
+        ax.semilogy([r["epoch"] for r in records],
+                    [r.get("val_pose_median_deg", np.nan) for r in records], "k.-")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("validation pose median error (deg)")
+    temporary = output.with_name(output.stem + ".partial.png")
+    figure.savefig(temporary, dpi=90)
+    os.replace(temporary, output)
+
+
+def options_from_info(info: dict) -> TrainOptions:
+    guide = info["guide"]
+    return TrainOptions(
+        latents=tuple(guide["latents"]), schedule=[Stage(**s) for s in info["schedule"]],
+        channels=tuple(guide["channels"]), hidden=guide["hidden"],
+        n_components=guide["n_components"], conditioning=guide["conditioning"],
+        phase_flip=guide["phase_flip"], shared_trunk=guide.get("shared_trunk", False),
+        seed=info["seed"], device=info["device"],
+        noise_std=info["noise_std"], validation_size=info.get("validation_size",
+                                                              VALIDATION_SIZE),
+        init_from=info.get("init_from"))

@@ -1,0 +1,176 @@
+"""The guide: sites and shapes matching the model, prior-relative start, the paper's
+encoder size, antipodal pose densities, conditioning and fixed latents."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from pyro import poutine
+
+from cryosvi.config import Imaging, Noise, Optics, Priors
+from cryosvi.guide import (ORDER, Guide, GuideConfig, condition_sites, parse_latents)
+from cryosvi.model import SITES, model
+from cryosvi.reference import Reference
+from cryosvi.rotations import random_quaternions
+
+
+def tiny_reference(n_modes: int = 1, snr: float = 20.0, box: int = 16) -> Reference:
+    """A small random molecule (30 pseudo-atoms, radius 25 Å) in a 16 px x 5 Å box, with
+    random orthonormal modes: no structure file or ANM needed."""
+    rng = np.random.default_rng(0)
+    direction = rng.normal(size=(30, 3))
+    coords = direction / np.linalg.norm(direction, axis=1, keepdims=True) \
+        * 25 * rng.uniform(0.2, 1, size=(30, 1)) ** (1 / 3)
+    coords -= coords.mean(0)
+    modes, _ = np.linalg.qr(rng.normal(size=(90, n_modes)))
+    return Reference(
+        coords=coords.astype(np.float32), centroid=np.zeros(3),
+        modes=modes.T.reshape(n_modes, 30, 3).astype(np.float32),
+        eigenvalues=np.arange(1, n_modes + 1, dtype=float),
+        optics=Optics(box=box, pixel_size=5.0), imaging=Imaging(sigma=4.0, window=5),
+        priors=Priors(mode_std=(2.0,) * n_modes, defocus_mean=10000.0, defocus_std=2500.0),
+        noise=Noise(snr=snr), source={"test": True})
+
+
+def tiny_config(**changes) -> GuideConfig:
+    values = dict(box=16, n_modes=1, channels=(4, 8, 8), hidden=32, n_components=2,
+                  input_scale=1.0, optics=Optics(box=16, pixel_size=5.0).__dict__)
+    values.update(changes)
+    return GuideConfig(**values)
+
+
+def traces(guide: Guide, reference: Reference, images, known=None):
+    forward = reference.forward_model()
+    conditioned = poutine.condition(model, data=known) if known else model
+    guide_trace = poutine.trace(guide.pyro_guide(known)).get_trace(
+        forward, reference.priors, 0.1, images=images)
+    model_trace = poutine.trace(poutine.replay(conditioned, trace=guide_trace)).get_trace(
+        forward, reference.priors, 0.1, images=images)
+    return model_trace, guide_trace
+
+
+def latent_sites(trace):
+    return {name: node for name, node in trace.nodes.items()
+            if node["type"] == "sample" and not node["is_observed"]
+            and type(node["fn"]).__name__ != "_Subsample"}  # the plate's index site
+
+
+def test_sites_and_shapes_match_the_model():
+    torch.manual_seed(0)
+    reference = tiny_reference(n_modes=2)
+    guide = Guide(tiny_config(n_modes=2, mode_std=(2.0, 2.0)))
+    images = torch.randn(5, 16, 16)
+    model_trace, guide_trace = traces(guide, reference, images)
+    guide_sites, model_sites = latent_sites(guide_trace), latent_sites(model_trace)
+    assert set(guide_sites) == set(SITES) == set(model_sites)
+    for name in SITES:
+        assert guide_sites[name]["value"].shape == model_sites[name]["value"].shape
+        assert guide_sites[name]["fn"].batch_shape == (5,)
+    assert guide_sites["enm_scale"]["value"].shape == (5, 2)
+    assert guide_sites["rotation"]["value"].shape == (5, 4)
+    assert guide_sites["defocus"]["value"].shape == (5,)
+    torch.testing.assert_close(guide_sites["rotation"]["value"].norm(dim=-1), torch.ones(5))
+    assert model_trace.nodes["measurement"]["is_observed"]
+
+
+def test_fixed_latents_are_left_out_of_the_guide():
+    torch.manual_seed(0)
+    reference = tiny_reference()
+    guide = Guide(tiny_config(latents=("defocus", "enm_scale")))
+    images = torch.randn(3, 16, 16)
+    known = {"rotation": random_quaternions(3)}
+    model_trace, guide_trace = traces(guide, reference, images, known)
+    assert set(latent_sites(guide_trace)) == {"defocus", "enm_scale"}
+    assert model_trace.nodes["rotation"]["is_observed"]
+    torch.testing.assert_close(model_trace.nodes["rotation"]["value"], known["rotation"])
+    # The known pose feeds the later (mode) encoder.
+    assert condition_sites("enm_scale", guide.config) == ("defocus", "rotation")
+
+
+def test_an_untrained_guide_is_the_prior():
+    guide = Guide(tiny_config(defocus_mean=12000.0, defocus_std=2000.0, mode_std=(3.0,)))
+    _, _, dists = guide.sample(torch.randn(4, 16, 16), n_samples=1)
+    torch.testing.assert_close(dists["defocus"].mean, torch.full((1, 4), 12000.0))
+    torch.testing.assert_close(dists["defocus"].stddev, torch.full((1, 4), 2000.0),
+                               rtol=1e-5, atol=1e-2)
+    torch.testing.assert_close(dists["enm_scale"].mean, torch.zeros(1, 4, 1))
+    torch.testing.assert_close(dists["enm_scale"].stddev, torch.full((1, 4, 1), 3.0),
+                               rtol=1e-5, atol=1e-5)
+    concentration = dists["rotation"].component_distribution.concentration
+    torch.testing.assert_close(concentration.norm(dim=-1), torch.full((1, 4, 2), 2.0))
+
+
+def test_paper_encoders_have_the_papers_size():
+    guide = Guide(GuideConfig(box=32, n_modes=1))  # defaults: channels 32-64-128, MLP 512
+    sizes = {site: sum(p.numel() for p in encoder.parameters())
+             for site, encoder in guide.encoders.items()}
+    assert guide.encoders["defocus"].n_features == 2048  # the paper's "2048"
+    for site, size in sizes.items():
+        assert 1.55e6 < size < 1.65e6, (site, size)  # the paper: 1.6 M per network
+    assert guide.parameter_count() == sum(sizes.values())
+
+
+def test_pose_density_is_antipodal_and_finite_far_from_the_mean():
+    guide = Guide(tiny_config())
+    last = guide.encoders["rotation"].rest[-1]
+    with torch.no_grad():
+        last.bias[8:10] = math.log(5000.0)  # very concentrated components
+    images = torch.randn(3, 16, 16)
+    q = random_quaternions(3)
+    _, _, dists = guide.sample(images, n_samples=1)
+    pose = dists["rotation"]
+    log_p, log_p_flipped = pose.log_prob(q), pose.log_prob(-q)
+    torch.testing.assert_close(log_p, log_p_flipped)
+    assert torch.isfinite(log_p).all()
+    values = {"defocus": torch.full((3,), 10000.0), "rotation": q,
+              "enm_scale": torch.zeros(3, 1)}
+    loss = -sum(guide.log_prob(images, values).values()).sum()
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in guide.parameters() if p.grad is not None)
+
+
+def test_conditioning_feeds_earlier_latents_into_later_encoders():
+    torch.manual_seed(0)
+    images = torch.randn(2, 16, 16)
+    q = random_quaternions(2)
+
+    def pose_log_prob(guide, defocus):
+        values = {"defocus": torch.full((2,), defocus), "rotation": q,
+                  "enm_scale": torch.zeros(2, 1)}
+        return guide.log_prob(images, values)["rotation"]
+
+    conditioned = Guide(tiny_config())
+    for p in conditioned.parameters():  # leave the prior start
+        torch.nn.init.normal_(p, std=0.3)
+    assert not torch.allclose(pose_log_prob(conditioned, 8000.0),
+                              pose_log_prob(conditioned, 12000.0))
+    independent = Guide(tiny_config(conditioning=False))
+    for p in independent.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    torch.testing.assert_close(pose_log_prob(independent, 8000.0),
+                               pose_log_prob(independent, 12000.0))
+    assert condition_sites("rotation", conditioned.config) == ("defocus",)
+    assert condition_sites("enm_scale", conditioned.config) == ("defocus", "rotation")
+    assert condition_sites("rotation", independent.config) == ()
+
+
+def test_phase_flip_multiplies_by_the_sign_of_the_ctf():
+    guide = Guide(tiny_config(phase_flip=True))
+    images = torch.randn(3, 16, 16, dtype=torch.float64)
+    defocus = torch.tensor([5000.0, 10000.0, 20000.0], dtype=torch.float64)
+    once = guide.phase_flipped(images, defocus)
+    assert not torch.allclose(once, images)
+    # Flipping twice restores every Fourier coefficient where the CTF is not zero.
+    torch.testing.assert_close(guide.phase_flipped(once, defocus), images, atol=1e-9,
+                               rtol=0)
+    # The pose encoder sees flipped images, the defocus encoder the raw ones.
+    assert not torch.allclose(guide.encoder_input("rotation", images.float(), defocus),
+                              guide.encoder_input("defocus", images.float(), defocus))
+
+
+def test_parse_latents():
+    assert parse_latents("pose,defocus,modes") == ORDER
+    assert parse_latents("modes, defocus") == ("defocus", "enm_scale")
+    with pytest.raises(ValueError, match="unknown latent"):
+        parse_latents("pose,shift")

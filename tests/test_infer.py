@@ -1,0 +1,163 @@
+"""Inference: STAR output round trip, kept columns, samples, fixed latents, importance
+sampling and the pose summaries."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cryosvi.cli.main import main
+from cryosvi.distributions import ProjectedNormalMixture
+from cryosvi.errors import CryosviError
+from cryosvi.infer import (heaviest_component_mean, infer, pose_std_deg, refine,
+                           weighted_mean_direction)
+from cryosvi.io.star import MODE_COLUMN, read_star, write_star
+from cryosvi.reference import Reference
+from cryosvi.rotations import quaternion_geodesic_angle, random_quaternions
+from cryosvi.simulate import simulate_dataset
+from cryosvi.train import TrainOptions, load_trained, train
+
+from test_guide import tiny_reference
+from test_train import TINY, tiny_schedule
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny run (all latents) and one with the pose fixed, plus held-out particles
+    with an extra column."""
+    root = tmp_path_factory.mktemp("infer")
+    reference = tiny_reference(n_modes=2)
+    simulate_dataset(reference, 40, root / "train", seed=0)
+    simulate_dataset(reference, 20, root / "test", seed=1)
+    table = read_star(root / "test" / "particles.star")
+    table.particles["rlnMicrographName"] = [f"mic{i % 3}.mrc" for i in range(len(table))]
+    write_star(root / "test" / "particles.star", table.particles, table.optics)
+    reference = Reference.load(root / "train" / "reference.npz")
+    for name, latents in (("run", ("defocus", "rotation", "enm_scale")),
+                          ("fixed_pose", ("defocus", "enm_scale"))):
+        train(root / "train" / "particles.star", reference, root / name,
+              TrainOptions(latents=latents, schedule=tiny_schedule(epochs=1), **TINY),
+              progress=False)
+    return root
+
+
+def test_star_output_round_trip(trained, tmp_path):
+    output = tmp_path / "posterior.star"
+    frame = infer(trained / "run", trained / "test" / "particles.star", output,
+                  importance=0, progress=False)
+    back = read_star(output)
+    truth = read_star(trained / "test" / "particles.star")
+    assert len(back) == 20 and list(back.particles["rlnImageName"]) == \
+        list(truth.particles["rlnImageName"])
+    assert list(back.particles["rlnMicrographName"]) == list(truth.particles["rlnMicrographName"])
+    expected = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnDefocusU", "rlnDefocusV",
+                "cryosviDefocusStd", "cryosviPoseStdDeg", MODE_COLUMN.format(1),
+                MODE_COLUMN.format(2), "cryosviModeAmplitudeStd1", "cryosviModeAmplitudeStd2"]
+    for column in expected:
+        values = back.particles[column].to_numpy(float)
+        assert np.isfinite(values).all(), column
+        np.testing.assert_allclose(values, frame[column].to_numpy(float), rtol=1e-5, atol=1e-4)
+    assert (back.particles["cryosviDefocusStd"] > 0).all()
+    assert (back.particles["cryosviPoseStdDeg"] > 0).all()
+    assert back.particles["rlnAngleTilt"].between(0, 180).all()
+    assert len(back.optics) == 1
+
+
+def test_samples_are_written_per_particle(trained, tmp_path):
+    output = tmp_path / "posterior.star"
+    infer(trained / "run", trained / "test" / "particles.star", output, samples=5,
+          importance=0, batch_size=8, progress=False)
+    with np.load(tmp_path / "posterior.npz") as samples:
+        assert samples["defocus"].shape == (20, 5)
+        assert samples["rotation"].shape == (20, 5, 4)
+        assert samples["enm_scale"].shape == (20, 5, 2)
+        np.testing.assert_allclose(np.linalg.norm(samples["rotation"], axis=-1), 1, atol=1e-5)
+
+
+def test_fixed_latents_keep_the_input_values(trained, tmp_path):
+    output = tmp_path / "posterior.star"
+    frame = infer(trained / "fixed_pose", trained / "test" / "particles.star", output,
+                  importance=8, moves=1, progress=False)
+    truth = read_star(trained / "test" / "particles.star").particles
+    for column in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"):
+        np.testing.assert_array_equal(frame[column].to_numpy(), truth[column].to_numpy())
+    assert "cryosviPoseStdDeg" not in frame
+    assert "cryosviDefocusStd" in frame
+
+
+def test_importance_sampling_reports_the_ess(trained, tmp_path):
+    output = tmp_path / "posterior.star"
+    frame = infer(trained / "run", trained / "test" / "particles.star", output,
+                  importance=16, samples=4, progress=False)
+    ess = frame["cryosviESS"].to_numpy()
+    assert np.all((ess >= 1 - 1e-4) & (ess <= 16 + 1e-4))
+    with np.load(tmp_path / "posterior.npz") as samples:
+        assert samples["weights"].shape == (20, 4)
+    # Direct call: weights are normalised per particle.
+    _, reference, guide = load_trained(trained / "run")
+    images = torch.randn(3, 16, 16) * guide.config.input_scale
+    out = refine(guide, reference.forward_model(), reference.priors, reference.noise.std,
+                 images, {}, n_samples=8)
+    torch.testing.assert_close(out["weights"].sum(0), torch.ones(3))
+    torch.testing.assert_close(out["rotation_mean"].norm(dim=-1), torch.ones(3))
+
+
+def test_pose_summaries_on_known_rotations():
+    torch.manual_seed(0)
+    mean = random_quaternions(1)[0]
+    # Samples rotated from the mean by known small angles about random axes.
+    angle = torch.deg2rad(torch.tensor([2.0, 4.0, 6.0, 8.0]))
+    axis = torch.nn.functional.normalize(torch.randn(4, 3), dim=-1)
+    delta = torch.cat([torch.cos(angle / 2)[:, None], torch.sin(angle / 2)[:, None] * axis], 1)
+    w0, v0 = mean[0], mean[1:]
+    w1, v1 = delta[:, 0], delta[:, 1:]
+    samples = torch.cat([(w0 * w1 - v1 @ v0)[:, None],
+                         w0 * v1 + w1[:, None] * v0 + torch.cross(v0.expand(4, 3), v1,
+                                                                   dim=-1)], 1)
+    samples = samples * torch.tensor([1.0, -1.0, 1.0, -1.0])[:, None]  # q and -q mixed
+    std = pose_std_deg(samples[:, None], mean[None])
+    expected = math.sqrt((4 + 16 + 36 + 64) / 4 / 3)
+    assert float(std) == pytest.approx(expected, rel=1e-4)
+    weights = torch.tensor([1.0, 0.0, 0.0, 0.0])[:, None]
+    assert float(pose_std_deg(samples[:, None], mean[None], weights)) == \
+        pytest.approx(2 / math.sqrt(3), rel=1e-4)
+    average = weighted_mean_direction(samples[:, None], torch.full((4, 1), 0.25), mean[None])
+    assert float(quaternion_geodesic_angle(average, mean[None])) < 8.0
+
+
+def test_heaviest_component_mean():
+    q = random_quaternions(3)
+    concentration = torch.stack([5 * q, -40 * q.flip(0)], 1)  # (B=3, K=2, 4)
+    mixture = ProjectedNormalMixture(torch.tensor([[0.0, 1.0]] * 3), concentration)
+    mean = heaviest_component_mean(mixture)
+    assert (mean[:, 0] >= 0).all()
+    torch.testing.assert_close(quaternion_geodesic_angle(mean, q.flip(0)), torch.zeros(3),
+                               atol=1e-3, rtol=0)
+
+
+def test_cli_infer_errors(trained, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["infer", "--run", str(tmp_path / "empty"), "--particles",
+                 str(trained / "test" / "particles.star"), "-o", str(tmp_path / "p.star")]) == 2
+    assert "not a cryosvi run" in capsys.readouterr().err
+    assert main(["infer", "--run", str(trained / "run"), "--particles",
+                 str(tmp_path / "missing.star"), "-o", str(tmp_path / "p.star")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main(["infer", "--run", str(trained / "run"), "--particles",
+                 str(trained / "test" / "particles.star"), "-o", str(tmp_path / "p.star"),
+                 "--quiet"]) == 0
+    assert "wrote the posterior of 20 particles" in capsys.readouterr().out
+
+
+def test_rotation_perturbations_have_the_requested_spread():
+    """The Metropolis moves rotate by omega ~ N(0, width^2 I_3): RMS angle sqrt(3) width."""
+    from cryosvi.infer import quaternion_multiply, rotation_vector_to_quaternion
+
+    torch.manual_seed(0)
+    centre = random_quaternions(1).expand(20000, 4)
+    width = math.radians(5.0)
+    q = quaternion_multiply(centre, rotation_vector_to_quaternion(torch.randn(20000, 3) * width))
+    torch.testing.assert_close(q.norm(dim=-1), torch.ones(20000))
+    angle = quaternion_geodesic_angle(q, centre)
+    assert float(angle.square().mean().sqrt()) == pytest.approx(math.sqrt(3) * 5.0, rel=0.03)
