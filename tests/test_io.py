@@ -8,15 +8,17 @@ import starfile
 
 from cryosvi.config import Optics
 from cryosvi.errors import CryosviError
-from cryosvi.io.mrc import ParticleImages, create_stack, parse_image_names
+from cryosvi.io.mrc import ParticleImages, StackWriter, parse_image_names
 from cryosvi.io.star import optics_table, read_star, write_star
 
 
 def write_dataset(directory, n=5, box=8, pixel_size=1.5):
     images = np.random.default_rng(0).normal(size=(n, box, box)).astype(np.float32)
-    stack = create_stack(directory / "stack.mrcs", n, box, pixel_size)
-    stack.data[:] = images
-    stack.close()
+    stack = StackWriter(directory / "stack.mrcs", n, box, pixel_size)
+    stack.write(0, images[:2])
+    stack.write(2, images[2:])
+    np.testing.assert_array_equal(stack.read(1, 4), images[1:4])
+    stack.close(images.min(), images.max(), images.mean(), images.std())
     particles = pd.DataFrame({
         "rlnImageName": [f"{i + 1:06d}@stack.mrcs" for i in range(n)],
         "rlnDefocusU": np.linspace(8000, 12000, n), "rlnOpticsGroup": np.ones(n, int),

@@ -23,7 +23,7 @@ from pyro import poutine
 from tqdm.auto import tqdm
 
 from cryosvi.errors import CryosviError
-from cryosvi.io.mrc import create_stack
+from cryosvi.io.mrc import StackWriter
 from cryosvi.io.star import MODE_COLUMN, optics_table, write_star
 from cryosvi.model import SITES, model
 from cryosvi.noise import RunningMoments, noise_std_for_snr
@@ -102,7 +102,8 @@ def _simulate_into(reference: Reference, n: int, directory: Path, seed: int,
     pyro.set_rng_seed(seed)
     moments = RunningMoments()
     latents = {site: [] for site in SITES}
-    stack = create_stack(directory / STACK_NAME, n, box, reference.optics.pixel_size)
+    stack = StackWriter(directory / STACK_NAME, n, box, reference.optics.pixel_size)
+    statistics = (np.nan,) * 4
     starts = range(0, n, chunk_size)
     try:
         with torch.no_grad():
@@ -110,7 +111,7 @@ def _simulate_into(reference: Reference, n: int, directory: Path, seed: int,
                 stop = min(start + chunk_size, n)
                 chunk_latents, clean = sample_prior(reference, forward, stop - start)
                 moments.update(clean)
-                stack.data[start:stop] = clean.cpu().numpy()
+                stack.write(start, clean.cpu().numpy())
                 for site, value in chunk_latents.items():
                     latents[site].append(value.cpu().numpy())
             noise_std = noise_std_for_snr(moments.variance, reference.noise.snr)
@@ -119,17 +120,15 @@ def _simulate_into(reference: Reference, n: int, directory: Path, seed: int,
             for start in tqdm(starts, desc="adding noise", unit="chunk", leave=False):
                 stop = min(start + chunk_size, n)
                 noise = torch.randn((stop - start, box, box), generator=generator)
-                noisy = stack.data[start:stop] + noise_std * noise.numpy()
-                stack.data[start:stop] = noisy
+                noisy = stack.read(start, stop) + noise_std * noise.numpy()
+                stack.write(start, noisy)
                 noisy_moments.update(torch.from_numpy(noisy))
                 low, high = min(low, float(noisy.min())), max(high, float(noisy.max()))
             # Header statistics from the streamed moments: mrcfile's own would load the
             # whole stack into memory.
-            stack.header.dmin, stack.header.dmax = low, high
-            stack.header.dmean = noisy_moments.mean
-            stack.header.rms = noisy_moments.variance ** 0.5
+            statistics = (low, high, noisy_moments.mean, noisy_moments.variance ** 0.5)
     finally:
-        stack.close()
+        stack.close(*statistics)
     latents = {site: np.concatenate(values) for site, values in latents.items()}
     write_star(directory / "particles.star", particles_table(latents),
                optics_table(reference.optics))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -12,12 +13,45 @@ from cryosvi.errors import CryosviError
 from cryosvi.io.star import ParticleTable
 
 
-def create_stack(path: str | Path, n_images: int, box: int, pixel_size: float):
-    """A new float32 stack (n, box, box) memory-mapped for writing; close() when done."""
-    stack = mrcfile.new_mmap(path, shape=(n_images, box, box), mrc_mode=2, overwrite=True)
-    stack.set_image_stack()
-    stack.voxel_size = pixel_size
-    return stack
+class StackWriter:
+    """A new float32 stack (n, box, box) written and re-read chunk by chunk.
+
+    Positioned file I/O instead of a writable memory map: every page touched through a
+    map stays in the process's resident set until the map is closed, so a 6.5 GB stack
+    would need 6.5 GB of RAM. Here memory stays at one chunk.
+    """
+
+    def __init__(self, path: str | Path, n_images: int, box: int, pixel_size: float):
+        self.path, self.box = Path(path), box
+        # mrcfile writes a valid header and sizes the file; no data page is touched.
+        with mrcfile.new_mmap(self.path, shape=(n_images, box, box), mrc_mode=2,
+                              overwrite=True) as stack:
+            stack.set_image_stack()
+            stack.voxel_size = pixel_size
+            self.data_offset = stack.header.nbytes + stack.extended_header.nbytes
+            self.dtype = stack.data.dtype
+        self.file = open(self.path, "r+b")
+
+    def _offset(self, start: int) -> int:
+        return self.data_offset + start * self.box * self.box * self.dtype.itemsize
+
+    def write(self, start: int, images: np.ndarray) -> None:
+        """Write images (b, box, box) at image index ``start``."""
+        os.pwrite(self.file.fileno(), np.ascontiguousarray(images, self.dtype).tobytes(),
+                  self._offset(start))
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Images start..stop-1 as a new (stop - start, box, box) array."""
+        size = (stop - start) * self.box * self.box * self.dtype.itemsize
+        raw = os.pread(self.file.fileno(), size, self._offset(start))
+        return np.frombuffer(raw, self.dtype).reshape(stop - start, self.box, self.box).copy()
+
+    def close(self, minimum: float, maximum: float, mean: float, rms: float) -> None:
+        """Close the file, recording the data statistics in the header."""
+        self.file.close()
+        with mrcfile.mmap(self.path, mode="r+") as stack:
+            stack.header.dmin, stack.header.dmax = minimum, maximum
+            stack.header.dmean, stack.header.rms = mean, rms
 
 
 def parse_image_names(names) -> tuple[np.ndarray, np.ndarray]:
