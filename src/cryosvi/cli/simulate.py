@@ -6,7 +6,7 @@ import argparse
 import math
 
 from cryosvi import config
-from cryosvi.cli.common import positive, positive_int
+from cryosvi.cli.common import positive, positive_int, validate_settings
 from cryosvi.config import PAPER_PRESET, Imaging, Noise, Optics, Priors
 
 
@@ -64,8 +64,6 @@ def settings_from_args(args) -> dict:
                     defocus_std=priors.defocus_std if args.defocus_std is None
                     else args.defocus_std)
     noise = Noise(snr=args.snr or preset["noise"].snr)
-    from cryosvi.cli.common import validate_settings
-
     validate_settings(optics, imaging, priors)
     return dict(optics=optics, imaging=imaging, priors=priors, noise=noise)
 
