@@ -663,6 +663,14 @@ def test_interface_shapes_and_dtypes(family):
         cls(c, validate_args=True).log_prob(2 * v)
     with pytest.raises(ValueError):
         cls(c, validate_args=True).log_prob(v[..., :3])
+    nan_value = v.clone()
+    nan_value[4, 2, 1, 0] = float("nan")
+    with pytest.raises(ValueError, match="unit vectors"):
+        cls(c, validate_args=True).log_prob(nan_value)
+    with pytest.raises(ValueError, match="broadcastable"):
+        cls(c, validate_args=True).log_prob(v[:, :, :1].expand(5, 3, 3, 4))
+    off_by_ulps = v64 * (1 + 4 * torch.finfo(F64).eps)  # within Pyro's tolerance
+    assert torch.isfinite(cls(c.double(), validate_args=True).log_prob(off_by_ulps)).all()
     with pytest.raises(ValueError):
         cls(torch.ones(3, 1))
     # Pyro's reparametrisers recognise the plain family only (the antipodal one

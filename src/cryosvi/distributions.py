@@ -534,16 +534,21 @@ class _LogDensity(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, concentration: Tensor, value: Tensor, antipodal: bool) -> Tensor:
+    def forward(ctx, concentration: Tensor, value: Tensor, antipodal: bool,
+                check_unit: bool) -> Tensor:
         n = math.prod(torch.broadcast_shapes(concentration.shape[:-1], value.shape[:-1]))
         with _serial_on_cpu(concentration.device, n):
-            return _LogDensity._forward(ctx, concentration, value, antipodal)
+            return _LogDensity._forward(ctx, concentration, value, antipodal, check_unit)
 
     @staticmethod
-    def _forward(ctx, concentration: Tensor, value: Tensor, antipodal: bool) -> Tensor:
+    def _forward(ctx, concentration: Tensor, value: Tensor, antipodal: bool,
+                 check_unit: bool) -> Tensor:
         d = concentration.shape[-1]
         out_dtype = torch.promote_types(concentration.dtype, value.dtype)
         single = torch.finfo(out_dtype).bits <= 32  # float32 (or less) results
+        # Pyro's sphere constraint, |1 - |v|| < 10 eps sqrt(d), checked on the norms
+        # computed here anyway (a separate pass would cost a quarter of the evaluation).
+        unit_tol = 10.0 * torch.finfo(value.dtype).eps * math.sqrt(d)
         shape, c_flat, v_flat = _flat_pair(concentration, value)
         n = c_flat.shape[0]
         kw = dict(dtype=_COMPUTE_DTYPE, device=c_flat.device)
@@ -556,10 +561,14 @@ class _LogDensity(torch.autograd.Function):
         perp_all = torch.empty((d, n), **kw) if keep else None
         tail_idx, tail_s = [], []
         for i0, i1 in _blocks(n, c_flat.device):
-            _, t, perp = _geometry(
+            inv_norm, t, perp = _geometry(
                 _stacked(c_flat[i0:i1]), _stacked(v_flat[i0:i1]),
                 inv_out=inv_all[i0:i1] if keep else None,
                 perp_out=perp_all[:, i0:i1] if keep else None)
+            if check_unit and not bool(((inv_norm.reciprocal() - 1).abs() < unit_tol).all()):
+                raise ValueError("the value argument to log_prob must be unit vectors "
+                                 f"(the support {constraints.sphere}), got norms off 1 "
+                                 f"by more than {unit_tol:.1e} (or NaN)")
             perp2 = perp[0] * perp[0]
             for i in range(1, d):
                 perp2 = perp2.addcmul_(perp[i], perp[i])
@@ -605,7 +614,7 @@ class _LogDensity(torch.autograd.Function):
             grads = iter(torch.autograd.grad(lp, wrt, upstream.to(lp.dtype),
                                              create_graph=True))
             return (next(grads) if concentration.requires_grad else None,
-                    next(grads) if value.requires_grad else None, None)
+                    next(grads) if value.requires_grad else None, None, None)
         n = math.prod(torch.broadcast_shapes(concentration.shape[:-1], value.shape[:-1]))
         with _serial_on_cpu(concentration.device, n):
             return _LogDensity._backward(ctx, upstream, concentration, value, dpara, t_plus,
@@ -654,7 +663,7 @@ class _LogDensity(torch.autograd.Function):
             grad_c = grad_c.reshape(shape + (d,)).sum_to_size(concentration.shape)
         if need_v:
             grad_v = grad_v.reshape(shape + (d,)).sum_to_size(value.shape)
-        return grad_c, grad_v, None
+        return grad_c, grad_v, None, None
 
 
 def _log_density_autograd(concentration: Tensor, value: Tensor, antipodal: bool) -> Tensor:
@@ -671,7 +680,7 @@ def _log_density_autograd(concentration: Tensor, value: Tensor, antipodal: bool)
 
 
 def projected_normal_log_density(concentration: Tensor, value: Tensor,
-                                 antipodal: bool = False) -> Tensor:
+                                 antipodal: bool = False, check_unit: bool = False) -> Tensor:
     """log p(value) of PN_d(concentration) w.r.t. the surface measure of S^{d-1}.
 
     concentration: (..., d); value: (..., d) unit vectors (renormalised here in
@@ -679,11 +688,12 @@ def projected_normal_log_density(concentration: Tensor, value: Tensor,
     antipodal: score (p(v) + p(-v)) / 2 instead.  Returns the broadcast batch
     shape in the promoted dtype of the inputs (nats); computed in float64;
     differentiable in both arguments (the gradient in value is tangent to the
-    sphere), twice differentiable.
+    sphere), twice differentiable.  check_unit: raise ValueError unless every value is
+    a unit vector to Pyro's tolerance (``constraints.sphere``).
     """
     if concentration.shape[-1] != value.shape[-1]:
         raise ValueError(f"event sizes differ: {concentration.shape[-1]} and {value.shape[-1]}")
-    return _LogDensity.apply(concentration, value, bool(antipodal))
+    return _LogDensity.apply(concentration, value, bool(antipodal), bool(check_unit))
 
 
 class _ProjectedNormalShared:
@@ -745,13 +755,21 @@ class _ProjectedNormalShared:
         """log density w.r.t. the surface measure of S^{d-1}; value (..., d) unit
         vectors broadcastable with batch + (d,); returns the broadcast batch shape.
         Exact for every finite input (float32 or float64); nats."""
-        if self._validate_args:
+        if self._validate_args:  # torch's _validate_sample, the support check fused below
+            if not isinstance(value, Tensor):
+                raise ValueError(f"The value argument to log_prob must be a Tensor, got "
+                                 f"{type(value).__name__}")
             if value.shape[-1:] != self.event_shape:
                 raise ValueError(f"Expected event shape {self.event_shape}, "
                                  f"got {value.shape[-1:]}")
-            self._validate_sample(value)
+            try:
+                torch.broadcast_shapes(value.shape[:-1], self.batch_shape)
+            except RuntimeError:
+                raise ValueError(f"Value batch shape {tuple(value.shape[:-1])} is not "
+                                 f"broadcastable with {tuple(self.batch_shape)}") from None
         return projected_normal_log_density(self.concentration, value,
-                                            antipodal=self._antipodal)
+                                            antipodal=self._antipodal,
+                                            check_unit=bool(self._validate_args))
 
 
 class ProjectedNormal(_ProjectedNormalShared, pdist.ProjectedNormal):
