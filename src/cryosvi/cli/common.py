@@ -20,15 +20,22 @@ def positive(text: str) -> float:
     return value
 
 
-def positive_int(text: str) -> int:
-    """An integer >= 1, for argparse."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
+def _integer_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {text}")
+        return value
+    return parse
+
+
+positive_int = _integer_at_least(1)
+"""An integer >= 1, for argparse."""
+non_negative_int = _integer_at_least(0)
+"""An integer >= 0, for argparse."""
 
 
 def validate_settings(optics: Optics, imaging: Imaging, priors: Priors) -> None:

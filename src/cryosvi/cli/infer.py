@@ -3,19 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import math
 
-from cryosvi.cli.common import positive_int
-
-
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
+from cryosvi.cli.common import non_negative_int, positive_int
 
 
 def register(subparsers, summary: str) -> None:
