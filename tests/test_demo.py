@@ -2,27 +2,45 @@
 
 import json
 
+import pytest
+
+from cryosvi.cli.demo import MARKER, prepare_output
 from cryosvi.cli.main import main
+from cryosvi.errors import CryosviError
 
 
 def test_demo_runs_end_to_end(tmp_path, capsys):
     output = tmp_path / "demo"
     arguments = ["demo", "-o", str(output), "--n-train", "64", "--n-test", "24",
                  "--epochs", "1", "--channels", "4,8,8", "--hidden", "32",
-                 "--components", "2", "--quiet"]
+                 "--components", "2", "--importance", "4", "--moves", "1", "--quiet"]
     assert main(arguments) == 0
     printed = capsys.readouterr().out
     assert "defocus" in printed and "pose error" in printed and "wall time" in printed
     for name in ("metrics.json", "truth_vs_prediction.png", "pose_error.png",
                  "calibration.png", "loss.png"):
         assert (output / "report" / name).is_file(), name
-    record = json.loads((output / "demo.json").read_text())
+    for name in ("data/train/particles.star", "data/test/particles.star", "run/run.json",
+                 "posterior.star"):
+        assert (output / name).is_file(), name
+    record = json.loads((output / MARKER).read_text())
     assert set(record["seconds"]) == {"simulate", "train", "infer", "evaluate", "total"}
     assert record["metrics"]["latents"]["defocus"]["pearson_r"] is not None
-    # A second run into the same demo directory replaces it; a foreign directory is kept.
-    assert main(arguments) == 0
+    assert json.loads((output / "run" / "run.json").read_text())["guide"]["shared_trunk"]
+
+
+def test_demo_output_directory_rules(tmp_path, capsys):
+    previous = tmp_path / "previous"
+    previous.mkdir()
+    (previous / MARKER).write_text("{}")
+    (previous / "old.txt").write_text("from the last demo")
+    prepare_output(previous, force=False)  # a previous demo is replaced
+    assert previous.is_dir() and not any(previous.iterdir())
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "precious.txt").write_text("keep me")
+    with pytest.raises(CryosviError, match="not a cryosvi demo directory"):
+        prepare_output(foreign, force=False)
     assert main(["demo", "-o", str(foreign), "--quiet"]) == 2
+    assert "not a cryosvi demo directory" in capsys.readouterr().err
     assert (foreign / "precious.txt").read_text() == "keep me"

@@ -183,8 +183,8 @@ def population_widths(values: dict, weights: torch.Tensor, latents) -> dict:
     widths = {}
     if "rotation" in latents:
         rotation = values["rotation"]
-        centre = weighted_mean_direction(rotation, weights,
-                                         rotation[weights.argmax(0), torch.arange(batch)])
+        best = rotation[weights.argmax(0), torch.arange(batch, device=weights.device)]
+        centre = weighted_mean_direction(rotation, weights, best)
         widths["rotation"] = torch.deg2rad(pose_std_deg(rotation, centre, weights))
     if "defocus" in latents:
         widths["defocus"] = weighted_std(values["defocus"][..., None], weights)
@@ -312,7 +312,8 @@ def refine(guide: Guide, forward, priors, noise_std: float, images: torch.Tensor
         out["modes_mean"] = mean
         out["modes_std"] = ((weights[..., None] * (a - mean).square()).sum(0)).sqrt()
     if "rotation" in latents:
-        heaviest = values["rotation"][weights.argmax(0), torch.arange(batch)]
+        index = torch.arange(batch, device=weights.device)
+        heaviest = values["rotation"][weights.argmax(0), index]
         mean = weighted_mean_direction(values["rotation"], weights, heaviest)
         out["rotation_mean"] = mean
         out["pose_std_deg"] = pose_std_deg(values["rotation"], mean, weights)
@@ -357,10 +358,12 @@ def infer(run: str | Path, particles: str | Path, output: str | Path, samples: i
     (importance sampling with the guide as proposal); see ``refine``.
     Returns the particle table written.
     """
-    from cryosvi.train import check_compatible, known_values, load_trained
+    from cryosvi.train import check_compatible, keep_freed_memory, known_values, load_trained
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise CryosviError("--device cuda was asked for but CUDA is not available")
+    if not device.startswith("cuda"):
+        keep_freed_memory()
     info, reference, guide = load_trained(run, device)
     table = read_star(particles)
     images = ParticleImages(table)
