@@ -13,7 +13,7 @@ import torch
 
 from cryosvi.cli.main import main
 from cryosvi.errors import CryosviError
-from cryosvi.guide import Guide
+from cryosvi.guide import Architecture, Guide
 from cryosvi.io.star import read_star, write_star
 from cryosvi.reference import Reference
 from cryosvi.simulate import simulate_dataset
@@ -23,7 +23,8 @@ from cryosvi.train import (CHECKPOINT, Stage, TrainingDiverged, TrainOptions,
 
 from test_guide import tiny_config, tiny_reference
 
-TINY = dict(channels=(4, 8, 8), hidden=32, n_components=2, validation_size=32)
+TINY = dict(architecture=Architecture(channels=(4, 8, 8), hidden=32, n_components=2),
+            validation_size=32)
 
 
 def tiny_schedule(epochs=2, objective="sim", **changes):
@@ -304,8 +305,8 @@ def test_joint_training_reaches_the_targets_at_reduced_size(tmp_path):
     simulate_dataset(reference, 150, tmp_path / "test", seed=1)
     schedule = [Stage(objective="sim", epochs=6, lr=2e-3, batch_size=128, epoch_size=5000,
                       decay="cosine", warmup=50)]
-    options = TrainOptions(schedule=schedule, channels=(16, 32, 64), hidden=256,
-                           shared_trunk=True)
+    options = TrainOptions(schedule=schedule, architecture=Architecture(
+        channels=(16, 32, 64), hidden=256, shared_trunk=True))
     train(tmp_path / "train" / "particles.star",
           Reference.load(tmp_path / "train" / "reference.npz"), tmp_path / "run", options,
           progress=False)

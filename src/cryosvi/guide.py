@@ -35,7 +35,7 @@ guide; the model is conditioned on them (``pyro.poutine.condition``).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import pyro
 import pyro.distributions as dist
@@ -70,8 +70,24 @@ def parse_latents(text: str) -> tuple[str, ...]:
 
 
 @dataclass
-class GuideConfig:
-    """Everything needed to rebuild a guide (stored in ``run.json``).
+class Architecture:
+    """The encoders' layout, as a user chooses it (``cryosvi train`` options): conv
+    channels of the three modules, MLP width, pose mixture components, conditioning
+    defocus -> pose -> modes, CTF phase flip of the input, one conv trunk for all latents.
+    The defaults are the paper's encoders."""
+
+    channels: tuple[int, ...] = (32, 64, 128)
+    hidden: int = 512
+    n_components: int = 4
+    conditioning: bool = True
+    phase_flip: bool = False
+    shared_trunk: bool = False
+
+
+@dataclass(kw_only=True)
+class GuideConfig(Architecture):
+    """Everything needed to rebuild a guide (stored in ``run.json``): the architecture
+    plus what the data set fixes.
 
     latents: inferred sites (the others are fixed to known values). defocus_mean/std and
     mode_std: the prior the outputs are expressed relative to. input_scale: images are
@@ -82,12 +98,6 @@ class GuideConfig:
     box: int
     n_modes: int
     latents: tuple[str, ...] = ORDER
-    channels: tuple[int, ...] = (32, 64, 128)
-    hidden: int = 512
-    n_components: int = 4
-    conditioning: bool = True
-    phase_flip: bool = False
-    shared_trunk: bool = False
     defocus_mean: float = 10000.0
     defocus_std: float = 2500.0
     mode_std: tuple[float, ...] = (2.0,)
@@ -104,6 +114,9 @@ class GuideConfig:
             if key in values:
                 values[key] = tuple(values[key])
         return cls(**values)
+
+    def architecture(self) -> Architecture:
+        return Architecture(**{f.name: getattr(self, f.name) for f in fields(Architecture)})
 
 
 def output_size(site: str, config: GuideConfig) -> int:

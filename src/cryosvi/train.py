@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 
 from cryosvi import __version__
 from cryosvi.errors import CryosviError
-from cryosvi.guide import ORDER, Guide, GuideConfig
+from cryosvi.guide import ORDER, Architecture, Guide, GuideConfig
 from cryosvi.io.mrc import ParticleImages
 from cryosvi.io.star import ParticleTable, read_star
 from cryosvi.model import model
@@ -455,12 +455,7 @@ class TrainOptions:
 
     latents: tuple[str, ...] = ORDER
     schedule: list = field(default_factory=lambda: default_schedule("sim", 20, None, None))
-    channels: tuple[int, ...] = (32, 64, 128)
-    hidden: int = 512
-    n_components: int = 4
-    conditioning: bool = True
-    phase_flip: bool = False
-    shared_trunk: bool = False
+    architecture: Architecture = field(default_factory=Architecture)
     seed: int = 0
     device: str = "cpu"
     noise_std: float | None = None
@@ -488,10 +483,8 @@ def prepare(particles: str | Path, reference: Reference, options: TrainOptions):
     reference = reference.with_settings(noise=replace(reference.noise, std=float(noise_std)))
     priors = reference.priors
     config = GuideConfig(
+        **asdict(options.architecture),
         box=reference.optics.box, n_modes=reference.n_modes, latents=tuple(options.latents),
-        channels=tuple(options.channels), hidden=options.hidden,
-        n_components=options.n_components, conditioning=options.conditioning,
-        phase_flip=options.phase_flip, shared_trunk=options.shared_trunk,
         defocus_mean=priors.defocus_mean,
         defocus_std=priors.defocus_std, mode_std=tuple(priors.mode_std),
         input_scale=image_std, optics=asdict(reference.optics))
@@ -808,9 +801,7 @@ def options_from_info(info: dict) -> TrainOptions:
     guide = info["guide"]
     return TrainOptions(
         latents=tuple(guide["latents"]), schedule=[Stage(**s) for s in info["schedule"]],
-        channels=tuple(guide["channels"]), hidden=guide["hidden"],
-        n_components=guide["n_components"], conditioning=guide["conditioning"],
-        phase_flip=guide["phase_flip"], shared_trunk=guide.get("shared_trunk", False),
+        architecture=GuideConfig.from_dict(guide).architecture(),
         seed=info["seed"], device=info["device"],
         noise_std=info["noise_std"], validation_size=info.get("validation_size",
                                                               VALIDATION_SIZE),

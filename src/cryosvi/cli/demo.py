@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from cryosvi.cli.common import positive, positive_int
-from cryosvi.cli.train import add_guide_arguments
+from cryosvi.cli.train import add_guide_arguments, architecture_from_args
 from cryosvi.errors import CryosviError
 
 MARKER = "demo.json"
@@ -83,7 +83,6 @@ def prepare_output(output: Path, force: bool) -> None:
 def run(args) -> None:
     import torch
 
-    from cryosvi.cli.train import parse_channels
     from cryosvi.config import PAPER_PRESET, Noise
     from cryosvi.evaluate import evaluate_tables, format_table, write_report
     from cryosvi.infer import infer
@@ -92,6 +91,7 @@ def run(args) -> None:
     from cryosvi.simulate import simulate_dataset
     from cryosvi.train import TrainOptions, default_schedule, train
 
+    architecture = architecture_from_args(args)  # bad --channels fail here, not after simulating
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device
@@ -127,10 +127,7 @@ def run(args) -> None:
         f"{args.n_train} particles, device {device})")
     options = TrainOptions(
         schedule=default_schedule("sim", args.epochs, args.lr, args.batch_size),
-        channels=parse_channels(args.channels), hidden=args.hidden,
-        n_components=args.components, conditioning=not args.no_conditioning,
-        phase_flip=args.phase_flip, shared_trunk=args.shared_trunk,
-        seed=args.seed, device=device)
+        architecture=architecture, seed=args.seed, device=device)
     train_reference = Reference.load(output / "data" / "train" / "reference.npz")
     info = train(output / "data" / "train" / "particles.star", train_reference,
                  output / "run", options, progress=not args.quiet)

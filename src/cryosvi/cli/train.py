@@ -91,6 +91,15 @@ def register(subparsers, summary: str) -> None:
     parser.set_defaults(func=run)
 
 
+def architecture_from_args(args):
+    """The guide architecture of the options of ``add_guide_arguments``."""
+    from cryosvi.guide import Architecture
+
+    return Architecture(channels=parse_channels(args.channels), hidden=args.hidden,
+                        n_components=args.components, conditioning=not args.no_conditioning,
+                        phase_flip=args.phase_flip, shared_trunk=args.shared_trunk)
+
+
 def parse_channels(text: str) -> tuple[int, ...]:
     try:
         channels = tuple(int(c) for c in text.split(","))
@@ -142,10 +151,7 @@ def options_from_args(args):
         schedule = default_schedule(args.objective, args.epochs, args.lr, args.batch_size,
                                     args.finetune_epochs, args.epoch_size)
     return TrainOptions(latents=latents, schedule=schedule,
-                        channels=parse_channels(args.channels), hidden=args.hidden,
-                        n_components=args.components, conditioning=not args.no_conditioning,
-                        phase_flip=args.phase_flip, shared_trunk=args.shared_trunk,
-                        seed=args.seed, device=args.device or "cpu",
+                        architecture=architecture_from_args(args), seed=args.seed, device=args.device or "cpu",
                         noise_std=args.noise_std, init_from=args.init)
 
 
