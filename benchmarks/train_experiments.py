@@ -225,9 +225,9 @@ def summary() -> str:
                 f"{fmt(mode.get('pearson_r'), '.4f') if has['modes'] else 'fixed'} | "
                 f"{fmt(pose['median_error_deg'], '.2f') if has['pose'] else 'fixed'} | "
                 f"{fmt(pose['p90_error_deg'], '.1f') if has['pose'] else '-'} | "
-                f"{fmt(d['coverage95'], '.2f') if has['defocus'] else '-'} / "
-                f"{fmt(mode.get('coverage95'), '.2f') if has['modes'] else '-'} / "
-                f"{fmt(pose['coverage95'], '.2f') if has['pose'] else '-'} | "
+                f"{fmt(d['coverage95'], '.3f') if has['defocus'] else '-'} / "
+                f"{fmt(mode.get('coverage95'), '.3f') if has['modes'] else '-'} / "
+                f"{fmt(pose['coverage95'], '.3f') if has['pose'] else '-'} | "
                 f"{fmt(m.get('guide_is_ess_median'), '.1f')} | "
                 f"{fmt(r['seconds'].get('train'), '.0f')} | {fmt(v['infer_seconds'], '.0f')} |")
     return "\n".join(rows)

@@ -76,8 +76,7 @@ before scoring: a float32 "unit" vector is off the sphere by ~1e-7, which at
 Performance.  On CPU the log density is evaluated in blocks of 65536 values that
 stay in cache, on the calling thread (``_serial_on_cpu``); the backward pass
 keeps A' and t + A' and recomputes 1/|v| and c_perp block by block (a dozen ops in
-cache cost less than the first touch of large saved buffers: measured 25 % of the
-forward pass for 1e6 values).
+cache: measured as fast as saving them, with d + 1 fewer float64 numbers kept per value).
 On CUDA it is one block; the head/tail split synchronises with the host once.
 
 Pose family
@@ -542,7 +541,7 @@ class _LogDensity(torch.autograd.Function):
         out_dtype = torch.promote_types(concentration.dtype, value.dtype)
         single = torch.finfo(out_dtype).bits <= 32  # float32 (or less) results
         # Pyro's sphere constraint, |1 - |v|| < 10 eps sqrt(d), checked on the norms
-        # computed here anyway (a separate pass would cost a quarter of the evaluation).
+        # computed here anyway (torch's separate check took 11 ms per 10^6 float32 values).
         unit_tol = 10.0 * torch.finfo(value.dtype).eps * math.sqrt(d)
         shape, c_flat, v_flat = _flat_pair(concentration, value)
         n = c_flat.shape[0]
