@@ -74,7 +74,8 @@ before scoring: a float32 "unit" vector is off the sphere by ~1e-7, which at
 |c| = 1e4 would move |c|^2 - t^2 by ~10; so the gradient in the value is tangent.
 
 Performance.  On CPU the log density is evaluated in blocks of 65536 values that
-stay in cache, on the calling thread (``_serial_on_cpu``); the backward pass
+stay in cache, shared among one Python thread per torch intra-op thread, each running
+its ops serially (``_map_blocks``); the backward pass
 keeps A' and t + A' and recomputes 1/|v| and c_perp block by block (a dozen ops in
 cache: measured as fast as saving them, with d + 1 fewer float64 numbers kept per value).
 On CUDA it is one block; the head/tail split synchronises with the host once.
@@ -90,7 +91,7 @@ K-component mixture of either for multi-modal pose posteriors.
 
 from __future__ import annotations
 
-import contextlib
+import concurrent.futures
 import functools
 import math
 
@@ -455,26 +456,35 @@ def _blocks(n: int, device: torch.device) -> list[tuple[int, int]]:
     return [(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-@contextlib.contextmanager
-def _serial_on_cpu(device: torch.device, n: int):
-    """Run the blocked CPU evaluation on the calling thread only.
+def _map_blocks(fn, n: int, device: torch.device) -> list:
+    """[fn(i0, i1) for every block (i0, i1) of n values], in order.
 
-    A block's ~100 elementwise ops on 0.5 MB arrays gain little from intra-op
-    threads, and each parallel region may have to wait a scheduler time slice for a
-    descheduled worker when the cores are busy: on a shared 2-core machine this was
-    measured 10-15x slower than serial.  (The cost: no intra-op parallelism for
-    large CPU batches; GPUs are unaffected.)  torch.set_num_threads is cheap
-    (~0.1 us) and restored on exit.
+    On CPU the blocks are shared among as many Python threads as torch has intra-op
+    threads, and every op runs serially on the thread that issued it (torch releases
+    the GIL inside ops).  Intra-op parallelism instead would open a parallel region per
+    op on 0.5 MB arrays: ~100 regions per block, each of which waits a scheduler time
+    slice for a descheduled worker when the cores are busy (measured 10-15x slower
+    than serial on the shared 2-core machine); threads over blocks synchronise once.
     """
-    threads = torch.get_num_threads()
-    if device.type != "cpu" or n < 32768 or threads == 1:  # (torch's grain size)
-        yield
-        return
+    blocks = _blocks(n, device)
+    threads = min(torch.get_num_threads(), len(blocks))
+    if device.type != "cpu" or threads == 1:
+        return [fn(i0, i1) for i0, i1 in blocks]
+    per_thread = math.ceil(len(blocks) / threads)
+    groups = [blocks[k:k + per_thread] for k in range(0, len(blocks), per_thread)]
+
+    def work(group):
+        torch.set_num_threads(1)  # this thread's ops run serially
+        with torch.no_grad():  # (grad mode is per thread; the kernels never need it)
+            return [fn(i0, i1) for i0, i1 in group]
+
+    saved = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        yield
+        with concurrent.futures.ThreadPoolExecutor(len(groups)) as pool:
+            return [result for part in pool.map(work, groups) for result in part]
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(saved)
 
 
 def _stacked(x: Tensor) -> Tensor:
@@ -530,13 +540,6 @@ class _LogDensity(torch.autograd.Function):
     @staticmethod
     def forward(ctx, concentration: Tensor, value: Tensor, antipodal: bool,
                 check_unit: bool) -> Tensor:
-        n = math.prod(torch.broadcast_shapes(concentration.shape[:-1], value.shape[:-1]))
-        with _serial_on_cpu(concentration.device, n):
-            return _LogDensity._forward(ctx, concentration, value, antipodal, check_unit)
-
-    @staticmethod
-    def _forward(ctx, concentration: Tensor, value: Tensor, antipodal: bool,
-                 check_unit: bool) -> Tensor:
         d = concentration.shape[-1]
         out_dtype = torch.promote_types(concentration.dtype, value.dtype)
         single = torch.finfo(out_dtype).bits <= 32  # float32 (or less) results
@@ -548,8 +551,10 @@ class _LogDensity(torch.autograd.Function):
         kw = dict(dtype=_COMPUTE_DTYPE, device=c_flat.device)
         terms = torch.empty((3, n), **kw)
         out, dpara, t_plus = terms.unbind(0)  # log density, A'(t), t + A'(t)
-        tail_idx, tail_s = [], []
-        for i0, i1 in _blocks(n, c_flat.device):
+
+        def block(i0, i1):
+            """Fills out, dpara, t_plus[i0:i1]."""
+            tail = None
             inv_norm, t, perp = _geometry(_stacked(c_flat[i0:i1]), _stacked(v_flat[i0:i1]))
             # (1/|v| - 1 = 1 - |v| to first order; NaN fails the comparison)
             if check_unit and not all(abs(x - 1) < unit_tol
@@ -565,9 +570,8 @@ class _LogDensity(torch.autograd.Function):
             else:  # the head formula everywhere; tail values are replaced below
                 lo, hi = torch.stack(torch.aminmax(t)).tolist()
                 if lo < -_HEAD_T:
-                    sub = (t < -_HEAD_T).nonzero().squeeze(-1)
-                    tail_idx.append(sub + i0)
-                    tail_s.append(t[sub].neg_())
+                    tail = (t < -_HEAD_T).nonzero().squeeze(-1)
+                    s = t[tail].neg_()
                     t = t.clamp_(min=-_HEAD_T)
                 if hi > _head_limit(d):
                     para, g, tg = _head_scaled(t, d, 1)
@@ -578,13 +582,14 @@ class _LogDensity(torch.autograd.Function):
             if g.data_ptr() != dpara[i0:i1].data_ptr():
                 dpara[i0:i1] = g
                 t_plus[i0:i1] = tg
-        if tail_idx:
-            idx = torch.cat(tail_idx)
-            para, g, tg = _tail(torch.cat(tail_s), d, 1, single=single)
-            # out holds the head value at the clamp point -T there: swap it out
-            para = para.sub_(_head_value_at_switch(d)).add_(out[idx])
-            for dest, src in zip((out, dpara, t_plus), (para, g, tg)):
-                dest.index_copy_(0, idx, src)
+            if tail is not None:
+                para, g, tg = _tail(s, d, 1, single=single)
+                # out holds the head value at the clamp point -T there: swap it out
+                para = para.sub_(_head_value_at_switch(d)).add_(out[i0:i1][tail])
+                for dest, src in zip((out, dpara, t_plus), (para, g, tg)):
+                    dest[i0:i1].index_copy_(0, tail, src)
+
+        _map_blocks(block, n, c_flat.device)
         ctx.antipodal = antipodal
         ctx.save_for_backward(concentration, value, dpara, t_plus)
         out = out.sub_(0.5 * (d - 1) * _LOG_2PI).reshape(shape)
@@ -603,12 +608,6 @@ class _LogDensity(torch.autograd.Function):
                                              create_graph=True))
             return (next(grads) if concentration.requires_grad else None,
                     next(grads) if value.requires_grad else None, None, None)
-        n = math.prod(torch.broadcast_shapes(concentration.shape[:-1], value.shape[:-1]))
-        with _serial_on_cpu(concentration.device, n):
-            return _LogDensity._backward(ctx, upstream, concentration, value, dpara, t_plus)
-
-    @staticmethod
-    def _backward(ctx, upstream, concentration, value, dpara, t_plus):
         need_c, need_v = ctx.needs_input_grad[:2]
         d = concentration.shape[-1]
         shape, c_flat, v_flat = _flat_pair(concentration, value)
@@ -619,19 +618,23 @@ class _LogDensity(torch.autograd.Function):
         # all n values: its gradient is summed block by block.  (An expanded view of
         # shape (n, d) also has stride 0, but needs a gradient per row.)
         shared_c = n > 1 and math.prod(concentration.shape[:-1]) == 1
-        grad_c = torch.zeros(d, dtype=_COMPUTE_DTYPE, device=device) if shared_c else (
-            torch.empty((n, d), dtype=concentration.dtype, device=device))
+        grad_c = None if shared_c else torch.empty((n, d), dtype=concentration.dtype,
+                                                   device=device)
         grad_v = torch.empty((n, d), dtype=value.dtype, device=device) if need_v else None
-        for i0, i1 in _blocks(n, device):
+
+        def block(i0, i1):
+            """Fills grad_c (unless shared) and grad_v [i0:i1]; returns a shared
+            concentration's partial gradient."""
             # The same operations as in the forward pass, so bit-identical values.
             v = _stacked(v_flat[i0:i1])
             inv_norm, _, perp = _geometry(_stacked(c_flat[i0:i1]), v)
             up = up_flat[i0:i1].to(_COMPUTE_DTYPE)
+            partial = None
             if need_c:  # up (A' v / |v| - e)
                 scale = dpara[i0:i1] * inv_norm
                 scale = scale.mul_(up)
                 if shared_c:  # v scale - c_perp up, by BLAS
-                    grad_c += torch.mv(v.expand(d, up.shape[0]), scale).sub_(
+                    partial = torch.mv(v.expand(d, up.shape[0]), scale).sub_(
                         torch.mv(perp, up))
                 else:
                     for i in range(d):  # column writes beat a transposing copy
@@ -642,10 +645,13 @@ class _LogDensity(torch.autograd.Function):
                 scale = scale.mul_(up)
                 for i in range(d):
                     torch.mul(perp[i], scale, out=grad_v[i0:i1, i])
+            return partial
+
+        partials = _map_blocks(block, n, device)
         if not need_c:
             grad_c = None
         elif shared_c:
-            grad_c = grad_c.to(concentration.dtype).reshape(
+            grad_c = torch.stack(partials).sum(0).to(concentration.dtype).reshape(
                 (1,) * (concentration.dim() - 1) + (d,)).sum_to_size(concentration.shape)
         else:
             grad_c = grad_c.reshape(shape + (d,)).sum_to_size(concentration.shape)
