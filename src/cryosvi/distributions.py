@@ -467,8 +467,8 @@ def _map_blocks(fn, n: int, device: torch.device) -> list:
     than serial on the shared 2-core machine); threads over blocks synchronise once.
     """
     blocks = _blocks(n, device)
-    threads = min(torch.get_num_threads(), len(blocks))
-    if device.type != "cpu" or threads == 1:
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1 or n < 32768:  # (torch's grain size)
         return [fn(i0, i1) for i0, i1 in blocks]
     per_thread = math.ceil(len(blocks) / threads)
     groups = [blocks[k:k + per_thread] for k in range(0, len(blocks), per_thread)]
@@ -478,13 +478,14 @@ def _map_blocks(fn, n: int, device: torch.device) -> list:
         with torch.no_grad():  # (grad mode is per thread; the kernels never need it)
             return [fn(i0, i1) for i0, i1 in group]
 
-    saved = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
+        if len(groups) == 1:
+            return [fn(i0, i1) for i0, i1 in blocks]
         with concurrent.futures.ThreadPoolExecutor(len(groups)) as pool:
             return [result for part in pool.map(work, groups) for result in part]
     finally:
-        torch.set_num_threads(saved)
+        torch.set_num_threads(threads)
 
 
 def _stacked(x: Tensor) -> Tensor:
