@@ -29,7 +29,7 @@ from cryosvi.errors import CryosviError
 MARKER = "demo.json"
 DEMO_DEFAULTS = dict(n_train=10000, n_test=2000, epochs=40, batch_size=128, lr=2e-3,
                      channels="16,32,64", hidden=256, components=4, importance=64, moves=3)
-"""Sized for about 10 minutes on a 2-core CPU (measured: 611 s, README "Demo"); the same
+"""Sized for about 10 minutes on a 2-core CPU (measured: 611 and 637 s, README "Demo"); the same
 guide and refinement settings as the joint SNR 20 run of benchmarks/results."""
 
 

@@ -151,8 +151,9 @@ def options_from_args(args):
         schedule = default_schedule(args.objective, args.epochs, args.lr, args.batch_size,
                                     args.finetune_epochs, args.epoch_size)
     return TrainOptions(latents=latents, schedule=schedule,
-                        architecture=architecture_from_args(args), seed=args.seed, device=args.device or "cpu",
-                        noise_std=args.noise_std, init_from=args.init)
+                        architecture=architecture_from_args(args), seed=args.seed,
+                        device=args.device or "cpu", noise_std=args.noise_std,
+                        init_from=args.init)
 
 
 def run(args) -> None:
