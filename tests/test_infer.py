@@ -151,12 +151,12 @@ def test_cli_infer_errors(trained, tmp_path, capsys):
 
 def test_rotation_perturbations_have_the_requested_spread():
     """The Metropolis moves rotate by omega ~ N(0, width^2 I_3): RMS angle sqrt(3) width."""
-    from cryosvi.infer import quaternion_multiply, rotation_vector_to_quaternion
+    from cryosvi.rotations import quaternion_product, rotation_vector_to_quaternion
 
     torch.manual_seed(0)
     centre = random_quaternions(1).expand(20000, 4)
     width = math.radians(5.0)
-    q = quaternion_multiply(centre, rotation_vector_to_quaternion(torch.randn(20000, 3) * width))
+    q = quaternion_product(centre, rotation_vector_to_quaternion(torch.randn(20000, 3) * width))
     torch.testing.assert_close(q.norm(dim=-1), torch.ones(20000))
     angle = quaternion_geodesic_angle(q, centre)
     assert float(angle.square().mean().sqrt()) == pytest.approx(math.sqrt(3) * 5.0, rel=0.03)

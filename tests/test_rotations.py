@@ -8,9 +8,10 @@ import pytest
 import scipy.stats
 import torch
 
-from cryosvi.rotations import (euler_to_matrix, geodesic_angle, matrix_to_euler,
-                               matrix_to_quaternion, quaternion_geodesic_angle,
-                               quaternion_to_matrix, random_quaternions, rotate)
+from cryosvi.rotations import (canonical_quaternion, euler_to_matrix, geodesic_angle,
+                               matrix_to_euler, matrix_to_quaternion, quaternion_geodesic_angle,
+                               quaternion_product, quaternion_to_matrix, random_quaternions,
+                               rotate, rotation_vector_to_quaternion)
 
 F64 = dict(dtype=torch.float64)
 
@@ -96,3 +97,17 @@ def test_random_quaternions_are_haar_uniform():
     assert scipy.stats.kstest(angle, cdf).pvalue > 1e-3
     mean_matrix = quaternion_to_matrix(q).mean(0)
     assert mean_matrix.abs().max() < 0.03  # E[R] = 0 under the Haar measure
+
+
+def test_quaternion_product_composes_rotations_and_rotation_vectors_match_the_axis_angle():
+    torch.manual_seed(0)
+    a, b = random_quaternions(50), random_quaternions(50)
+    torch.testing.assert_close(quaternion_to_matrix(quaternion_product(a, b)),
+                               quaternion_to_matrix(a) @ quaternion_to_matrix(b),
+                               atol=1e-5, rtol=0)
+    angle = torch.tensor([1e-9, 0.3, 2.0])
+    axis = torch.nn.functional.normalize(torch.randn(3, 3), dim=-1)
+    q = rotation_vector_to_quaternion(angle[:, None] * axis)
+    expected = torch.cat([torch.cos(angle / 2)[:, None], torch.sin(angle / 2)[:, None] * axis], 1)
+    torch.testing.assert_close(q, expected)
+    assert torch.equal(canonical_quaternion(-q), q)

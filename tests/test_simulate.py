@@ -13,7 +13,7 @@ import torch
 
 from cryosvi.cli.main import main
 from cryosvi.reference import Reference
-from cryosvi.rotations import euler_to_matrix, quaternion_to_matrix
+from cryosvi.rotations import euler_to_matrix
 
 SMALL = ["-n", "40", "--seed", "3"]
 

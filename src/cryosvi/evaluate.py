@@ -29,7 +29,7 @@ import torch
 from scipy import stats
 
 from cryosvi.errors import CryosviError
-from cryosvi.io.star import MODE_COLUMN, ParticleTable
+from cryosvi.io.star import ParticleTable
 from cryosvi.rotations import euler_to_matrix, geodesic_angle, quaternion_geodesic_angle
 
 ANGLE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")

@@ -26,13 +26,13 @@ import torch
 from pyro import poutine
 from tqdm.auto import tqdm
 
-from cryosvi.errors import CryosviError
 from cryosvi.guide import ORDER, Guide
 from cryosvi.io.mrc import ParticleImages
 from cryosvi.io.star import MODE_COLUMN, read_star, write_star
 from cryosvi.model import model
-from cryosvi.rotations import (matrix_to_euler, quaternion_geodesic_angle,
-                               quaternion_to_matrix)
+from cryosvi.rotations import (canonical_quaternion, matrix_to_euler,
+                               quaternion_geodesic_angle, quaternion_product,
+                               quaternion_to_matrix, rotation_vector_to_quaternion)
 
 def heaviest_component_mean(mixture) -> torch.Tensor:
     """Unit mean direction (w >= 0) of the heaviest component, batch shape (...,)."""
@@ -41,8 +41,7 @@ def heaviest_component_mean(mixture) -> torch.Tensor:
     best = logits.argmax(-1)
     chosen = torch.gather(concentration, -2,
                           best[..., None, None].expand(*best.shape, 1, 4)).squeeze(-2)
-    direction = chosen / chosen.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    return direction * torch.where(direction[..., :1] < 0, -1.0, 1.0).to(direction)
+    return canonical_quaternion(chosen / chosen.norm(dim=-1, keepdim=True).clamp_min(1e-12))
 
 
 def pose_std_deg(samples: torch.Tensor, mean: torch.Tensor,
@@ -61,8 +60,7 @@ def weighted_mean_direction(samples: torch.Tensor, weights: torch.Tensor,
     ``reference`` (B, 4); a unit vector with w >= 0."""
     sign = torch.where((samples * reference).sum(-1, keepdim=True) < 0, -1.0, 1.0)
     mean = (weights[..., None] * samples * sign).sum(0)
-    mean = mean / mean.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    return mean * torch.where(mean[..., :1] < 0, -1.0, 1.0).to(mean)
+    return canonical_quaternion(mean / mean.norm(dim=-1, keepdim=True).clamp_min(1e-12))
 
 
 @torch.no_grad()
@@ -119,26 +117,20 @@ def log_joint(forward, priors, noise_std: float, images: torch.Tensor,
     return total.reshape(n_samples, batch)
 
 
-def quaternion_multiply(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Hamilton product of (..., 4) quaternions (w, x, y, z)."""
-    w1, v1 = a[..., :1], a[..., 1:]
-    w2, v2 = b[..., :1], b[..., 1:]
-    return torch.cat([w1 * w2 - (v1 * v2).sum(-1, keepdim=True),
-                      w1 * v2 + w2 * v1 + torch.cross(v1, v2, dim=-1)], -1)
+def weighted_moments(values: torch.Tensor, weights: torch.Tensor):
+    """Mean and std over samples: values (S, B, ...), weights (S, B) normalised ->
+    two tensors (B, ...)."""
+    w = weights.view(*weights.shape, *([1] * (values.dim() - 2)))
+    mean = (w * values).sum(0)
+    return mean, (w * (values - mean).square()).sum(0).sqrt()
 
 
-def rotation_vector_to_quaternion(omega: torch.Tensor) -> torch.Tensor:
-    """(..., 3) rotation vectors (radians) -> (..., 4) unit quaternions."""
-    angle = omega.norm(dim=-1, keepdim=True)
-    half = angle / 2
-    scale = torch.where(angle > 1e-8, torch.sin(half) / angle.clamp_min(1e-30), 0.5 - angle**2 / 48)
-    return torch.cat([torch.cos(half), scale * omega], -1)
-
-
-def weighted_std(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """values (S, B, k), weights (S, B) normalised -> (B, k)."""
-    mean = (weights[..., None] * values).sum(0)
-    return (weights[..., None] * (values - mean).square()).sum(0).sqrt()
+def weighted_pose(rotation: torch.Tensor, weights: torch.Tensor):
+    """Mean direction (B, 4) of weighted quaternion samples (S, B, 4), aligned with the
+    heaviest sample, and their isotropic angular std (B,) in degrees."""
+    batch = torch.arange(rotation.shape[1], device=rotation.device)
+    mean = weighted_mean_direction(rotation, weights, rotation[weights.argmax(0), batch])
+    return mean, pose_std_deg(rotation, mean, weights)
 
 
 def effective_sample_size(log_weights: torch.Tensor) -> torch.Tensor:
@@ -179,17 +171,13 @@ def systematic_resample(weights: torch.Tensor) -> torch.Tensor:
 def population_widths(values: dict, weights: torch.Tensor, latents) -> dict:
     """Per-particle spread of a weighted population: pose RMS per-axis angle (rad),
     defocus and mode stds."""
-    batch = weights.shape[1]
     widths = {}
     if "rotation" in latents:
-        rotation = values["rotation"]
-        best = rotation[weights.argmax(0), torch.arange(batch, device=weights.device)]
-        centre = weighted_mean_direction(rotation, weights, best)
-        widths["rotation"] = torch.deg2rad(pose_std_deg(rotation, centre, weights))
+        widths["rotation"] = torch.deg2rad(weighted_pose(values["rotation"], weights)[1])
     if "defocus" in latents:
-        widths["defocus"] = weighted_std(values["defocus"][..., None], weights)
+        widths["defocus"] = weighted_moments(values["defocus"], weights)[1]
     if "enm_scale" in latents:
-        widths["enm_scale"] = weighted_std(values["enm_scale"], weights)
+        widths["enm_scale"] = weighted_moments(values["enm_scale"], weights)[1]
     return widths
 
 
@@ -272,11 +260,11 @@ def refine(guide: Guide, forward, priors, noise_std: float, images: torch.Tensor
                     width = width.clamp(max=math.radians(30))
                     omega = torch.randn(n_samples, batch, 3, device=images.device) \
                         * width[None, :, None]
-                    q = quaternion_multiply(values["rotation"],
-                                            rotation_vector_to_quaternion(omega))
+                    q = quaternion_product(values["rotation"],
+                                           rotation_vector_to_quaternion(omega))
                     proposal["rotation"] = q / q.norm(dim=-1, keepdim=True)
                 if "defocus" in latents:
-                    width = (scale * widths["defocus"][:, 0]).clamp_min(floors["defocus"])
+                    width = (scale * widths["defocus"]).clamp_min(floors["defocus"])
                     proposal["defocus"] = values["defocus"] + width * torch.randn_like(
                         values["defocus"])
                 if "enm_scale" in latents:
@@ -302,21 +290,11 @@ def refine(guide: Guide, forward, priors, noise_std: float, images: torch.Tensor
     out["samples"] = values
     out["weights"] = weights
     if "defocus" in latents:
-        d = values["defocus"]
-        mean = (weights * d).sum(0)
-        out["defocus_mean"] = mean
-        out["defocus_std"] = ((weights * (d - mean).square()).sum(0)).sqrt()
+        out["defocus_mean"], out["defocus_std"] = weighted_moments(values["defocus"], weights)
     if "enm_scale" in latents:
-        a = values["enm_scale"]
-        mean = (weights[..., None] * a).sum(0)
-        out["modes_mean"] = mean
-        out["modes_std"] = ((weights[..., None] * (a - mean).square()).sum(0)).sqrt()
+        out["modes_mean"], out["modes_std"] = weighted_moments(values["enm_scale"], weights)
     if "rotation" in latents:
-        index = torch.arange(batch, device=weights.device)
-        heaviest = values["rotation"][weights.argmax(0), index]
-        mean = weighted_mean_direction(values["rotation"], weights, heaviest)
-        out["rotation_mean"] = mean
-        out["pose_std_deg"] = pose_std_deg(values["rotation"], mean, weights)
+        out["rotation_mean"], out["pose_std_deg"] = weighted_pose(values["rotation"], weights)
     return out
 
 
@@ -358,12 +336,9 @@ def infer(run: str | Path, particles: str | Path, output: str | Path, samples: i
     (importance sampling with the guide as proposal); see ``refine``.
     Returns the particle table written.
     """
-    from cryosvi.train import check_compatible, keep_freed_memory, known_values, load_trained
+    from cryosvi.train import check_compatible, known_values, load_trained, select_device
 
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CryosviError("--device cuda was asked for but CUDA is not available")
-    if not device.startswith("cuda"):
-        keep_freed_memory()
+    select_device(device)
     info, reference, guide = load_trained(run, device)
     table = read_star(particles)
     images = ParticleImages(table)

@@ -28,8 +28,25 @@ def quaternion_to_matrix(quaternion: Tensor) -> Tensor:
 
 def matrix_to_quaternion(matrix: Tensor) -> Tensor:
     """(..., 3, 3) rotation matrix -> (..., 4) unit quaternion (w, x, y, z) with w >= 0."""
-    quaternion = roma.quat_xyzw_to_wxyz(roma.rotmat_to_unitquat(matrix))
+    return canonical_quaternion(roma.quat_xyzw_to_wxyz(roma.rotmat_to_unitquat(matrix)))
+
+
+def canonical_quaternion(quaternion: Tensor) -> Tensor:
+    """The representative with w >= 0 of q and -q (the same rotation); (..., 4)."""
     return quaternion * torch.where(quaternion[..., :1] < 0, -1.0, 1.0).to(quaternion)
+
+
+def quaternion_product(first: Tensor, second: Tensor) -> Tensor:
+    """Hamilton product of (..., 4) quaternions (w, x, y, z): the rotation ``second``
+    followed by ``first``."""
+    return roma.quat_xyzw_to_wxyz(roma.quat_product(roma.quat_wxyz_to_xyzw(first),
+                                                    roma.quat_wxyz_to_xyzw(second)))
+
+
+def rotation_vector_to_quaternion(rotation_vector: Tensor) -> Tensor:
+    """(..., 3) rotation vectors (axis times angle, radians) -> (..., 4) unit quaternions
+    (w, x, y, z)."""
+    return roma.quat_xyzw_to_wxyz(roma.rotvec_to_unitquat(rotation_vector))
 
 
 def euler_to_matrix(rot: Tensor, tilt: Tensor, psi: Tensor) -> Tensor:

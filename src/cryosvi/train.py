@@ -36,7 +36,7 @@ import random
 import sys
 import time
 import tomllib
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from importlib.resources import files
 from pathlib import Path
 
@@ -68,6 +68,17 @@ VALIDATION_SIZE = 512
 
 class TrainingDiverged(CryosviError):
     """The loss or a gradient became NaN/Inf."""
+
+
+def select_device(device: str) -> torch.device:
+    """The torch device for a --device value, with a clear error when CUDA is asked for
+    but absent; on CPU, glibc is told to keep freed memory (``keep_freed_memory``)."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CryosviError("--device cuda was asked for but CUDA is not available")
+    if device.type == "cpu":
+        keep_freed_memory()
+    return device
 
 
 def keep_freed_memory() -> None:
@@ -509,24 +520,18 @@ def train(particles: str | Path, reference: Reference | None, output: str | Path
             raise CryosviError(f"{output} has no checkpoint to resume from; start it again "
                                "without --resume")
         options = options_from_info(info)
-        if device:
-            options = replace(options, device=device)
         reference = Reference.load(output / REFERENCE_FILE)
         particles = info["particles"] if particles is None else particles
     else:
         options = options or TrainOptions()
-        if device:
-            options = replace(options, device=device)
         if reference is None:
             raise CryosviError("a reference is needed (--reference or --structure)")
         if (output / RUN_FILE).exists() and not force:
             raise CryosviError(f"{output} already holds a run; use --resume to continue it "
                                "or --force to start over")
-    device = torch.device(options.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CryosviError("--device cuda was asked for but CUDA is not available")
-    if device.type == "cpu":
-        keep_freed_memory()
+    if device:
+        options = replace(options, device=device)
+    device = select_device(options.device)
     table, images, reference, config, known = prepare(particles, reference, options)
     if options.init_from:
         # Keep the initial run's output parameterisation, so its weights mean the same.
@@ -534,8 +539,8 @@ def train(particles: str | Path, reference: Reference | None, output: str | Path
         config = replace(config, **{k: (tuple(theirs[k]) if isinstance(theirs[k], list)
                                         else theirs[k])
                                     for k in INIT_KEEPS if k in theirs})
-    if resume and json.loads(json.dumps(config.to_dict())) != info["guide"]:
-        now = json.loads(json.dumps(config.to_dict()))
+    now = json.loads(json.dumps(config.to_dict()))  # as run.json stores it
+    if resume and now != info["guide"]:
         changed = [k for k, v in now.items() if info["guide"].get(k) != v]
         raise CryosviError(f"the particles differ from those the run was started with "
                            f"({', '.join(changed)} changed)")
@@ -672,12 +677,9 @@ def initialise_from(guide: Guide, run: str | Path, device) -> None:
     checkpoint = Path(run) / CHECKPOINT
     if not checkpoint.is_file():
         raise CryosviError(f"--init: {run} has no {CHECKPOINT}")
-    theirs = info["guide"]
-    keys = ("box", "n_modes", "latents", "channels", "hidden", "n_components",
-            "conditioning", "phase_flip", "shared_trunk")
-    mine = json.loads(json.dumps(guide.config.to_dict()))
-    different = [k for k in keys if mine.get(k) != theirs.get(k, False if k == "shared_trunk"
-                                                               else None)]
+    theirs = GuideConfig.from_dict(info["guide"])  # (defaults for keys older runs lack)
+    keys = ("box", "n_modes", "latents", *(f.name for f in fields(Architecture)))
+    different = [k for k in keys if getattr(guide.config, k) != getattr(theirs, k)]
     if different:
         raise CryosviError(f"--init: the guide of {run} differs in {', '.join(different)}")
     state = torch.load(checkpoint, map_location=device, weights_only=False)
@@ -701,11 +703,8 @@ def diverged(output: Path, what: str, step: int, position: dict) -> TrainingDive
 
 
 def total_grad_norm(module: torch.nn.Module) -> float:
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
-    if not grads:
-        return 0.0
-    return float(torch.linalg.vector_norm(torch.stack(
-        [torch.linalg.vector_norm(g) for g in grads])))
+    return float(torch.nn.utils.get_total_norm(
+        [p.grad for p in module.parameters() if p.grad is not None]))
 
 
 def chunk_means(values, n_chunks: int) -> list[float]:
