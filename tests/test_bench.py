@@ -78,3 +78,14 @@ def test_cli_writes_json(tmp_path, capsys):
 def test_cli_rejects_unknown_setting(capsys):
     assert main(["bench", "--settings", "huge", "--no-svi"]) == 2
     assert "unknown setting" in capsys.readouterr().err
+
+
+def test_cli_threads_option_sets_torch_threads(tmp_path):
+    path = tmp_path / "bench.json"
+    before = torch.get_num_threads()
+    try:
+        assert main(["bench", "--settings", "toy", "--rounds", "1", "--stage-seconds", "0",
+                     "--no-svi", "--threads", "1", "--json", str(path)]) == 0
+        assert json.loads(path.read_text())["environment"]["threads"] == 1
+    finally:
+        torch.set_num_threads(before)

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from cryosvi.cli.common import positive_int
+from cryosvi.cli.common import add_threads_argument, positive_int
 from cryosvi.errors import CryosviError
 
 
@@ -33,8 +33,7 @@ def register(subparsers, summary: str) -> None:
     parser.add_argument("--svi-batch", type=positive_int, default=500,
                         help="batch size of the timed SVI step")
     parser.add_argument("--no-svi", action="store_true", help="skip the SVI step")
-    parser.add_argument("--threads", type=positive_int,
-                        help="CPU threads for torch; unset: torch's own choice")
+    add_threads_argument(parser)
     parser.set_defaults(func=run)
 
 
@@ -50,8 +49,6 @@ def run(args) -> int:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise CryosviError("--device cuda: no CUDA device is available")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     report = bench.run(names, args.device, rounds=args.rounds, svi=not args.no_svi,
                        svi_batch=args.svi_batch, stage_seconds=args.stage_seconds,
                        progress=lambda text: print(text, file=sys.stderr, flush=True))

@@ -38,6 +38,12 @@ non_negative_int = _integer_at_least(0)
 """An integer >= 0, for argparse."""
 
 
+def add_threads_argument(parser) -> None:
+    """--threads N: torch's CPU threads, set by ``cryosvi.cli.main`` before the command."""
+    parser.add_argument("--threads", type=positive_int,
+                        help="CPU threads for torch (default: torch's own choice)")
+
+
 def validate_settings(optics: Optics, imaging: Imaging, priors: Priors) -> None:
     """Physical sanity of settings that argparse types cannot check alone."""
     if not 0 <= optics.amplitude_contrast < 1:

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from cryosvi.cli.common import positive, positive_int
+from cryosvi.cli.common import add_threads_argument, positive, positive_int
 from cryosvi.cli.train import add_guide_arguments, architecture_from_args
 from cryosvi.errors import CryosviError
 
@@ -61,7 +61,7 @@ def register(subparsers, summary: str) -> None:
                         "shared trunk, 3x cheaper per epoch)")
     parser.add_argument("--device", default="auto", help="auto (cuda when present), cpu "
                         "or cuda")
-    parser.add_argument("--threads", type=positive_int, help="CPU threads for torch")
+    add_threads_argument(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true",
                         help="overwrite an output directory that is not a previous demo")
@@ -92,8 +92,6 @@ def run(args) -> None:
     from cryosvi.train import TrainOptions, default_schedule, train
 
     architecture = architecture_from_args(args)  # bad --channels fail here, not after simulating
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

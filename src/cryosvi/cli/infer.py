@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from cryosvi.cli.common import non_negative_int, positive_int
+from cryosvi.cli.common import add_threads_argument, non_negative_int, positive_int
 
 
 def register(subparsers, summary: str) -> None:
@@ -35,19 +35,16 @@ def register(subparsers, summary: str) -> None:
                         help="smc: Metropolis moves per tempering step")
     parser.add_argument("--batch-size", type=positive_int, default=256)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--threads", type=positive_int, help="CPU threads for torch")
+    add_threads_argument(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
 
 
 def run(args) -> None:
     import numpy as np
-    import torch
 
     from cryosvi.infer import infer
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     frame = infer(args.run, args.particles, args.output, samples=args.samples,
                   importance=args.importance, method=args.refine, moves=args.moves,
                   batch_size=args.batch_size,

@@ -50,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    if getattr(args, "threads", None):  # commands with --threads (cli.common)
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         return args.func(args) or 0
     except CryosviError as error:

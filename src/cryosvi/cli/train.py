@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cryosvi.cli.common import positive, positive_int
+from cryosvi.cli.common import add_threads_argument, positive, positive_int
 from cryosvi.errors import CryosviError
 
 DEFAULTS = dict(latents="pose,defocus,modes", objective="sim", epochs=40,
@@ -82,7 +82,7 @@ def register(subparsers, summary: str) -> None:
                         "estimated from the images)")
     add_guide_arguments(parser)
     parser.add_argument("--device", help="cpu or cuda (default cpu; on --resume the run's)")
-    parser.add_argument("--threads", type=positive_int, help="CPU threads for torch")
+    add_threads_argument(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in -o from its last checkpoint")
@@ -159,13 +159,9 @@ def options_from_args(args):
 def run(args) -> None:
     import shlex
 
-    import torch
-
     from cryosvi.train import train
 
     command = shlex.join(["cryosvi", *sys.argv[1:]]) if sys.argv[1:2] == ["train"] else None
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.resume:
         info = train(args.particles, None, args.output, resume=True,
                      progress=not args.quiet, device=args.device, command=command)
