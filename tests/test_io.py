@@ -35,7 +35,7 @@ def test_star_round_trip_through_starfile(tmp_path):
     np.testing.assert_allclose(raw["particles"]["rlnDefocusU"], particles["rlnDefocusU"])
     table = read_star(tmp_path / "particles.star")
     assert table.single_optics() == optics
-    assert not list(tmp_path.glob("*.partial"))
+    assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
 
 
 def test_stack_header_and_lazy_images(tmp_path):
@@ -80,3 +80,21 @@ def test_image_number_past_the_stack_is_refused(tmp_path):
     write_star(tmp_path / "particles.star", particles, optics_table(optics))
     with pytest.raises(CryosviError, match="has 5 images"):
         ParticleImages(read_star(tmp_path / "particles.star"))
+
+
+def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
+    from cryosvi.io.atomic import save_npz_atomically, write_atomically
+
+    path = tmp_path / "run.json"
+    path.write_text("old")
+
+    def failing(temporary):
+        temporary.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        write_atomically(path, failing)
+    assert path.read_text() == "old"
+    save_npz_atomically(tmp_path / "arrays", x=np.arange(3))  # no .npz appended
+    np.testing.assert_array_equal(np.load(tmp_path / "arrays")["x"], np.arange(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["arrays", "run.json"]

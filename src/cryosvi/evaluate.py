@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +28,7 @@ import torch
 from scipy import stats
 
 from cryosvi.errors import CryosviError
+from cryosvi.io.atomic import write_atomically
 from cryosvi.io.star import ParticleTable
 from cryosvi.rotations import euler_to_matrix, geodesic_angle, quaternion_geodesic_angle
 
@@ -284,18 +284,8 @@ def _json_ready(value):
     return value
 
 
-def _replace_atomically(path: Path, write) -> None:
-    """Call ``write(temporary_path)``, then rename onto ``path`` (no half-written files)."""
-    temporary = path.with_name(f".{path.name}.partial")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
 def _save_figure(figure, path: Path) -> None:
-    _replace_atomically(path, lambda t: figure.savefig(t, format="png", dpi=110))
+    write_atomically(path, lambda t: figure.savefig(t, format="png", dpi=110))
 
 
 def format_table(metrics: dict) -> str:
@@ -431,7 +421,7 @@ def write_report(metrics: dict, posterior: ParticleTable, truth: ParticleTable,
     paths = []
     text = json.dumps(_json_ready(metrics), indent=2, ensure_ascii=False) + "\n"
     path = directory / METRICS_FILE
-    _replace_atomically(path, lambda t: t.write_text(text, encoding="utf-8"))
+    write_atomically(path, lambda t: t.write_text(text, encoding="utf-8"))
     paths.append(path)
     figures = (_plot_truth_vs_prediction(metrics, arrays), _plot_pose_error(metrics, arrays),
                _plot_calibration(metrics))

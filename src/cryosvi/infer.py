@@ -27,6 +27,7 @@ from pyro import poutine
 from tqdm.auto import tqdm
 
 from cryosvi.guide import ORDER, Guide
+from cryosvi.io.atomic import save_npz_atomically
 from cryosvi.io.mrc import ParticleImages
 from cryosvi.io.star import MODE_COLUMN, read_star, write_star
 from cryosvi.model import model
@@ -381,8 +382,6 @@ def infer(run: str | Path, particles: str | Path, output: str | Path, samples: i
     write_star(output, frame, table.optics)
     if samples:
         arrays = {s: np.concatenate(v) for s, v in sample_store.items() if v}
-        temporary = output.with_name(output.stem + ".partial.npz")
-        np.savez(temporary, **arrays)
-        temporary.replace(output.with_suffix(".npz"))
+        save_npz_atomically(output.with_suffix(".npz"), **arrays)
     images.close()
     return frame

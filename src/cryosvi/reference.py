@@ -15,6 +15,7 @@ import numpy as np
 from cryosvi import config
 from cryosvi.config import Imaging, Noise, Optics, Priors
 from cryosvi.errors import CryosviError
+from cryosvi.io.atomic import save_npz_atomically
 
 
 @dataclass(frozen=True)
@@ -56,10 +57,9 @@ class Reference:
             "priors": config.asdict(self.priors), "noise": config.asdict(self.noise),
             "source": self.source,
         }
-        temporary = path.with_name(path.name + ".partial.npz")
-        np.savez(temporary, coords=self.coords, centroid=self.centroid, modes=self.modes,
-                 eigenvalues=self.eigenvalues, settings=json.dumps(settings))
-        temporary.replace(path)
+        save_npz_atomically(path, coords=self.coords, centroid=self.centroid,
+                            modes=self.modes, eigenvalues=self.eigenvalues,
+                            settings=json.dumps(settings))
 
     @classmethod
     def load(cls, path: str | Path) -> "Reference":

@@ -31,7 +31,6 @@ from __future__ import annotations
 import ctypes
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -51,6 +50,7 @@ from tqdm.auto import tqdm
 from cryosvi import __version__
 from cryosvi.errors import CryosviError
 from cryosvi.guide import ORDER, Architecture, Guide, GuideConfig
+from cryosvi.io.atomic import write_atomically
 from cryosvi.io.mrc import ParticleImages
 from cryosvi.io.star import ParticleTable, read_star
 from cryosvi.model import model
@@ -345,15 +345,12 @@ def read_run(directory: str | Path) -> dict:
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    temporary = path.with_name(path.name + ".partial")
-    temporary.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(temporary, path)
+    text = json.dumps(data, indent=2, default=str) + "\n"
+    write_atomically(path, lambda temporary: temporary.write_text(text))
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    temporary = path.with_name(path.name + ".partial")
-    torch.save(state, temporary)
-    os.replace(temporary, path)
+    write_atomically(path, lambda temporary: torch.save(state, temporary))
 
 
 def load_trained(directory: str | Path, device: str = "cpu"):
@@ -736,10 +733,8 @@ def read_log(path: Path) -> list[dict]:
 
 def truncate_log(path: Path, epochs: int) -> None:
     """Drop log lines of epochs after the checkpoint (written before a crash)."""
-    records = [r for r in read_log(path) if r["epoch"] <= epochs]
-    temporary = path.with_name(path.name + ".partial")
-    temporary.write_text("".join(json.dumps(r) + "\n" for r in records))
-    os.replace(temporary, path)
+    text = "".join(json.dumps(r) + "\n" for r in read_log(path) if r["epoch"] <= epochs)
+    write_atomically(path, lambda temporary: temporary.write_text(text))
 
 
 def plot_log(log: Path, output: Path) -> None:
@@ -791,9 +786,7 @@ def plot_log(log: Path, output: Path) -> None:
                     [r.get("val_pose_median_deg", np.nan) for r in records], "k.-")
         ax.set_xlabel("epoch")
         ax.set_ylabel("validation pose median error (deg)")
-    temporary = output.with_name(output.stem + ".partial.png")
-    figure.savefig(temporary, dpi=90)
-    os.replace(temporary, output)
+    write_atomically(output, lambda temporary: figure.savefig(temporary, dpi=90))
 
 
 def options_from_info(info: dict) -> TrainOptions:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import warnings
 from pathlib import Path
 
 from cryosvi.cli.common import positive, positive_int
 from cryosvi.errors import CryosviError
+from cryosvi.io.atomic import save_npz_atomically
 
 
 def register(subparsers, summary: str) -> None:
@@ -38,22 +38,6 @@ def register(subparsers, summary: str) -> None:
     parser.add_argument("--movie-frames", type=positive_int, default=20,
                         help="frames per movie (one period)")
     parser.set_defaults(func=run)
-
-
-def write_npz_atomically(path: Path, **arrays) -> None:
-    """np.savez to a temporary file beside ``path``, then os.replace: readers never see a
-    half-written file and a failure leaves an existing ``path`` as it was."""
-    import numpy as np
-
-    # same directory, so os.replace is an atomic rename; created like any file (umask)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        with open(temporary, "wb") as handle:
-            np.savez(handle, **arrays)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
 
 
 def run(args) -> None:
@@ -88,7 +72,7 @@ def run(args) -> None:
                           gamma=args.gamma)
     for warning in caught:
         print(f"cryosvi modes: warning: {warning.message}", file=sys.stderr)
-    write_npz_atomically(
+    save_npz_atomically(
         output, coords=atoms.coords, eigenvalues=modes.eigenvalues, modes=modes.vectors,
         centroid=atoms.centroid, residue_names=np.array(atoms.residue_names),
         residue_numbers=atoms.residue_numbers, chain=np.array(atoms.chain),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import starfile
 
 from cryosvi.config import Optics
 from cryosvi.errors import CryosviError
+from cryosvi.io.atomic import write_atomically
 
 OPTICS_COLUMNS = {
     "rlnVoltage": "voltage", "rlnSphericalAberration": "spherical_aberration",
@@ -77,10 +77,8 @@ def read_star(path: str | Path) -> ParticleTable:
 
 def write_star(path: str | Path, particles: pd.DataFrame, optics: pd.DataFrame) -> None:
     """Write ``data_optics`` + ``data_particles`` to ``path`` atomically."""
-    path = Path(path)
-    temporary = path.with_name(path.name + ".partial")
-    starfile.write({"optics": optics, "particles": particles}, temporary, overwrite=True)
-    os.replace(temporary, path)
+    write_atomically(path, lambda temporary: starfile.write(
+        {"optics": optics, "particles": particles}, temporary, overwrite=True))
 
 
 def optics_table(optics: Optics) -> pd.DataFrame:
