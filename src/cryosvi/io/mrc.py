@@ -1,16 +1,26 @@
-"""Particle stacks in MRC format: lazy (memory-mapped) reading and streamed writing."""
+"""Particle stacks in MRC format: validated memory-mapped reading and streamed writing.
+
+MRC2014 (https://www.ccpem.ac.uk/mrc_format/mrc2014.php): a 1024-byte header, an
+extended header of ``nsymbt`` bytes, then nx * ny * nz values of the type ``mode`` says.
+A stack is read only when the file holds exactly that many bytes: a float32 stack whose
+header says mode 0 (int8) would otherwise be read as four times as many int8 images.
+"""
 
 from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import mrcfile
 import numpy as np
 
 from cryosvi.errors import CryosviError
-from cryosvi.io.star import ParticleTable
+
+HEADER_BYTES = 1024
+REAL_MODES = {0: "int8", 1: "int16", 2: "float32", 6: "uint16", 12: "float16"}
+"""The MRC modes that hold real pixel values (3, 4: complex; 101: 4-bit)."""
 
 
 class StackWriter:
@@ -54,74 +64,97 @@ class StackWriter:
             stack.header.dmean, stack.header.rms = mean, rms
 
 
-def parse_image_names(names) -> tuple[np.ndarray, np.ndarray]:
-    """RELION ``rlnImageName`` values ``'000001@stack.mrcs'`` -> (0-based index, file)."""
-    split = np.asarray([str(name).split("@", 1) for name in names], dtype=object)
-    if split.ndim != 2 or split.shape[1] != 2:
-        raise CryosviError("rlnImageName entries must look like '000001@particles.mrcs'")
+@dataclass
+class Stack:
+    """An opened stack: ``data`` a read-only memory map (n, ny, nx) of the file's own
+    type, ``pixel_size`` the header's (Å; 0 when unset)."""
+
+    path: Path
+    data: np.ndarray
+    pixel_size: float
+
+    @property
+    def count(self) -> int:
+        return self.data.shape[0]
+
+    @property
+    def box(self) -> int:
+        return self.data.shape[-1]
+
+
+def open_stack(path: Path) -> Stack:
+    """Memory-map the MRC file ``path`` as (n, ny, nx) after checking that its header
+    describes its size exactly (a 2-D image is a stack of one)."""
     try:
-        index = split[:, 0].astype(np.int64) - 1
-    except ValueError:
-        raise CryosviError("rlnImageName entries must start with an image number") from None
-    return index, split[:, 1].astype(str)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # permissive: we check what matters below
+            with mrcfile.open(path, header_only=True, permissive=True) as mrc:
+                header = None if mrc.header is None else mrc.header.copy()
+    except (ValueError, OSError, EOFError, TypeError, OverflowError) as error:
+        raise CryosviError(f"cannot read {path} as MRC: {error}") from None
+    if header is None:
+        raise CryosviError(f"cannot read {path} as MRC: no header")
+    mode = int(header.mode)
+    if mode not in REAL_MODES:
+        raise CryosviError(f"{path}: MRC mode {mode} does not hold real pixel values "
+                           f"(supported: {', '.join(f'{k} ({v})' for k, v in REAL_MODES.items())})")
+    dtype = np.dtype(REAL_MODES[mode]).newbyteorder(header.mode.dtype.byteorder)
+    nx, ny, nz = (int(header.nx), int(header.ny), int(header.nz))
+    extended = int(header.nsymbt)
+    if min(nx, ny, nz) < 1 or extended < 0:
+        raise CryosviError(f"{path}: MRC header with nonsense sizes nx={nx} ny={ny} nz={nz}")
+    if nx != ny:
+        raise CryosviError(f"{path}: images are {nx} x {ny} px; square images are needed")
+    offset = HEADER_BYTES + extended
+    expected = nx * ny * nz * dtype.itemsize
+    held = path.stat().st_size - offset
+    if held != expected:
+        raise CryosviError(
+            f"{path}: the header says {nz} image(s) of {nx} x {ny} px in mode {mode} "
+            f"({REAL_MODES[mode]}), {expected} bytes, but the file holds {held} bytes of "
+            "data: a damaged file or a wrong mode in the header")
+    try:
+        data = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(nz, ny, nx))
+    except (ValueError, OSError) as error:
+        raise CryosviError(f"cannot map {path}: {error}") from None
+    mx = int(header.mx)
+    cell = float(header.cella.x)
+    pixel_size = cell / mx if mx > 0 and np.isfinite(cell) and cell > 0 else 0.0
+    return Stack(path, data, pixel_size)
+
+
+def parse_image_names(names) -> tuple[np.ndarray, np.ndarray]:
+    """RELION ``rlnImageName`` values ``'000001@stack.mrcs'`` -> (0-based index, file);
+    a name without '@' is a single image (index 0). Vectorised with pandas."""
+    import pandas as pd
+
+    names = pd.Series(np.asarray(names, dtype=object)).astype(str)
+    has_at = names.str.contains("@", regex=False).to_numpy()
+    parts = names.str.partition("@")
+    number = pd.to_numeric(parts[0].where(has_at, "1"), errors="coerce").to_numpy(float)
+    bad = ~np.isfinite(number) | (number != np.round(number)) | (number < 1)
+    if bad.any():
+        example = names.iloc[int(np.flatnonzero(bad)[0])]
+        raise CryosviError(f"rlnImageName {example!r} does not look like "
+                           "'000001@particles.mrcs' (image numbers start at 1)")
+    files = np.where(has_at, parts[2].to_numpy(str), names.to_numpy(str))
+    return number.astype(np.int64) - 1, files
 
 
 class ParticleImages:
-    """The images of a :class:`ParticleTable`, read lazily from memory-mapped stacks.
+    """Compatibility for callers not yet moved to ``ParticleSet.images``:
+    ``ParticleImages(particle_set)[indices]`` is ``particle_set.images(indices)``."""
 
-    ``images[indices]`` returns float32 (len(indices), box, box); nothing is loaded until
-    asked for, so stacks larger than memory work.
-    """
-
-    def __init__(self, table: ParticleTable):
-        table.require("rlnImageName")
-        self.index, files = parse_image_names(table.particles["rlnImageName"])
-        if np.any(self.index < 0):
-            raise CryosviError(f"{table.path}: image numbers in rlnImageName start at 1")
-        self.file_names, self.file_of = np.unique(files, return_inverse=True)
-        self.stacks = [self._open(table.path.parent / name) for name in self.file_names]
-        shapes = {stack.data.shape[1:] for stack in self.stacks}
-        if len(shapes) != 1:
-            raise CryosviError(f"{table.path}: stacks have different image sizes {shapes}")
-        self.box = int(next(iter(shapes))[-1])
-        for k, stack in enumerate(self.stacks):
-            largest = self.index[self.file_of == k].max()
-            if largest >= stack.data.shape[0]:
-                raise CryosviError(f"{self.file_names[k]} has {stack.data.shape[0]} images "
-                                   f"but the STAR file refers to image {largest + 1}")
-        self.pixel_size = float(self.stacks[0].voxel_size.x)
-
-    @staticmethod
-    def _open(path: Path):
-        if not path.is_file():
-            raise CryosviError(f"particle stack not found: {path}")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                stack = mrcfile.mmap(path, mode="r", permissive=True)
-        except (ValueError, OSError) as error:
-            raise CryosviError(f"cannot read {path} as MRC: {error}") from None
-        if stack.data is None or stack.data.ndim not in (2, 3):
-            raise CryosviError(f"{path} is not an image stack")
-        if stack.data.ndim == 2:
-            raise CryosviError(f"{path} holds one image; expected a stack (.mrcs)")
-        return stack
+    def __init__(self, particles):
+        self.particles = particles
 
     def __len__(self) -> int:
-        return len(self.index)
+        return len(self.particles)
 
-    def __getitem__(self, indices) -> np.ndarray:
-        indices = np.atleast_1d(np.asarray(indices))
-        out = np.empty((len(indices), self.box, self.box), dtype=np.float32)
-        files = self.file_of[indices]
-        for k in np.unique(files):
-            chosen = files == k
-            out[chosen] = self.stacks[k].data[self.index[indices[chosen]]]
-        bad = ~np.isfinite(out).all(axis=(1, 2))
-        if bad.any():
-            raise CryosviError(f"particle {indices[bad][0] + 1} contains NaN or Inf values")
-        return out
+    def images(self, indices) -> np.ndarray:
+        return self.particles.images(indices)
+
+    __getitem__ = images
 
     def close(self) -> None:
-        for stack in self.stacks:
-            stack.close()
+        self.particles.close()

@@ -1,10 +1,27 @@
-"""RELION 3.1 STAR files: ``data_optics`` + ``data_particles`` (read with starfile)."""
+"""STAR files (RELION): a vectorised reader of the blocks of any dialect, and the writer of
+RELION 3.1 files (``data_optics`` + ``data_particles``).
+
+The reader follows the STAR layout RELION writes (``src/metadata_table.cpp``): ``data_NAME``
+starts a block; a block is either ``loop_`` + ``_label [#n]`` lines + one row per line, or
+``_label value`` pairs. Blank lines and ``#`` comments (``# version 30001``) are skipped.
+Every row must have exactly one value per label; a row with fewer or more (a file cut
+mid-row, a damaged line) is an error naming the line, never silently dropped. The rows of
+a loop are parsed by pandas' C reader and their token counts checked by numpy, so a
+10^6-row file needs no Python loop over rows.
+
+What the blocks mean (optics groups, RELION 3.0 per-particle optics) is decided in
+:mod:`cryosvi.io.particles`.
+"""
 
 from __future__ import annotations
 
+import csv
+import io
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import starfile
 
@@ -19,64 +36,174 @@ OPTICS_COLUMNS = {
 }
 MODE_COLUMN = "cryosviModeAmplitude{}"
 
+# The end of a loop body: the next line that starts a block, a loop or a label.
+_BODY_END = re.compile(rb"\n[ \t]*(?:data_|loop_|_)")
+
 
 @dataclass
-class ParticleTable:
-    """particles: one row per particle; optics: one row per optics group; path: the file."""
+class StarBlock:
+    """One table of a STAR file: its rows, and the file line of each row (1-based)."""
 
-    particles: pd.DataFrame
-    optics: pd.DataFrame
-    path: Path
-
-    def __len__(self) -> int:
-        return len(self.particles)
-
-    def require(self, *columns: str) -> None:
-        missing = [c for c in columns if c not in self.particles.columns]
-        if missing:
-            raise CryosviError(f"{self.path}: missing STAR column(s) {', '.join(missing)}")
-
-    def mode_columns(self) -> list[str]:
-        columns, k = [], 1
-        while MODE_COLUMN.format(k) in self.particles.columns:
-            columns.append(MODE_COLUMN.format(k))
-            k += 1
-        return columns
-
-    def single_optics(self) -> Optics:
-        """The optics group of this table as :class:`Optics` (exactly one group allowed)."""
-        if len(self.optics) != 1:
-            raise CryosviError(f"{self.path}: {len(self.optics)} optics groups; cryosvi "
-                               "handles one optics group per STAR file")
-        row = self.optics.iloc[0]
-        missing = [c for c in OPTICS_COLUMNS if c not in row.index]
-        if missing:
-            raise CryosviError(f"{self.path}: missing optics column(s) {', '.join(missing)}")
-        values = {name: float(row[column]) for column, name in OPTICS_COLUMNS.items()}
-        values["box"] = int(values["box"])
-        return Optics(**values)
+    name: str
+    table: pd.DataFrame
+    lines: np.ndarray
 
 
-def read_star(path: str | Path) -> ParticleTable:
-    """Read a RELION 3.1 particle STAR file (optics block required)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CryosviError(f"STAR file not found: {path}")
+def read_star_blocks(path: Path) -> dict[str, StarBlock]:
+    """Every block of the STAR file ``path``, by name (``data_optics`` -> 'optics').
+
+    Raises CryosviError naming the line for a truncated or malformed file.
+    """
+    data = path.read_bytes()
+    if b"\x00" in data[:4096]:
+        raise CryosviError(f"{path} is not a text (STAR) file")
+    blocks: dict[str, StarBlock] = {}
+    position, line_number = 0, 1
+    name = None
+    labels: list[str] = []
+    pairs: dict[str, str] = {}
+    pair_lines: list[int] = []
+    in_loop = False
+
+    def close_pairs():
+        if name is not None and pairs and not in_loop:
+            frame = _typed(pd.DataFrame({k: [v] for k, v in pairs.items()}))
+            blocks[name] = StarBlock(name, frame, np.asarray(pair_lines[:1]))
+
+    while position < len(data):
+        end = data.find(b"\n", position)
+        end = len(data) if end < 0 else end
+        raw = data[position:end]
+        try:
+            line = raw.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise CryosviError(f"{path}, line {line_number}: not UTF-8 text") from None
+        if not line or line.startswith("#"):
+            pass
+        elif line.startswith("data_"):
+            close_pairs()
+            name, labels, pairs, pair_lines, in_loop = line[5:], [], {}, [], False
+            if name in blocks:
+                raise CryosviError(f"{path}, line {line_number}: a second block data_{name}")
+        elif name is None:
+            raise CryosviError(f"{path}, line {line_number}: expected a 'data_' block, "
+                               f"found {line[:40]!r}")
+        elif line == "loop_" or line.startswith("loop_ "):
+            if labels or pairs:
+                raise CryosviError(f"{path}, line {line_number}: a second table in block "
+                                   f"data_{name}")
+            in_loop = True
+        elif line.startswith("_"):
+            words = line.split()
+            label = words[0][1:]
+            if not label:
+                raise CryosviError(f"{path}, line {line_number}: empty label")
+            if in_loop:
+                if label in labels:
+                    raise CryosviError(f"{path}, line {line_number}: label _{label} twice")
+                labels.append(label)
+            else:
+                if len(words) < 2 or words[1].startswith("#"):
+                    raise CryosviError(f"{path}, line {line_number}: label _{label} has no "
+                                       "value")
+                pairs[label] = words[1]
+                pair_lines.append(line_number)
+        elif in_loop and labels:
+            # The rows: everything up to the next block, loop or label line.
+            match = _BODY_END.search(data, position - 1 if position else 0)
+            body_end = len(data) if match is None else match.start() + 1
+            body = data[position:body_end]
+            blocks[name] = _read_loop(path, name, labels, body, line_number)
+            line_number += body.count(b"\n")
+            position = body_end
+            name, labels, in_loop = None, [], False
+            continue
+        else:
+            raise CryosviError(f"{path}, line {line_number}: unexpected {line[:40]!r} "
+                               f"in block data_{name}")
+        position = end + 1
+        line_number += 1
+    if in_loop and name is not None:
+        if not labels:
+            raise CryosviError(f"{path}: the file ends inside the labels of block data_{name}")
+        blocks[name] = StarBlock(name, pd.DataFrame(columns=labels), np.zeros(0, int))
+    close_pairs()
+    return blocks
+
+
+def _read_loop(path: Path, name: str, labels: list[str], body: bytes,
+               first_line: int) -> StarBlock:
+    """The rows of one loop: ``body`` holds its lines, the first being file line
+    ``first_line``. Every non-blank line must hold exactly len(labels) values."""
+    counts, starts = _tokens_per_line(body)
+    comment = np.frombuffer(body, np.uint8)[starts[counts > 0]] == ord("#") \
+        if len(body) else np.zeros(0, bool)
+    rows = np.flatnonzero(counts > 0)
+    if comment.any():  # rare: comment lines between rows
+        keep = rows[~comment]
+        lines = body.split(b"\n")
+        body = b"\n".join(lines[i] for i in keep)
+        rows = keep
+        counts_rows = counts[keep]
+    else:
+        counts_rows = counts[rows]
+    bad = np.flatnonzero(counts_rows != len(labels))
+    if bad.size:
+        line = first_line + int(rows[bad[0]])
+        what = "cut short" if counts_rows[bad[0]] < len(labels) else "too long"
+        raise CryosviError(f"{path}, line {line}: row {what}: {counts_rows[bad[0]]} values "
+                           f"for the {len(labels)} labels of data_{name} (truncated or "
+                           "damaged file)")
+    if rows.size == 0:
+        return StarBlock(name, pd.DataFrame(columns=labels), np.zeros(0, int))
     try:
-        blocks = starfile.read(path, always_dict=True)
-    except Exception as error:  # starfile raises assorted parser errors
-        raise CryosviError(f"cannot read {path} as a STAR file: {error}") from None
-    particles = blocks.get("particles")
-    optics = blocks.get("optics")
-    if not isinstance(particles, pd.DataFrame) or particles.empty:
-        raise CryosviError(f"{path}: no data_particles block with particles")
-    if not isinstance(optics, pd.DataFrame):
-        raise CryosviError(f"{path}: no data_optics block (RELION 3.1 format expected)")
-    return ParticleTable(particles.reset_index(drop=True), optics, path)
+        table = pd.read_csv(io.BytesIO(body), sep=r"\s+", header=None, names=labels,
+                            engine="c", quoting=csv.QUOTE_NONE, skip_blank_lines=True,
+                            float_precision="round_trip", low_memory=False,
+                            keep_default_na=False, na_values=["nan", "NaN", "NAN", "<NA>"])
+    except (ValueError, pd.errors.ParserError) as error:
+        raise CryosviError(f"{path}: cannot parse the rows of data_{name}: "
+                           f"{str(error).splitlines()[0]}") from None
+    if len(table) != rows.size:
+        raise CryosviError(f"{path}: data_{name} has {rows.size} rows but {len(table)} were "
+                           "parsed (quoted values with spaces are not supported)")
+    return StarBlock(name, table, first_line + rows)
+
+
+def _tokens_per_line(body: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """(number of whitespace-separated values on each line, offset of each line's first
+    byte) of ``body``, vectorised over its bytes."""
+    raw = np.frombuffer(body, np.uint8)
+    if raw.size == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    newline = np.flatnonzero(raw == 10)
+    line_starts = np.concatenate([[0], newline + 1])
+    line_starts = line_starts[line_starts < raw.size]
+    space = raw <= 32
+    token_start = ~space
+    token_start[1:] &= space[:-1]
+    positions = np.flatnonzero(token_start)
+    bounds = np.searchsorted(positions, np.append(line_starts, raw.size))
+    counts = np.diff(bounds)
+    # The first value of each line (to spot comment lines): its offset.
+    first = line_starts.copy()
+    has = counts > 0
+    first[has] = positions[bounds[:-1][has]]
+    return counts, first
+
+
+def _typed(frame: pd.DataFrame) -> pd.DataFrame:
+    """Numbers as numbers in a table of strings (key-value blocks)."""
+    for column in frame.columns:
+        converted = pd.to_numeric(frame[column], errors="coerce")
+        if converted.notna().all():
+            frame[column] = converted
+    return frame
 
 
 def write_star(path: str | Path, particles: pd.DataFrame, optics: pd.DataFrame) -> None:
-    """Write ``data_optics`` + ``data_particles`` to ``path`` atomically."""
+    """Write ``data_optics`` + ``data_particles`` (RELION 3.1 layout) to ``path``
+    atomically."""
     write_atomically(path, lambda temporary: starfile.write(
         {"optics": optics, "particles": particles}, temporary, overwrite=True))
 
@@ -90,3 +217,11 @@ def optics_table(optics: Optics) -> pd.DataFrame:
         "rlnImagePixelSize": [optics.pixel_size], "rlnImageSize": [optics.box],
         "rlnImageDimensionality": [2],
     })
+
+
+def read_star(path: str | Path):
+    """Compatibility for callers not yet moved to :func:`cryosvi.io.read_particles`
+    (tests of train and infer): the same :class:`~cryosvi.io.particles.ParticleSet`."""
+    from cryosvi.io.particles import read_particles
+
+    return read_particles(path)
