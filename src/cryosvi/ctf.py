@@ -18,18 +18,35 @@ Because the defocus enters gamma linearly, gamma - atan(...) for a batch is one 
 GEMM: [mean, half cos 2theta, half sin 2theta, 1] (B, 4) times a cached basis
 (4, P*Q) = [-pi lambda s^2, -pi lambda s^2 cos 2alpha, -pi lambda s^2 sin 2alpha,
 pi/2 Cs lambda^3 s^4 - phase - atan(...)], followed by one sine.
+
+Per particle (``ParticleCTF``: U, V, angle, phase shift, B-factor, optics group) with
+voltage, Cs, amplitude contrast and pixel size per optics group (``OpticsGroups``, RELION's
+data_optics table), the same GEMM takes a block-sparse coefficient row: the basis of
+every group stacked, (4G + 1, P*Q), the particle's [mean, half cos, half sin, 1] in its
+group's block and zeros elsewhere, and a last column, the phase shift (rad), against a
+row of ones. One GEMM serves a batch that mixes groups (G = 1 costs what one Optics
+does); the envelope is exp(-B_i/4 s_g^2), one more (B, G) x (G, P*Q) GEMM.
+
+In-plane shifts ride on the same FFT: ``shifts`` (B, 2) Å are RELION's
+(rlnOriginXAngst, rlnOriginYAngst), and the spectrum is multiplied by the phase ramp of a
+translation by -origin (``cryosvi.shifts``: convention, cost, Nyquist). The ramp is
+applied on the zero-padded P grid, so content shifted out of the L box is dropped, not
+wrapped.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from cryosvi.config import Optics
+from cryosvi.shifts import phase_ramp, shift_frequencies
 
 # CODATA 2018 (h and e exact since the 2019 SI redefinition).
 PLANCK = 6.62607015e-34          # J s
@@ -79,9 +96,106 @@ def _frequency_grid(size: int, pixel_size: float, device: torch.device, dtype: t
         return tuple(t.to(device=device, dtype=dtype) for t in (s2, cos2, sin2))
 
 
+class OpticsGroups(NamedTuple):
+    """RELION's data_optics table: one entry per optics group, in group order.
+
+    voltage: kV; spherical_aberration: mm; amplitude_contrast: fraction w in [0, 1);
+    pixel_size: Å (of the images the CTF is applied to: after Fourier cropping, the
+    cropped pixel size). Tuples of floats, so a table is hashable and its stacked basis
+    is cached like an Optics'. A particle's ``group`` indexes it from 0
+    (rlnOpticsGroup - 1).
+    """
+
+    voltage: tuple[float, ...]
+    spherical_aberration: tuple[float, ...]
+    amplitude_contrast: tuple[float, ...]
+    pixel_size: tuple[float, ...]
+
+    @classmethod
+    def from_optics(cls, optics: Sequence[Optics]) -> "OpticsGroups":
+        """One group per Optics (its phase_shift, bfactor and box are per-particle or
+        per-image quantities here and are not used)."""
+        if not optics:
+            raise ValueError("at least one optics group is needed")
+        return cls(*(tuple(float(getattr(o, name)) for o in optics) for name in
+                     ("voltage", "spherical_aberration", "amplitude_contrast", "pixel_size")))
+
+    @property
+    def n_groups(self) -> int:
+        return len(self.voltage)
+
+    def pixel_sizes(self, group: Tensor, like: Tensor) -> Tensor:
+        """(B,) Å: each particle's pixel size, in the dtype and device of ``like``."""
+        table = torch.tensor(self.pixel_size, dtype=like.dtype, device=like.device)
+        return table[group]
+
+
+class ParticleCTF(NamedTuple):
+    """Per-particle CTF parameters, RELION's particle columns; every field (B,).
+
+    defocus_u, defocus_v: Å, positive = underfocus (rlnDefocusU, rlnDefocusV).
+    angle: degrees from the x axis towards y (rlnDefocusAngle).
+    phase_shift: degrees (rlnPhaseShift); None = 0.
+    bfactor: Å^2, envelope exp(-B s^2 / 4) (rlnCtfBfactor); None = 0 (no envelope).
+    group: int64 index into ``OpticsGroups`` from 0 (rlnOpticsGroup - 1); None = group 0
+    (allowed only with one group).
+    """
+
+    defocus_u: Tensor
+    defocus_v: Tensor
+    angle: Tensor
+    phase_shift: Tensor | None = None
+    bfactor: Tensor | None = None
+    group: Tensor | None = None
+
+    def offset(self, dz: Tensor) -> "ParticleCTF":
+        """U + dz, V + dz (Å, (B,)), angle and the rest kept: the defocus latent."""
+        return self._replace(defocus_u=self.defocus_u + dz, defocus_v=self.defocus_v + dz)
+
+    def take(self, rows) -> "ParticleCTF":
+        """The particles ``rows`` (an index, slice, mask or index tensor) of every field."""
+        return ParticleCTF(*(None if t is None else t[rows] for t in self))
+
+    def to(self, *args, **kwargs) -> "ParticleCTF":
+        """Every field through ``Tensor.to`` (the group index keeps its integer dtype)."""
+        return ParticleCTF(*(None if t is None else
+                             t.to(device=kwargs.get("device", t.device)) if name == "group"
+                             else t.to(*args, **kwargs)
+                             for name, t in zip(self._fields, self)))
+
+
+class _Basis(NamedTuple):
+    """What a CTF evaluation needs on the rfft2 grid of a P x P image (Q = P//2 + 1).
+
+    argument: (K, P*Q), CTF = sin(coefficients (B, K) @ argument) x envelope.
+    envelope: (P, Q) fixed envelope (one Optics with a B-factor) or None.
+    envelope_rows: (G, P*Q) s^2 of each group, envelope = exp(e (B, G) @ rows), or None.
+    """
+
+    argument: Tensor
+    envelope: Tensor | None = None
+    envelope_rows: Tensor | None = None
+
+
+def _group_rows(voltage: float, cs_mm: float, w: float, s2: Tensor, cos2: Tensor,
+                sin2: Tensor, phase_deg: float = 0.0) -> Tensor:
+    """(4, P, Q) float64: -[-pi lambda s^2 (1, cos 2a, sin 2a),
+    pi/2 Cs lambda^3 s^4 - phase - atan(w / sqrt(1 - w^2))] (see the module notes)."""
+    wavelength = electron_wavelength(voltage)
+    cs = cs_mm * 1e7  # mm -> Å
+    # RELION's K3 = atan(Q0 / sqrt(1 - Q0^2)): the amplitude-contrast phase.
+    amplitude_phase = math.atan(w / math.sqrt(1 - w * w))
+    defocus_term = -math.pi * wavelength * s2
+    constant = (0.5 * math.pi * cs * wavelength**3 * s2 * s2
+                - math.radians(phase_deg) - amplitude_phase)
+    # Negated, so that CTF = -sin(coefficients @ basis) = sin(coefficients @ -basis)
+    # costs one pass over the grid fewer.
+    return -torch.stack([defocus_term, defocus_term * cos2, defocus_term * sin2, constant])
+
+
 @functools.lru_cache(maxsize=64)
-def _ctf_basis(optics: Optics, size: int, device: torch.device, dtype: torch.dtype):
-    """Cached (-basis (4, size*(size//2+1)), envelope or None) for ``ctf_rfft``.
+def _ctf_basis(optics: Optics, size: int, device: torch.device, dtype: torch.dtype) -> _Basis:
+    """Cached basis (4, size*(size//2+1)) and fixed envelope of one Optics.
 
     Built in float64 (the constant term reaches hundreds of radians at high frequency)
     and cast once. Made outside inference mode so that the cached tensors can be saved
@@ -90,22 +204,29 @@ def _ctf_basis(optics: Optics, size: int, device: torch.device, dtype: torch.dty
     with torch.inference_mode(False), torch.no_grad():
         s2, cos2, sin2 = _frequency_grid(size, optics.pixel_size, torch.device("cpu"),
                                          torch.float64)
-        wavelength = electron_wavelength(optics.voltage)
-        cs = optics.spherical_aberration * 1e7  # mm -> Å
-        w = optics.amplitude_contrast
-        # RELION's K3 = atan(Q0 / sqrt(1 - Q0^2)): the amplitude-contrast phase.
-        amplitude_phase = math.atan(w / math.sqrt(1 - w * w))
-        defocus_term = -math.pi * wavelength * s2
-        constant = (0.5 * math.pi * cs * wavelength**3 * s2 * s2
-                    - math.radians(optics.phase_shift) - amplitude_phase)
-        # Negated, so that CTF = -sin(coefficients @ basis) = sin(coefficients @ -basis)
-        # costs one pass over the grid fewer.
-        basis = -torch.stack([defocus_term, defocus_term * cos2, defocus_term * sin2, constant])
+        basis = _group_rows(optics.voltage, optics.spherical_aberration,
+                            optics.amplitude_contrast, s2, cos2, sin2, optics.phase_shift)
         basis = basis.reshape(4, -1).to(device=device, dtype=dtype)
         envelope = None
         if optics.bfactor != 0:
             envelope = torch.exp(-optics.bfactor / 4 * s2).to(device=device, dtype=dtype)
-        return basis, envelope
+        return _Basis(basis, envelope)
+
+
+@functools.lru_cache(maxsize=64)
+def _groups_basis(groups: OpticsGroups, size: int, device: torch.device,
+                  dtype: torch.dtype) -> _Basis:
+    """Cached stacked basis (4G + 1, P*Q) of every group plus the phase-shift row of
+    ones, and the (G, P*Q) s^2 rows of the per-particle envelope (float64, then cast)."""
+    with torch.inference_mode(False), torch.no_grad():
+        blocks, s2_rows = [], []
+        for voltage, cs, w, pixel in zip(*groups):
+            s2, cos2, sin2 = _frequency_grid(size, pixel, torch.device("cpu"), torch.float64)
+            blocks.append(_group_rows(voltage, cs, w, s2, cos2, sin2).reshape(4, -1))
+            s2_rows.append(s2.reshape(-1))
+        blocks.append(torch.ones_like(s2_rows[0])[None])  # + phase shift (rad)
+        basis = torch.cat(blocks).to(device=device, dtype=dtype)
+        return _Basis(basis, None, torch.stack(s2_rows).to(device=device, dtype=dtype))
 
 
 def _as_batch(value, like: Tensor | None = None) -> Tensor:
@@ -140,7 +261,7 @@ def ctf_rfft(defocus_u: Tensor, defocus_v: Tensor, astigmatism_angle: Tensor,
     defocus_u = _as_batch(defocus_u)
     defocus_v = _as_batch(defocus_v, defocus_u)
     angle = _as_batch(astigmatism_angle, defocus_u)
-    basis, envelope = _ctf_basis(optics, size, defocus_u.device, defocus_u.dtype)
+    basis, envelope, _ = _ctf_basis(optics, size, defocus_u.device, defocus_u.dtype)
     coefficients = _coefficients(defocus_u, defocus_v, angle)
     # gamma - atan(w / sqrt(1 - w^2)) = -(coefficients @ basis); CTF = -sin of it.
     ctf = torch.sin(coefficients @ basis)
@@ -148,18 +269,84 @@ def ctf_rfft(defocus_u: Tensor, defocus_v: Tensor, astigmatism_angle: Tensor,
     return ctf if envelope is None else ctf * envelope
 
 
+def _group_coefficients(ctf: ParticleCTF, groups: OpticsGroups, like: Tensor):
+    """(B, 4G + 1) GEMM coefficients and (B, G) envelope coefficients (-B/4, or None) of
+    a batch: each particle's [mean, half cos, half sin, 1] in its group's block, then
+    its phase shift in rad (see the module notes)."""
+    coefficients = _coefficients(_as_batch(ctf.defocus_u, like), _as_batch(ctf.defocus_v, like),
+                                 _as_batch(ctf.angle, like)).to(like.dtype)
+    if coefficients.dim() != 2:
+        raise ValueError(f"ParticleCTF fields must be (B,), got {tuple(coefficients.shape[:-1])}")
+    batch = coefficients.shape[0]
+    if ctf.group is None:
+        if groups.n_groups != 1:
+            raise ValueError(f"ParticleCTF.group is needed with {groups.n_groups} optics groups")
+        one_hot = coefficients.new_ones(batch, 1)
+    else:
+        one_hot = torch.nn.functional.one_hot(ctf.group.to(like.device).long().expand(batch),
+                                              groups.n_groups).to(like.dtype)
+    phase = (coefficients.new_zeros(batch) if ctf.phase_shift is None
+             else torch.deg2rad(_as_batch(ctf.phase_shift, like)).expand(batch))
+    block = (one_hot[:, :, None] * coefficients[:, None, :]).reshape(batch, -1)
+    coefficients = torch.cat([block, phase[:, None]], dim=1)
+    envelope = None
+    if ctf.bfactor is not None:
+        envelope = one_hot * (-_as_batch(ctf.bfactor, like).expand(batch) / 4)[:, None]
+    return coefficients, envelope, one_hot
+
+
+def particle_ctf_rfft(ctf: ParticleCTF, groups: OpticsGroups, size: int) -> Tensor:
+    """Each particle's CTF on the ``rfft2`` grid of a size x size image at its optics
+    group's pixel size: (B, size, size//2 + 1), unitless; dtype and device follow
+    ``ctf.defocus_u``; differentiable w.r.t. U, V, angle, phase shift and B-factor.
+    Equals ``ctf_rfft`` with the group's Optics (and the particle's phase shift and B)."""
+    like = _as_batch(ctf.defocus_u)
+    basis = _groups_basis(groups, size, like.device, like.dtype)
+    coefficients, envelope, _ = _group_coefficients(ctf, groups, like)
+    out = torch.sin(coefficients @ basis.argument)
+    if envelope is not None:
+        out = out * torch.exp(envelope @ basis.envelope_rows)
+    return out.reshape(-1, size, size // 2 + 1)
+
+
+def _check_images(images: Tensor, pad_factor) -> tuple[int, int]:
+    """(L, P) of square (..., L, L) images zero-padded to P = pad_factor * L."""
+    size = images.shape[-1]
+    if images.dim() < 2 or images.shape[-2] != size:
+        raise ValueError(f"images must be square (..., L, L), got {tuple(images.shape)}")
+    padded = int(round(pad_factor * size))
+    if padded < size:
+        raise ValueError(f"pad_factor must be >= 1, got {pad_factor}")
+    return size, padded
+
+
+def _shift_pixels(shifts: Tensor | None, pixel_size, batch: int, like: Tensor):
+    """(B, 2) Å (x, y) -> (B, 2) pixels, or None."""
+    if shifts is None:
+        return None
+    shifts = _as_batch(shifts, like)
+    if shifts.shape[-1] != 2:
+        raise ValueError(f"shifts must be (B, 2) Å (x, y), got {tuple(shifts.shape)}")
+    if isinstance(pixel_size, Tensor):
+        pixel_size = pixel_size[:, None]
+    return (shifts.to(like.dtype) / pixel_size).expand(batch, 2).contiguous()
+
+
 def apply_ctf(images: Tensor, defocus_u: Tensor, defocus_v: Tensor,
-              astigmatism_angle: Tensor, optics: Optics, pad_factor: int = 2) -> Tensor:
+              astigmatism_angle: Tensor, optics: Optics, pad_factor: int = 2, *,
+              shifts: Tensor | None = None) -> Tensor:
     """Convolve images with the CTF's point spread function (zero-padded FFT).
 
     images: (B, L, L), axes [y, x], pixel ``optics.pixel_size``. defocus_u, defocus_v:
     (B,) Å; astigmatism_angle: (B,) degrees (see ``ctf_rfft``); scalars broadcast.
     pad_factor: the images are zero-padded to P = pad_factor * L before the FFT, which
     limits the wrap-around of the point spread function; the CTF is sampled on the P x P
-    rfft2 grid.
+    rfft2 grid. shifts: (B, 2) Å, RELION's (rlnOriginXAngst, rlnOriginYAngst): the
+    result is also translated by -shifts (a phase ramp in the same FFT; module notes);
+    None = no shift (the result is then bit-identical to a call without the argument).
 
-    Returns (B, L, L), same dtype and device, differentiable w.r.t. images and the three
-    CTF parameters.
+    Returns (B, L, L), same dtype and device, differentiable w.r.t. images, the three
+    CTF parameters and the shifts.
 
     The CTF is real and even, so multiplying the spectrum is a circular convolution
     with a kernel centred on index 0: it commutes with translations, and an image
@@ -169,19 +356,40 @@ def apply_ctf(images: Tensor, defocus_u: Tensor, defocus_v: Tensor,
     the L non-zero rows, and the inverse y transform's output is cropped to L rows before
     the inverse x transform. See ``_ConvolveCTF`` for the chunking and the backward pass.
     """
-    size = images.shape[-1]
-    if images.dim() < 2 or images.shape[-2] != size:
-        raise ValueError(f"images must be square (..., L, L), got {tuple(images.shape)}")
-    padded = int(round(pad_factor * size))
-    if padded < size:
-        raise ValueError(f"pad_factor must be >= 1, got {pad_factor}")
+    size, padded = _check_images(images, pad_factor)
     coefficients = _coefficients(_as_batch(defocus_u, images), _as_batch(defocus_v, images),
                                  _as_batch(astigmatism_angle, images))
     batch_shape = torch.broadcast_shapes(images.shape[:-2], coefficients.shape[:-1])
     flat_images = images.expand(*batch_shape, size, size).reshape(-1, size, size)
     flat_coefficients = coefficients.to(images.dtype).expand(*batch_shape, 4).reshape(-1, 4)
-    out = _ConvolveCTF.apply(flat_images, flat_coefficients, optics, padded)
+    basis = _ctf_basis(optics, padded, images.device, images.dtype)
+    shift_px = _shift_pixels(shifts, optics.pixel_size, flat_images.shape[0], images)
+    out = _ConvolveCTF.apply(flat_images, flat_coefficients, None, shift_px, basis, padded)
     return out.reshape(*batch_shape, size, size)
+
+
+def apply_particle_ctf(images: Tensor, ctf: ParticleCTF, groups: OpticsGroups,
+                       pad_factor: int = 2, *, shifts: Tensor | None = None) -> Tensor:
+    """``apply_ctf`` with per-particle CTF parameters and optics groups, in one call.
+
+    images: (B, L, L), axes [y, x]; particle i at pixel ``groups.pixel_size[group_i]``.
+    ctf: ``ParticleCTF`` of (B,) tensors (U, V Å, angle deg, phase shift deg, B-factor
+    Å^2, group index). shifts: (B, 2) Å, RELION's (rlnOriginXAngst, rlnOriginYAngst),
+    applied as in ``apply_ctf`` (translation by -shifts), or None.
+    Returns (B, L, L), differentiable w.r.t. images, U, V, angle, phase shift, B-factor
+    and shifts; a batch that mixes groups costs one GEMM with 4G + 1 terms per pixel.
+    """
+    size, padded = _check_images(images, pad_factor)
+    if images.dim() != 3:
+        raise ValueError(f"images must be (B, L, L), got {tuple(images.shape)}")
+    basis = _groups_basis(groups, padded, images.device, images.dtype)
+    coefficients, envelope, one_hot = _group_coefficients(ctf, groups, images)
+    batch = images.shape[0]
+    if coefficients.shape[0] != batch:
+        raise ValueError(f"{batch} images but {coefficients.shape[0]} CTF parameter rows")
+    pixel = one_hot @ torch.tensor(groups.pixel_size, dtype=images.dtype, device=images.device)
+    shift_px = _shift_pixels(shifts, pixel, batch, images)
+    return _ConvolveCTF.apply(images, coefficients, envelope, shift_px, basis, padded)
 
 
 def _chunk_size(images: Tensor, padded: int) -> int:
@@ -220,66 +428,100 @@ def _crop_inverse(spectrum: Tensor, size: int, padded: int) -> Tensor:
     return torch.fft.irfft(rows, n=padded, dim=-1)[..., :size]
 
 
-def _ctf_chunk(coefficients: Tensor, basis: Tensor, envelope, padded: int):
-    """(CTF, argument) of a chunk, both (c, P, P//2 + 1); CTF = sin(argument) envelope."""
-    argument = (coefficients @ basis).view(-1, padded, padded // 2 + 1)
+def _ctf_chunk(coefficients: Tensor, envelope_coefficients, basis: _Basis, padded: int):
+    """(CTF, argument, envelope) of a chunk, each (c, P, P//2 + 1) (the envelope may be
+    None, or (P, P//2 + 1) when fixed); CTF = sin(argument) envelope."""
+    argument = (coefficients @ basis.argument).view(-1, padded, padded // 2 + 1)
     ctf = torch.sin(argument)
-    return (ctf if envelope is None else ctf.mul_(envelope)), argument
+    envelope = basis.envelope
+    if envelope is None and envelope_coefficients is not None:
+        envelope = torch.exp(envelope_coefficients @ basis.envelope_rows).view_as(ctf)
+    return (ctf if envelope is None else ctf.mul_(envelope)), argument, envelope
 
 
 class _ConvolveCTF(torch.autograd.Function):
-    """images (B, L, L), CTF coefficients (B, 4) -> CTF-convolved images (B, L, L).
+    """images (B, L, L), CTF coefficients (B, K), envelope coefficients (B, G) or None,
+    shifts (B, 2) pixels or None -> CTF-convolved (and translated) images (B, L, L).
 
     The batch is walked in chunks (cache-sized on CPU), and each chunk's output is
     written straight into the result, so nothing of size B x P x P is held: backward
     recomputes what it needs from the saved inputs.
 
-    Backward. The operator A_H(x) = crop(irfft2(H rfft2(pad(x)))) is a convolution with
-    the real, even kernel irfft2(H), hence self-adjoint: dL/dx = A_H(g) for the incoming
-    gradient g. For H, write G = rfft2(pad(g)) and X = rfft2(pad(x)); irfft2's adjoint
-    gives <g, irfft2(Z)> = sum_k m_kx Re(Z_k conj(G_k)) / P^2 (``_half_plane_weights``),
-    so dL/dH_k = m_kx Re(X_k conj(G_k)) / P^2, and through H = sin(c @ basis) envelope,
-    dL/dc = (dL/dH envelope cos(c @ basis)) @ basis^T. G serves both gradients.
+    Backward. The operator A_H(x) = crop(irfft2(H rfft2(pad(x)))), with H = C R (C the
+    real CTF, R the shift ramp, or 1), is a convolution with the real kernel irfft2(H),
+    whose adjoint is the convolution with irfft2(conj H): dL/dx = A_{conj H}(g) for the
+    incoming gradient g (C is even, so without shifts A_H is self-adjoint). For H, write
+    G = rfft2(pad(g)) and X = rfft2(pad(x)); irfft2's adjoint gives
+    <g, irfft2(Z)> = sum_k m_kx Re(Z_k conj(G_k)) / P^2 (``_half_plane_weights``), exact for
+    any complex Z (irfft reads only the real part of its self-conjugate bins, and so
+    does Re), so with W_k = m_kx X_k conj(G_k) R_k / P^2:
+    dL/dC_k = Re(W_k); through C = sin(c @ basis) E, dL/dc = (dL/dC E cos(c @ basis)) @
+    basis^T and, for E = exp(e @ rows), dL/de = (dL/dC C) @ rows^T; and for the ramp
+    R = exp(i (ky y + kx x)), dL/dx_shift = -sum_k kx Im(C_k W_k) (y likewise).
+    G serves every gradient.
     """
 
     @staticmethod
-    def forward(ctx, images, coefficients, optics, padded):
+    def forward(ctx, images, coefficients, envelope_coefficients, shift_px, basis, padded):
         n_images, size, _ = images.shape
-        basis, envelope = _ctf_basis(optics, padded, images.device, images.dtype)
         out = torch.empty_like(images, memory_format=torch.contiguous_format)
         chunk = _chunk_size(images, padded)
         for start in range(0, n_images, chunk):
             rows = slice(start, start + chunk)
             spectrum = _spectrum(images[rows], padded)
-            ctf, _ = _ctf_chunk(coefficients[rows], basis, envelope, padded)
-            out[rows] = _crop_inverse(spectrum.mul_(ctf), size, padded)
-        ctx.save_for_backward(images, coefficients)
-        ctx.optics, ctx.padded = optics, padded
+            ctf, _, _ = _ctf_chunk(coefficients[rows],
+                                   None if envelope_coefficients is None
+                                   else envelope_coefficients[rows], basis, padded)
+            spectrum.mul_(ctf)
+            if shift_px is not None:
+                spectrum.mul_(phase_ramp(shift_px[rows], padded))
+            out[rows] = _crop_inverse(spectrum, size, padded)
+        ctx.save_for_backward(images, coefficients, envelope_coefficients, shift_px)
+        ctx.basis, ctx.padded = basis, padded
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        images, coefficients = ctx.saved_tensors
-        optics, padded = ctx.optics, ctx.padded
+        images, coefficients, envelope_coefficients, shift_px = ctx.saved_tensors
+        basis, padded = ctx.basis, ctx.padded
         n_images, size, _ = images.shape
-        basis, envelope = _ctf_basis(optics, padded, images.device, images.dtype)
-        want_images, want_coefficients = ctx.needs_input_grad[:2]
-        grad_images = torch.empty_like(images) if want_images else None
-        grad_coefficients = torch.empty_like(coefficients) if want_coefficients else None
+        want_images, want_coefficients, want_envelope, want_shifts = ctx.needs_input_grad[:4]
+        want_spectrum = want_coefficients or want_envelope or want_shifts
+        grads = [torch.empty_like(x) if want else None for x, want in zip(
+            (images, coefficients, envelope_coefficients, shift_px), ctx.needs_input_grad)]
         weights = _half_plane_weights(padded, images.device, images.dtype)
         chunk = _chunk_size(images, padded)
         for start in range(0, n_images, chunk):
             rows = slice(start, start + chunk)
             grad_spectrum = _spectrum(grad_out[rows], padded)
-            ctf, argument = _ctf_chunk(coefficients[rows], basis, envelope, padded)
-            if want_coefficients:
-                spectrum = _spectrum(images[rows], padded)
-                grad_ctf = (spectrum * grad_spectrum.conj()).real * weights
-                grad_argument = grad_ctf * torch.cos(argument)
-                if envelope is not None:
-                    grad_argument *= envelope
-                grad_coefficients[rows] = grad_argument.reshape(-1, basis.shape[1]) @ basis.T
+            ctf, argument, envelope = _ctf_chunk(coefficients[rows],
+                                                 None if envelope_coefficients is None
+                                                 else envelope_coefficients[rows], basis,
+                                                 padded)
+            ramp = None if shift_px is None else phase_ramp(shift_px[rows], padded)
+            if want_spectrum:
+                product = _spectrum(images[rows], padded) * grad_spectrum.conj()
+                if ramp is not None:
+                    product *= ramp
+                grad_ctf = product.real * weights
+                if want_coefficients:
+                    grad_argument = grad_ctf * torch.cos(argument)
+                    if envelope is not None:
+                        grad_argument *= envelope
+                    grads[1][rows] = grad_argument.reshape(-1, basis.argument.shape[1]) \
+                        @ basis.argument.T
+                if want_envelope:
+                    grads[2][rows] = (grad_ctf * ctf).reshape(ctf.shape[0], -1) \
+                        @ basis.envelope_rows.T
+                if want_shifts:
+                    phase_grad = (product.imag * weights).mul_(ctf).neg_()
+                    ky, kx = shift_frequencies(padded, images.device, images.dtype)
+                    grads[3][rows] = torch.stack([phase_grad.sum(-2) @ kx,
+                                                  phase_grad.sum(-1) @ ky], dim=-1)
             if want_images:
-                grad_images[rows] = _crop_inverse(grad_spectrum.mul_(ctf), size, padded)
-        return grad_images, grad_coefficients, None, None
+                grad_spectrum.mul_(ctf)
+                if ramp is not None:
+                    grad_spectrum.mul_(ramp.conj())
+                grads[0][rows] = _crop_inverse(grad_spectrum, size, padded)
+        return (*grads, None, None)
