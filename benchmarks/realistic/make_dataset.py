@@ -1,0 +1,582 @@
+"""A realistic particle data set made outside cryosvi's own physics, projected by RELION.
+
+    python benchmarks/realistic/make_dataset.py -o DIR [--preset poses-given|ctf-shifts-given]
+        [--n 2000] [--snr 0.1] [--seed 0] [--bins 41] [--max-angle 30] ...
+
+What it makes (see benchmarks/realistic/README.md):
+1. Structure: all atoms of 1OL5 chain A (Aurora-A kinase domain, residues 123-388 with
+   the two phosphothreonines; waters, ADP, Mg and sulphate left out).
+2. Conformations: a rigid hinge rotation of the N-lobe (residues <= 210) about an axis
+   through the hinge (C-alpha atoms of Glu211-Tyr212-Ala213), normal to the plane of the
+   hinge and the two lobes' centres of mass, so that a positive angle opens the cleft
+   between the lobes. Not an elastic-network mode. The hinge angle t (degrees) is drawn
+   uniformly from the bins 0, dt, ..., max_angle; the bin's exact t is the truth.
+3. Maps: gemmi's electron-scattering density (DensityCalculatorE, ITC Vol. C 4.3.2.2
+   five-Gaussian form factors, each atom's B plus ``--blur``) on a grid of half the pixel
+   size, Fourier-cropped to ``--box`` x ``--pixel`` Å (so the 2 Å map is band-limited
+   instead of aliased); the reference conformation's (t = 0) centre of mass sits on the
+   centre voxel (L//2, L//2, L//2), RELION's origin.
+4. Images: ``relion_project --ctf`` (RELION 3.1), one call per conformation bin over that
+   bin's particles: true poses (uniform on SO(3)), true astigmatic defocus, two optics
+   groups, shifts rlnOriginXAngst/YAngst uniform in +-max_shift Å. Merged into one stack.
+5. White Gaussian noise at the data-set SNR (variance of all clean pixels / noise
+   variance), then each image normalised as relion_preprocess --norm --no_ramp does:
+   the background (pixels farther than ``--bg-radius`` px from the centre) to mean 0, std 1.
+6. particles.star (RELION 3.1: optics + particles) with the "given" columns a user has
+   after consensus refinement (poses ~2 deg off, CTF estimates, shifts) and the truth in
+   cryosviTrue* columns; truth.json with every setting, the command line and the checks.
+
+Two checks are printed and recorded: the sign RELION gives rlnOriginXAngst/YAngst (found
+by projecting the reference map with a known origin) and an oracle that knows the true
+maps, poses and CTFs and picks, for a few particles, the conformation bin whose noise-free
+RELION projection correlates best with the noisy image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import gemmi
+import mrcfile
+import numpy as np
+import pandas as pd
+import scipy.stats
+import starfile
+import torch
+
+from cryosvi.io.atomic import write_atomically
+from cryosvi.rotations import (euler_to_matrix, geodesic_angle, matrix_to_euler,
+                               quaternion_to_matrix, random_quaternions,
+                               rotation_vector_to_quaternion)
+from cryosvi.structure import default_structure_path, read_structure
+
+# The targets of issue 12: poses from a consensus refinement (~2 deg off) at SNR 0.1, or
+# CTF estimates and shifts given (pose, defocus and mode inferred) at SNR 1.
+PRESETS = {
+    "poses-given": {"snr": 0.1},
+    "ctf-shifts-given": {"snr": 1.0},
+}
+
+# Aurora-A (1OL5 chain A) lobes: the N-lobe ends before the hinge Glu211-Tyr212-Ala213
+# (Ala213's backbone pairs with the adenine of ATP); the C-lobe starts after it.
+N_LOBE_LAST = 210
+HINGE_RESIDUES = (211, 212, 213)
+
+# Two optics groups of one data set: same pixel size and box, different microscopes.
+OPTICS = [
+    {"rlnOpticsGroup": 1, "rlnOpticsGroupName": "opticsGroup1", "rlnVoltage": 300.0,
+     "rlnSphericalAberration": 2.7, "rlnAmplitudeContrast": 0.1},
+    {"rlnOpticsGroup": 2, "rlnOpticsGroupName": "opticsGroup2", "rlnVoltage": 200.0,
+     "rlnSphericalAberration": 2.0, "rlnAmplitudeContrast": 0.07},
+]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("-o", "--output", required=True, help="output directory (created)")
+    parser.add_argument("--preset", choices=sorted(PRESETS),
+                        help="issue 12's targets: sets --snr (explicit options win)")
+    parser.add_argument("--n", type=int, default=2000, help="number of particles")
+    parser.add_argument("--snr", type=float, default=None,
+                        help="data-set SNR (default 0.1, or the preset's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--structure", default=str(default_structure_path()))
+    parser.add_argument("--chain", default="A")
+    parser.add_argument("--box", type=int, default=48, help="image and map box (px)")
+    parser.add_argument("--pixel", type=float, default=2.0, help="pixel size (Å)")
+    parser.add_argument("--blur", type=float, default=40.0,
+                        help="B (Å^2) added to every atom's B in the density")
+    parser.add_argument("--bins", type=int, default=41, help="conformation bins (maps)")
+    parser.add_argument("--max-angle", type=float, default=30.0,
+                        help="largest hinge angle (degrees); bins span 0..max")
+    parser.add_argument("--max-shift", type=float, default=6.0,
+                        help="shifts uniform in +-max (Å)")
+    parser.add_argument("--defocus-range", type=float, nargs=2, default=(8000.0, 25000.0),
+                        help="defocus U uniform in this range (Å)")
+    parser.add_argument("--max-astigmatism", type=float, default=1000.0,
+                        help="U - V uniform in [0, max] (Å)")
+    parser.add_argument("--pose-error", type=float, default=2.0,
+                        help="RMS angle (degrees) of the consensus poses' error")
+    parser.add_argument("--defocus-error", type=float, default=100.0,
+                        help="std (Å) of the CTF estimates' error, common to U and V")
+    parser.add_argument("--bg-radius", type=int, default=None,
+                        help="normalisation: background beyond this radius (px); "
+                             "default round(0.75 * box / 2)")
+    parser.add_argument("--oracle", type=int, default=64,
+                        help="particles for the oracle check (0: skip)")
+    parser.add_argument("--save-clean", action="store_true",
+                        help="also write clean.mrcs, the noise-free RELION images")
+    args = parser.parse_args(argv)
+    if args.snr is None:
+        args.snr = PRESETS[args.preset]["snr"] if args.preset else 0.1
+    if args.bg_radius is None:
+        args.bg_radius = int(round(0.75 * args.box / 2))
+    if args.n < 1 or args.bins < 1 or not args.snr > 0:
+        parser.error("--n and --bins must be >= 1 and --snr > 0")
+    return args
+
+
+# ---------------------------------------------------------------- structure and hinge
+
+def load_chain(path: str, chain: str) -> gemmi.Structure:
+    """A structure holding only the polymer residues of ``chain`` (all atoms, first
+    altloc), in a P1 cell (set later), so gemmi places no symmetry copies."""
+    structure = read_structure(path)
+    model = structure[0]
+    polymer = model[chain].get_polymer()
+    kept = gemmi.Structure()
+    kept.name = structure.name
+    new_model = gemmi.Model("1")
+    new_chain = gemmi.Chain(chain)
+    for residue in polymer:
+        new_chain.add_residue(residue)
+    new_model.add_chain(new_chain)
+    kept.add_model(new_model)
+    kept.spacegroup_hm = "P 1"
+    kept.setup_entities()
+    return kept
+
+
+def atom_arrays(structure: gemmi.Structure):
+    """(N, 3) positions Å, (N,) masses (Da), (N,) author residue numbers; file order."""
+    atoms = [(residue.seqid.num, atom) for residue in structure[0][0] for atom in residue]
+    positions = np.array([atom.pos.tolist() for _, atom in atoms])
+    masses = np.array([atom.element.weight for _, atom in atoms])
+    residues = np.array([number for number, _ in atoms])
+    return positions, masses, residues
+
+
+def hinge_axis(positions, masses, residues, names):
+    """(point (3,), unit direction (3,)) of the hinge axis, Å.
+
+    The axis passes through the hinge's C-alpha centroid, normal to the plane of that
+    point and the two lobes' centres of mass, oriented so that a positive right-handed
+    rotation of the N-lobe increases the angle N-lobe - hinge - C-lobe (opens the cleft).
+    """
+    hinge = positions[np.isin(residues, HINGE_RESIDUES) & (names == "CA")].mean(0)
+    n_lobe, c_lobe = residues <= N_LOBE_LAST, residues > max(HINGE_RESIDUES)
+    to_n = np.average(positions[n_lobe], axis=0, weights=masses[n_lobe]) - hinge
+    to_c = np.average(positions[c_lobe], axis=0, weights=masses[c_lobe]) - hinge
+    # A rotation about c x n takes n away from c.
+    direction = np.cross(to_c, to_n)
+    return hinge, direction / np.linalg.norm(direction)
+
+
+def rotation_matrix(direction, angle_deg: float) -> np.ndarray:
+    """(3, 3) right-handed rotation by ``angle_deg`` about the unit ``direction``."""
+    vector = torch.as_tensor(direction * math.radians(angle_deg), dtype=torch.float64)
+    return quaternion_to_matrix(rotation_vector_to_quaternion(vector)).numpy()
+
+
+def hinge_conformation(positions, residues, point, direction, angle_deg) -> np.ndarray:
+    """(N, 3) Å: the N-lobe (residues <= N_LOBE_LAST) rotated rigidly about the axis."""
+    moved = positions.copy()
+    lobe = residues <= N_LOBE_LAST
+    moved[lobe] = (positions[lobe] - point) @ rotation_matrix(direction, angle_deg).T + point
+    return moved
+
+
+def cleft_angle(positions, masses, residues, names) -> float:
+    """Angle (degrees) N-lobe centre - hinge C-alpha centroid - C-lobe centre."""
+    hinge = positions[np.isin(residues, HINGE_RESIDUES) & (names == "CA")].mean(0)
+    n_lobe, c_lobe = residues <= N_LOBE_LAST, residues > max(HINGE_RESIDUES)
+    a = np.average(positions[n_lobe], axis=0, weights=masses[n_lobe]) - hinge
+    b = np.average(positions[c_lobe], axis=0, weights=masses[c_lobe]) - hinge
+    return math.degrees(math.acos(a @ b / np.linalg.norm(a) / np.linalg.norm(b)))
+
+
+# ---------------------------------------------------------------------------- maps
+
+def density_map(structure: gemmi.Structure, positions, box: int, pixel: float,
+                blur: float) -> np.ndarray:
+    """(box, box, box) float32 map [z, y, x] of pixel ``pixel`` Å: gemmi's electron-
+    scattering density of the atoms at ``positions`` (Å, box frame: voxel i at i * pixel),
+    computed on a grid of pixel / 2 and Fourier-cropped (band-limited at Nyquist)."""
+    fine = 2 * box
+    for atom, xyz in zip((a for r in structure[0][0] for a in r), positions):
+        atom.pos = gemmi.Position(*xyz)
+    structure.cell = gemmi.UnitCell(box * pixel, box * pixel, box * pixel, 90, 90, 90)
+    calculator = gemmi.DensityCalculatorE()
+    calculator.blur = blur
+    calculator.grid.set_unit_cell(structure.cell)
+    calculator.grid.spacegroup = gemmi.find_spacegroup_by_name("P 1")
+    calculator.grid.set_size(fine, fine, fine)
+    calculator.add_model_density_to_grid(structure[0])
+    # gemmi's grid is indexed [u, v, w] = [x, y, z]; MRC and RELION want [z, y, x].
+    values = np.array(calculator.grid, copy=True).transpose(2, 1, 0)
+    return fourier_crop(values, box).astype(np.float32)
+
+
+def fourier_crop(volume: np.ndarray, size: int) -> np.ndarray:
+    """(n, n, n) -> (size, size, size) keeping the frequencies |k| < size / 2 (and the
+    -size/2 plane), sample values preserved: the same grid points at a coarser spacing."""
+    n = volume.shape[0]
+    spectrum = np.fft.fftn(volume)
+    keep = np.r_[0:size // 2, n - size // 2:n]
+    cropped = spectrum[np.ix_(keep, keep, keep)]
+    return np.fft.ifftn(cropped).real * (size / n) ** 3
+
+
+def write_map(path: Path, data: np.ndarray, pixel: float) -> None:
+    def write(temporary: Path) -> None:
+        with mrcfile.new(temporary, overwrite=True) as mrc:
+            mrc.set_data(np.ascontiguousarray(data, dtype=np.float32))
+            mrc.voxel_size = pixel
+    write_atomically(path, write)
+
+
+def map_centre_of_mass(data: np.ndarray, pixel: float) -> np.ndarray:
+    """(x, y, z) Å of the positive density's centre of mass (voxel i at i * pixel)."""
+    weights = np.clip(data, 0, None)
+    grids = np.meshgrid(*(np.arange(s) for s in data.shape), indexing="ij")
+    zyx = np.array([(g * weights).sum() / weights.sum() for g in grids])
+    return zyx[::-1] * pixel
+
+
+# ------------------------------------------------------------------- particle table
+
+def random_rotations(n: int, rng: np.random.Generator) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    return quaternion_to_matrix(random_quaternions(n, generator, dtype=torch.float64))
+
+
+def perturb(matrices: torch.Tensor, rms_deg: float, rng: np.random.Generator) -> torch.Tensor:
+    """Each (n, 3, 3) rotation composed with a random small rotation whose rotation vector
+    is isotropic Gaussian with RMS angle ``rms_deg`` (each component rms / sqrt 3)."""
+    vectors = rng.normal(0.0, math.radians(rms_deg) / math.sqrt(3), size=(len(matrices), 3))
+    error = quaternion_to_matrix(rotation_vector_to_quaternion(torch.as_tensor(vectors)))
+    return error @ matrices
+
+
+def sample_particles(args, angles: np.ndarray, rng: np.random.Generator) -> pd.DataFrame:
+    """The per-particle truth and the given (estimated) values, RELION 3.1 labels."""
+    n = args.n
+    bins = rng.integers(len(angles), size=n)
+    true = random_rotations(n, rng)
+    given = perturb(true, args.pose_error, rng)
+    true_euler = [a.numpy() for a in matrix_to_euler(true)]
+    given_euler = [a.numpy() for a in matrix_to_euler(given)]
+    defocus_u = rng.uniform(*args.defocus_range, size=n)
+    defocus_v = defocus_u - rng.uniform(0, args.max_astigmatism, size=n)
+    defocus_angle = rng.uniform(0, 180, size=n)
+    shift_x, shift_y = rng.uniform(-args.max_shift, args.max_shift, size=(2, n))
+    defocus_error = rng.normal(0, args.defocus_error, size=n) if args.defocus_error else 0.0
+    groups = rng.integers(1, len(OPTICS) + 1, size=n)
+    return pd.DataFrame({
+        "rlnImageName": [f"{i + 1:06d}@particles.mrcs" for i in range(n)],
+        "rlnOpticsGroup": groups,
+        "rlnAngleRot": given_euler[0], "rlnAngleTilt": given_euler[1],
+        "rlnAnglePsi": given_euler[2],
+        "rlnOriginXAngst": shift_x, "rlnOriginYAngst": shift_y,
+        "rlnDefocusU": defocus_u + defocus_error, "rlnDefocusV": defocus_v + defocus_error,
+        "rlnDefocusAngle": defocus_angle,
+        "cryosviTrueAngleRot": true_euler[0], "cryosviTrueAngleTilt": true_euler[1],
+        "cryosviTrueAnglePsi": true_euler[2],
+        "cryosviTrueOriginXAngst": shift_x, "cryosviTrueOriginYAngst": shift_y,
+        "cryosviTrueDefocusU": defocus_u, "cryosviTrueDefocusV": defocus_v,
+        "cryosviTrueDefocusAngle": defocus_angle,
+        "cryosviTrueOpticsGroup": groups,
+        "cryosviTrueConformation": angles[bins],
+        "cryosviConformationBin": bins,
+        "cryosviPoseError": geodesic_angle(true, given).numpy(),
+    })
+
+
+def optics_table(box: int, pixel: float) -> pd.DataFrame:
+    table = pd.DataFrame(OPTICS)
+    table["rlnImagePixelSize"] = pixel
+    table["rlnImageSize"] = box
+    table["rlnImageDimensionality"] = 2
+    return table
+
+
+def truth_for_relion(particles: pd.DataFrame) -> pd.DataFrame:
+    """The columns relion_project reads, holding the truth."""
+    return pd.DataFrame({
+        "rlnAngleRot": particles["cryosviTrueAngleRot"],
+        "rlnAngleTilt": particles["cryosviTrueAngleTilt"],
+        "rlnAnglePsi": particles["cryosviTrueAnglePsi"],
+        "rlnOriginXAngst": particles["cryosviTrueOriginXAngst"],
+        "rlnOriginYAngst": particles["cryosviTrueOriginYAngst"],
+        "rlnDefocusU": particles["cryosviTrueDefocusU"],
+        "rlnDefocusV": particles["cryosviTrueDefocusV"],
+        "rlnDefocusAngle": particles["cryosviTrueDefocusAngle"],
+        "rlnOpticsGroup": particles["cryosviTrueOpticsGroup"],
+    })
+
+
+# --------------------------------------------------------------------------- RELION
+
+def relion_project(map_path: Path, table: pd.DataFrame, optics: pd.DataFrame,
+                   workdir: Path, name: str, pixel: float, ctf: bool = True) -> np.ndarray:
+    """(len(table), L, L) float32: ``relion_project --ang`` of ``map_path`` for the rows
+    of ``table`` (RELION 3.1 particle columns), in row order."""
+    star = workdir / f"{name}_in.star"
+    starfile.write({"optics": optics, "particles": table.reset_index(drop=True)}, star,
+                   overwrite=True)
+    command = ["relion_project", "--i", str(map_path), "--o", str(workdir / name),
+               "--ang", str(star), "--angpix", str(pixel)] + (["--ctf"] if ctf else [])
+    result = subprocess.run(command, capture_output=True, text=True)
+    stack = workdir / f"{name}.mrcs"
+    if result.returncode != 0 or not stack.exists():
+        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}")
+    images = mrcfile.read(stack)
+    images = images.reshape(-1, *images.shape[-2:])
+    for path in (star, stack, workdir / f"{name}.star"):
+        path.unlink(missing_ok=True)
+    if len(images) != len(table):
+        raise RuntimeError(f"relion_project wrote {len(images)} images for {len(table)}")
+    return images.astype(np.float32)
+
+
+def image_centre_of_mass(image: np.ndarray) -> np.ndarray:
+    """(x, y) px of an image's positive part."""
+    weights = np.clip(image, 0, None)
+    y, x = np.mgrid[:image.shape[0], :image.shape[1]]
+    return np.array([(x * weights).sum(), (y * weights).sum()]) / weights.sum()
+
+
+def shift_sign(map_path: Path, optics: pd.DataFrame, workdir: Path, pixel: float,
+               shift: float) -> dict:
+    """Project the map at identity pose without CTF with origins (0, 0), (s, 0), (0, s)
+    Å; return how far (Å) the image's centre of mass moved in x and y."""
+    table = pd.DataFrame({"rlnAngleRot": 0.0, "rlnAngleTilt": 0.0, "rlnAnglePsi": 0.0,
+                          "rlnOriginXAngst": [0.0, shift, 0.0],
+                          "rlnOriginYAngst": [0.0, 0.0, shift],
+                          "rlnDefocusU": 10000.0, "rlnDefocusV": 10000.0,
+                          "rlnDefocusAngle": 0.0, "rlnOpticsGroup": 1})
+    images = relion_project(map_path, table, optics, workdir, "shift_check", pixel, ctf=False)
+    centres = [image_centre_of_mass(image) for image in images]
+    moved_x = (centres[1] - centres[0]) * pixel
+    moved_y = (centres[2] - centres[0]) * pixel
+    return {"origin_angst": shift, "moved_x_angst_for_origin_x": float(moved_x[0]),
+            "moved_y_angst_for_origin_y": float(moved_y[1]),
+            "sign": int(np.sign(moved_x[0])) if abs(moved_x[0]) > shift / 2 else 0}
+
+
+# ------------------------------------------------------------------ noise and norm
+
+def background_mask(box: int, radius: float) -> np.ndarray:
+    """(box, box) bool: pixels farther than ``radius`` px from the centre (L//2, L//2)."""
+    y, x = np.mgrid[:box, :box] - box // 2
+    return np.hypot(x, y) > radius
+
+
+def normalise(images: np.ndarray, mask: np.ndarray):
+    """Background (``mask``) of each image to mean 0, std 1, as relion_preprocess --norm
+    --no_ramp. Returns (normalised (n, L, L), means (n,), stds (n,))."""
+    background = images[:, mask]
+    means = background.mean(1)
+    stds = background.std(1)
+    return (images - means[:, None, None]) / stds[:, None, None], means, stds
+
+
+def correlation(images: np.ndarray, references: np.ndarray) -> np.ndarray:
+    """Pearson correlation of each image (n, L, L) with each reference (n, k, L, L)."""
+    a = images.reshape(len(images), 1, -1)
+    b = references.reshape(*references.shape[:2], -1)
+    a = a - a.mean(-1, keepdims=True)
+    b = b - b.mean(-1, keepdims=True)
+    return (a * b).sum(-1) / np.sqrt((a * a).sum(-1) * (b * b).sum(-1))
+
+
+def given_for_relion(particles: pd.DataFrame) -> pd.DataFrame:
+    """The columns relion_project reads, holding the given values (consensus poses, CTF
+    estimates, shifts)."""
+    return particles[list(truth_for_relion(particles.iloc[:0]).columns)]
+
+
+def oracle(particles, images, maps, angles, optics, workdir, pixel, chosen,
+           given=False) -> dict:
+    """For the particles ``chosen`` (indices), RELION's noise-free projections through
+    every conformation map with the true (or, ``given``, the given) pose, CTF and shift;
+    the bin whose projection correlates best with the noisy normalised image is the
+    oracle's estimate of the conformation."""
+    table = (given_for_relion if given else truth_for_relion)(particles.iloc[chosen])
+    references = np.stack([relion_project(path, table, optics, workdir, f"oracle_{k:03d}",
+                                          pixel) for k, path in enumerate(maps)], axis=1)
+    scores = correlation(images[chosen], references)          # (count, bins)
+    true_bin = particles["cryosviConformationBin"].to_numpy()[chosen]
+    rows = np.arange(len(chosen))
+    best = scores.argmax(1)
+    neighbours = [scores[rows, np.clip(true_bin + d, 0, len(maps) - 1)] for d in (-1, 1)]
+    far = [scores[rows, np.clip(true_bin + d, 0, len(maps) - 1)] for d in (-5, 5)]
+    # Gaussian likelihood with the scale and offset fitted by least squares: the residual
+    # is |x - mean x|^2 (1 - r_k^2); the posterior mean of t under the uniform prior.
+    centred = images[chosen] - images[chosen].mean((1, 2), keepdims=True)
+    energy = (centred.astype(np.float64) ** 2).sum((1, 2))
+    noise_var = particles["cryosviNoiseStd"].to_numpy()[chosen] ** 2
+    log_like = -energy[:, None] * (1 - scores.astype(np.float64) ** 2) / (2 * noise_var[:, None])
+    weights = np.exp(log_like - log_like.max(1, keepdims=True))
+    posterior_mean = (weights * angles).sum(1) / weights.sum(1)
+    true_angle = angles[true_bin]
+    varied = len(np.unique(true_bin)) > 1
+    return {
+        "particles": len(chosen),
+        "true_bin_is_best": float((best == true_bin).mean()),
+        "mean_corr_true": float(scores[rows, true_bin].mean()),
+        "mean_corr_true_minus_neighbours_1": float((scores[rows, true_bin]
+                                                     - np.mean(neighbours, 0)).mean()),
+        "mean_corr_true_minus_neighbours_5": float((scores[rows, true_bin]
+                                                     - np.mean(far, 0)).mean()),
+        "median_abs_error_deg": float(np.median(np.abs(angles[best] - true_angle))),
+        "spearman_best_bin": float(scipy.stats.spearmanr(best, true_bin).statistic)
+        if varied else float("nan"),
+        "spearman_posterior_mean": float(scipy.stats.spearmanr(posterior_mean,
+                                                               true_angle).statistic)
+        if varied else float("nan"),
+    }
+
+
+# ---------------------------------------------------------------------------- main
+
+def write_star(path: Path, optics: pd.DataFrame, particles: pd.DataFrame) -> None:
+    def write(temporary: Path) -> None:
+        starfile.write({"optics": optics, "particles": particles}, temporary, overwrite=True,
+                       float_format="%.6f")
+    write_atomically(path, write)
+
+
+def write_stack(path: Path, images: np.ndarray, pixel: float) -> None:
+    def write(temporary: Path) -> None:
+        with mrcfile.new(temporary, overwrite=True) as mrc:
+            mrc.set_data(images.astype(np.float32))
+            mrc.set_image_stack()
+            mrc.voxel_size = pixel
+    write_atomically(path, write)
+
+
+def make_dataset(args) -> dict:
+    start = time.perf_counter()
+    if shutil.which("relion_project") is None:
+        raise SystemExit("make_dataset: error: relion_project is not on PATH (RELION 3.1)")
+    output = Path(args.output)
+    (output / "maps").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(args.seed)
+
+    structure = load_chain(args.structure, args.chain)
+    positions, masses, residues = atom_arrays(structure)
+    names = np.array([atom.name for residue in structure[0][0] for atom in residue])
+    point, direction = hinge_axis(positions, masses, residues, names)
+    box_centre = np.full(3, (args.box // 2) * args.pixel)
+    offset = box_centre - np.average(positions, axis=0, weights=masses)
+    angles = np.linspace(0.0, args.max_angle, args.bins) if args.bins > 1 else np.zeros(1)
+
+    timings = {}
+    tick = time.perf_counter()
+    maps, cleft = [], []
+    for k, angle in enumerate(angles):
+        moved = hinge_conformation(positions, residues, point, direction, angle)
+        cleft.append(cleft_angle(moved, masses, residues, names))
+        data = density_map(structure, moved + offset, args.box, args.pixel, args.blur)
+        if k == 0:
+            com = map_centre_of_mass(data, args.pixel)
+            if np.abs(com - box_centre).max() > 0.5:
+                raise RuntimeError(f"map centre of mass {com} Å is not the box centre")
+        maps.append(output / "maps" / f"conformation_{k:03d}.mrc")
+        write_map(maps[-1], data, args.pixel)
+    timings["maps_s"] = time.perf_counter() - tick
+
+    particles = sample_particles(args, angles, rng)
+    optics = optics_table(args.box, args.pixel)
+    relion_truth = truth_for_relion(particles)
+    clean = np.empty((args.n, args.box, args.box), np.float32)
+    tick = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=output) as scratch:
+        workdir = Path(scratch)
+        for k, path in enumerate(maps):
+            rows = np.flatnonzero(particles["cryosviConformationBin"].to_numpy() == k)
+            if len(rows):
+                clean[rows] = relion_project(path, relion_truth.iloc[rows], optics, workdir,
+                                             f"bin_{k:03d}", args.pixel)
+        timings["relion_project_s"] = time.perf_counter() - tick
+        shift = shift_sign(maps[0], optics, workdir, args.pixel, args.max_shift)
+
+        signal_variance = float(clean.astype(np.float64).var())
+        noise_std = math.sqrt(signal_variance / args.snr)
+        noisy = clean + rng.normal(0.0, noise_std, size=clean.shape).astype(np.float32)
+        images, means, stds = normalise(noisy, background_mask(args.box, args.bg_radius))
+        particles["cryosviNormMean"] = means
+        particles["cryosviNormStd"] = stds
+        particles["cryosviNoiseStd"] = noise_std / stds   # noise std after normalisation
+
+        tick = time.perf_counter()
+        chosen = np.sort(rng.choice(args.n, size=min(args.oracle, args.n), replace=False))
+        oracle_result = {kind: oracle(particles, images, maps, angles, optics, workdir,
+                                      args.pixel, chosen, given=kind == "given")
+                         for kind in ("true", "given")} if args.oracle else None
+        timings["oracle_s"] = time.perf_counter() - tick
+
+    write_stack(output / "particles.mrcs", images, args.pixel)
+    if args.save_clean:
+        write_stack(output / "clean.mrcs", clean, args.pixel)
+    write_star(output / "particles.star", optics, particles)
+    timings["total_s"] = time.perf_counter() - start
+
+    truth = {
+        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        "settings": {key: (list(value) if isinstance(value, tuple) else value)
+                     for key, value in vars(args).items()},
+        "structure": {"path": args.structure, "chain": args.chain,
+                      "atoms": int(len(positions)),
+                      "residues": [int(residues.min()), int(residues.max())],
+                      "centre_of_mass_in_file_angst": (box_centre - offset).tolist(),
+                      "density": "gemmi.DensityCalculatorE (electron scattering), "
+                                 f"atom B + blur {args.blur} Å^2, grid {args.pixel / 2} Å, "
+                                 f"Fourier-cropped to {args.pixel} Å"},
+        "conformation": {"kind": "rigid hinge rotation of the N-lobe",
+                         "n_lobe_residues": f"<= {N_LOBE_LAST}",
+                         "hinge_residues": list(HINGE_RESIDUES),
+                         "axis_point_in_file_angst": point.tolist(),
+                         "axis_direction": direction.tolist(),
+                         "bin_angles_deg": angles.tolist(),
+                         "cleft_angle_deg": cleft},
+        "optics": OPTICS,
+        "snr": args.snr, "signal_variance": signal_variance,
+        "noise_std_before_normalisation": noise_std,
+        "background_radius_px": args.bg_radius,
+        "pose_error_deg": {"rms": float(np.sqrt((particles["cryosviPoseError"] ** 2).mean())),
+                           "median": float(particles["cryosviPoseError"].median())},
+        "relion_shift_check": shift,
+        "oracle": oracle_result,
+        "timings_s": timings,
+        "relion_project": subprocess.run(["relion_project", "--version"], capture_output=True,
+                                         text=True).stdout.strip(),
+    }
+    write_atomically(output / "truth.json",
+                     lambda temporary: temporary.write_text(json.dumps(truth, indent=2)))
+    return truth
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(1)
+    truth = make_dataset(args)
+    print(f"wrote {args.n} particles to {args.output} (SNR {args.snr}, noise std "
+          f"{truth['noise_std_before_normalisation']:.4g} before normalisation)")
+    shift = truth["relion_shift_check"]
+    print(f"RELION shift sign: rlnOriginXAngst = +{shift['origin_angst']} Å moved the particle "
+          f"by {shift['moved_x_angst_for_origin_x']:+.2f} Å in x "
+          f"(rlnOriginYAngst: {shift['moved_y_angst_for_origin_y']:+.2f} Å in y)")
+    for kind, o in (truth["oracle"] or {}).items():
+        print(f"oracle ({o['particles']} particles, true maps, {kind} poses/CTF/shifts): "
+              f"true bin best {o['true_bin_is_best']:.2f}, corr true - neighbours(+-1) "
+              f"{o['mean_corr_true_minus_neighbours_1']:+.4f}, (+-5) "
+              f"{o['mean_corr_true_minus_neighbours_5']:+.4f}, "
+              f"median |error| {o['median_abs_error_deg']:.1f} deg, "
+              f"Spearman best bin {o['spearman_best_bin']:.3f}, "
+              f"posterior mean {o['spearman_posterior_mean']:.3f}")
+    print("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in truth["timings_s"].items()))
+
+
+if __name__ == "__main__":
+    main()
