@@ -86,23 +86,26 @@ def test_same_seed_same_data(tmp_path, noisy_and_clean):
 
 
 def test_existing_output_needs_force(tmp_path, capsys):
-    (tmp_path / "out").mkdir()
+    (tmp_path / "out").mkdir()  # an empty directory is used as it is
+    assert main(["simulate", "-o", str(tmp_path / "out"), "-n", "2"]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        ".cryosvi", "particles.mrcs", "particles.star", "reference.npz"]
+    capsys.readouterr()
     assert main(["simulate", "-o", str(tmp_path / "out"), "-n", "2"]) == 2
     assert "--force" in capsys.readouterr().err
-    assert main(["simulate", "-o", str(tmp_path / "out"), "-n", "2", "--force"]) == 0
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "particles.mrcs", "particles.star", "reference.npz"]
+    assert main(["simulate", "-o", str(tmp_path / "out"), "-n", "3", "--force"]) == 0
+    assert "wrote 3 particles" in capsys.readouterr().out
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging directory left
 
 
 @pytest.mark.parametrize("arguments, message", [
     (["--box", "-4"], "must be >= 1"),
-    (["--snr", "0"], "must be > 0"),
+    (["--snr", "0"], "must be >= 1e-06"),
     (["--pixel-size", "abc"], "not a number"),
     (["--box", "12"], "too small for the molecule"),
     (["--structure", "missing.pdb"], "missing.pdb"),
     (["--chain", "Z"], "chain"),
-    (["--amp-contrast", "1.5"], "amplitude contrast"),
+    (["--amp-contrast", "1.5"], "--amp-contrast"),
 ])
 def test_nonsense_input_gets_one_line_error(tmp_path, capsys, arguments, message):
     try:

@@ -99,3 +99,81 @@ PAPER_PRESET = dict(
 )
 """The paper's data set as read in PAPER.md: box 32, 2.5 Å pixels, sigma 2 Å, window
 5 px, one mode, SNR 20, defocus 10000 +- 2500 Å, uniform poses."""
+
+
+LIMITS = dict(voltage=(10.0, 3000.0), spherical_aberration=(0.0, 100.0),
+              pixel_size=(0.01, 1000.0), box=(8, 4096), defocus=(1.0, 1e6),
+              mode_std=(0.0, 1e3), snr=(1e-6, math.inf), pad_factor=(1, 8))
+"""Ranges of the settings, wide enough for any microscope and molecule and narrow enough
+that no intermediate (wavelength, CTF phase, noise std in float32) overflows."""
+
+
+def check(optics: Optics, imaging: Imaging, priors: Priors, noise: Noise | None = None,
+          where: str = "") -> None:
+    """Refuse settings that are not finite or out of their physical range (CryosviError
+    naming the setting; ``where`` prefixes the message, e.g. the file they came from)."""
+    from cryosvi.errors import CryosviError
+
+    def fail(text):
+        raise CryosviError(f"{where}{text}")
+
+    def number(name, value, low, high, low_open=False):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            fail(f"{name} must be a number, got {value!r}")
+        inside = (low < value if low_open else low <= value) and value <= high
+        if math.isnan(value) or not inside:
+            bracket = "(" if low_open else "["
+            fail(f"{name} must be in {bracket}{low:g}, {high:g}], got {value}")
+
+    number("voltage (kV)", optics.voltage, *LIMITS["voltage"])
+    number("spherical aberration (mm)", optics.spherical_aberration,
+           *LIMITS["spherical_aberration"])
+    if not (isinstance(optics.amplitude_contrast, (int, float))
+            and 0 <= optics.amplitude_contrast < 1):
+        fail(f"amplitude contrast must be in [0, 1), got {optics.amplitude_contrast}")
+    number("pixel size (Å)", optics.pixel_size, *LIMITS["pixel_size"])
+    if isinstance(optics.box, bool) or not isinstance(optics.box, int):
+        fail(f"box must be an integer, got {optics.box!r}")
+    number("box (px)", optics.box, *LIMITS["box"])
+    number("phase shift (degrees)", optics.phase_shift, -360.0, 360.0)
+    number("B-factor (Å^2)", optics.bfactor, 0.0, 1e5)
+    if not (isinstance(imaging.sigma, (int, float)) and math.isfinite(imaging.sigma)
+            and imaging.sigma >= 0.25 * optics.pixel_size):
+        fail(f"sigma must be a finite number of at least a quarter pixel "
+             f"({0.25 * optics.pixel_size:g} Å; a narrower Gaussian falls between the "
+             f"pixel centres), got {imaging.sigma}")
+    window = imaging.window
+    if window is None:
+        window = default_window(imaging.sigma, optics.pixel_size)
+        if window > optics.box:
+            fail(f"sigma {imaging.sigma:g} Å gives a {window} px window (+-3 sigma), "
+                 f"larger than the {optics.box} px box")
+    elif isinstance(window, bool) or not isinstance(window, int) or \
+            not 1 <= window <= optics.box:
+        fail(f"window must be an integer from 1 to the box ({optics.box} px), got {window}")
+    if isinstance(imaging.pad_factor, bool) or not isinstance(imaging.pad_factor, int):
+        fail(f"pad factor must be an integer, got {imaging.pad_factor!r}")
+    number("pad factor", imaging.pad_factor, *LIMITS["pad_factor"])
+    if not priors.mode_std:
+        fail("at least one mode is needed")
+    for value in priors.mode_std:
+        number("mode std (Å)", value, *LIMITS["mode_std"], low_open=True)
+    number("defocus mean (Å)", priors.defocus_mean, *LIMITS["defocus"])
+    number("defocus std (Å)", priors.defocus_std, 0.0, LIMITS["defocus"][1], low_open=True)
+    number("rotation concentration", priors.rotation_concentration, 0.0, 1e6)
+    if len(priors.rotation_mean) != 4 or not all(
+            isinstance(v, (int, float)) and math.isfinite(v) for v in priors.rotation_mean) \
+            or not any(priors.rotation_mean):
+        fail(f"rotation mean must be 4 finite numbers, not all 0, got {priors.rotation_mean}")
+    if noise is not None:
+        number("SNR", noise.snr, *LIMITS["snr"])
+        number("noise std", noise.std, 0.0, 1e30)
+
+
+def bytes_per_image(optics: Optics, imaging: Imaging) -> int:
+    """Rough peak memory of the forward model per image in flight, bytes: the projection
+    canvas (box + 2 window)^2 float32 and a few complex64 copies of the padded box for the
+    CTF (the projection's per-atom work is chunked to a fixed budget)."""
+    window = imaging.window or default_window(imaging.sigma, optics.pixel_size)
+    padded = imaging.pad_factor * optics.box
+    return 4 * (optics.box + 2 * window) ** 2 + 4 * 8 * padded**2

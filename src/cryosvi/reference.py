@@ -16,6 +16,7 @@ from cryosvi import config
 from cryosvi.config import Imaging, Noise, Optics, Priors
 from cryosvi.errors import CryosviError
 from cryosvi.io.atomic import save_npz_atomically
+from cryosvi.io.outputs import provenance_array
 
 
 @dataclass(frozen=True)
@@ -59,25 +60,60 @@ class Reference:
         }
         save_npz_atomically(path, coords=self.coords, centroid=self.centroid,
                             modes=self.modes, eigenvalues=self.eigenvalues,
-                            settings=json.dumps(settings))
+                            settings=json.dumps(settings),
+                            cryosvi=provenance_array("reference"))
 
     @classmethod
     def load(cls, path: str | Path) -> "Reference":
+        """Read a reference written by :meth:`save` (no pickle); CryosviError (one line)
+        for a missing, damaged or inconsistent file."""
         path = Path(path)
         if not path.is_file():
             raise CryosviError(f"reference file not found: {path}")
         try:
-            with np.load(path) as data:
+            with np.load(path, allow_pickle=False) as data:
                 settings = json.loads(str(data["settings"]))
-                arrays = {k: data[k] for k in ("coords", "centroid", "modes", "eigenvalues")}
-        except (KeyError, ValueError, OSError) as error:
-            raise CryosviError(f"{path} is not a cryosvi reference (.npz): {error}") from None
-        return cls(**arrays,
-                   optics=config.from_dict(Optics, settings["optics"]),
-                   imaging=config.from_dict(Imaging, settings["imaging"]),
-                   priors=config.from_dict(Priors, settings["priors"]),
-                   noise=config.from_dict(Noise, settings["noise"]),
-                   source=settings.get("source", {}))
+                arrays = {k: data[k] for k in ARRAYS}
+        except Exception as error:  # zip, key, JSON, dtype and pickle refusals alike
+            text = str(error).strip().splitlines()[0] if str(error).strip() else \
+                type(error).__name__
+            raise CryosviError(f"{path} is not a cryosvi reference (.npz): {text}") from None
+        try:
+            reference = cls(**arrays,
+                            optics=config.from_dict(Optics, settings["optics"]),
+                            imaging=config.from_dict(Imaging, settings["imaging"]),
+                            priors=config.from_dict(Priors, settings["priors"]),
+                            noise=config.from_dict(Noise, settings["noise"]),
+                            source=dict(settings.get("source") or {}))
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise CryosviError(f"{path} is damaged: bad settings ({error!r})") from None
+        reference.check(f"{path}: ")
+        return reference
+
+    def check(self, where: str = "") -> None:
+        """Shapes and finiteness of the arrays and ranges of the settings
+        (``config.check``); CryosviError naming the problem."""
+        n = self.coords.shape[0] if np.ndim(self.coords) == 2 else 0
+        shapes = {"coords": (n, 3), "centroid": (3,), "modes": (self.priors.n_modes, n, 3),
+                  "eigenvalues": (self.priors.n_modes,)}
+        if n < 1:
+            raise CryosviError(f"{where}coords must be (N, 3) with N >= 1, got "
+                               f"{self.coords.shape}")
+        for name, shape in shapes.items():
+            value = getattr(self, name)
+            if value.dtype.kind not in "fiu":
+                raise CryosviError(f"{where}{name} is not numeric ({value.dtype})")
+            if value.shape != shape:
+                raise CryosviError(f"{where}{name} has shape {value.shape}, expected {shape} "
+                                   f"(N = {n} atoms, {self.priors.n_modes} mode std(s))")
+            if not np.isfinite(value).all():
+                raise CryosviError(f"{where}{name} holds non-finite values")
+        if np.abs(self.coords).max() > 1e5:
+            raise CryosviError(f"{where}coords beyond 10^5 Å")
+        config.check(self.optics, self.imaging, self.priors, self.noise, where)
+
+
+ARRAYS = ("coords", "centroid", "modes", "eigenvalues")
 
 
 def build_reference(structure: str | Path | None, chain: str | None, stride: int,

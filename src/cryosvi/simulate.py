@@ -5,14 +5,16 @@ Two streamed passes keep memory at one chunk of images whatever the data-set siz
    memory-mapped ``.mrcs`` while the signal variance is accumulated;
 2. white noise with std = sqrt(signal variance / SNR) (the paper's data-set SNR) is added
    in place.
-Everything is written to a temporary directory that is renamed at the end, so an
-interrupted run leaves no half-written data set behind.
+Everything is written to a marked staging directory that is renamed at the end, so an
+interrupted run leaves no half-written data set behind (and the next run removes the
+staging directory a killed one left).
 """
 
 from __future__ import annotations
 
+import math
 import shutil
-import tempfile
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,8 @@ from tqdm.auto import tqdm
 
 from cryosvi.errors import CryosviError
 from cryosvi.io.mrc import StackWriter
+from cryosvi.io.outputs import (check_output_directory, make_staging, mark_directory,
+                                remove_directory, remove_stale_staging)
 from cryosvi.io.star import MODE_COLUMN, optics_table, write_star
 from cryosvi.model import SITES, model
 from cryosvi.noise import RunningMoments, noise_std_for_snr
@@ -31,6 +35,7 @@ from cryosvi.reference import Reference
 from cryosvi.rotations import matrix_to_euler, quaternion_to_matrix
 
 STACK_NAME = "particles.mrcs"
+DATASET_KIND = "dataset"
 
 
 def sample_prior(reference: Reference, forward, batch_size: int) -> tuple[dict, torch.Tensor]:
@@ -72,22 +77,31 @@ def particles_table(latents: dict[str, np.ndarray]) -> pd.DataFrame:
 def simulate_dataset(reference: Reference, n_particles: int, output: str | Path,
                      seed: int = 0, force: bool = False, chunk_size: int = 256,
                      device: str = "cpu") -> Reference:
-    """Write ``output/particles.mrcs``, ``particles.star`` and ``reference.npz``.
+    """Write ``output/particles.mrcs``, ``particles.star``, ``reference.npz`` and the
+    ``.cryosvi`` marker.
 
+    The data set is built in a hidden staging folder beside ``output`` (marked with this
+    process id) and renamed into place only when complete and finite; staging folders
+    that a killed run left are removed first. An existing ``output`` is replaced only with
+    ``force`` and only when it is a cryosvi data set (``cryosvi.io.outputs``).
     Returns the reference with the noise std that was used.
     """
     output = Path(output)
     if n_particles < 1:
         raise CryosviError(f"the number of particles must be >= 1, got {n_particles}")
-    if output.exists() and not force:
-        raise CryosviError(f"{output} exists; use --force to overwrite it")
+    replace = check_output_directory(output, DATASET_KIND, force)
+    reference.check()
     check_fits_in_box(reference)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    for stale in remove_stale_staging(output):
+        print(f"note: removed {stale}, left by an interrupted simulate", file=sys.stderr)
+    staging = make_staging(output)
     try:
         reference = _simulate_into(reference, n_particles, staging, seed, chunk_size, device)
-        if output.exists():
-            shutil.rmtree(output)
+        mark_directory(staging, DATASET_KIND)
+        if replace:
+            remove_directory(output)
+        elif output.is_dir():
+            output.rmdir()  # empty (checked above)
         staging.rename(output)
     finally:
         if staging.exists():
@@ -114,6 +128,12 @@ def _simulate_into(reference: Reference, n: int, directory: Path, seed: int,
                 stack.write(start, clean.cpu().numpy())
                 for site, value in chunk_latents.items():
                     latents[site].append(value.cpu().numpy())
+            if not (moments.variance > 0 and math.isfinite(moments.variance)):
+                raise CryosviError(
+                    f"the clean images have pixel variance {moments.variance:g}: the "
+                    "molecule leaves no signal at these settings (sigma "
+                    f"{reference.imaging.sigma:g} Å, pixel {reference.optics.pixel_size:g} "
+                    f"Å, box {box} px, mode std {reference.priors.mode_std[0]:g} Å)")
             noise_std = noise_std_for_snr(moments.variance, reference.noise.snr)
             generator = torch.Generator().manual_seed(seed + 1)
             noisy_moments, low, high = RunningMoments(), np.inf, -np.inf
@@ -122,6 +142,10 @@ def _simulate_into(reference: Reference, n: int, directory: Path, seed: int,
                 noise = torch.randn((stop - start, box, box), generator=generator)
                 noisy = stack.read(start, stop) + noise_std * noise.numpy()
                 stack.write(start, noisy)
+                if not np.isfinite(noisy).all():
+                    raise CryosviError(f"non-finite pixel values in particles {start + 1}.."
+                                       f"{stop}; the settings overflow float32 (noise std "
+                                       f"{noise_std:g})")
                 noisy_moments.update(torch.from_numpy(noisy))
                 low, high = min(low, float(noisy.min())), max(high, float(noisy.max()))
             # Header statistics from the streamed moments: mrcfile's own would load the

@@ -2,50 +2,78 @@
 
 from __future__ import annotations
 
-import argparse
 import math
 
 from cryosvi import config
-from cryosvi.cli.common import positive, positive_int, validate_settings
-from cryosvi.config import PAPER_PRESET, Imaging, Noise, Optics, Priors
+from cryosvi.cli.common import (HelpFormatter, check_device, check_disk, check_memory,
+                                device_name, number, positive, positive_int, seed_int,
+                                validate_settings)
+from cryosvi.config import LIMITS, PAPER_PRESET, Imaging, Noise, Optics, Priors
+
+CHUNK = 256
+"""Images simulated at once (``simulate_dataset``'s chunk size)."""
 
 
 def register(subparsers, summary: str) -> None:
+    optics, imaging = PAPER_PRESET["optics"], PAPER_PRESET["imaging"]
+    priors, noise = PAPER_PRESET["priors"], PAPER_PRESET["noise"]
     parser = subparsers.add_parser(
         "simulate", help=summary,
         description="Simulate particles (RELION .mrcs + .star) from the Pyro forward model: "
         "ANM-deformed Gaussian pseudo-atoms, uniform poses, CTF, white noise. Options not "
-        "given take the preset's value.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        "given take the preset's value. The data set is written whole or not at all.",
+        formatter_class=HelpFormatter)
     parser.add_argument("-o", "--output", required=True, help="output directory")
     parser.add_argument("--structure", help="PDB/mmCIF file (default: bundled 1OL5)")
     parser.add_argument("--chain", help="chain ID (default: first protein chain)")
     parser.add_argument("--stride", type=positive_int, default=2, help="keep every k-th CA")
     parser.add_argument("--preset", choices=["paper"], default="paper",
                         help="base settings (the paper's data set)")
-    parser.add_argument("-n", "--n-particles", type=positive_int, default=10000)
-    parser.add_argument("--box", type=positive_int, help="image size, px")
-    parser.add_argument("--pixel-size", type=positive, help="Å")
-    parser.add_argument("--sigma", type=positive, help="pseudo-atom Gaussian std, Å")
-    parser.add_argument("--window", type=positive_int, help="truncation patch side, px")
-    parser.add_argument("--snr", type=positive, help="signal variance / noise variance "
-                        "over the data set; 'inf' for noise-free")
-    parser.add_argument("--defocus-mean", type=positive, help="Å, positive = underfocus")
-    parser.add_argument("--defocus-std", type=float, help="Å")
-    parser.add_argument("--voltage", type=positive, help="kV")
-    parser.add_argument("--cs", type=float, help="spherical aberration, mm")
-    parser.add_argument("--amp-contrast", type=float, help="amplitude contrast fraction")
-    parser.add_argument("--n-modes", type=positive_int, help="number of ANM modes")
-    parser.add_argument("--mode-std", type=positive,
-                        help="prior std of each mode amplitude, Å RMS per pseudo-atom")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--force", action="store_true", help="overwrite the output directory")
+    parser.add_argument("-n", "--n-particles", type=positive_int, default=10000,
+                        help="number of particles")
+    parser.add_argument("--box", type=positive_int,
+                        help=f"image size, px (default: preset, {optics.box})")
+    parser.add_argument("--pixel-size", type=number(*LIMITS["pixel_size"]),
+                        help=f"Å (default: preset, {optics.pixel_size})")
+    parser.add_argument("--sigma", type=positive, help="pseudo-atom Gaussian std, Å "
+                        f"(default: preset, {imaging.sigma}); at least a quarter pixel")
+    parser.add_argument("--window", type=positive_int,
+                        help="truncation patch side, px, at most the box (default: preset, "
+                        f"{imaging.window}; 2 ceil(3 sigma / pixel) + 1 when --sigma or "
+                        "--pixel-size is given)")
+    parser.add_argument("--snr", type=number(*LIMITS["snr"], allow_inf=True),
+                        help="signal variance / noise variance over the data set; 'inf' "
+                        f"for noise-free (default: preset, {noise.snr:g})")
+    parser.add_argument("--defocus-mean", type=number(*LIMITS["defocus"]),
+                        help=f"Å, positive = underfocus (default: preset, "
+                        f"{priors.defocus_mean:g})")
+    parser.add_argument("--defocus-std", type=number(0.0, LIMITS["defocus"][1], low_open=True),
+                        help=f"Å, > 0 (default: preset, {priors.defocus_std:g})")
+    parser.add_argument("--voltage", type=number(*LIMITS["voltage"]),
+                        help=f"kV (default: preset, {optics.voltage:g})")
+    parser.add_argument("--cs", type=number(*LIMITS["spherical_aberration"]),
+                        help="spherical aberration, mm (default: preset, "
+                        f"{optics.spherical_aberration:g})")
+    parser.add_argument("--amp-contrast", type=number(0.0, 0.999),
+                        help="amplitude contrast fraction (default: preset, "
+                        f"{optics.amplitude_contrast:g})")
+    parser.add_argument("--n-modes", type=positive_int,
+                        help=f"number of ANM modes (default: preset, {priors.n_modes})")
+    parser.add_argument("--mode-std", type=number(0.0, LIMITS["mode_std"][1], low_open=True),
+                        help="prior std of each mode amplitude, Å RMS per pseudo-atom "
+                        f"(default: preset, {priors.mode_std[0]:g})")
+    parser.add_argument("--seed", type=seed_int, default=0, help="random seed")
+    parser.add_argument("--device", type=device_name, default="cpu",
+                        help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an existing output directory made by cryosvi "
+                        "simulate (never another directory)")
     parser.set_defaults(func=run)
 
 
 def settings_from_args(args) -> dict:
-    """The preset's settings with every option the user gave applied on top."""
+    """The preset's settings with every option the user gave applied on top, checked
+    (``config.check``)."""
     preset = PAPER_PRESET
     optics = preset["optics"]
     overrides = {"box": args.box, "pixel_size": args.pixel_size, "voltage": args.voltage,
@@ -53,29 +81,36 @@ def settings_from_args(args) -> dict:
     optics = Optics(**{**config.asdict(optics),
                        **{k: v for k, v in overrides.items() if v is not None}})
     imaging = preset["imaging"]
+    derived = args.sigma is not None or args.pixel_size is not None
     imaging = Imaging(sigma=args.sigma or imaging.sigma,
-                      window=args.window or (None if args.sigma else imaging.window),
+                      window=args.window or (None if derived else imaging.window),
                       pad_factor=imaging.pad_factor)
     priors = preset["priors"]
     n_modes = args.n_modes or priors.n_modes
     mode_std = args.mode_std or priors.mode_std[0]
     priors = Priors(mode_std=(mode_std,) * n_modes,
                     defocus_mean=args.defocus_mean or priors.defocus_mean,
-                    defocus_std=priors.defocus_std if args.defocus_std is None
-                    else args.defocus_std)
+                    defocus_std=args.defocus_std or priors.defocus_std)
     noise = Noise(snr=args.snr or preset["noise"].snr)
-    validate_settings(optics, imaging, priors)
+    validate_settings(optics, imaging, priors, noise)
     return dict(optics=optics, imaging=imaging, priors=priors, noise=noise)
 
 
 def run(args) -> None:
+    from cryosvi.io.outputs import check_output_directory
     from cryosvi.reference import build_reference
-    from cryosvi.simulate import simulate_dataset
+    from cryosvi.simulate import DATASET_KIND, simulate_dataset
 
     settings = settings_from_args(args)
+    device = check_device(args.device)
+    check_output_directory(args.output, DATASET_KIND, args.force)
+    box = settings["optics"].box
+    check_memory(min(CHUNK, args.n_particles), settings["optics"], settings["imaging"],
+                 device, "use a smaller --box or --window")
+    check_disk(args.output, args.n_particles * box * box * 4)
     reference = build_reference(args.structure, args.chain, args.stride, **settings)
     reference = simulate_dataset(reference, args.n_particles, args.output, seed=args.seed,
-                                 force=args.force, device=args.device)
+                                 force=args.force, device=device, chunk_size=CHUNK)
     snr = "inf" if math.isinf(reference.noise.snr) else f"{reference.noise.snr:g}"
     print(f"wrote {args.n_particles} particles of {reference.optics.box} px "
           f"({reference.n_atoms} pseudo-atoms, {reference.n_modes} mode(s), SNR {snr}, "
