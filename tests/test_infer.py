@@ -6,12 +6,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from scipy import stats
 
 from cryosvi.cli.main import main
 from cryosvi.distributions import ProjectedNormalMixture
-from cryosvi.infer import (heaviest_component_mean, infer, pose_std_deg, refine,
-                           weighted_mean_direction)
+from cryosvi.infer import infer, refine
 from cryosvi.io.star import MODE_COLUMN, read_star, write_star
+from cryosvi.posterior import heaviest_component_mean, pose_std_deg, weighted_mean_direction
 from cryosvi.reference import Reference
 from cryosvi.rotations import quaternion_geodesic_angle, random_quaternions
 from cryosvi.simulate import simulate_dataset
@@ -93,13 +94,50 @@ def test_importance_sampling_reports_the_ess(trained, tmp_path):
     assert np.all((ess >= 1 - 1e-4) & (ess <= 8 + 1e-4))
     with np.load(tmp_path / "posterior.npz") as samples:
         assert samples["weights"].shape == (20, 4)
-    # Direct call: weights are normalised per particle.
+
+
+def test_importance_weights_are_p_over_q_recomputed(trained):
+    """refine('is') weights against p(x, z) / q(z | x) computed independently: the
+    forward model's image and the Gaussian noise density by hand, the priors' closed forms
+    (uniform SO(3): 1 / (2 pi^2) on the unit quaternions), q from the guide's training path
+    (``Guide.log_prob``, one sample at a time)."""
     _, reference, guide = load_trained(trained / "run")
-    images = torch.randn(3, 16, 16) * guide.config.input_scale
-    out = refine(guide, reference.forward_model(), reference.priors, reference.noise.std,
-                 images, {}, n_samples=8)
-    torch.testing.assert_close(out["weights"].sum(0), torch.ones(3))
-    torch.testing.assert_close(out["rotation_mean"].norm(dim=-1), torch.ones(3))
+    # 50x the training noise: a flat enough likelihood that the weights are not one-hot
+    # (ESS 2-4 of 6), so q(z | x) visibly matters.
+    priors, noise_std = reference.priors, 50 * reference.noise.std
+    assert priors.rotation_concentration == 0
+    forward = reference.forward_model()
+    torch.manual_seed(0)
+    with torch.no_grad():  # particles from the model itself
+        clean = forward(torch.randn(4, 2) * 2, random_quaternions(4),
+                        10000 + 2500 * torch.randn(4))
+        images = clean + noise_std * torch.randn_like(clean)
+    out = refine(guide, forward, priors, noise_std, images, {}, n_samples=6, method="is",
+                 chunk=4)
+    samples = {s: v.double() for s, v in out["samples"].items()}
+    log_p, log_q = [], []
+    with torch.no_grad():
+        for s in range(6):
+            value = {site: v[s] for site, v in out["samples"].items()}
+            clean = forward(value["enm_scale"], value["rotation"], value["defocus"]).double()
+            residual = images.double() - clean
+            likelihood = (-0.5 * residual.square().sum((-1, -2)) / noise_std ** 2
+                          - residual[0].numel() * math.log(noise_std * math.sqrt(2 * math.pi)))
+            prior = (-math.log(2 * math.pi ** 2)
+                     + torch.from_numpy(stats.norm.logpdf(
+                         samples["defocus"][s].numpy(), priors.defocus_mean,
+                         priors.defocus_std))
+                     + torch.from_numpy(stats.norm.logpdf(
+                         samples["enm_scale"][s].numpy(), 0.0,
+                         np.array(priors.mode_std)).sum(-1)))
+            log_p.append(likelihood + prior)
+            log_q.append(sum(guide.log_prob(images, value).values()).double())
+    log_w = torch.stack(log_p) - torch.stack(log_q)
+    expected = torch.softmax(log_w, dim=0)
+    torch.testing.assert_close(out["weights"].double(), expected, rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(out["ess"].double(), 1 / expected.square().sum(0),
+                               rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(out["rotation_mean"].norm(dim=-1), torch.ones(4))
 
 
 def test_pose_summaries_on_known_rotations():
