@@ -34,7 +34,7 @@ def test_writes_coords_eigenvalues_modes_and_movies(tmp_path, capsys):
         np.testing.assert_allclose(saved["coords"] + saved["centroid"],
                                    ca.getCoords()[::2], atol=1e-9)
         assert "TPO" in saved["residue_names"].tolist()
-    assert sorted(p.name for p in movie.iterdir()) == ["mode_01.pdb", "mode_02.pdb",
+    assert sorted(p.name for p in movie.iterdir()) == [".cryosvi", "mode_01.pdb", "mode_02.pdb",
                                                        "mode_03.pdb"]
     frames = prody.parsePDB(str(movie / "mode_02.pdb"))
     assert frames.numCoordsets() == 6 and frames.numAtoms() == 133
@@ -48,7 +48,7 @@ def test_options_reach_the_computation(tmp_path, capsys):
                                  (["--cutoff", "11"], 11.0, 1.0)):
         output = tmp_path / "m.npz"
         assert main(["modes", "--structure", UBQ, "--n-modes", "4", "-o", str(output),
-                     *extra]) == 0
+                     "--force", *extra]) == 0
         expected = anm_modes(atoms.coords, n_modes=4, cutoff=cutoff, gamma=gamma)
         with np.load(output) as saved:
             np.testing.assert_allclose(saved["eigenvalues"], expected.eigenvalues, rtol=1e-10)
@@ -70,14 +70,19 @@ def test_user_mistakes_give_one_line(tmp_path, capsys):
     # 1UBQ at stride 20: 4 pseudo-atoms, 3N - 6 = 6 internal modes
     assert "< 3N - 6 = 6" in error_line(capsys, ["modes", "--structure", UBQ, "--stride",
                                                  "20", "--n-modes", "6", "-o", out])
-    assert "does not exist" in error_line(capsys, ["modes", "-o",
-                                                   str(tmp_path / "no" / "m.npz")])
-    assert "finite" in error_line(capsys, ["modes", "--cutoff", "inf", "-o", out])
+    (tmp_path / "file").write_text("")
+    assert "not a directory" in error_line(capsys, ["modes", "-o",
+                                                    str(tmp_path / "file" / "m.npz")])
+    assert "is not a directory" in error_line(capsys, ["modes", "-o", str(tmp_path / "d.npz"),
+                                                       "--movie", str(tmp_path / "file")])
+    (tmp_path / "dir.npz").mkdir()
+    assert "is a directory" in error_line(capsys, ["modes", "-o", str(tmp_path / "dir.npz")])
     assert not (tmp_path / "m.npz").exists()
 
 
 @pytest.mark.parametrize("option,value", [("--stride", "0"), ("--cutoff", "-1"),
                                           ("--gamma", "0"), ("--n-modes", "0"),
+                                          ("--cutoff", "inf"), ("--gamma", "nan"),
                                           ("--n-modes", "two")])
 def test_bad_numbers_are_rejected_by_argparse(tmp_path, capsys, option, value):
     with pytest.raises(SystemExit) as exit_:
@@ -94,7 +99,8 @@ def test_disconnected_network_warning_is_printed(tmp_path, capsys):
 
 def test_failed_write_leaves_the_old_file(tmp_path, monkeypatch):
     output = tmp_path / "m.npz"
-    output.write_bytes(b"old")
+    assert main(["modes", "--structure", UBQ, "--n-modes", "2", "-o", str(output)]) == 0
+    old = output.read_bytes()
 
     def broken(handle, **arrays):
         handle.write(b"half")
@@ -102,8 +108,8 @@ def test_failed_write_leaves_the_old_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(np, "savez", broken)
     with pytest.raises(OSError):
-        main(["modes", "--structure", UBQ, "--n-modes", "2", "-o", str(output)])
-    assert output.read_bytes() == b"old"
+        main(["modes", "--structure", UBQ, "--n-modes", "2", "-o", str(output), "--force"])
+    assert output.read_bytes() == old
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.npz"]
 
 

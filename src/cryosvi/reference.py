@@ -127,10 +127,12 @@ def build_reference(structure: str | Path | None, chain: str | None, stride: int
     path = Path(structure) if structure else default_structure_path()
     atoms = load_pseudo_atoms(path, chain=chain, stride=stride)
     modes = anm_modes(atoms.coords, n_modes=priors.n_modes, cutoff=cutoff, gamma=gamma)
-    return Reference(
+    reference = Reference(
         coords=atoms.coords, centroid=atoms.centroid, modes=modes.vectors,
         eigenvalues=modes.eigenvalues, optics=optics, imaging=imaging, priors=priors,
         noise=noise,
         source={"structure": str(path), "chain": atoms.chain, "stride": stride,
                 "cutoff": cutoff, "gamma": gamma},
     )
+    reference.check()
+    return reference

@@ -68,7 +68,8 @@ positive = number(0.0, low_open=True)
 """A finite float > 0, for argparse."""
 
 
-def _integer_between(minimum: int, maximum: int | None = None):
+def integer_between(minimum: int, maximum: int | None = None):
+    """An argparse type: an integer in [minimum, maximum]."""
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -82,11 +83,11 @@ def _integer_between(minimum: int, maximum: int | None = None):
     return parse
 
 
-positive_int = _integer_between(1)
+positive_int = integer_between(1)
 """An integer >= 1, for argparse."""
-non_negative_int = _integer_between(0)
+non_negative_int = integer_between(0)
 """An integer >= 0, for argparse."""
-seed_int = _integer_between(0, SEED_MAX)
+seed_int = integer_between(0, SEED_MAX)
 """A random seed, for argparse."""
 
 
@@ -118,7 +119,7 @@ def check_device(name: str) -> str:
 
 def add_threads_argument(parser) -> None:
     """--threads N: torch's CPU threads, set by ``cryosvi.cli.main`` before the command."""
-    parser.add_argument("--threads", type=_integer_between(1, 4096),
+    parser.add_argument("--threads", type=integer_between(1, 4096),
                         help="CPU threads for torch (default: torch's own choice)")
 
 
@@ -164,3 +165,14 @@ def check_disk(path: str | Path, n_bytes: int) -> None:
     if n_bytes > free:
         raise CryosviError(f"{path} would take {gib(n_bytes)} but {ancestor} has "
                            f"{gib(free)} free")
+
+
+def add_particle_source_arguments(parser) -> None:
+    """--datadir and --invert, for every command that reads particles
+    (``cryosvi.io.read_particles``)."""
+    parser.add_argument("--datadir", metavar="DIR",
+                        help="folder holding the particle stacks named in the metadata "
+                        "(default: the metadata file's folder)")
+    parser.add_argument("--invert", action="store_true",
+                        help="multiply the images by -1, for stacks in raw micrograph "
+                        "contrast (protein dark; default: used as they are)")
