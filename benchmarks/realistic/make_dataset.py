@@ -24,7 +24,8 @@ What it makes (see benchmarks/realistic/README.md):
    the background (pixels farther than ``--bg-radius`` px from the centre) to mean 0, std 1.
 6. particles.star (RELION 3.1: optics + particles) with the "given" columns a user has
    after consensus refinement (poses ~2 deg off, CTF estimates, shifts) and the truth in
-   cryosviTrue* columns; truth.json with every setting, the command line and the checks.
+   cryosviTrue* columns; truth.star, the truth under RELION's labels (for
+   ``cryosvi evaluate``); truth.json with every setting, the command line and the checks.
 
 Two checks are printed and recorded: the sign RELION gives rlnOriginXAngst/YAngst (found
 by projecting the reference map with a known origin) and an oracle that knows the true
@@ -111,7 +112,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--bg-radius", type=int, default=None,
                         help="normalisation: background beyond this radius (px); "
                              "default round(0.75 * box / 2)")
-    parser.add_argument("--oracle", type=int, default=64,
+    parser.add_argument("--oracle", type=int, default=256,
                         help="particles for the oracle check (0: skip)")
     parser.add_argument("--save-clean", action="store_true",
                         help="also write clean.mrcs, the noise-free RELION images")
@@ -520,6 +521,11 @@ def make_dataset(args) -> dict:
     if args.save_clean:
         write_stack(output / "clean.mrcs", clean, args.pixel)
     write_star(output / "particles.star", optics, particles)
+    # The truth under RELION's labels, for `cryosvi evaluate POSTERIOR truth.star`.
+    truth_table = truth_for_relion(particles)
+    truth_table.insert(0, "rlnImageName", particles["rlnImageName"])
+    truth_table["cryosviTrueConformation"] = particles["cryosviTrueConformation"]
+    write_star(output / "truth.star", optics, truth_table)
     timings["total_s"] = time.perf_counter() - start
 
     truth = {

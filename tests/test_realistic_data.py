@@ -1,0 +1,194 @@
+"""benchmarks/realistic/make_dataset.py: a RELION-projected all-atom data set.
+
+The references are independent of the script: the RELION 3.1 STAR layout (optics +
+particles blocks, ``N@stack.mrcs`` image names), the MRC header, and for the images a
+projection computed here from the written maps: the map rotated in real space by the
+true Euler angles (cryosvi's reading of RELION's ``Euler_angles2matrix``: the particle
+shows the density at A r), summed along z, multiplied by the CTF written out from
+RELION's ``CTF::getCTF`` (src/ctf.h) and translated by -origin (RELION's
+``shiftImageInFourierTransform(-xoff, -yoff)`` in src/apps/project.cpp).
+Skipped when RELION's ``relion_project`` is not installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import pytest
+import scipy.ndimage
+import starfile
+import torch
+
+from cryosvi.rotations import euler_to_matrix, geodesic_angle
+
+pytestmark = pytest.mark.skipif(shutil.which("relion_project") is None,
+                                reason="RELION's relion_project is not installed")
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "realistic" / "make_dataset.py"
+N, BINS, BOX, PIXEL, MAX_SHIFT, SNR = 16, 3, 48, 2.0, 6.0, 2.0
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("make_dataset", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    output = tmp_path_factory.mktemp("realistic")
+    _load_script().main(["-o", str(output), "--n", str(N), "--bins", str(BINS),
+                         "--snr", str(SNR), "--oracle", "4", "--save-clean", "--seed", "3"])
+    star = starfile.read(output / "particles.star", always_dict=True)
+    truth = json.loads((output / "truth.json").read_text())
+    return output, star, truth
+
+
+def test_star_is_relion_31_with_two_optics_groups_and_truth(dataset):
+    output, star, truth = dataset
+    assert set(star) == {"optics", "particles"}
+    optics, particles = star["optics"], star["particles"]
+    assert sorted(optics["rlnOpticsGroup"]) == [1, 2]
+    assert sorted(optics["rlnVoltage"]) == [200.0, 300.0]
+    assert (optics["rlnImagePixelSize"] == PIXEL).all() and (optics["rlnImageSize"] == BOX).all()
+    assert len(particles) == N
+    assert set(particles["rlnOpticsGroup"]) <= {1, 2}
+    names = particles["rlnImageName"].str.split("@", expand=True)
+    assert names[0].astype(int).tolist() == list(range(1, N + 1))
+    assert (names[1] == "particles.mrcs").all()
+    for column in ["cryosviTrueAngleRot", "cryosviTrueAngleTilt", "cryosviTrueAnglePsi",
+                   "cryosviTrueDefocusU", "cryosviTrueDefocusV", "cryosviTrueDefocusAngle",
+                   "cryosviTrueOriginXAngst", "cryosviTrueOriginYAngst",
+                   "cryosviTrueOpticsGroup", "cryosviTrueConformation"]:
+        assert column in particles
+    for axis in "XY":
+        shifts = particles[f"rlnOrigin{axis}Angst"]
+        assert (shifts.abs() <= MAX_SHIFT).all()
+        assert np.allclose(shifts, particles[f"cryosviTrueOrigin{axis}Angst"], atol=1e-5)
+    assert set(particles["cryosviTrueConformation"]) <= set(
+        truth["conformation"]["bin_angles_deg"])
+    # The consensus poses are the truth rotated by a few degrees, as recorded.
+    given = euler_to_matrix(*(torch.tensor(particles[f"rlnAngle{a}"].to_numpy())
+                              for a in ("Rot", "Tilt", "Psi")))
+    true = euler_to_matrix(*(torch.tensor(particles[f"cryosviTrueAngle{a}"].to_numpy())
+                             for a in ("Rot", "Tilt", "Psi")))
+    error = geodesic_angle(given, true).numpy()
+    assert np.allclose(error, particles["cryosviPoseError"], atol=1e-3)
+    assert 0 < error.max() < 10
+    # truth.star: the same truth under RELION's labels, row for row.
+    truth_star = starfile.read(output / "truth.star", always_dict=True)["particles"]
+    assert (truth_star["rlnImageName"] == particles["rlnImageName"]).all()
+    for label in ("AngleRot", "AngleTilt", "AnglePsi", "DefocusU", "DefocusV"):
+        assert np.allclose(truth_star[f"rln{label}"], particles[f"cryosviTrue{label}"],
+                           atol=1e-5)
+
+
+def test_stack_and_normalisation(dataset):
+    output, star, truth = dataset
+    with mrcfile.open(output / "particles.mrcs") as mrc:
+        images = mrc.data.copy()
+        assert images.shape == (N, BOX, BOX) and images.dtype == np.float32
+        assert np.isclose(float(mrc.voxel_size.x), PIXEL)
+        assert mrc.is_image_stack()
+    y, x = np.mgrid[:BOX, :BOX] - BOX // 2
+    background = images[:, np.hypot(x, y) > 0.75 * BOX / 2]
+    assert np.allclose(background.mean(1), 0, atol=1e-4)
+    assert np.allclose(background.std(1), 1, atol=1e-4)
+    # The noise: the normalised image minus the clean image put through the same
+    # normalisation is white noise of the recorded std, at the requested SNR.
+    particles = star["particles"]
+    clean = mrcfile.read(output / "clean.mrcs")
+    noise_std = truth["noise_std_before_normalisation"]
+    assert np.isclose(clean.astype(np.float64).var() / noise_std**2, SNR, rtol=1e-6)
+    scaled = ((clean - particles["cryosviNormMean"].to_numpy()[:, None, None])
+              / particles["cryosviNormStd"].to_numpy()[:, None, None])
+    residual_std = (images - scaled).reshape(N, -1).std(1)
+    assert np.allclose(residual_std, particles["cryosviNoiseStd"], rtol=0.06)
+
+
+def _relion_ctf(shape_rfft, optics_row, u, v, angle):
+    """RELION's CTF::getCTF (src/ctf.h) on the rfft2 grid of a BOX x BOX image."""
+    volts = optics_row["rlnVoltage"] * 1e3
+    wavelength = 12.2643247 / np.sqrt(volts * (1 + volts * 0.978466e-6))
+    fy = np.fft.fftfreq(BOX, d=PIXEL)[:, None]
+    fx = np.fft.rfftfreq(BOX, d=PIXEL)[None, :]
+    u2 = fx**2 + fy**2
+    deltaf = -(u + v) / 2 - (u - v) / 2 * np.cos(2 * (np.arctan2(fy, fx) - np.radians(angle)))
+    q0 = optics_row["rlnAmplitudeContrast"]
+    argument = (np.pi * wavelength * deltaf * u2
+                + np.pi / 2 * optics_row["rlnSphericalAberration"] * 1e7 * wavelength**3 * u2**2
+                - np.arctan(q0 / np.sqrt(1 - q0**2)))
+    ctf = -np.sin(argument)
+    assert ctf.shape == shape_rfft
+    return ctf
+
+
+def _reference_image(volume, particle, optics_row, transpose=False):
+    """Real-space projection of ``volume`` [z, y, x] for the particle's true pose, CTF and
+    shift (see the module notes). ``transpose`` uses A^T instead of A (a wrong reading)."""
+    matrix = euler_to_matrix(*(torch.tensor(particle[f"cryosviTrueAngle{a}"])
+                               for a in ("Rot", "Tilt", "Psi"))).numpy()
+    matrix = matrix.T if transpose else matrix
+    centre = BOX // 2
+    grid = np.arange(BOX) - centre
+    z, y, x = np.meshgrid(grid, grid, grid, indexing="ij")
+    # The image at p = (x, y, z) shows the density at A^T p (row vectors: p @ A).
+    source = np.stack([x, y, z], -1) @ matrix + centre
+    sampled = scipy.ndimage.map_coordinates(volume, source[..., ::-1].reshape(-1, 3).T,
+                                            order=3, mode="constant")
+    spectrum = np.fft.rfft2(sampled.reshape(BOX, BOX, BOX).sum(0))
+    spectrum *= _relion_ctf(spectrum.shape, optics_row, particle["cryosviTrueDefocusU"],
+                            particle["cryosviTrueDefocusV"],
+                            particle["cryosviTrueDefocusAngle"])
+    ky = 2 * np.pi * np.fft.fftfreq(BOX)[:, None]
+    kx = 2 * np.pi * np.fft.rfftfreq(BOX)[None, :]
+    shift_x = particle["cryosviTrueOriginXAngst"] / PIXEL
+    shift_y = particle["cryosviTrueOriginYAngst"] / PIXEL
+    spectrum *= np.exp(1j * (kx * shift_x + ky * shift_y))        # translation by -origin
+    spectrum[np.hypot(ky, kx) * BOX / (2 * np.pi) > BOX // 2] = 0  # RELION's r_max
+    return np.fft.irfft2(spectrum, s=(BOX, BOX))
+
+
+def test_clean_images_match_an_independent_projection(dataset):
+    output, star, _ = dataset
+    optics = star["optics"].set_index("rlnOpticsGroup")
+    clean = mrcfile.read(output / "clean.mrcs")
+    maps = sorted((output / "maps").glob("conformation_*.mrc"))
+    assert len(maps) == BINS
+    correlations, wrong = [], []
+    for index, particle in star["particles"].iterrows():
+        volume = mrcfile.read(maps[int(particle["cryosviConformationBin"])])
+        row = optics.loc[int(particle["cryosviTrueOpticsGroup"])]
+        image = clean[index].ravel()
+        correlations.append(np.corrcoef(_reference_image(volume, particle, row).ravel(),
+                                        image)[0, 1])
+        wrong.append(np.corrcoef(_reference_image(volume, particle, row, transpose=True)
+                                 .ravel(), image)[0, 1])
+    assert min(correlations) > 0.995, correlations
+    assert max(wrong) < 0.9, wrong
+
+
+def test_maps_centred_and_hinge_recorded(dataset):
+    output, _, truth = dataset
+    with mrcfile.open(output / "maps" / "conformation_000.mrc") as mrc:
+        assert mrc.data.shape == (BOX, BOX, BOX)
+        assert np.isclose(float(mrc.voxel_size.x), PIXEL)
+        reference = mrc.data.copy()
+    weights = np.clip(reference, 0, None)
+    centre = [(np.arange(BOX)[:, None, None].swapaxes(0, axis) * weights).sum() / weights.sum()
+              for axis in range(3)]
+    assert np.allclose(centre, BOX // 2, atol=0.25)
+    # A rigid rotation about an axis normal to the lobes' plane opens the cleft angle by
+    # exactly the hinge angle.
+    angles = np.array(truth["conformation"]["bin_angles_deg"])
+    cleft = np.array(truth["conformation"]["cleft_angle_deg"])
+    assert np.allclose(cleft - cleft[0], angles, atol=1e-6)
+    last = mrcfile.read(output / "maps" / f"conformation_{BINS - 1:03d}.mrc")
+    assert np.abs(last - reference).max() > 0.1 * reference.max()
+    assert truth["relion_shift_check"]["sign"] == -1
