@@ -1,6 +1,8 @@
 """CTF in RELION's convention (src/ctf.h, CTF::getCTF): wavelength, sign, zeros,
 astigmatism direction, phase shift, envelope, an independent numpy evaluation, and the
-zero-padded FFT application against numpy (FFT and direct real-space convolution)."""
+zero-padded FFT application against numpy (FFT and direct real-space convolution).
+Per-particle CTFs over optics groups: equal to separate per-group calls and to the numpy
+evaluation, gradients by gradcheck, and the ForwardModel's ctf= path."""
 
 import math
 
@@ -10,7 +12,10 @@ import torch
 
 import cryosvi.ctf as ctf_module
 from cryosvi.config import Optics
-from cryosvi.ctf import apply_ctf, ctf_rfft, electron_wavelength
+from cryosvi.config import Imaging
+from cryosvi.ctf import (OpticsGroups, ParticleCTF, apply_ctf, apply_particle_ctf, ctf_rfft,
+                         electron_wavelength, particle_ctf_rfft)
+from cryosvi.forward import ForwardModel
 
 F64 = dict(dtype=torch.float64)
 
@@ -337,3 +342,152 @@ def test_cache_built_in_inference_mode_still_supports_autograd():
     u = t(9000.0, 9500.0).requires_grad_(True)
     apply_ctf(random_images(2, 10), u, u, t(0.0, 0.0), optics).sum().backward()
     assert torch.isfinite(u.grad).all() and (u.grad != 0).all()
+
+
+# ---------------------------------------------------------------- per particle, per group
+GROUPS = OpticsGroups(voltage=(300.0, 200.0, 120.0), spherical_aberration=(2.7, 2.0, 0.01),
+                      amplitude_contrast=(0.1, 0.07, 0.2), pixel_size=(1.2, 1.2, 2.0))
+
+
+def particle_batch(n=6, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    u = 5000 + 20000 * torch.rand(n, generator=generator, **F64)
+    return ParticleCTF(u, u - 3000 * torch.rand(n, generator=generator, **F64),
+                       360 * torch.rand(n, generator=generator, **F64) - 180,
+                       40 * torch.rand(n, generator=generator, **F64),
+                       100 * torch.rand(n, generator=generator, **F64),
+                       torch.arange(n) % 3)
+
+
+def group_optics(groups, g, phase_shift=0.0, bfactor=0.0):
+    return Optics(voltage=groups.voltage[g], spherical_aberration=groups.spherical_aberration[g],
+                  amplitude_contrast=groups.amplitude_contrast[g],
+                  pixel_size=groups.pixel_size[g], phase_shift=phase_shift, bfactor=bfactor)
+
+
+@pytest.mark.parametrize("size", [32, 33])
+def test_particle_ctf_matches_numpy_and_per_group_calls(size):
+    ctf = particle_batch()
+    out = particle_ctf_rfft(ctf, GROUPS, size)
+    assert out.shape == (6, size, size // 2 + 1) and out.dtype == torch.float64
+    for i in range(6):
+        optics = group_optics(GROUPS, ctf.group[i].item(), ctf.phase_shift[i].item(),
+                              ctf.bfactor[i].item())
+        expected = numpy_ctf(ctf.defocus_u[i].item(), ctf.defocus_v[i].item(),
+                             ctf.angle[i].item(), optics, size,
+                             electron_wavelength(optics.voltage))
+        np.testing.assert_allclose(out[i].numpy(), expected, atol=1e-11)
+        single = ctf_rfft(ctf.defocus_u[i], ctf.defocus_v[i], ctf.angle[i], optics, size)
+        np.testing.assert_allclose(out[i].numpy(), single.numpy(), atol=1e-11)
+
+
+@pytest.mark.parametrize("size, pad_factor", [(16, 2), (15, 2), (12, 1)])
+def test_apply_particle_ctf_equals_per_group_apply_ctf(size, pad_factor):
+    ctf = particle_batch(seed=1)
+    images = random_images(6, size, seed=7)
+    out = apply_particle_ctf(images, ctf, GROUPS, pad_factor)
+    for g in range(3):
+        rows = (ctf.group == g).nonzero()[:, 0]
+        for i in rows.tolist():
+            optics = group_optics(GROUPS, g, ctf.phase_shift[i].item(), ctf.bfactor[i].item())
+            one = apply_ctf(images[i:i + 1], ctf.defocus_u[i], ctf.defocus_v[i], ctf.angle[i],
+                            optics, pad_factor)
+            torch.testing.assert_close(out[i:i + 1], one, rtol=0, atol=1e-12)
+    # Optional fields: None = phase 0, no envelope; one group needs no index.
+    one_group = OpticsGroups.from_optics([group_optics(GROUPS, 0)])
+    plain = ParticleCTF(ctf.defocus_u, ctf.defocus_v, ctf.angle)
+    torch.testing.assert_close(
+        apply_particle_ctf(images, plain, one_group, pad_factor),
+        apply_ctf(images, ctf.defocus_u, ctf.defocus_v, ctf.angle, group_optics(GROUPS, 0),
+                  pad_factor), rtol=0, atol=1e-12)
+
+
+def test_gradcheck_particle_ctf():
+    # Finite differences (torch.autograd.gradcheck, float64) w.r.t. images, U, V, angle,
+    # phase shift and B-factor, with a batch that mixes three groups, and shifts.
+    size = 5
+    ctf = particle_batch(n=3, seed=2)
+    groups = OpticsGroups((300.0, 200.0, 120.0), (2.7, 2.0, 0.01), (0.1, 0.07, 0.2),
+                          (6.0, 6.0, 8.0))  # coarse pixels: gamma varies slowly, eps fits
+
+    def function(x, u, v, angle, phase, bfactor, shifts):
+        return apply_particle_ctf(x, ParticleCTF(u, v, angle, phase, bfactor, ctf.group),
+                                  groups, 2, shifts=shifts)
+
+    inputs = [random_images(3, size, seed=3), ctf.defocus_u, ctf.defocus_v, ctf.angle,
+              ctf.phase_shift, ctf.bfactor, torch.tensor([[1.0, -2.0], [0.5, 0.0], [3.0, 1.5]],
+                                                         **F64)]
+    inputs = [x.clone().requires_grad_(True) for x in inputs]
+    assert torch.autograd.gradcheck(function, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_particle_ctf_gradient_by_finite_differences():
+    ctf = particle_batch(n=3, seed=4)
+    finite_difference_check(
+        lambda u, v, a: particle_ctf_rfft(ParticleCTF(u, v, a, ctf.phase_shift, ctf.bfactor,
+                                                      ctf.group), GROUPS, 12),
+        (ctf.defocus_u, ctf.defocus_v, ctf.angle), eps=1e-3, rtol=1e-6, atol=1e-8)
+
+
+def test_particle_ctf_helpers_and_errors():
+    ctf = particle_batch(n=4)
+    dz = t(100.0, -50.0, 0.0, 10.0)
+    moved = ctf.offset(dz)
+    torch.testing.assert_close(moved.defocus_u, ctf.defocus_u + dz)
+    torch.testing.assert_close(moved.defocus_v, ctf.defocus_v + dz)
+    assert moved.angle is ctf.angle and moved.group is ctf.group
+    taken = ctf.take(torch.tensor([2, 0]))
+    assert taken.group.tolist() == [2, 0] and taken.bfactor[1] == ctf.bfactor[0]
+    single = ctf.to(torch.float32)
+    assert single.defocus_u.dtype == torch.float32 and single.group.dtype == torch.int64
+    assert GROUPS.n_groups == 3
+    assert GROUPS.pixel_sizes(torch.tensor([2, 0]), ctf.defocus_u).tolist() == [2.0, 1.2]
+    with pytest.raises(ValueError, match="group"):
+        particle_ctf_rfft(ParticleCTF(ctf.defocus_u, ctf.defocus_v, ctf.angle), GROUPS, 8)
+    with pytest.raises(ValueError, match="CTF parameter rows"):
+        apply_particle_ctf(random_images(3, 8), ctf, GROUPS)
+    with pytest.raises(ValueError):
+        OpticsGroups.from_optics([])
+
+
+def forward_model(groups=None, pad_factor=2):
+    generator = torch.Generator().manual_seed(11)
+    coords = 5 * torch.randn(15, 3, generator=generator, **F64)
+    modes = torch.randn(2, 15, 3, generator=generator, **F64)
+    modes /= modes.flatten(1).norm(dim=1)[:, None, None]
+    optics = Optics(pixel_size=1.2, box=20)
+    model = ForwardModel(coords, modes, optics, Imaging(sigma=2.0, pad_factor=pad_factor),
+                         groups=groups)
+    return model.double(), generator
+
+
+def test_forward_model_ctf_path():
+    model, generator = forward_model(GROUPS)
+    ctf = particle_batch(n=6, seed=5)
+    amplitudes = torch.randn(6, 2, generator=generator, **F64)
+    rotation = torch.nn.functional.normalize(torch.randn(6, 4, generator=generator, **F64),
+                                           dim=-1)
+    dz = 300 * torch.randn(6, generator=generator, **F64)
+    out = model(amplitudes, rotation, dz, ctf=ctf)
+    assert out.abs().amin(dim=(1, 2)).max() < 1e-3 < out.abs().amax(dim=(1, 2)).min()
+    # Each particle projected at its group's pixel size, CTF at U + dz, V + dz.
+    for i in range(6):
+        g = ctf.group[i].item()
+        image = model.project(amplitudes[i:i + 1], rotation[i:i + 1], GROUPS.pixel_size[g])
+        optics = group_optics(GROUPS, g, ctf.phase_shift[i].item(), ctf.bfactor[i].item())
+        one = apply_ctf(image, ctf.defocus_u[i] + dz[i], ctf.defocus_v[i] + dz[i], ctf.angle[i],
+                        optics, 2)
+        torch.testing.assert_close(out[i:i + 1], one, rtol=0, atol=1e-12)
+    # No offset: the file's estimates as they are.
+    torch.testing.assert_close(model(amplitudes, rotation, None, ctf=ctf),
+                               model(amplitudes, rotation, torch.zeros_like(dz), ctf=ctf))
+    # With U = V = 0 and angle 0, the offset is the old data-set defocus: same images.
+    zero = ParticleCTF(torch.zeros_like(dz), torch.zeros_like(dz), torch.zeros_like(dz))
+    plain, _ = forward_model()
+    torch.testing.assert_close(plain(amplitudes, rotation, 9000 + dz, ctf=zero),
+                               plain(amplitudes, rotation, 9000 + dz), rtol=0, atol=1e-12)
+    # Gradients reach dz and the amplitudes.
+    dz = dz.clone().requires_grad_(True)
+    amplitudes = amplitudes.clone().requires_grad_(True)
+    model(amplitudes, rotation, dz, ctf=ctf).square().sum().backward()
+    assert (dz.grad != 0).all() and (amplitudes.grad != 0).all()
