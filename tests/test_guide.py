@@ -2,6 +2,7 @@
 encoder size, antipodal pose densities, conditioning and fixed latents."""
 
 import math
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -9,7 +10,8 @@ import torch
 from pyro import poutine
 
 from cryosvi.config import Imaging, Noise, Optics, Priors
-from cryosvi.guide import (ORDER, Guide, GuideConfig, condition_sites, parse_latents)
+from cryosvi.guide import (ORDER, PAPER_ARCHITECTURE, Guide, GuideConfig, condition_sites,
+                           parse_latents)
 from cryosvi.model import SITES, model
 from cryosvi.reference import Reference
 from cryosvi.rotations import random_quaternions
@@ -102,13 +104,23 @@ def test_an_untrained_guide_is_the_prior():
 
 
 def test_paper_encoders_have_the_papers_size():
-    guide = Guide(GuideConfig(box=32, n_modes=1))  # defaults: channels 32-64-128, MLP 512
+    guide = Guide(GuideConfig(**asdict(PAPER_ARCHITECTURE), box=32, n_modes=1))
     sizes = {site: sum(p.numel() for p in encoder.parameters())
              for site, encoder in guide.encoders.items()}
     assert guide.encoders["defocus"].n_features == 2048  # the paper's "2048"
     for site, size in sizes.items():
         assert 1.55e6 < size < 1.65e6, (site, size)  # the paper: 1.6 M per network
     assert guide.parameter_count() == sum(sizes.values())
+
+
+def test_default_layout_is_the_measured_one():
+    """The defaults are the demo's guide: 1 066 380 parameters at the paper preset (README
+    "Demo"); a run.json from before a field existed gets that time's (paper) value."""
+    assert Guide(GuideConfig(box=32, n_modes=1)).parameter_count() == 1_066_380
+    saved = GuideConfig(box=32, n_modes=1).to_dict()
+    del saved["shared_trunk"], saved["phase_flip"]
+    old = GuideConfig.from_dict(saved)
+    assert old.shared_trunk is False and old.phase_flip is False and old.channels == (16, 32, 64)
 
 
 def test_pose_density_is_antipodal_and_finite_far_from_the_mean():
@@ -156,7 +168,7 @@ def test_conditioning_feeds_earlier_latents_into_later_encoders():
 
 
 def test_phase_flip_multiplies_by_the_sign_of_the_ctf():
-    guide = Guide(tiny_config(phase_flip=True))
+    guide = Guide(tiny_config(phase_flip=True, shared_trunk=False))  # one image per trunk
     images = torch.randn(3, 16, 16, dtype=torch.float64)
     defocus = torch.tensor([5000.0, 10000.0, 20000.0], dtype=torch.float64)
     once = guide.phase_flipped(images, defocus)

@@ -35,11 +35,16 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
+from pyro.optim.clipped_adam import ClippedAdam
 from torch import Tensor
 
-from cryosvi.config import PAPER_PRESET, Optics
+from cryosvi.config import PAPER_PRESET, Imaging, Optics
 from cryosvi.ctf import apply_ctf, electron_wavelength
+from cryosvi.forward import ForwardModel, deform
+from cryosvi.guide import PAPER_ARCHITECTURE, GuideConfig, build_guide
 from cryosvi.projection import choose_method, project
+from cryosvi.rotations import quaternion_to_matrix, rotate
+from cryosvi.structure import default_structure_path, load_pseudo_atoms
 
 
 @dataclass(frozen=True)
@@ -158,17 +163,14 @@ def synthetic_coords(n_atoms: int, generator: torch.Generator) -> Tensor:
 
 
 def structure_coords(setting: Setting, generator: torch.Generator) -> tuple[Tensor, str]:
-    """Pseudo-atoms for a setting: the bundled 1OL5 (chain A, stride 2) when asked for and
-    available with the right count, else a synthetic compact ball."""
+    """Pseudo-atoms for a setting: the bundled 1OL5 (chain A, stride 2: 133 atoms) when
+    asked for, else a synthetic compact ball."""
     if setting.structure == "1ol5":
-        try:
-            from cryosvi.structure import default_structure_path, load_pseudo_atoms
-
-            atoms = load_pseudo_atoms(default_structure_path(), chain="A", stride=2)
-            if atoms.n_atoms == setting.n_atoms:
-                return torch.as_tensor(atoms.coords), "1OL5 chain A, stride 2"
-        except Exception:  # noqa: BLE001 -- the bench must run without the structure module
-            pass
+        atoms = load_pseudo_atoms(default_structure_path(), chain="A", stride=2)
+        if atoms.n_atoms != setting.n_atoms:
+            raise ValueError(f"setting {setting.name}: 1OL5 chain A at stride 2 has "
+                             f"{atoms.n_atoms} atoms, not {setting.n_atoms}")
+        return torch.as_tensor(atoms.coords), "1OL5 chain A, stride 2"
     return synthetic_coords(setting.n_atoms, generator), "synthetic compact ball"
 
 
@@ -179,31 +181,7 @@ def random_modes(n_modes: int, n_atoms: int, generator: torch.Generator) -> Tens
     return q.T.reshape(n_modes, n_atoms, 3)
 
 
-def _deform(coords: Tensor, modes: Tensor, amplitudes: Tensor) -> Tensor:
-    try:
-        from cryosvi.forward import deform
-    except ImportError:  # the same formula, for a tree without forward.py
-        return coords + math.sqrt(coords.shape[-2]) * torch.einsum("bk,knd->bnd", amplitudes,
-                                                                    modes)
-    return deform(coords, modes, amplitudes)
-
-
-def _forward_model(coords: Tensor, modes: Tensor, optics: Optics, setting: Setting):
-    """The package's ForwardModel for a setting (float32), or None without forward.py."""
-    try:
-        from cryosvi.config import Imaging
-        from cryosvi.forward import ForwardModel
-    except ImportError:
-        return None
-    if coords.dtype != torch.float32:
-        return None
-    imaging = Imaging(sigma=setting.sigma, window=setting.window, pad_factor=setting.pad_factor)
-    return ForwardModel(coords, modes, optics, imaging).to(coords.device)
-
-
 def _rotate(atoms: Tensor, quaternions: Tensor) -> Tensor:
-    from cryosvi.rotations import quaternion_to_matrix, rotate
-
     return rotate(atoms, quaternion_to_matrix(quaternions))
 
 
@@ -313,7 +291,7 @@ def build_stages(setting: Setting, device: torch.device, dtype=torch.float32,
     defocus = (10000 + 2500 * torch.randn(batch, generator=generator)).to(device, dtype)
     zero_angle = torch.zeros_like(defocus)
 
-    atoms = _deform(coords, modes, amplitudes)
+    atoms = deform(coords, modes, amplitudes)
     rotated = _rotate(atoms, quaternions)
     images = project(rotated, setting.box, setting.pixel_size, setting.sigma, setting.window)
     clean = apply_ctf(images, defocus, defocus, zero_angle, optics, setting.pad_factor)
@@ -337,17 +315,12 @@ def build_stages(setting: Setting, device: torch.device, dtype=torch.float32,
     baseline_projection = in_pieces(lambda x: sparse_coo_projection(
         x, setting.box, setting.pixel_size, setting.sigma, setting.window))
     baseline_ctf = in_pieces(lambda x, d: fft_ctf_baseline(x, d, optics, setting.pad_factor))
-    forward_model = _forward_model(coords, modes, optics, setting)
+    imaging = Imaging(sigma=setting.sigma, window=setting.window, pad_factor=setting.pad_factor)
+    forward_model = ForwardModel(coords, modes, optics, imaging).to(device)
 
     def model(amplitudes, quaternions, defocus):
-        """The whole forward model, the package's ForwardModel when there is one."""
-        if forward_model is not None:
-            clean = forward_model(amplitudes, quaternions, defocus)
-        else:
-            image = projection(_rotate(_deform(coords, modes, amplitudes), quaternions))
-            clean = apply_ctf(image, defocus, defocus, torch.zeros_like(defocus), optics,
-                              setting.pad_factor)
-        return add_noise(clean, noise_std)
+        """The whole forward model: the package's ForwardModel plus noise."""
+        return add_noise(forward_model(amplitudes, quaternions, defocus), noise_std)
 
     def backward(function, *inputs):
         def run():
@@ -355,7 +328,7 @@ def build_stages(setting: Setting, device: torch.device, dtype=torch.float32,
         return run
 
     stages = {
-        "deform": lambda: _deform(coords, modes, amplitudes),
+        "deform": lambda: deform(coords, modes, amplitudes),
         "rotate": lambda: _rotate(atoms, quaternions),
         "project": lambda: projection(rotated),
         "project_baseline": lambda: baseline_projection(rotated),
@@ -401,19 +374,10 @@ def time_svi_step(device: torch.device, batch: int = 500, steps: int = 3,
                   box: int | None = None, seed: int = 0) -> dict:
     """Images per second of one full SVI step (Pyro model + guide, ELBO forward and
     backward, ClippedAdam update) at the paper's preset (1OL5 stride 2, box 32, sigma 2 Å,
-    window 5 px, one mode; batch 500 as in the paper's schedule).
+    window 5 px, one mode; batch 500 as in the paper's schedule) with the paper's encoders
+    (``cryosvi.guide.PAPER_ARCHITECTURE``)."""
+    from cryosvi.train import elbo_loss  # (training is heavy: only this function needs it)
 
-    Imports the model, guide and training code lazily: returns ``{"available": False,
-    "reason": ...}`` if they are missing or their interfaces differ.
-    """
-    try:
-        from pyro.optim.clipped_adam import ClippedAdam
-
-        from cryosvi.forward import ForwardModel
-        from cryosvi.guide import GuideConfig, build_guide
-        from cryosvi.train import elbo_loss
-    except ImportError as error:
-        return {"available": False, "reason": f"import failed: {error}"}
     preset = PAPER_PRESET
     optics, imaging, priors = preset["optics"], preset["imaging"], preset["priors"]
     if box is not None:
@@ -421,42 +385,39 @@ def time_svi_step(device: torch.device, batch: int = 500, steps: int = 3,
     generator = torch.Generator().manual_seed(seed)
     coords, source = structure_coords(replace(TABLE1, structure="1ol5"), generator)
     modes = random_modes(priors.n_modes, coords.shape[0], generator)
-    try:
-        forward = ForwardModel(coords.float(), modes.float(), optics, imaging).to(device)
-        with torch.no_grad():
-            amplitudes = (torch.randn(batch, priors.n_modes, generator=generator)
-                          * torch.tensor(priors.mode_std)).to(device)
-            quaternions = torch.randn(batch, 4, generator=generator)
-            quaternions = (quaternions / quaternions.norm(dim=-1, keepdim=True)).to(device)
-            defocus = (priors.defocus_mean
-                       + priors.defocus_std * torch.randn(batch, generator=generator)).to(device)
-            clean = forward(amplitudes, quaternions, defocus)
-            noise_std = float(clean.std()) / math.sqrt(preset["noise"].snr)
-            images = clean + noise_std * torch.randn_like(clean)
-        config = GuideConfig(box=optics.box, n_modes=priors.n_modes,
-                             defocus_mean=priors.defocus_mean, defocus_std=priors.defocus_std,
-                             mode_std=priors.mode_std, input_scale=float(images.std()),
-                             optics=asdict(optics))
-        guide = build_guide(config).to(device)
-        optimizer = ClippedAdam(guide.parameters(), lr=5e-4)
+    forward = ForwardModel(coords.float(), modes.float(), optics, imaging).to(device)
+    with torch.no_grad():
+        amplitudes = (torch.randn(batch, priors.n_modes, generator=generator)
+                      * torch.tensor(priors.mode_std)).to(device)
+        quaternions = torch.randn(batch, 4, generator=generator)
+        quaternions = (quaternions / quaternions.norm(dim=-1, keepdim=True)).to(device)
+        defocus = (priors.defocus_mean
+                   + priors.defocus_std * torch.randn(batch, generator=generator)).to(device)
+        clean = forward(amplitudes, quaternions, defocus)
+        noise_std = float(clean.std()) / math.sqrt(preset["noise"].snr)
+        images = clean + noise_std * torch.randn_like(clean)
+    config = GuideConfig(**asdict(PAPER_ARCHITECTURE), box=optics.box, n_modes=priors.n_modes,
+                         defocus_mean=priors.defocus_mean, defocus_std=priors.defocus_std,
+                         mode_std=priors.mode_std, input_scale=float(images.std()),
+                         optics=asdict(optics))
+    guide = build_guide(config).to(device)
+    optimizer = ClippedAdam(guide.parameters(), lr=5e-4)
 
-        def step():
-            loss = elbo_loss(guide, forward, priors, noise_std, images, {}, 10 * batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+    def step():
+        loss = elbo_loss(guide, forward, priors, noise_std, images, {}, 10 * batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
 
-        def model_only():
-            latents = (amplitudes.clone().requires_grad_(True), quaternions,
-                       defocus.clone().requires_grad_(True))
-            forward(*latents).square().sum().backward()
+    def model_only():
+        latents = (amplitudes.clone().requires_grad_(True), quaternions,
+                   defocus.clone().requires_grad_(True))
+        forward(*latents).square().sum().backward()
 
-        timings = time_stages({"svi_step": step, "model_forward_backward": model_only},
-                              device, rounds=steps, min_seconds=0.0, stage_seconds=0.0)
-    except Exception as error:  # noqa: BLE001 -- report, do not crash the whole bench
-        return {"available": False, "reason": f"{type(error).__name__}: {error}"}
+    timings = time_stages({"svi_step": step, "model_forward_backward": model_only},
+                          device, rounds=steps, min_seconds=0.0, stage_seconds=0.0)
     seconds = timings["svi_step"]["seconds"]
-    return {"available": True, "batch": batch, "box": optics.box, "structure": source,
+    return {"batch": batch, "box": optics.box, "structure": source,
             "n_atoms": int(coords.shape[0]), "seconds_per_step": seconds,
             "images_per_second": batch / seconds,
             "model_forward_backward_seconds": timings["model_forward_backward"]["seconds"],
@@ -530,13 +491,10 @@ def format_report(report: dict) -> str:
     svi = report.get("svi")
     if svi is not None:
         lines.append("")
-        if svi["available"]:
-            lines.append(
-                f"SVI step (paper preset: {svi['n_atoms']} atoms, {svi['box']} px, batch "
-                f"{svi['batch']}; model + guide, forward + backward + ClippedAdam): "
-                f"{svi['images_per_second']:,.0f} images/s ({svi['seconds_per_step'] * 1e3:,.0f} "
-                f"ms/step, of which the forward model fwd+bwd "
-                f"{svi['model_forward_backward_seconds'] * 1e3:,.0f} ms)")
-        else:
-            lines.append(f"SVI step: not timed ({svi['reason']})")
+        lines.append(
+            f"SVI step (paper preset: {svi['n_atoms']} atoms, {svi['box']} px, batch "
+            f"{svi['batch']}; model + the paper's guide, forward + backward + ClippedAdam): "
+            f"{svi['images_per_second']:,.0f} images/s ({svi['seconds_per_step'] * 1e3:,.0f} "
+            f"ms/step, of which the forward model fwd+bwd "
+            f"{svi['model_forward_backward_seconds'] * 1e3:,.0f} ms)")
     return "\n".join(lines)

@@ -74,14 +74,22 @@ class Architecture:
     """The encoders' layout, as a user chooses it (``cryosvi train`` options): conv
     channels of the three modules, MLP width, pose mixture components, conditioning
     defocus -> pose -> modes, CTF phase flip of the input, one conv trunk for all latents.
-    The defaults are the paper's encoders."""
+    The defaults are the layout behind every measured result (the demo and
+    benchmarks/results: channels 16-32-64, MLP 256, one shared trunk; 1.07 M parameters for
+    three latents at 32 px); ``PAPER_ARCHITECTURE`` is the paper's encoders (4.8 M)."""
 
-    channels: tuple[int, ...] = (32, 64, 128)
-    hidden: int = 512
+    channels: tuple[int, ...] = (16, 32, 64)
+    hidden: int = 256
     n_components: int = 4
     conditioning: bool = True
     phase_flip: bool = False
-    shared_trunk: bool = False
+    shared_trunk: bool = True
+
+
+PAPER_ARCHITECTURE = Architecture(channels=(32, 64, 128), hidden=512, shared_trunk=False)
+"""The paper's encoders: one conv trunk of 32-64-128 channels and an MLP of 512 per latent
+(the default layout before issue 13, so also the layout of runs whose run.json predates a
+field)."""
 
 
 @dataclass(kw_only=True)
@@ -109,7 +117,9 @@ class GuideConfig(Architecture):
 
     @classmethod
     def from_dict(cls, values: dict) -> "GuideConfig":
-        values = dict(values)
+        """From ``to_dict``'s output; architecture fields a run.json lacks (written before
+        the field existed) take the values of that time, the paper's layout."""
+        values = {**asdict(PAPER_ARCHITECTURE), **values}
         for key in ("latents", "channels", "mode_std"):
             if key in values:
                 values[key] = tuple(values[key])
