@@ -32,15 +32,16 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
 def test_demo_output_directory_rules(tmp_path, capsys):
     previous = tmp_path / "previous"
     previous.mkdir()
-    (previous / MARKER).write_text("{}")
+    (previous / MARKER).write_text("{}")  # a demo of an earlier version (no .cryosvi)
     (previous / "old.txt").write_text("from the last demo")
-    prepare_output(previous, force=False)  # a previous demo is replaced
-    assert previous.is_dir() and not any(previous.iterdir())
+    with pytest.raises(CryosviError, match="--force"):
+        prepare_output(previous, force=False)
+    prepare_output(previous, force=True)  # a previous demo is replaced with --force
+    assert [p.name for p in previous.iterdir()] == [".cryosvi"]
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "precious.txt").write_text("keep me")
-    with pytest.raises(CryosviError, match="not a cryosvi demo directory"):
-        prepare_output(foreign, force=False)
-    assert main(["demo", "-o", str(foreign), "--quiet"]) == 2
-    assert "not a cryosvi demo directory" in capsys.readouterr().err
-    assert (foreign / "precious.txt").read_text() == "keep me"
+    for force in ([], ["--force"]):
+        assert main(["demo", "-o", str(foreign), "--quiet", *force]) == 2
+        assert "not made by cryosvi" in capsys.readouterr().err
+    assert [p.name for p in foreign.iterdir()] == ["precious.txt"]

@@ -15,18 +15,22 @@ by simulation, its posterior of the held-out particles and their evaluation, in
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
 import time
 from pathlib import Path
 
-from cryosvi.cli.common import add_threads_argument, positive, positive_int
+from cryosvi.cli.common import (HelpFormatter, add_threads_argument, check_device,
+                                check_disk, check_memory, device_name, integer_between,
+                                number, seed_int)
 from cryosvi.cli.train import add_guide_arguments, architecture_from_args
-from cryosvi.errors import CryosviError
+from cryosvi.config import LIMITS
+from cryosvi.io.atomic import write_atomically
+from cryosvi.io.outputs import check_output_directory, mark_directory, remove_directory
 
 MARKER = "demo.json"
+DEMO_KIND = "demo"
 DEMO_DEFAULTS = dict(n_train=10000, n_test=2000, epochs=40, batch_size=128, lr=2e-3,
                      channels="16,32,64", hidden=256, components=4, importance=64, moves=3)
 """Sized for about 10 minutes on a 2-core CPU (measured: 611 and 637 s, README "Demo"); the same
@@ -40,68 +44,76 @@ def register(subparsers, summary: str) -> None:
         "sets with different seeds), train a guide for pose + defocus + mode by "
         "simulation, infer the held-out particles, evaluate and write a report. Sized to "
         "finish in about 10 minutes on a 2-core CPU; uses CUDA when present.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     parser.add_argument("-o", "--output", default="cryosvi-demo", help="output directory")
-    parser.add_argument("--n-train", type=positive_int, default=DEMO_DEFAULTS["n_train"])
-    parser.add_argument("--n-test", type=positive_int, default=DEMO_DEFAULTS["n_test"])
-    parser.add_argument("--snr", type=positive, default=20.0)
-    parser.add_argument("--epochs", type=positive_int, default=DEMO_DEFAULTS["epochs"],
+    parser.add_argument("--n-train", type=integer_between(2, 10**7),
+                        default=DEMO_DEFAULTS["n_train"], help="training particles")
+    parser.add_argument("--n-test", type=integer_between(2, 10**7),
+                        default=DEMO_DEFAULTS["n_test"], help="held-out particles")
+    parser.add_argument("--snr", type=number(*LIMITS["snr"], allow_inf=True), default=20.0,
+                        help="signal-to-noise ratio of both sets ('inf': noise-free)")
+    parser.add_argument("--epochs", type=integer_between(1, 10**6),
+                        default=DEMO_DEFAULTS["epochs"],
                         help="simulation epochs of n-train fresh particles each")
-    parser.add_argument("--batch-size", type=positive_int, default=DEMO_DEFAULTS["batch_size"])
-    parser.add_argument("--lr", type=positive, default=DEMO_DEFAULTS["lr"])
+    parser.add_argument("--batch-size", type=integer_between(1, 10**6),
+                        default=DEMO_DEFAULTS["batch_size"], help="particles per step")
+    parser.add_argument("--lr", type=number(0.0, 10.0, low_open=True),
+                        default=DEMO_DEFAULTS["lr"], help="peak learning rate")
     add_guide_arguments(parser)
     parser.set_defaults(channels=DEMO_DEFAULTS["channels"], hidden=DEMO_DEFAULTS["hidden"],
                         components=DEMO_DEFAULTS["components"], shared_trunk=True)
-    parser.add_argument("--importance", type=int, default=DEMO_DEFAULTS["importance"],
+    parser.add_argument("--importance", type=integer_between(0, 10**5),
+                        default=DEMO_DEFAULTS["importance"],
                         help="SMC samples per particle at inference (0: the guide alone)")
-    parser.add_argument("--moves", type=int, default=DEMO_DEFAULTS["moves"],
+    parser.add_argument("--moves", type=integer_between(0, 1000), default=DEMO_DEFAULTS["moves"],
                         help="Metropolis moves per SMC tempering step")
     parser.add_argument("--separate-encoders", dest="shared_trunk", action="store_false",
                         help="the paper's one conv trunk per latent (default here: one "
                         "shared trunk, 3x cheaper per epoch)")
-    parser.add_argument("--device", default="auto", help="auto (cuda when present), cpu "
-                        "or cuda")
+    parser.add_argument("--device", type=device_name, default="auto",
+                        help="auto (cuda when present), cpu, cuda or cuda:N")
     add_threads_argument(parser)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_int, default=0,
+                        help="random seed (the held-out set uses seed + 1)")
     parser.add_argument("--force", action="store_true",
-                        help="overwrite an output directory that is not a previous demo")
+                        help="replace an output directory an earlier demo made (never "
+                        "another directory)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(func=run)
 
 
 def prepare_output(output: Path, force: bool) -> None:
-    if output.exists():
-        if not output.is_dir():
-            raise CryosviError(f"{output} exists and is not a directory")
-        if any(output.iterdir()) and not (output / MARKER).is_file() and not force:
-            raise CryosviError(f"{output} exists and is not a cryosvi demo directory; "
-                               "choose another -o or use --force")
-        shutil.rmtree(output)
-    output.mkdir(parents=True)
+    """A new, empty, marked output directory; an existing one is replaced only with
+    ``force`` and only when an earlier demo made it (``cryosvi.io.outputs``)."""
+    if check_output_directory(output, DEMO_KIND, force):
+        remove_directory(output)
+    output.mkdir(parents=True, exist_ok=True)
+    mark_directory(output, DEMO_KIND)
 
 
 def run(args) -> None:
-    import torch
-
     from cryosvi.config import PAPER_PRESET, Noise
     from cryosvi.evaluate import evaluate_tables, format_table, write_report
     from cryosvi.infer import infer
-    from cryosvi.io.star import read_star
+    from cryosvi.io.particles import read_particles
     from cryosvi.reference import Reference, build_reference
     from cryosvi.simulate import simulate_dataset
     from cryosvi.train import TrainOptions, default_schedule, train
 
     architecture = architecture_from_args(args)  # bad --channels fail here, not after simulating
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = check_device(args.device)
+    optics, imaging = PAPER_PRESET["optics"], PAPER_PRESET["imaging"]
+    check_memory(max(256, args.batch_size, 512, 256 * max(args.importance, 1)), optics,
+                 imaging, device, "use a smaller --batch-size or --importance")
     output = Path(args.output)
+    check_disk(output, (args.n_train + args.n_test) * optics.box**2 * 4)
     prepare_output(output, args.force)
     times: dict[str, float] = {}
     record = {"settings": vars(args) | {"func": None, "device": device}, "seconds": times}
 
     def save_record():
-        (output / MARKER).write_text(json.dumps(record, indent=2, default=str) + "\n")
+        text = json.dumps(record, indent=2, default=str) + "\n"
+        write_atomically(output / MARKER, lambda temporary: temporary.write_text(text))
 
     save_record()
     start = time.perf_counter()
@@ -142,7 +154,7 @@ def run(args) -> None:
 
     tic = time.perf_counter()
     say("[4/4] evaluating")
-    posterior, truth = read_star(output / "posterior.star"), read_star(test_star)
+    posterior, truth = read_particles(output / "posterior.star"), read_particles(test_star)
     metrics = evaluate_tables(posterior, truth)
     write_report(metrics, posterior, truth, output / "report")
     shutil.copy(output / "run" / "loss.png", output / "report" / "loss.png")
