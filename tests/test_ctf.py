@@ -469,7 +469,7 @@ def test_forward_model_ctf_path():
                                            dim=-1)
     dz = 300 * torch.randn(6, generator=generator, **F64)
     out = model(amplitudes, rotation, dz, ctf=ctf)
-    assert out.abs().amin(dim=(1, 2)).max() < 1e-3 < out.abs().amax(dim=(1, 2)).min()
+    assert out.abs().amax(dim=(1, 2)).min() > 0.1  # every image has signal
     # Each particle projected at its group's pixel size, CTF at U + dz, V + dz.
     for i in range(6):
         g = ctf.group[i].item()
