@@ -54,9 +54,8 @@ import starfile
 import torch
 
 from cryosvi.io.atomic import write_atomically
-from cryosvi.rotations import (euler_to_matrix, geodesic_angle, matrix_to_euler,
-                               quaternion_to_matrix, random_quaternions,
-                               rotation_vector_to_quaternion)
+from cryosvi.rotations import (geodesic_angle, matrix_to_euler, quaternion_to_matrix,
+                               random_quaternions, rotation_vector_to_quaternion)
 from cryosvi.structure import default_structure_path, read_structure
 
 # The targets of issue 12: poses from a consensus refinement (~2 deg off) at SNR 0.1, or
@@ -148,12 +147,24 @@ def load_chain(path: str, chain: str) -> gemmi.Structure:
 
 
 def atom_arrays(structure: gemmi.Structure):
-    """(N, 3) positions Å, (N,) masses (Da), (N,) author residue numbers; file order."""
+    """(N, 3) positions Å, (N,) masses (Da), (N,) author residue numbers, (N,) atom
+    names; file order."""
     atoms = [(residue.seqid.num, atom) for residue in structure[0][0] for atom in residue]
     positions = np.array([atom.pos.tolist() for _, atom in atoms])
     masses = np.array([atom.element.weight for _, atom in atoms])
     residues = np.array([number for number, _ in atoms])
-    return positions, masses, residues
+    names = np.array([atom.name for _, atom in atoms])
+    return positions, masses, residues, names
+
+
+def lobe_vectors(positions, masses, residues, names):
+    """(hinge point, N-lobe centre - hinge, C-lobe centre - hinge), each (3,) Å: the hinge
+    point is the hinge residues' C-alpha centroid, the lobe centres are centres of mass."""
+    hinge = positions[np.isin(residues, HINGE_RESIDUES) & (names == "CA")].mean(0)
+    n_lobe, c_lobe = residues <= N_LOBE_LAST, residues > max(HINGE_RESIDUES)
+    to_n = np.average(positions[n_lobe], axis=0, weights=masses[n_lobe]) - hinge
+    to_c = np.average(positions[c_lobe], axis=0, weights=masses[c_lobe]) - hinge
+    return hinge, to_n, to_c
 
 
 def hinge_axis(positions, masses, residues, names):
@@ -163,13 +174,15 @@ def hinge_axis(positions, masses, residues, names):
     point and the two lobes' centres of mass, oriented so that a positive right-handed
     rotation of the N-lobe increases the angle N-lobe - hinge - C-lobe (opens the cleft).
     """
-    hinge = positions[np.isin(residues, HINGE_RESIDUES) & (names == "CA")].mean(0)
-    n_lobe, c_lobe = residues <= N_LOBE_LAST, residues > max(HINGE_RESIDUES)
-    to_n = np.average(positions[n_lobe], axis=0, weights=masses[n_lobe]) - hinge
-    to_c = np.average(positions[c_lobe], axis=0, weights=masses[c_lobe]) - hinge
-    # A rotation about c x n takes n away from c.
-    direction = np.cross(to_c, to_n)
+    hinge, to_n, to_c = lobe_vectors(positions, masses, residues, names)
+    direction = np.cross(to_c, to_n)  # a rotation about c x n takes n away from c
     return hinge, direction / np.linalg.norm(direction)
+
+
+def cleft_angle(positions, masses, residues, names) -> float:
+    """Angle (degrees) N-lobe centre - hinge C-alpha centroid - C-lobe centre."""
+    _, a, b = lobe_vectors(positions, masses, residues, names)
+    return math.degrees(math.acos(a @ b / np.linalg.norm(a) / np.linalg.norm(b)))
 
 
 def rotation_matrix(direction, angle_deg: float) -> np.ndarray:
@@ -186,22 +199,14 @@ def hinge_conformation(positions, residues, point, direction, angle_deg) -> np.n
     return moved
 
 
-def cleft_angle(positions, masses, residues, names) -> float:
-    """Angle (degrees) N-lobe centre - hinge C-alpha centroid - C-lobe centre."""
-    hinge = positions[np.isin(residues, HINGE_RESIDUES) & (names == "CA")].mean(0)
-    n_lobe, c_lobe = residues <= N_LOBE_LAST, residues > max(HINGE_RESIDUES)
-    a = np.average(positions[n_lobe], axis=0, weights=masses[n_lobe]) - hinge
-    b = np.average(positions[c_lobe], axis=0, weights=masses[c_lobe]) - hinge
-    return math.degrees(math.acos(a @ b / np.linalg.norm(a) / np.linalg.norm(b)))
-
-
 # ---------------------------------------------------------------------------- maps
 
 def density_map(structure: gemmi.Structure, positions, box: int, pixel: float,
                 blur: float) -> np.ndarray:
     """(box, box, box) float32 map [z, y, x] of pixel ``pixel`` Å: gemmi's electron-
     scattering density of the atoms at ``positions`` (Å, box frame: voxel i at i * pixel),
-    computed on a grid of pixel / 2 and Fourier-cropped (band-limited at Nyquist)."""
+    computed on a grid of pixel / 2 and Fourier-cropped (band-limited at Nyquist).
+    Moves ``structure``'s atoms to ``positions`` and sets its cell to the box."""
     fine = 2 * box
     for atom, xyz in zip((a for r in structure[0][0] for a in r), positions):
         atom.pos = gemmi.Position(*xyz)
@@ -465,8 +470,7 @@ def make_dataset(args) -> dict:
     rng = np.random.default_rng(args.seed)
 
     structure = load_chain(args.structure, args.chain)
-    positions, masses, residues = atom_arrays(structure)
-    names = np.array([atom.name for residue in structure[0][0] for atom in residue])
+    positions, masses, residues, names = atom_arrays(structure)
     point, direction = hinge_axis(positions, masses, residues, names)
     box_centre = np.full(3, (args.box // 2) * args.pixel)
     offset = box_centre - np.average(positions, axis=0, weights=masses)
