@@ -214,7 +214,7 @@ class ParticleSet:
         if bad.any():
             row = int(indices[np.flatnonzero(bad)[0]])
             name = self.metadata["rlnImageName"].iloc[row]
-            raise CryosviError(f"particle {row + 1} ({name}) contains NaN or Inf pixels")
+            raise CryosviError(f"particle {row + 1} contains NaN or Inf pixels ({name})")
         if self.invert:
             np.negative(out, out=out)
         return out

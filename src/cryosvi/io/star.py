@@ -56,7 +56,8 @@ def read_star_blocks(path: Path) -> dict[str, StarBlock]:
     """
     data = path.read_bytes()
     if b"\x00" in data[:4096]:
-        raise CryosviError(f"{path} is not a text (STAR) file")
+        raise CryosviError(f"{path} is neither a STAR file nor a cryoSPARC .cs file "
+                           "(binary data)")
     blocks: dict[str, StarBlock] = {}
     position, line_number = 0, 1
     name = None
@@ -159,7 +160,7 @@ def _read_loop(path: Path, name: str, labels: list[str], body: bytes,
     try:
         table = pd.read_csv(io.BytesIO(body), sep=r"\s+", header=None, names=labels,
                             engine="c", quoting=csv.QUOTE_NONE, skip_blank_lines=True,
-                            float_precision="round_trip", low_memory=False,
+                            low_memory=False,
                             keep_default_na=False, na_values=["nan", "NaN", "NAN", "<NA>"])
     except (ValueError, pd.errors.ParserError) as error:
         raise CryosviError(f"{path}: cannot parse the rows of data_{name}: "
