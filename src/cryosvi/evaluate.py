@@ -12,8 +12,11 @@ Metrics
   std sigma has a rotation angle distributed as sigma times a chi variable with 3 degrees
   of freedom. A calibrated posterior gives coverage ~= p.
 
-Coverages are computed only where the posterior has the std column; the others are
-listed under ``skipped``. All quantiles come from scipy, so levels and radii agree.
+Only the latents the truth has columns for are scored (a RELION refinement has angles
+and defocus but no mode amplitudes); the others are listed under ``skipped``. Rows are
+matched by ``rlnImageName``; files without names in either are matched by row order only
+when asked (``match_by_order``). Coverages are computed only where the posterior has the
+std column. All quantiles come from scipy, so levels and radii agree.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from scipy import stats
 
 from cryosvi.errors import CryosviError
 from cryosvi.io.atomic import write_atomically
-from cryosvi.io.star import ParticleTable
+from cryosvi.io.particles import ParticleSet
 from cryosvi.rotations import euler_to_matrix, geodesic_angle, quaternion_geodesic_angle
 
 ANGLE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
@@ -130,7 +133,7 @@ def error_summary(error_deg: np.ndarray) -> dict:
 # ----------------------------------------------------------------------- table handling
 
 
-def _column(table: ParticleTable, column: str) -> np.ndarray:
+def _column(table: ParticleSet, column: str) -> np.ndarray:
     """One numeric, finite (N,) column, or a CryosviError naming file and column."""
     values = pd.to_numeric(table.particles[column], errors="coerce").to_numpy(float)
     bad = ~np.isfinite(values)
@@ -141,25 +144,28 @@ def _column(table: ParticleTable, column: str) -> np.ndarray:
     return values
 
 
-def _std_column(table: ParticleTable, column: str) -> np.ndarray:
+def _std_column(table: ParticleSet, column: str) -> np.ndarray:
     values = _column(table, column)
     if (values < 0).any():
         raise CryosviError(f"{table.path}: column {column} has negative standard deviations")
     return values
 
 
-def _defocus(table: ParticleTable) -> np.ndarray:
+def _defocus(table: ParticleSet) -> np.ndarray:
     """(N,) defocus, Å: mean of U and V (the model has no astigmatism), U alone if no V."""
     if "rlnDefocusV" in table.particles.columns:
         return 0.5 * (_column(table, "rlnDefocusU") + _column(table, "rlnDefocusV"))
     return _column(table, "rlnDefocusU")
 
 
-def match_rows(posterior: ParticleTable, truth: ParticleTable) -> tuple[np.ndarray, str]:
+def match_rows(posterior: ParticleSet, truth: ParticleSet,
+               match_by_order: bool = False) -> tuple[np.ndarray, str]:
     """Index into ``truth`` for each posterior row, and how rows were matched.
 
     By rlnImageName when both tables have it (the sets must be equal and without
-    duplicates), by row order otherwise (the counts must be equal).
+    duplicates); by row order (the counts must be equal) only with ``match_by_order``,
+    else a CryosviError: unnamed rows matched by position can silently pair the wrong
+    particles.
     """
     n_post, n_truth = len(posterior), len(truth)
     if NAME_COLUMN in posterior.particles.columns and NAME_COLUMN in truth.particles.columns:
@@ -178,6 +184,10 @@ def match_rows(posterior: ParticleTable, truth: ParticleTable) -> tuple[np.ndarr
                 f"posterior and truth describe different particles: {n_post} vs {n_truth} "
                 f"particles, {n_post - len(missing)} {NAME_COLUMN}s in common{example}")
         return position.loc[names_post.to_numpy()].to_numpy(), NAME_COLUMN
+    if not match_by_order:
+        unnamed = [t.path for t in (posterior, truth) if NAME_COLUMN not in t.particles.columns]
+        raise CryosviError(f"{unnamed[0]} has no {NAME_COLUMN} to match the particles by; "
+                           "give --match-by-order to pair them by row order")
     if n_post != n_truth:
         raise CryosviError(f"posterior has {n_post} particles but truth has {n_truth} "
                            f"(no {NAME_COLUMN} in both files to match them by)")
@@ -196,29 +206,43 @@ def _latent_metrics(truth: np.ndarray, mean: np.ndarray, std: np.ndarray | None,
     return metrics
 
 
-def evaluate_tables(posterior: ParticleTable, truth: ParticleTable) -> dict:
+def evaluate_tables(posterior: ParticleSet, truth: ParticleSet,
+                    match_by_order: bool = False) -> dict:
     """All metrics of a posterior table against the truth, as a JSON-ready dict.
 
-    Required: rlnAngleRot/Tilt/Psi and rlnDefocusU in both; every
-    ``cryosviModeAmplitude{k}`` of the posterior also in the truth. Optional (coverage):
-    cryosviDefocusStd, cryosviModeAmplitudeStd{k}, cryosviPoseStdDeg. Undefined numbers
-    (e.g. r of a constant column, a skipped coverage) are None. Schema: see
-    ``write_report``; the per-particle arrays are under the private key ``"_arrays"``
-    (removed before writing JSON).
+    Scored: pose (rlnAngleRot/Tilt/Psi), defocus (rlnDefocusU) and each
+    ``cryosviModeAmplitude{k}`` wherever both files have the columns; at least one latent
+    must be in common. Optional (coverage): cryosviDefocusStd,
+    cryosviModeAmplitudeStd{k}, cryosviPoseStdDeg. Undefined numbers (e.g. r of a
+    constant column, a skipped coverage) are None; ``pose`` is None when not scored.
+    Schema: see ``write_report``; the per-particle arrays are under the private key
+    ``"_arrays"`` (removed before writing JSON). ``match_by_order``: see ``match_rows``.
     """
-    posterior.require(*ANGLE_COLUMNS, "rlnDefocusU")
-    truth.require(*ANGLE_COLUMNS, "rlnDefocusU")
-    modes = posterior.mode_columns()
-    truth.require(*modes)
-    order, matched_by = match_rows(posterior, truth)
+    skipped: list[str] = []
+    both = (posterior, truth)
+    score_pose = all(all(c in t.particles.columns for c in ANGLE_COLUMNS) for t in both)
+    score_defocus = all("rlnDefocusU" in t.particles.columns for t in both)
+    truth_modes = set(truth.mode_columns())
+    modes = [c for c in posterior.mode_columns() if c in truth_modes]
+    for name, scored, column in (("pose", score_pose, "rlnAngleRot/Tilt/Psi"),
+                                 ("defocus", score_defocus, "rlnDefocusU")):
+        if not scored:
+            skipped.append(f"{name}: no {column} in both files")
+    missing_modes = [c for c in posterior.mode_columns() if c not in truth_modes]
+    if missing_modes:
+        skipped.append(f"{', '.join(missing_modes)}: not in the truth")
+    if not (score_pose or score_defocus or modes):
+        raise CryosviError(f"nothing to score: {posterior.path} and {truth.path} have no "
+                           "latent in common (rlnAngleRot/Tilt/Psi, rlnDefocusU, "
+                           "cryosviModeAmplitude1..K)")
+    order, matched_by = match_rows(posterior, truth, match_by_order)
 
     def truth_column(values: np.ndarray) -> np.ndarray:
         return values[order]
 
-    skipped: list[str] = []
     latents: dict[str, dict] = {}
     arrays: dict[str, dict] = {}
-    columns = [("defocus", _defocus, DEFOCUS_STD_COLUMN)]
+    columns = [("defocus", _defocus, DEFOCUS_STD_COLUMN)] if score_defocus else []
     columns += [(f"mode{k}", (lambda t, c=c: _column(t, c)), MODE_STD_COLUMN.format(k))
                 for k, c in enumerate(modes, start=1)]
     for name, read, std_column in columns:
@@ -233,7 +257,33 @@ def evaluate_tables(posterior: ParticleTable, truth: ParticleTable) -> dict:
     extra = [c for c in truth.mode_columns() if c not in modes]
     if extra:
         skipped.append(f"{len(extra)} truth mode(s) not in the posterior: {', '.join(extra)}")
+    pose = _pose_metrics(posterior, truth, truth_column, arrays, skipped) if score_pose \
+        else None
 
+    calibration = {"levels": list(CALIBRATION_LEVELS)}
+    for name, latent in arrays.items():
+        if latent["std"] is None:
+            continue
+        if name == "pose":
+            observed = [pose_coverage(latent["error"], latent["std"], p)
+                        for p in CALIBRATION_LEVELS]
+        else:
+            observed = [gaussian_coverage(latent["truth"], latent["mean"], latent["std"], p)
+                        for p in CALIBRATION_LEVELS]
+        calibration[name] = observed
+
+    return {
+        "n_particles": len(posterior), "posterior": str(posterior.path),
+        "truth": str(truth.path), "matched_by": matched_by,
+        "coverage_levels": dict(COVERAGE_LEVELS),
+        "latents": latents, "pose": pose, "calibration": calibration, "skipped": skipped,
+        "_arrays": arrays,
+    }
+
+
+def _pose_metrics(posterior: ParticleSet, truth: ParticleSet, truth_column, arrays: dict,
+                  skipped: list[str]) -> dict:
+    """Geodesic pose error (degrees) and its coverage; fills ``arrays['pose']``."""
     true_angles = np.stack([truth_column(_column(truth, c)) for c in ANGLE_COLUMNS], -1)
     mean_angles = np.stack([_column(posterior, c) for c in ANGLE_COLUMNS], -1)
     error = euler_geodesic_error(true_angles, mean_angles)
@@ -247,25 +297,7 @@ def evaluate_tables(posterior: ParticleTable, truth: ParticleTable) -> dict:
         pose[key] = None if pose_std is None else pose_coverage(error, pose_std, level)
     pose["median_posterior_std_deg"] = None if pose_std is None else float(np.median(pose_std))
     arrays["pose"] = {"error": error, "std": pose_std}
-
-    calibration = {"levels": list(CALIBRATION_LEVELS)}
-    for name, latent in arrays.items():
-        if latent["std"] is None:
-            continue
-        if name == "pose":
-            observed = [pose_coverage(error, pose_std, p) for p in CALIBRATION_LEVELS]
-        else:
-            observed = [gaussian_coverage(latent["truth"], latent["mean"], latent["std"], p)
-                        for p in CALIBRATION_LEVELS]
-        calibration[name] = observed
-
-    return {
-        "n_particles": len(posterior), "posterior": str(posterior.path),
-        "truth": str(truth.path), "matched_by": matched_by,
-        "coverage_levels": dict(COVERAGE_LEVELS),
-        "latents": latents, "pose": pose, "calibration": calibration, "skipped": skipped,
-        "_arrays": arrays,
-    }
+    return pose
 
 
 # ----------------------------------------------------------------------------- output
@@ -299,11 +331,12 @@ def format_table(metrics: dict) -> str:
                      f"{number(m['rmse'], '.4g') + ' ' + m['unit']:>12}"
                      f"{number(m['coverage68'], '.3f'):>8}{number(m['coverage95'], '.3f'):>8}")
     pose = metrics["pose"]
-    lines.append(f"{'pose':<10}{'':>8}{'':>12}{number(pose['coverage68'], '.3f'):>8}"
-                 f"{number(pose['coverage95'], '.3f'):>8}")
-    lines.append(f"pose error (deg): median {pose['median_error_deg']:.3g}, "
-                 f"mean {pose['mean_error_deg']:.3g}, 90th percentile "
-                 f"{pose['p90_error_deg']:.3g}  ({metrics['n_particles']} particles)")
+    if pose is not None:
+        lines.append(f"{'pose':<10}{'':>8}{'':>12}{number(pose['coverage68'], '.3f'):>8}"
+                     f"{number(pose['coverage95'], '.3f'):>8}")
+        lines.append(f"pose error (deg): median {pose['median_error_deg']:.3g}, "
+                     f"mean {pose['mean_error_deg']:.3g}, 90th percentile "
+                     f"{pose['p90_error_deg']:.3g}  ({metrics['n_particles']} particles)")
     for reason in metrics["skipped"]:
         lines.append(f"skipped: {reason}")
     return "\n".join(lines)
@@ -313,6 +346,8 @@ def _plot_truth_vs_prediction(metrics: dict, arrays: dict):
     from matplotlib.figure import Figure
 
     names = list(metrics["latents"])
+    if not names:
+        return _note_figure("no defocus or mode amplitude scored")
     columns = min(len(names), 3)
     rows = math.ceil(len(names) / columns)
     figure = Figure(figsize=(4.2 * columns, 4.0 * rows), layout="constrained")
@@ -342,8 +377,10 @@ def _plot_truth_vs_prediction(metrics: dict, arrays: dict):
 def _plot_pose_error(metrics: dict, arrays: dict):
     from matplotlib.figure import Figure
 
-    error = arrays["pose"]["error"]
     pose = metrics["pose"]
+    if pose is None:
+        return _note_figure("pose not scored (no angles in both files)")
+    error = arrays["pose"]["error"]
     figure = Figure(figsize=(6, 4), layout="constrained")
     axis = figure.subplots()
     # Log bins show both the near-correct core and the flipped-pose tail; errors below
@@ -363,6 +400,17 @@ def _plot_pose_error(metrics: dict, arrays: dict):
     axis.set_title(f"pose error, {error.size} particles (mean {pose['mean_error_deg']:.3g}°)",
                    fontsize=10)
     axis.legend()
+    return figure
+
+
+def _note_figure(text: str):
+    """A small figure that says why there is no plot."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(5, 3), layout="constrained")
+    axis = figure.subplots()
+    axis.text(0.5, 0.5, text, ha="center", va="center")
+    axis.set_axis_off()
     return figure
 
 
@@ -389,7 +437,7 @@ def _plot_calibration(metrics: dict):
     return figure
 
 
-def write_report(metrics: dict, posterior: ParticleTable, truth: ParticleTable,
+def write_report(metrics: dict, posterior: ParticleSet, truth: ParticleSet,
                  directory: str | Path) -> list[Path]:
     """Write ``metrics.json`` and the three PNGs into ``directory`` (created); returns paths.
 
@@ -406,7 +454,7 @@ def write_report(metrics: dict, posterior: ParticleTable, truth: ParticleTable,
                      "rmse": float, "bias": float, "std_column": str,
                      "coverage68": float|null, "coverage95": float|null,
                      "mean_posterior_std": float|null}},
-         "pose": {"unit": "deg", "median_error_deg", "mean_error_deg", "p90_error_deg",
+         "pose": null (not scored) | {"unit": "deg", "median_error_deg", "mean_error_deg", "p90_error_deg",
                   "std_column": str, "coverage68": float|null, "coverage95": float|null,
                   "median_posterior_std_deg": float|null},
          "calibration": {"levels": [0.1, ..., 0.99], "<latent>" | "pose": [observed, ...]},

@@ -21,8 +21,7 @@ from tqdm.auto import tqdm
 
 from cryosvi.guide import ORDER, Guide
 from cryosvi.io.atomic import save_npz_atomically
-from cryosvi.io.mrc import ParticleImages
-from cryosvi.io.star import MODE_COLUMN, read_star, write_star
+from cryosvi.io.star import MODE_COLUMN
 from cryosvi.model import model
 from cryosvi.posterior import posterior_summary, weighted_pose, weighted_summary
 from cryosvi.rotations import (matrix_to_euler, quaternion_product, quaternion_to_matrix,
@@ -125,7 +124,8 @@ def refine(guide: Guide, forward, priors, noise_std: float, images: torch.Tensor
 
 
 def summary_columns(summary: dict, latents, n_modes: int) -> dict[str, np.ndarray]:
-    """STAR columns of the inferred latents from a summary."""
+    """STAR columns of the inferred latents from a summary (defocus: U = V = the mean,
+    angle 0; ``infer`` puts each particle's astigmatism back)."""
     columns = {}
     if "rotation" in latents:
         rot, tilt, psi = matrix_to_euler(quaternion_to_matrix(
@@ -152,23 +152,30 @@ def infer(run: str | Path, particles: str | Path, output: str | Path, samples: i
           importance: int = 64, method: str = "smc", moves: int = 3,
           batch_size: int = 256,
           device: str = "cpu", summary_samples: int = 64,
-          progress: bool = True) -> pd.DataFrame:
-    """Posterior of every particle of ``particles`` under the trained run ``run``.
+          progress: bool = True, datadir: str | Path | None = None,
+          invert: bool = False) -> pd.DataFrame:
+    """Posterior of every particle of ``particles`` (STAR or cryoSPARC .cs, read by
+    ``cryosvi.io.read_particles`` with ``datadir`` and ``invert``) under the trained run
+    ``run``.
 
-    Writes the STAR file ``output`` (input columns kept, inferred ones replaced) and, with
+    Writes the STAR file ``output`` (RELION 3.1: the input's optics table, columns and row
+    order, inferred columns replaced or added; an inferred defocus m keeps each particle's
+    astigmatism: U = m + (U_in - V_in) / 2, V = m - (U_in - V_in) / 2, angle kept), from a
+    .cs input also ``output`` with suffix .cs (the input's records, fields updated), and, with
     ``samples`` > 0, ``output`` with suffix .npz holding S posterior samples per particle
     (site -> (N, S, ...)). ``importance`` > 0 refines with that many importance samples
     per particle: ``method`` 'smc' (tempered SMC from the guide to the posterior) or 'is'
     (importance sampling with the guide as proposal); see ``refine``.
     Returns the particle table written.
     """
-    from cryosvi.train import check_compatible, known_values, load_trained, select_device
+    from cryosvi.dataset import check_compatible, defocus_output, known_values
+    from cryosvi.io.particles import read_particles, write_particles
+    from cryosvi.rundir import load_trained, select_device
 
     select_device(device)
     info, reference, guide = load_trained(run, device)
-    table = read_star(particles)
-    images = ParticleImages(table)
-    check_compatible(table, images, reference)
+    table = read_particles(particles, datadir, invert)
+    check_compatible(table, reference)
     config = guide.config
     fixed = [s for s in ORDER if s not in config.latents]
     known = known_values(table, fixed, reference.n_modes)
@@ -183,7 +190,7 @@ def infer(run: str | Path, particles: str | Path, output: str | Path, samples: i
     for start in tqdm(range(0, n, batch_size), desc="inferring", unit="batch",
                       disable=not progress, leave=False):
         index = np.arange(start, min(start + batch_size, n))
-        batch = torch.from_numpy(images[index]).to(device)
+        batch = torch.from_numpy(table.images(index)).to(device)
         batch_known = {s: v[index].to(device) for s, v in known.items()}
         if importance:
             summary = refine(guide, forward, reference.priors, reference.noise.std, batch,
@@ -199,14 +206,17 @@ def infer(run: str | Path, particles: str | Path, output: str | Path, samples: i
             if importance:
                 sample_store["weights"].append(
                     summary["weights"][:samples].T.cpu().numpy())
-    frame = table.particles.copy()
+    frame = table.metadata.copy()
     for key, parts in collected.items():
         frame[key] = np.concatenate(parts)
+    if "defocus" in config.latents:
+        for key, values in defocus_output(table, frame["rlnDefocusU"].to_numpy()).items():
+            frame[key] = values
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    write_star(output, frame, table.optics)
+    write_particles(output, table, frame, list(collected))
     if samples:
         arrays = {s: np.concatenate(v) for s, v in sample_store.items() if v}
         save_npz_atomically(output.with_suffix(".npz"), **arrays)
-    images.close()
+    table.close()
     return frame
