@@ -168,8 +168,8 @@ def test_resume_continues_exactly(dataset, tmp_path):
     assert stopped["status"] == "stopped" and stopped["epochs_done"] == 2
     resumed = train(None, None, tmp_path / "parts", resume=True, progress=False)
     assert resumed["status"] == "finished" and resumed["epochs_done"] == 3
-    whole = torch.load(tmp_path / "whole" / CHECKPOINT, weights_only=False)
-    parts = torch.load(tmp_path / "parts" / CHECKPOINT, weights_only=False)
+    whole = torch.load(tmp_path / "whole" / CHECKPOINT, weights_only=True)
+    parts = torch.load(tmp_path / "parts" / CHECKPOINT, weights_only=True)
     timing = ("seconds",)
     assert {k: v for k, v in whole["position"].items() if k not in timing} == \
         {k: v for k, v in parts["position"].items() if k not in timing}
@@ -196,7 +196,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(dataset, tmp_pa
     with pytest.raises(TrainingDiverged, match="step 3.*epoch 1"):
         train(dataset / "particles.star", load_reference(dataset), run, run_options(),
               progress=False)
-    state = torch.load(run / CHECKPOINT, weights_only=False)
+    state = torch.load(run / CHECKPOINT, weights_only=True)
     assert state["position"]["epoch"] == 1 and state["position"]["step"] == 2
     assert all(torch.isfinite(v).all() for v in state["guide"].values())
 
