@@ -18,20 +18,14 @@ Objectives (a schedule is a list of stages, each with one objective):
 Each stage lists the encoders it trains; the others are frozen (the paper's staged
 schedule, ``data/schedule_paper.toml``).
 
-Run directory (``RUN/``):
-    run.json        settings: latents, guide config, schedule, data, noise, seed, status
-    reference.npz   the reference with the priors and noise std used for training
-    checkpoint.pt   guide + optimizer + RNG states + position, written atomically per epoch
-    log.jsonl       one JSON line per epoch (loss, lr, time, validation metrics)
-    loss.png        the loss curve
+The run directory (``RUN/``: run.json, reference.npz, checkpoint.pt, log.jsonl,
+loss.png) and its checkpoint are described in ``cryosvi.rundir``.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import math
-import random
 import sys
 import time
 import tomllib
@@ -51,16 +45,17 @@ from cryosvi import __version__
 from cryosvi.errors import CryosviError
 from cryosvi.guide import ORDER, Architecture, Guide, GuideConfig
 from cryosvi.io.atomic import write_atomically
+from cryosvi.io.outputs import check_output_directory, directory_kind, mark_directory
 from cryosvi.io.mrc import ParticleImages
 from cryosvi.io.star import ParticleTable, read_star
 from cryosvi.model import model
 from cryosvi.reference import Reference
+from cryosvi.rundir import (CHECKPOINT, CHECKPOINT_FORMAT, LOG_FILE, PLOT_FILE,  # noqa: F401
+                            REFERENCE_FILE, RUN_FILE, guide_config, keep_freed_memory,
+                            load_checkpoint, load_trained, load_weights, read_run,
+                            rng_state, save_checkpoint, select_device, set_rng_state,
+                            write_json_atomic)
 
-RUN_FILE = "run.json"
-CHECKPOINT = "checkpoint.pt"
-LOG_FILE = "log.jsonl"
-PLOT_FILE = "loss.png"
-REFERENCE_FILE = "reference.npz"
 OBJECTIVES = ("sim", "elbo")
 SITE_NAMES = {"defocus": "defocus", "rotation": "pose", "enm_scale": "modes"}
 VALIDATION_SIZE = 512
@@ -68,32 +63,6 @@ VALIDATION_SIZE = 512
 
 class TrainingDiverged(CryosviError):
     """The loss or a gradient became NaN/Inf."""
-
-
-def select_device(device: str) -> torch.device:
-    """The torch device for a --device value, with a clear error when CUDA is asked for
-    but absent; on CPU, glibc is told to keep freed memory (``keep_freed_memory``)."""
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CryosviError("--device cuda was asked for but CUDA is not available")
-    if device.type == "cpu":
-        keep_freed_memory()
-    return device
-
-
-def keep_freed_memory() -> None:
-    """Let glibc serve large blocks from the heap and keep freed memory instead of
-    returning it to the OS after every step. Training on CPU otherwise spends its time in
-    page faults (measured: 6 700 -> 84 minor faults and 19 % less CPU per step of the
-    demo's guide). Process-wide; a no-op outside Linux/glibc."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD (glibc caps it at its maximum)
-        libc.mallopt(-1, (1 << 31) - 1)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
 
 
 # ---------------------------------------------------------------------------- schedule
@@ -125,9 +94,26 @@ class Stage:
                                f"(choose from {', '.join(OBJECTIVES)})")
         if self.decay not in ("constant", "cosine"):
             raise CryosviError(f"schedule: unknown decay {self.decay!r} (constant or cosine)")
-        if self.epochs < 0 or self.batch_size < 1 or not self.lr > 0:
-            raise CryosviError("schedule: epochs >= 0, batch_size >= 1 and lr > 0 required")
+        for name, low in (("epochs", 0), ("batch_size", 1), ("warmup", 0),
+                          ("epoch_size", 1)):
+            value = getattr(self, name)
+            if (value is not None or name != "epoch_size") and (
+                    isinstance(value, bool) or not isinstance(value, int) or value < low
+                    or value > 10**9):
+                raise CryosviError(f"schedule: {name} must be an integer from {low} to "
+                                   f"10^9, got {value!r}")
+        for name, low, high in (("lr", 0.0, 10.0), ("final_lr_fraction", 0.0, 1.0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                    not low < value <= high:
+                raise CryosviError(f"schedule: {name} must be a number in ({low:g}, "
+                                   f"{high:g}], got {value!r}")
+        if not isinstance(self.name, str):
+            raise CryosviError(f"schedule: name must be a string, got {self.name!r}")
         if self.train is not None:
+            if isinstance(self.train, str) or not isinstance(self.train, (list, tuple)):
+                raise CryosviError(f"schedule: 'train' must be a list of latent names, got "
+                                   f"{self.train!r}")
             self.train = tuple(self.train)
             unknown = [n for n in self.train if n not in SITE_NAMES.values()]
             if unknown:
@@ -167,15 +153,24 @@ def load_schedule(path: str | Path, overrides: dict | None = None) -> list[Stage
         path = Path(path)
         if not path.is_file():
             raise CryosviError(f"schedule file not found: {path}")
-        text, name = path.read_text(), str(path)
+        try:
+            text, name = path.read_text(), str(path)
+        except (OSError, UnicodeDecodeError) as error:
+            raise CryosviError(f"cannot read schedule {path}: {error}") from None
     try:
         data = json.loads(text) if name.endswith(".json") else tomllib.loads(text)
     except (ValueError, tomllib.TOMLDecodeError) as error:
         raise CryosviError(f"cannot read schedule {name}: {error}") from None
+    if not isinstance(data, dict):
+        raise CryosviError(f"schedule {name}: not a table of [defaults] and [[stage]]")
     defaults = data.get("defaults", {})
     stages = data.get("stage", data.get("stages"))
     if not stages:
         raise CryosviError(f"schedule {name}: no [[stage]] tables")
+    if not isinstance(defaults, dict) or not isinstance(stages, list) or \
+            not all(isinstance(entry, dict) for entry in stages):
+        raise CryosviError(f"schedule {name}: [defaults] must be a table and [[stage]] a "
+                           "list of tables")
     fields = set(Stage.__dataclass_fields__)
     out = []
     for i, entry in enumerate(stages):
@@ -329,62 +324,6 @@ def priors_from_particles(table: ParticleTable, reference: Reference) -> Referen
     return reference.with_settings(optics=optics, priors=priors)
 
 
-# ----------------------------------------------------------------------- run files
-def read_run(directory: str | Path) -> dict:
-    """``RUN/run.json``; a directory without one is not a run (CryosviError)."""
-    directory = Path(directory)
-    path = directory / RUN_FILE
-    if not directory.is_dir():
-        raise CryosviError(f"run directory not found: {directory}")
-    if not path.is_file():
-        raise CryosviError(f"{directory} is not a cryosvi run (no {RUN_FILE})")
-    try:
-        return json.loads(path.read_text())
-    except ValueError as error:
-        raise CryosviError(f"{path} is damaged: {error}") from None
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    text = json.dumps(data, indent=2, default=str) + "\n"
-    write_atomically(path, lambda temporary: temporary.write_text(text))
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    write_atomically(path, lambda temporary: torch.save(state, temporary))
-
-
-def load_trained(directory: str | Path, device: str = "cpu"):
-    """(run info, reference, guide in eval mode) of a run directory."""
-    directory = Path(directory)
-    info = read_run(directory)
-    checkpoint = directory / CHECKPOINT
-    if not checkpoint.is_file():
-        raise CryosviError(f"{directory} has no {CHECKPOINT}: training has not finished an "
-                           "epoch yet")
-    reference = Reference.load(directory / REFERENCE_FILE)
-    guide = Guide(GuideConfig.from_dict(info["guide"])).to(device)
-    state = torch.load(checkpoint, map_location=device, weights_only=False)
-    guide.load_state_dict(state["guide"])
-    guide.eval()
-    return info, reference, guide
-
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-             "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 # ------------------------------------------------------------------------ objectives
 def simulation_batch(reference: Reference, forward, noise_std: float, batch_size: int):
     """Fresh (latents, noisy images) from the model's prior."""
@@ -514,18 +453,21 @@ def train(particles: str | Path, reference: Reference | None, output: str | Path
     if resume:
         info = read_run(output)
         if not (output / CHECKPOINT).is_file():
-            raise CryosviError(f"{output} has no checkpoint to resume from; start it again "
-                               "without --resume")
-        options = options_from_info(info)
+            raise CryosviError(f"{output} has no checkpoint to resume from (no epoch had "
+                               "finished); start it again with the same command without "
+                               "--resume")
+        options = options_from_info(info, output)
+        state = load_checkpoint(output / CHECKPOINT)  # damaged: fail before any work
         reference = Reference.load(output / REFERENCE_FILE)
-        particles = info["particles"] if particles is None else particles
+        particles = info.get("particles") if particles is None else particles
+        if not isinstance(particles, str):
+            raise CryosviError(f"{output / RUN_FILE} is damaged: no 'particles'; give "
+                               "--particles")
     else:
         options = options or TrainOptions()
         if reference is None:
             raise CryosviError("a reference is needed (--reference or --structure)")
-        if (output / RUN_FILE).exists() and not force:
-            raise CryosviError(f"{output} already holds a run; use --resume to continue it "
-                               "or --force to start over")
+        check_run_output(output, force)
     if device:
         options = replace(options, device=device)
     device = select_device(options.device)
@@ -547,6 +489,8 @@ def train(particles: str | Path, reference: Reference | None, output: str | Path
         raise CryosviError("no schedule stage trains any of the inferred latents")
     n_particles = len(table)
     output.mkdir(parents=True, exist_ok=True)
+    if directory_kind(output) is None:
+        mark_directory(output, RUN_KIND)
 
     pyro.set_rng_seed(options.seed)
     guide = Guide(config).to(device)
@@ -554,10 +498,7 @@ def train(particles: str | Path, reference: Reference | None, output: str | Path
     optimizer = ClippedAdam(guide.parameters(), lr=active[0].lr)
     start = {"stage": 0, "stage_epoch": 0, "epoch": 0, "step": 0, "seconds": 0.0}
     if resume:
-        state = torch.load(output / CHECKPOINT, map_location=device, weights_only=False)
-        guide.load_state_dict(state["guide"])
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
+        restore(output / CHECKPOINT, state, guide, optimizer, device)
         start = state["position"]
         truncate_log(output / LOG_FILE, start["epoch"])
     else:
@@ -653,7 +594,8 @@ def train(particles: str | Path, reference: Reference | None, output: str | Path
             append_log(output / LOG_FILE, record)
             save_checkpoint(output / CHECKPOINT, {
                 "guide": guide.state_dict(), "optimizer": optimizer.state_dict(),
-                "rng": rng_state(), "position": dict(position), "format": 1})
+                "rng": rng_state(), "position": dict(position),
+                "format": CHECKPOINT_FORMAT})
             info["epochs_done"] = position["epoch"]
             write_json_atomic(output / RUN_FILE, info)
             plot_log(output / LOG_FILE, output / PLOT_FILE)
@@ -674,13 +616,49 @@ def initialise_from(guide: Guide, run: str | Path, device) -> None:
     checkpoint = Path(run) / CHECKPOINT
     if not checkpoint.is_file():
         raise CryosviError(f"--init: {run} has no {CHECKPOINT}")
-    theirs = GuideConfig.from_dict(info["guide"])  # (defaults for keys older runs lack)
+    theirs = guide_config(info, run)  # (defaults for keys older runs lack)
     keys = ("box", "n_modes", "latents", *(f.name for f in fields(Architecture)))
     different = [k for k in keys if getattr(guide.config, k) != getattr(theirs, k)]
     if different:
         raise CryosviError(f"--init: the guide of {run} differs in {', '.join(different)}")
-    state = torch.load(checkpoint, map_location=device, weights_only=False)
-    guide.load_state_dict(state["guide"])
+    load_weights(guide, load_checkpoint(checkpoint, device)["guide"], checkpoint)
+
+
+RUN_KIND = "run"
+
+
+def check_run_output(output: Path, force: bool, note: bool = True) -> None:
+    """Before any work: may a new run be started in ``output``? Yes if it is absent or
+    empty, or a run that never finished an epoch (killed before its first checkpoint: the
+    same command starts it again); with ``force`` if it is a cryosvi run; never if it is
+    a directory cryosvi did not make."""
+    if directory_kind(output) == RUN_KIND and not (output / CHECKPOINT).exists():
+        if note:
+            print(f"note: {output} holds a run that never finished an epoch; starting it "
+                  "again", file=sys.stderr)
+        return
+    try:
+        check_output_directory(output, RUN_KIND, force)
+    except CryosviError as error:
+        if "--force" in str(error) and directory_kind(output) == RUN_KIND:
+            raise CryosviError(f"{output} already holds a run; use --resume to continue it "
+                               "or --force to start over") from None
+        raise
+
+
+def restore(path: Path, state: dict, guide: Guide, optimizer, device) -> None:
+    """Guide, optimizer and RNG states of a checkpoint (``load_checkpoint``'s dict)."""
+    load_weights(guide, state["guide"], path)
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        for group in optimizer.state.values():  # the loaded state follows the device
+            for key, value in group.items():
+                if torch.is_tensor(value):
+                    group[key] = value.to(device)
+        set_rng_state(state["rng"])
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as error:
+        raise CryosviError(f"{path} is damaged: bad optimizer or RNG state "
+                           f"({type(error).__name__}: {error})") from None
 
 
 def finish(output: Path, info: dict, position: dict, stopped: bool) -> dict:
@@ -789,12 +767,22 @@ def plot_log(log: Path, output: Path) -> None:
     write_atomically(output, lambda temporary: figure.savefig(temporary, dpi=90))
 
 
-def options_from_info(info: dict) -> TrainOptions:
-    guide = info["guide"]
-    return TrainOptions(
-        latents=tuple(guide["latents"]), schedule=[Stage(**s) for s in info["schedule"]],
-        architecture=GuideConfig.from_dict(guide).architecture(),
-        seed=info["seed"], device=info["device"],
-        noise_std=info["noise_std"], validation_size=info.get("validation_size",
-                                                              VALIDATION_SIZE),
-        init_from=info.get("init_from"))
+def options_from_info(info: dict, directory: str | Path = "") -> TrainOptions:
+    """The options a run was started with (run.json); CryosviError when it is damaged."""
+    try:
+        guide = info["guide"]
+        options = TrainOptions(
+            latents=tuple(guide["latents"]),
+            schedule=[Stage(**s) for s in info["schedule"]],
+            architecture=guide_config(info, directory).architecture(),
+            seed=int(info["seed"]), device=str(info["device"]),
+            noise_std=float(info["noise_std"]),
+            validation_size=int(info.get("validation_size", VALIDATION_SIZE)),
+            init_from=info.get("init_from"))
+    except (KeyError, TypeError, ValueError) as error:
+        raise CryosviError(f"{Path(directory) / RUN_FILE} is damaged: missing or bad "
+                           f"{error}") from None
+    if not (options.noise_std > 0 and math.isfinite(options.noise_std)):
+        raise CryosviError(f"{Path(directory) / RUN_FILE} is damaged: noise_std "
+                           f"{options.noise_std}")
+    return options

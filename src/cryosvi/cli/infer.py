@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from cryosvi.cli.common import add_threads_argument, non_negative_int, positive_int
+from cryosvi.cli.common import (HelpFormatter, add_particle_source_arguments,
+                                add_threads_argument, check_device, check_memory,
+                                device_name, integer_between)
+from cryosvi.errors import CryosviError
 
 
 def register(subparsers, summary: str) -> None:
@@ -17,24 +21,32 @@ def register(subparsers, summary: str) -> None:
         "columns of the input are kept; latents the run does not infer keep their input "
         "values. --importance S refines by importance sampling with the physics "
         "likelihood (adds cryosviESS, the effective sample size per particle).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     parser.add_argument("--run", required=True, help="run directory from 'cryosvi train'")
-    parser.add_argument("--particles", required=True, help="particle STAR file")
-    parser.add_argument("-o", "--output", required=True, help="posterior STAR file")
-    parser.add_argument("--samples", type=non_negative_int, default=0,
+    parser.add_argument("--particles", required=True,
+                        help="particle file: RELION STAR (3.0 to 5) or cryoSPARC .cs")
+    add_particle_source_arguments(parser)
+    parser.add_argument("-o", "--output", required=True,
+                        help="posterior STAR file (.star; never one of the inputs)")
+    parser.add_argument("--samples", type=integer_between(0, 10**4), default=0,
                         help="posterior samples per particle to write to OUTPUT.npz "
                         "(with --importance: the proposals and their weights)")
-    parser.add_argument("--importance", type=non_negative_int, default=64,
+    parser.add_argument("--importance", type=integer_between(0, 10**5), default=64,
                         help="samples per particle for the refinement with the physics "
                         "likelihood (0: the guide alone, one network pass)")
     parser.add_argument("--refine", choices=["smc", "is"], default="smc",
                         help="with --importance: 'smc' tempers from the guide to the "
                         "posterior with resample-move steps; 'is' is plain importance "
                         "sampling with the guide as proposal")
-    parser.add_argument("--moves", type=non_negative_int, default=3,
+    parser.add_argument("--moves", type=integer_between(0, 1000), default=3,
                         help="smc: Metropolis moves per tempering step")
-    parser.add_argument("--batch-size", type=positive_int, default=256)
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--batch-size", type=integer_between(1, 10**6), default=256,
+                        help="particles per network pass")
+    parser.add_argument("--device", type=device_name, default="cpu",
+                        help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("--force", action="store_true",
+                        help="replace existing outputs that an earlier 'cryosvi infer' wrote "
+                        "(never other files)")
     add_threads_argument(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
@@ -45,15 +57,50 @@ def run(args) -> None:
 
     from cryosvi.infer import infer
 
+    args.device = check_device(args.device)
+    check_outputs(args)
     frame = infer(args.run, args.particles, args.output, samples=args.samples,
                   importance=args.importance, method=args.refine, moves=args.moves,
                   batch_size=args.batch_size,
-                  device=args.device, progress=not args.quiet)
+                  device=args.device, progress=not args.quiet, datadir=args.datadir,
+                  invert=args.invert)
     extra = ""
     if "cryosviESS" in frame:
         ess = frame["cryosviESS"].to_numpy()
         extra = (f"; ESS of importance sampling from the guide: median "
                  f"{np.median(ess):.1f} of {args.importance}")
     npz = f" and {args.samples} samples per particle to " \
-          f"{str(args.output).rsplit('.', 1)[0]}.npz" if args.samples else ""
+          f"{samples_path(args.output)}" if args.samples else ""
     print(f"wrote the posterior of {len(frame)} particles to {args.output}{npz}{extra}")
+
+
+def samples_path(output: str | Path) -> Path:
+    """Where ``infer`` writes the samples of ``--samples``: OUTPUT with suffix .npz."""
+    return Path(output).with_suffix(".npz")
+
+
+def check_outputs(args) -> None:
+    """Before any work: the posterior STAR (and the samples .npz) may be written, replace
+    no input and nothing cryosvi did not write (``cryosvi.io.outputs``), and the
+    refinement's images in flight fit in memory."""
+    from cryosvi.io.outputs import check_output_file
+    from cryosvi.reference import Reference
+    from cryosvi.rundir import REFERENCE_FILE, read_run
+
+    output = Path(args.output)
+    if output.suffix.lower() != ".star":
+        raise CryosviError(f"-o {output}: the posterior is a STAR file; give a name "
+                           "ending in .star")
+    read_run(args.run)
+    run_files = [p for p in Path(args.run).iterdir() if p.is_file()]
+    inputs = [args.particles, *run_files]
+    check_output_file(output, "posterior", args.force, inputs)
+    if Path(args.particles).suffix.lower() == ".cs":  # infer writes a .cs beside the STAR
+        check_output_file(output.with_suffix(".cs"), "posterior", args.force,
+                          [*inputs, output], option="the .cs beside -o,")
+    if args.samples:
+        check_output_file(samples_path(output), "samples", args.force, [*inputs, output],
+                          option="--samples to")
+    reference = Reference.load(Path(args.run) / REFERENCE_FILE)
+    check_memory(args.batch_size * max(args.importance, 1), reference.optics,
+                 reference.imaging, args.device, "use a smaller --batch-size or --importance")

@@ -5,7 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cryosvi.cli.common import add_threads_argument, positive, positive_int
+from cryosvi.cli.common import (HelpFormatter, add_particle_source_arguments,
+                                add_threads_argument, check_device, check_memory,
+                                device_name, integer_between, number, positive,
+                                positive_int, seed_int)
+from cryosvi.config import LIMITS
 from cryosvi.errors import CryosviError
 
 DEFAULTS = dict(latents="pose,defocus,modes", objective="sim", epochs=40,
@@ -16,9 +20,10 @@ def add_guide_arguments(parser) -> None:
     group = parser.add_argument_group("guide architecture")
     group.add_argument("--channels", default=DEFAULTS["channels"],
                        help="channels of the three conv modules of each encoder")
-    group.add_argument("--hidden", type=positive_int, default=DEFAULTS["hidden"],
+    group.add_argument("--hidden", type=integer_between(1, 65536), default=DEFAULTS["hidden"],
                        help="width of the two hidden MLP layers")
-    group.add_argument("--components", type=positive_int, default=DEFAULTS["components"],
+    group.add_argument("--components", type=integer_between(1, 64),
+                       default=DEFAULTS["components"],
                        help="antipodal ProjectedNormal components of the pose posterior")
     group.add_argument("--no-conditioning", action="store_true",
                        help="independent encoders (the paper's); default feeds defocus "
@@ -40,19 +45,25 @@ def register(subparsers, summary: str) -> None:
         "is the paper's SVI on the particles; 'sim+elbo' fine-tunes a simulation-trained "
         "guide on the particles. Latents left out of --latents are fixed to the values in "
         "the STAR file. Writes RUN/run.json, reference.npz, checkpoint.pt (every epoch), "
-        "log.jsonl and loss.png.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--particles", help="particle STAR file (RELION 3.1, with "
-                        "data_optics); optional with --resume")
+        "log.jsonl and loss.png. A run that never finished an epoch is started again by "
+        "the same command; one that did needs --resume or --force.",
+        formatter_class=HelpFormatter)
+    parser.add_argument("--particles", help="particle file: RELION STAR (3.0 to 5) or "
+                        "cryoSPARC .cs (default: none; required unless --resume)")
+    add_particle_source_arguments(parser)
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--reference", help="reference.npz (e.g. from 'cryosvi simulate')")
-    source.add_argument("--structure", help="PDB/mmCIF file to build the reference from")
-    parser.add_argument("--chain", help="with --structure: chain ID")
+    source.add_argument("--reference", help="reference.npz (e.g. from 'cryosvi simulate'; "
+                        "default: none, give it or --structure)")
+    source.add_argument("--structure", help="PDB/mmCIF file to build the reference from "
+                        "(default: none, give it or --reference)")
+    parser.add_argument("--chain", help="with --structure: chain ID (default: first "
+                        "protein chain)")
     parser.add_argument("--stride", type=positive_int, default=2,
                         help="with --structure: keep every k-th C-alpha")
     parser.add_argument("--n-modes", type=positive_int, default=1,
                         help="with --structure: number of ANM modes")
-    parser.add_argument("--mode-std", type=positive, default=2.0,
+    parser.add_argument("--mode-std", type=number(0.0, LIMITS["mode_std"][1], low_open=True),
+                        default=2.0,
                         help="with --structure: prior std of each mode amplitude, Å")
     parser.add_argument("--sigma", type=positive, default=2.0,
                         help="with --structure: pseudo-atom Gaussian std, Å")
@@ -61,32 +72,39 @@ def register(subparsers, summary: str) -> None:
                         help="latents to infer, from pose, defocus, modes; the others are "
                         "fixed to the STAR file's values")
     parser.add_argument("--objective", choices=["sim", "elbo", "sim+elbo"],
-                        default=DEFAULTS["objective"])
-    parser.add_argument("--epochs", type=positive_int, default=DEFAULTS["epochs"],
+                        default=DEFAULTS["objective"], help="training objective")
+    parser.add_argument("--epochs", type=integer_between(1, 10**6), default=DEFAULTS["epochs"],
                         help="epochs of the (first) stage; a simulation epoch is as many "
                         "fresh particles as the STAR file has (see --epoch-size)")
-    parser.add_argument("--finetune-epochs", type=positive_int,
+    parser.add_argument("--finetune-epochs", type=integer_between(1, 10**6),
                         help="sim+elbo: ELBO epochs (default epochs/4)")
-    parser.add_argument("--epoch-size", type=positive_int,
-                        help="simulated particles per 'sim' epoch")
-    parser.add_argument("--batch-size", type=positive_int, help="default 128")
-    parser.add_argument("--lr", type=positive, help="peak learning rate (default 1e-3 "
-                        "for sim, 1e-4 for elbo)")
+    parser.add_argument("--epoch-size", type=integer_between(1, 10**9),
+                        help="simulated particles per 'sim' epoch (default: the number of "
+                        "particles)")
+    parser.add_argument("--batch-size", type=integer_between(1, 10**6),
+                        help="particles per step (default: 128)")
+    parser.add_argument("--lr", type=number(0.0, 10.0, low_open=True),
+                        help="peak learning rate (default: 1e-3 for sim, 1e-4 for elbo)")
     parser.add_argument("--schedule", help="staged schedule file (TOML/JSON), or 'paper' "
-                        "for the bundled paper schedule; replaces --objective/--epochs")
+                        "for the bundled paper schedule; replaces --objective/--epochs "
+                        "(default: one stage of --objective)")
     parser.add_argument("--init", metavar="RUN",
                         help="start from the guide of another run with the same "
-                        "architecture (e.g. simulation pre-training, then --objective elbo)")
+                        "architecture (e.g. simulation pre-training, then --objective elbo; "
+                        "default: random weights)")
     parser.add_argument("--noise-std", type=positive,
                         help="noise std of the particles (default: the reference's, else "
                         "estimated from the images)")
     add_guide_arguments(parser)
-    parser.add_argument("--device", help="cpu or cuda (default cpu; on --resume the run's)")
+    parser.add_argument("--device", type=device_name,
+                        help="cpu, cuda, cuda:N or auto (default: cpu; on --resume the run's)")
     add_threads_argument(parser)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_int, default=0, help="random seed")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in -o from its last checkpoint")
-    parser.add_argument("--force", action="store_true", help="overwrite an existing run")
+    parser.add_argument("--force", action="store_true",
+                        help="start over in an existing run directory (never in a directory "
+                        "cryosvi did not make)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
 
@@ -106,8 +124,8 @@ def parse_channels(text: str) -> tuple[int, ...]:
     except ValueError:
         raise CryosviError(f"--channels must be integers separated by commas, got {text!r}") \
             from None
-    if len(channels) < 1 or min(channels) < 1:
-        raise CryosviError(f"--channels must be positive integers, got {text!r}")
+    if not 1 <= len(channels) <= 8 or min(channels) < 1 or max(channels) > 4096:
+        raise CryosviError(f"--channels must be 1 to 8 integers from 1 to 4096, got {text!r}")
     return channels
 
 
@@ -121,10 +139,11 @@ def reference_from_args(args, particles: str):
     if not args.structure:
         raise CryosviError("give --reference reference.npz or --structure FILE")
     from cryosvi.config import PAPER_PRESET, Imaging, Noise, Priors
-    from cryosvi.io.star import read_star
+    from cryosvi.dataset import model_optics
+    from cryosvi.io.particles import read_particles
     from cryosvi.reference import build_reference
 
-    optics = read_star(particles).single_optics()
+    optics = model_optics(read_particles(particles, args.datadir))
     preset = PAPER_PRESET["imaging"]
     window = preset.window if (args.sigma == preset.sigma
                                and optics.pixel_size == PAPER_PRESET["optics"].pixel_size) \
@@ -159,19 +178,30 @@ def options_from_args(args):
 def run(args) -> None:
     import shlex
 
-    from cryosvi.train import train
+    from pathlib import Path
+
+    from cryosvi.train import check_run_output, train
 
     command = shlex.join(["cryosvi", *sys.argv[1:]]) if sys.argv[1:2] == ["train"] else None
+    if args.device:
+        args.device = check_device(args.device)
     if args.resume:
         info = train(args.particles, None, args.output, resume=True,
-                     progress=not args.quiet, device=args.device, command=command)
+                     progress=not args.quiet, device=args.device, command=command,
+                     datadir=args.datadir, invert=args.invert)
     else:
         if not args.particles:
             raise CryosviError("--particles is required (unless --resume)")
-        reference = reference_from_args(args, args.particles)
         options = options_from_args(args)
+        check_run_output(Path(args.output), args.force, note=False)
+        reference = reference_from_args(args, args.particles)
+        validation = options.validation_size
+        check_memory(max([s.batch_size for s in options.schedule] + [validation]),
+                     reference.optics, reference.imaging, options.device,
+                     "use a smaller --batch-size")
         info = train(args.particles, reference, args.output, options, force=args.force,
-                     progress=not args.quiet, command=command)
+                     progress=not args.quiet, command=command, datadir=args.datadir,
+                     invert=args.invert)
     print(f"trained {info['parameters']:,} guide parameters for "
           f"{info['epochs_done']} epoch(s) in {info['train_seconds']:.0f} s: "
           f"{args.output}/ (status {info['status']})", file=sys.stdout)

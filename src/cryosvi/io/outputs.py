@@ -11,7 +11,9 @@ How cryosvi recognises what it made (its provenance):
   exactly the arrays of a reference or of posterior samples;
 * a ``.json``: a top-level "cryosvi" key;
 * a STAR file: a ``cryosvi...`` column (every STAR cryosvi writes has one: mode
-  amplitudes in a simulated set, posterior std columns in a posterior).
+  amplitudes in a simulated set, posterior std columns in a posterior);
+* a cryoSPARC ``.cs`` (written by ``infer`` beside its STAR from a .cs input): the STAR of
+  the same name beside it is a cryosvi posterior.
 
 Each output has a kind (e.g. 'posterior' for a STAR of ``infer``, 'particles' for one of
 ``simulate``, 'reference' or 'samples' for an .npz); ``--force`` replaces only an output
@@ -79,6 +81,8 @@ def file_kind(path: str | Path) -> str | None:
         return str(record.get("kind", "json")) if record and "cryosvi" in record else None
     if suffix == ".star":
         return _star_kind(path)
+    if suffix == ".cs" and _star_kind(path.with_suffix(".star")) == "posterior":
+        return "posterior"
     return None
 
 
@@ -107,6 +111,8 @@ def _npz_kind(path: Path) -> str | None:
 
 
 def _star_kind(path: Path) -> str | None:
+    if not path.is_file():
+        return None
     try:
         with open(path, "rb") as handle:
             head = handle.read(STAR_HEAD_BYTES).decode("utf-8", "replace")
