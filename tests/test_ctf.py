@@ -418,7 +418,8 @@ def test_gradcheck_particle_ctf():
               ctf.phase_shift, ctf.bfactor, torch.tensor([[1.0, -2.0], [0.5, 0.0], [3.0, 1.5]],
                                                          **F64)]
     inputs = [x.clone().requires_grad_(True) for x in inputs]
-    assert torch.autograd.gradcheck(function, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+    assert torch.autograd.gradcheck(function, inputs, eps=1e-6, atol=1e-7, rtol=1e-5,
+                                    fast_mode=True)
 
 
 def test_particle_ctf_gradient_by_finite_differences():

@@ -46,7 +46,8 @@ def test_band_limited_signal_is_reproduced_exactly(size, new):
     assert out.shape == (2, new, new) and out.dtype == torch.float64
     new_pixel = cropped_pixel_size(pixel, size, new)
     assert new_pixel == pytest.approx(box / new)
-    expected = [sinusoids(new, new_pixel, waves, box), 2 * sinusoids(new, new_pixel, waves[::2], box)]
+    expected = [sinusoids(new, new_pixel, waves, box),
+                2 * sinusoids(new, new_pixel, waves[::2], box)]
     np.testing.assert_allclose(out.numpy(), np.stack(expected), atol=1e-11)
 
 

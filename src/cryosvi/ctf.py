@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
 import torch
@@ -157,11 +156,11 @@ class ParticleCTF(NamedTuple):
         return ParticleCTF(*(None if t is None else t[rows] for t in self))
 
     def to(self, *args, **kwargs) -> "ParticleCTF":
-        """Every field through ``Tensor.to`` (the group index keeps its integer dtype)."""
-        return ParticleCTF(*(None if t is None else
-                             t.to(device=kwargs.get("device", t.device)) if name == "group"
-                             else t.to(*args, **kwargs)
-                             for name, t in zip(self._fields, self)))
+        """Every float field through ``Tensor.to``; the group index follows to the same
+        device and keeps its integer dtype."""
+        moved = [None if t is None else t.to(*args, **kwargs) for t in self[:5]]
+        group = None if self.group is None else self.group.to(moved[0].device)
+        return ParticleCTF(*moved, group)
 
 
 class _Basis(NamedTuple):

@@ -94,7 +94,8 @@ class ForwardModel(nn.Module):
         image = None
         for pixel in pixel_sizes:
             members = [g for g, p in enumerate(self.groups.pixel_size) if p == pixel]
-            rows = torch.isin(group, torch.tensor(members, device=group.device)).nonzero()[:, 0]
+            members = torch.tensor(members, device=rotation.device)
+            rows = torch.isin(group.to(rotation.device), members).nonzero()[:, 0]
             part = self.project(enm_scale[rows], rotation[rows], pixel)
             if image is None:
                 image = part.new_zeros(rotation.shape[0], *part.shape[1:])
