@@ -59,6 +59,9 @@ POSE, SHIFT = "alignments3D/pose", "alignments3D/shift"
 
 def load_cs(path) -> np.ndarray:
     """The structured array of a ``.cs`` file (no pickle), or a one-line CryosviError."""
+    with open(path, "rb") as handle:
+        if handle.read(6) != b"\x93NUMPY":  # the .npy magic string
+            raise CryosviError(f"{path} is not a cryoSPARC .cs file (no numpy header)")
     try:
         array = np.load(path, allow_pickle=False)
     except ValueError as error:
@@ -67,11 +70,10 @@ def load_cs(path) -> np.ndarray:
                                "cryosvi does not unpickle data files: export the particles "
                                "again from cryoSPARC or convert them to STAR") from None
         raise CryosviError(f"{path} is not a cryoSPARC .cs file: {error}") from None
-    except (OSError, EOFError) as error:
-        raise CryosviError(f"{path} is not a cryoSPARC .cs file: {error}") from None
-    if not isinstance(array, np.ndarray):  # an .npz archive
-        array.close()
-        raise CryosviError(f"{path} is a numpy archive, not a cryoSPARC .cs file")
+    except Exception as error:  # noqa: BLE001 - numpy's header parser (ast, tokenize)
+        # raises assorted errors on damaged bytes; any of them means "not a .cs file"
+        raise CryosviError(f"{path} is not a cryoSPARC .cs file: "
+                           f"{type(error).__name__}") from None
     if array.dtype.names is None or array.ndim != 1:
         raise CryosviError(f"{path} is not a cryoSPARC .cs file (no structured records)")
     return array
@@ -162,7 +164,7 @@ def pose_to_euler(pose: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]
 def euler_to_pose(rot, tilt, psi) -> np.ndarray:
     """RELION angles (degrees) -> cryoSPARC rotation vectors (N, 3); inverse of
     :func:`pose_to_euler`."""
-    matrix = euler_to_matrix(*(torch.as_tensor(np.asarray(a, float)) for a in (rot, tilt, psi)))
+    matrix = euler_to_matrix(*(torch.tensor(np.array(a, float)) for a in (rot, tilt, psi)))
     return roma.rotmat_to_rotvec(matrix.transpose(-1, -2)).numpy()
 
 
