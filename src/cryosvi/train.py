@@ -46,8 +46,10 @@ from cryosvi.errors import CryosviError
 from cryosvi.guide import ORDER, Architecture, Guide, GuideConfig
 from cryosvi.io.atomic import write_atomically
 from cryosvi.io.outputs import check_output_directory, directory_kind, mark_directory
-from cryosvi.io.mrc import ParticleImages
-from cryosvi.io.star import ParticleTable, read_star
+from cryosvi.dataset import (KNOWN_COLUMNS, check_compatible,  # noqa: F401
+                             estimate_noise_std, high_frequency_power, image_statistics,
+                             known_values, priors_from_particles)
+from cryosvi.io.particles import read_particles
 from cryosvi.model import model
 from cryosvi.reference import Reference
 from cryosvi.rundir import (CHECKPOINT, CHECKPOINT_FORMAT, LOG_FILE, PLOT_FILE,  # noqa: F401
@@ -200,130 +202,6 @@ def default_schedule(objective: str, epochs: int, lr: float | None, batch_size: 
     raise CryosviError(f"unknown objective {objective!r} (sim, elbo or sim+elbo)")
 
 
-# ------------------------------------------------------------------------ the data
-KNOWN_COLUMNS = {
-    "defocus": ("rlnDefocusU",),
-    "rotation": ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"),
-}
-
-
-def known_values(table: ParticleTable, sites, n_modes: int) -> dict[str, torch.Tensor]:
-    """Values of the fixed (known) sites for every particle, read from the STAR file."""
-    from cryosvi.io.star import MODE_COLUMN
-    from cryosvi.rotations import euler_to_matrix, matrix_to_quaternion
-
-    out = {}
-    frame = table.particles
-    for site in sites:
-        if site == "defocus":
-            table.require("rlnDefocusU")
-            values = frame["rlnDefocusU"].to_numpy(float)
-            if "rlnDefocusV" in frame:
-                values = (values + frame["rlnDefocusV"].to_numpy(float)) / 2
-            out[site] = torch.tensor(values, dtype=torch.float32)
-        elif site == "rotation":
-            table.require(*KNOWN_COLUMNS["rotation"])
-            angles = [torch.tensor(frame[c].to_numpy(float), dtype=torch.float64)
-                      for c in KNOWN_COLUMNS["rotation"]]
-            out[site] = matrix_to_quaternion(euler_to_matrix(*angles)).float()
-        else:
-            columns = [MODE_COLUMN.format(k + 1) for k in range(n_modes)]
-            table.require(*columns)
-            out[site] = torch.tensor(frame[columns].to_numpy(float), dtype=torch.float32)
-        if not torch.isfinite(out[site]).all():
-            raise CryosviError(f"{table.path}: non-finite values in the {SITE_NAMES[site]} "
-                               "columns")
-    return out
-
-
-def image_statistics(images: ParticleImages, max_images: int = 2000,
-                     seed: int = 0) -> tuple[float, float, float]:
-    """Pixel mean and std of up to ``max_images`` particles (a random subset), and the
-    mean power per pixel of their outer Fourier shell (see ``high_frequency_power``)."""
-    n = len(images)
-    index = np.arange(n) if n <= max_images else np.sort(
-        np.random.default_rng(seed).choice(n, max_images, replace=False))
-    total, total_sq, count, shell = 0.0, 0.0, 0, []
-    for i in range(0, len(index), 512):
-        chunk = images[index[i:i + 512]].astype(np.float64)
-        total += chunk.sum()
-        total_sq += np.square(chunk).sum()
-        count += chunk.size
-        shell.append(high_frequency_power(torch.from_numpy(chunk)) * len(chunk))
-    mean = total / count
-    return mean, math.sqrt(max(total_sq / count - mean**2, 0.0)), sum(shell) / len(index)
-
-
-def high_frequency_power(images: torch.Tensor) -> float:
-    """Mean |FFT|^2 / L^2 of (B, L, L) images over the Fourier shell 0.8-1 x Nyquist. For
-    white noise of std s this is s^2; band-limited signal (Gaussian pseudo-atoms of std
-    >~ one pixel) contributes little there."""
-    box = images.shape[-1]
-    fy = torch.fft.fftfreq(box, dtype=torch.float64)
-    fx = torch.fft.rfftfreq(box, dtype=torch.float64)
-    radius = torch.sqrt(fy[:, None] ** 2 + fx[None, :] ** 2) / 0.5
-    shell = (radius >= 0.8) & (radius <= 1.0)
-    # rfft2 keeps half the plane; interior columns stand for two coefficients each, but a
-    # mean over the shell of a flat spectrum is the same either way.
-    power = torch.fft.rfft2(images.double()).abs().square() / box**2
-    return float(power[..., shell].mean())
-
-
-def estimate_noise_std(image_shell_power: float, reference: Reference,
-                       device: str = "cpu", n: int = 1000) -> float:
-    """Noise std of the particles: the power of their outer Fourier shell minus that of
-    clean images simulated from the reference (white noise is flat in frequency, the
-    pseudo-atom signal is not)."""
-    from cryosvi.simulate import sample_prior
-
-    forward = reference.forward_model().to(device)
-    devices = [forward.coords.device] if forward.coords.is_cuda else []
-    with torch.no_grad(), torch.random.fork_rng(devices=devices):
-        torch.manual_seed(0)
-        _, clean = sample_prior(reference, forward, n)
-    signal = high_frequency_power(clean.cpu())
-    noise_var = image_shell_power - signal
-    if not noise_var > 0.05 * image_shell_power:
-        raise CryosviError("cannot estimate the noise level: the particles' high-frequency "
-                           "power is not above the reference's; give --noise-std")
-    return math.sqrt(noise_var)
-
-
-def check_compatible(table: ParticleTable, images: ParticleImages, reference: Reference):
-    """Box and pixel size of the particles must match the reference."""
-    optics = table.single_optics()
-    ref = reference.optics
-    if images.box != ref.box or optics.box != ref.box:
-        raise CryosviError(f"{table.path}: images are {images.box} px (optics group says "
-                           f"{optics.box}) but the reference is for {ref.box} px")
-    if not math.isclose(optics.pixel_size, ref.pixel_size, rel_tol=1e-3):
-        raise CryosviError(f"{table.path}: pixel size {optics.pixel_size} Å does not match "
-                           f"the reference's {ref.pixel_size} Å")
-    for name in ("voltage", "spherical_aberration", "amplitude_contrast"):
-        if not math.isclose(getattr(optics, name), getattr(ref, name), rel_tol=1e-3,
-                            abs_tol=1e-6):
-            print(f"note: {name} {getattr(optics, name)} from {table.path.name} replaces "
-                  f"the reference's {getattr(ref, name)}", file=sys.stderr)
-
-
-def priors_from_particles(table: ParticleTable, reference: Reference) -> Reference:
-    """The reference with the optics of the STAR file and the defocus prior set to the
-    mean and std of the particles' rlnDefocusU (when present and not constant)."""
-    optics = table.single_optics()
-    optics = replace(reference.optics, voltage=optics.voltage,
-                     spherical_aberration=optics.spherical_aberration,
-                     amplitude_contrast=optics.amplitude_contrast)
-    priors = reference.priors
-    if "rlnDefocusU" in table.particles:
-        defocus = table.particles["rlnDefocusU"].to_numpy(float)
-        if "rlnDefocusV" in table.particles:
-            defocus = (defocus + table.particles["rlnDefocusV"].to_numpy(float)) / 2
-        if len(defocus) > 1 and np.isfinite(defocus).all() and defocus.std() > 0:
-            priors = replace(priors, defocus_mean=float(defocus.mean()),
-                             defocus_std=float(defocus.std(ddof=1)))
-    return reference.with_settings(optics=optics, priors=priors)
-
-
 # ------------------------------------------------------------------------ objectives
 def simulation_batch(reference: Reference, forward, noise_std: float, batch_size: int):
     """Fresh (latents, noisy images) from the model's prior."""
@@ -363,7 +241,7 @@ def validation_set(reference: Reference, forward, noise_std: float, seed: int, n
 
 def validation_metrics(guide: Guide, latents: dict, images, known_sites) -> dict:
     """Loss and point-estimate accuracy on the simulated validation set."""
-    from cryosvi.infer import posterior_summary
+    from cryosvi.posterior import posterior_summary
     from cryosvi.rotations import quaternion_geodesic_angle
 
     was_training = guide.training
@@ -410,17 +288,20 @@ class TrainOptions:
     init_from: str | None = None
 
 
-def prepare(particles: str | Path, reference: Reference, options: TrainOptions):
-    """Read and check the particles; the run's reference (priors from the STAR file,
-    noise std), the guide config and the known values of fixed latents."""
-    table = read_star(particles)
+def prepare(particles: str | Path, reference: Reference, options: TrainOptions,
+            datadir: str | Path | None = None, invert: bool = False):
+    """Read and check the particles (``cryosvi.io.read_particles``: STAR or .cs, stacks
+    under ``datadir``, images times -1 when ``invert``); the run's reference (priors and
+    optics from the metadata, noise std), the guide config and the known values of fixed
+    latents. Returns (particles, particles again as the image source: ``images(index)``,
+    reference, config, known)."""
+    table = read_particles(particles, datadir, invert)
     table.require("rlnImageName")
-    images = ParticleImages(table)
-    check_compatible(table, images, reference)
+    check_compatible(table, reference)
     reference = priors_from_particles(table, reference)
     fixed = [s for s in ORDER if s not in options.latents]
     known = known_values(table, fixed, reference.n_modes)
-    _, image_std, shell_power = image_statistics(images, seed=options.seed)
+    _, image_std, shell_power = image_statistics(table, seed=options.seed)
     if not image_std > 0:
         raise CryosviError(f"{table.path}: the particle images are constant")
     noise_std = options.noise_std
@@ -435,14 +316,16 @@ def prepare(particles: str | Path, reference: Reference, options: TrainOptions):
         defocus_mean=priors.defocus_mean,
         defocus_std=priors.defocus_std, mode_std=tuple(priors.mode_std),
         input_scale=image_std, optics=asdict(reference.optics))
-    return table, images, reference, config, known
+    return table, table, reference, config, known
 
 
 def train(particles: str | Path, reference: Reference | None, output: str | Path,
           options: TrainOptions | None = None, resume: bool = False, force: bool = False,
           max_epochs: int | None = None, progress: bool = True,
-          device: str | None = None, command: str | None = None) -> dict:
+          device: str | None = None, command: str | None = None,
+          datadir: str | Path | None = None, invert: bool = False) -> dict:
     """Train a guide on ``particles`` into the run directory ``output``.
+    datadir, invert: where the stacks are and whether to negate the images (``prepare``).
 
     resume: continue ``output`` from its checkpoint with its stored settings (the
     reference, options and schedule given here are then ignored; ``device`` may move it).
@@ -471,7 +354,7 @@ def train(particles: str | Path, reference: Reference | None, output: str | Path
     if device:
         options = replace(options, device=device)
     device = select_device(options.device)
-    table, images, reference, config, known = prepare(particles, reference, options)
+    table, images, reference, config, known = prepare(particles, reference, options, datadir, invert)
     if options.init_from:
         # Keep the initial run's output parameterisation, so its weights mean the same.
         theirs = read_run(options.init_from)["guide"]
@@ -559,7 +442,7 @@ def train(particles: str | Path, reference: Reference | None, output: str | Path
                     loss, terms = simulation_loss(guide, latents, batch_images, sites)
                 else:
                     index = np.sort(order[i * stage.batch_size:(i + 1) * stage.batch_size])
-                    batch_images = torch.from_numpy(images[index]).to(device)
+                    batch_images = torch.from_numpy(images.images(index)).to(device)
                     batch_known = {s: v[index] for s, v in known_device.items()}
                     loss = elbo_loss(guide, forward, reference.priors, reference.noise.std,
                                      batch_images, batch_known, n_particles)
