@@ -354,7 +354,8 @@ def train(particles: str | Path, reference: Reference | None, output: str | Path
     if device:
         options = replace(options, device=device)
     device = select_device(options.device)
-    table, images, reference, config, known = prepare(particles, reference, options, datadir, invert)
+    table, images, reference, config, known = prepare(particles, reference, options,
+                                                      datadir, invert)
     if options.init_from:
         # Keep the initial run's output parameterisation, so its weights mean the same.
         theirs = read_run(options.init_from)["guide"]
