@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 import math
 from pathlib import Path
 
-from cryosvi.cli.common import add_particle_source_arguments, positive_int
+from cryosvi.cli.common import HelpFormatter, add_particle_source_arguments, positive_int
 from cryosvi.errors import CryosviError
 
 SOFTWARE = "cryosvi inspect"
@@ -23,7 +22,7 @@ def register(subparsers, summary: str) -> None:
         "with their values, box and pixel size, which of poses, shifts and CTF are "
         "present, the defocus range and whether every stack is found; with -o, a PNG of "
         "the first particles.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     parser.add_argument("file", help="particle file (.star or .cs)")
     add_particle_source_arguments(parser)
     parser.add_argument("-o", "--output", metavar="PNG",
