@@ -11,9 +11,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 from cryosvi import __version__
-from cryosvi.errors import CryosviError
+from cryosvi.errors import CryosviError, CryosviWarning
 
 COMMANDS = {
     "simulate": "simulate a particle stack from the forward model",
@@ -44,6 +45,19 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(command: str):
+    """A ``warnings.showwarning`` that prints cryosvi's own warnings (about the user's
+    input) as ``cryosvi CMD: warning: ...`` and others in Python's format."""
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, CryosviWarning):
+            print(f"cryosvi {command}: warning: {message}", file=sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(argv)
@@ -56,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     try:
-        return args.func(args) or 0
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning(args.command)
+            return args.func(args) or 0
     except CryosviError as error:
         print(f"cryosvi {args.command}: error: {error}", file=sys.stderr)
         return 2

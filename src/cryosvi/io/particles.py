@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cryosvi.errors import CryosviError
+from cryosvi.errors import CryosviError, CryosviWarning
 from cryosvi.io.mrc import Stack, open_stack, parse_image_names
 
 OPTICS_VALUES = ("rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast",
@@ -39,10 +39,6 @@ NUMERIC = (*PER_ROW_OPTICS, "rlnOpticsGroup", "rlnDefocusU", "rlnDefocusV",
 """Columns that must hold finite numbers (with every ``cryosvi*`` column)."""
 MODE_COLUMN = "cryosviModeAmplitude{}"
 DATADIR_HINT = "give --datadir DIR with the folder that holds the stacks"
-
-
-class CryosviWarning(UserWarning):
-    """Something in the input that cryosvi works around (a default, a mismatch)."""
 
 
 def warn(message: str) -> None:
