@@ -1,0 +1,224 @@
+"""The realistic experiments of issue 12, run through the cryosvi CLI as a user would.
+
+    python benchmarks/realistic/run_experiments.py -w WORKDIR [--n 2000] [--epochs 4]
+        [--threads 1] [--structure-options "--stride 2 --sigma 2 --n-modes 1"]
+        [--experiments poses-given,ctf-shifts-given] [--tag baseline]
+
+For each experiment:
+1. the data set (``make_dataset.py -o WORKDIR/data-PRESET --preset PRESET --n N``; kept
+   and reused when WORKDIR already holds one made with the same settings);
+2. ``cryosvi train --particles DATA/particles.star --structure src/cryosvi/data/1ol5.pdb
+   STRUCTURE_OPTIONS --latents LATENTS --epochs E -o RUN``;
+3. ``cryosvi infer --run RUN --particles DATA/particles.star -o RUN/posterior.star``;
+4. ``cryosvi evaluate --posterior RUN/posterior.star --truth DATA/truth.star -o RUN/evaluate``;
+5. scores computed here from the STAR files (independently of ``cryosvi evaluate``):
+   |Spearman| (scipy.stats.spearmanr) of cryosviModeAmplitude1 with
+   cryosviTrueConformation (the mode's sign is arbitrary), the range of the inferred
+   amplitudes, and the median geodesic pose error (deg) against the true angles.
+
+Experiments (issue 12's targets):
+- ``poses-given``: SNR 0.1, the rlnAngle columns are the consensus poses (~2 deg off),
+  CTF estimates and shifts given; only the mode is inferred (``--latents modes``).
+  Target |Spearman| >= 0.9.
+- ``ctf-shifts-given``: SNR 1, CTF estimates and shifts given; pose, defocus and mode
+  inferred (``--latents pose,defocus,modes``). Targets pose median <= 5 deg,
+  |Spearman| >= 0.8.
+
+A step that fails is recorded (exit code, the end of its stderr) and the experiment's
+later steps are skipped. Everything (commands, exit codes, wall times, metrics, the git
+commit and whether the tree had uncommitted changes) goes to
+benchmarks/realistic/results/experiments_TAG.json, and a table is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import scipy.stats
+import starfile
+import torch
+
+from cryosvi.io.atomic import write_atomically
+from cryosvi.rotations import euler_to_matrix, geodesic_angle
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+STRUCTURE = ROOT / "src" / "cryosvi" / "data" / "1ol5.pdb"
+EXPERIMENTS = {
+    "poses-given": {"latents": "modes", "targets": {"spearman": 0.9}},
+    "ctf-shifts-given": {"latents": "pose,defocus,modes",
+                         "targets": {"spearman": 0.8, "pose_median_deg": 5.0}},
+}
+STDERR_TAIL = 2000  # characters of a failed command's stderr kept in the record
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-w", "--workdir", required=True,
+                        help="folder for the data sets and runs (created)")
+    parser.add_argument("--experiments", default=",".join(EXPERIMENTS),
+                        help="comma-separated, from %(default)s")
+    parser.add_argument("--n", type=int, default=2000, help="particles per data set")
+    parser.add_argument("--epochs", type=int, default=4, help="cryosvi train --epochs")
+    parser.add_argument("--threads", type=int, default=1, help="--threads of every command")
+    parser.add_argument("--device", default="cpu", help="cryosvi train/infer --device")
+    parser.add_argument("--structure-options", default="--stride 2 --sigma 2 --n-modes 1",
+                        help="options of cryosvi train that build the reference from "
+                             "1ol5.pdb (default: %(default)s)")
+    parser.add_argument("--train-options", default="",
+                        help="more cryosvi train options, e.g. '--batch-size 64'")
+    parser.add_argument("--infer-options", default="--importance 0",
+                        help="cryosvi infer options (default: %(default)s, the guide alone)")
+    parser.add_argument("--tag", default="latest",
+                        help="results go to results/experiments_TAG.json")
+    parser.add_argument("--remake-data", action="store_true",
+                        help="make the data sets again even when WORKDIR has them")
+    return parser.parse_args(argv)
+
+
+def run(command: list[str], log: list[dict]) -> bool:
+    """Run ``command``; append {command, rc, wall_s, stderr_tail} to ``log``; True if rc 0."""
+    print("$", shlex.join(command), flush=True)
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    entry = {"command": shlex.join(command), "rc": done.returncode,
+             "wall_s": round(time.perf_counter() - start, 2)}
+    if done.returncode != 0:
+        entry["stderr_tail"] = done.stderr[-STDERR_TAIL:]
+        print(f"  -> exit {done.returncode}: {done.stderr.strip().splitlines()[-1:]}")
+    else:
+        entry["stderr_tail"] = done.stderr[-500:]  # warnings and notes, for the record
+    log.append(entry)
+    return done.returncode == 0
+
+
+def make_data(preset: str, args, log: list[dict]) -> Path | None:
+    """The data set of ``preset`` in WORKDIR/data-PRESET (reused when it has the same n)."""
+    output = Path(args.workdir) / f"data-{preset}"
+    truth = output / "truth.json"
+    if truth.is_file() and not args.remake_data:
+        settings = json.loads(truth.read_text())["settings"]
+        if settings.get("n") == args.n and settings.get("preset") == preset:
+            log.append({"command": f"(reused {output})", "rc": 0, "wall_s": 0.0})
+            return output
+    command = [sys.executable, str(HERE / "make_dataset.py"), "-o", str(output),
+               "--preset", preset, "--n", str(args.n), "--oracle", "0"]
+    return output if run(command, log) else None
+
+
+def score(posterior: Path, data: Path) -> dict:
+    """|Spearman| of mode 1 with the true conformation, amplitude range, pose errors."""
+    inferred = starfile.read(posterior, always_dict=True)["particles"]
+    truth = starfile.read(data / "particles.star", always_dict=True)["particles"]
+    merged = truth.merge(inferred, on="rlnImageName", suffixes=("_given", ""))
+    if len(merged) != len(truth):
+        raise RuntimeError(f"{posterior}: {len(merged)} of {len(truth)} particles matched")
+    out = {"particles": int(len(merged))}
+    if "cryosviModeAmplitude1" in merged:
+        amplitude = merged["cryosviModeAmplitude1"].to_numpy(float)
+        rho = scipy.stats.spearmanr(amplitude, merged["cryosviTrueConformation"]).statistic
+        out.update(spearman=abs(float(rho)), mode1_min=float(amplitude.min()),
+                   mode1_max=float(amplitude.max()), mode1_std=float(amplitude.std()))
+
+    def rotations(prefix: str):
+        return euler_to_matrix(*(torch.tensor(merged[f"{prefix}{a}"].to_numpy(float),
+                                              dtype=torch.float64)
+                                 for a in ("Rot", "Tilt", "Psi")))
+
+    error = geodesic_angle(rotations("rlnAngle"), rotations("cryosviTrueAngle")).numpy()
+    out.update(pose_median_deg=float(np.median(error)), pose_mean_deg=float(error.mean()))
+    return out
+
+
+def experiment(preset: str, args) -> dict:
+    settings = EXPERIMENTS[preset]
+    record = {"preset": preset, "latents": settings["latents"],
+              "targets": settings["targets"], "steps": []}
+    steps = record["steps"]
+    data = make_data(preset, args, steps)
+    if data is None:
+        record["status"] = "data set not made"
+        return record
+    rundir = Path(args.workdir) / f"run-{preset}"
+    common = ["--threads", str(args.threads)]
+    train = ["cryosvi", "train", "--particles", str(data / "particles.star"),
+             "--structure", str(STRUCTURE), *shlex.split(args.structure_options),
+             "--latents", settings["latents"], "--epochs", str(args.epochs),
+             "--device", args.device, *shlex.split(args.train_options), "-o", str(rundir),
+             "--quiet", *common]
+    if (rundir / "run.json").exists():
+        train.append("--force")
+    if not run(train, steps):
+        record["status"] = "train failed"
+        return record
+    posterior = rundir / "posterior.star"
+    infer = ["cryosvi", "infer", "--run", str(rundir), "--particles",
+             str(data / "particles.star"), "-o", str(posterior), "--device", args.device,
+             *shlex.split(args.infer_options), "--quiet", "--force", *common]
+    if not run(infer, steps):
+        record["status"] = "infer failed"
+        return record
+    evaluate = ["cryosvi", "evaluate", "--posterior", str(posterior), "--truth",
+                str(data / "truth.star"), "-o", str(rundir / "evaluate"), "--force"]
+    if run(evaluate, steps):
+        record["evaluate"] = json.loads((rundir / "evaluate" / "metrics.json").read_text())
+    record["metrics"] = score(posterior, data)
+    record["status"] = "done"
+    return record
+
+
+def git_state() -> dict:
+    def git(*arguments):
+        return subprocess.run(["git", *arguments], capture_output=True, text=True,
+                              cwd=ROOT).stdout.strip()
+    return {"commit": git("rev-parse", "HEAD"),
+            "uncommitted_changes": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
+def table(records: list[dict]) -> str:
+    lines = [f"{'experiment':<18} {'status':<14} {'|Spearman|':>10} {'mode1 range':>16} "
+             f"{'pose med':>9} {'wall s':>8}"]
+    for r in records:
+        m = r.get("metrics", {})
+        spearman = f"{m['spearman']:.3f}" if "spearman" in m else "-"
+        amplitude = (f"{m['mode1_min']:+.1f}..{m['mode1_max']:+.1f}" if "mode1_min" in m
+                     else "-")
+        pose = f"{m['pose_median_deg']:.2f}" if "pose_median_deg" in m else "-"
+        wall = sum(s["wall_s"] for s in r["steps"])
+        lines.append(f"{r['preset']:<18} {r['status']:<14} {spearman:>10} {amplitude:>16} "
+                     f"{pose:>9} {wall:>8.0f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    presets = [p for p in args.experiments.split(",") if p]
+    unknown = sorted(set(presets) - set(EXPERIMENTS))
+    if unknown:
+        raise SystemExit(f"run_experiments: error: unknown experiment(s) {unknown}")
+    Path(args.workdir).mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    records = [experiment(preset, args) for preset in presets]
+    result = {"command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+              "settings": vars(args), "git": git_state(),
+              "machine": {"platform": platform.platform(), "python": platform.python_version(),
+                          "torch": torch.__version__, "cpus": os.cpu_count()},
+              "wall_s": round(time.perf_counter() - start, 1), "experiments": records}
+    path = HERE / "results" / f"experiments_{args.tag}.json"
+    write_atomically(path, lambda temporary: temporary.write_text(json.dumps(result, indent=2)))
+    print(table(records))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
