@@ -196,7 +196,9 @@ def working_images(particles: ParticleSet, indices, box: int) -> torch.Tensor:
     """float32 (k, box, box): the particles ``indices`` read by ``ParticleSet.images``
     (``invert`` honoured) and Fourier-cropped to ``box`` (``cryosvi.fourier``): the centre
     stays at pixel (box//2, box//2), gray levels are kept (a constant stays the same
-    constant), and white noise of std s becomes white noise of std s * box / L."""
+    constant), and white noise of std s becomes white noise of std s (box - 1) / L for an
+    even box < L (the zeroed Nyquist row and column take (2 box - 1) / box^2 of its
+    power; s box / L for an odd box)."""
     return fourier_crop(torch.from_numpy(particles.images(indices)), box)
 
 
