@@ -37,6 +37,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -83,14 +84,23 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="results go to results/experiments_TAG.json")
     parser.add_argument("--remake-data", action="store_true",
                         help="make the data sets again even when WORKDIR has them")
+    parser.add_argument("--snapshot", action="store_true",
+                        help="run the committed HEAD (git archive into WORKDIR/snapshot, "
+                             "first on PYTHONPATH) instead of the working tree, so that "
+                             "uncommitted edits do not enter the measurement")
     return parser.parse_args(argv)
+
+
+ENVIRONMENT = dict(os.environ)
+"""The environment of every command (PYTHONPATH set by --snapshot)."""
 
 
 def run(command: list[str], log: list[dict]) -> bool:
     """Run ``command``; append {command, rc, wall_s, stderr_tail} to ``log``; True if rc 0."""
     print("$", shlex.join(command), flush=True)
     start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT,
+                          env=ENVIRONMENT)
     entry = {"command": shlex.join(command), "rc": done.returncode,
              "wall_s": round(time.perf_counter() - start, 2)}
     if done.returncode != 0:
@@ -177,12 +187,28 @@ def experiment(preset: str, args) -> dict:
     return record
 
 
-def git_state() -> dict:
-    def git(*arguments):
-        return subprocess.run(["git", *arguments], capture_output=True, text=True,
-                              cwd=ROOT).stdout.strip()
-    return {"commit": git("rev-parse", "HEAD"),
-            "uncommitted_changes": bool(git("status", "--porcelain", "--untracked-files=no"))}
+def git(*arguments, **kwargs) -> str:
+    return subprocess.run(["git", *arguments], capture_output=True, text=True, cwd=ROOT,
+                          check=True, **kwargs).stdout.strip()
+
+
+def git_state(snapshot: bool) -> dict:
+    """The commit measured, and whether uncommitted edits of the tree took part."""
+    return {"commit": git("rev-parse", "HEAD"), "snapshot_of_head": snapshot,
+            "uncommitted_changes": False if snapshot else
+            bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
+def make_snapshot(workdir: Path) -> Path:
+    """The committed HEAD unpacked into WORKDIR/snapshot; returns its src folder."""
+    target = workdir / "snapshot"
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir()
+    archive = subprocess.run(["git", "archive", "HEAD"], capture_output=True, cwd=ROOT,
+                             check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
+    return target / "src"
 
 
 def table(records: list[dict]) -> str:
@@ -207,10 +233,15 @@ def main(argv=None) -> None:
     if unknown:
         raise SystemExit(f"run_experiments: error: unknown experiment(s) {unknown}")
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
+    state = git_state(args.snapshot)  # before any work: what the snapshot holds
+    if args.snapshot:
+        source = make_snapshot(Path(args.workdir))
+        ENVIRONMENT["PYTHONPATH"] = os.pathsep.join(
+            [str(source), *filter(None, [os.environ.get("PYTHONPATH")])])
     start = time.perf_counter()
     records = [experiment(preset, args) for preset in presets]
     result = {"command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-              "settings": vars(args), "git": git_state(),
+              "settings": vars(args), "git": state,
               "machine": {"platform": platform.platform(), "python": platform.python_version(),
                           "torch": torch.__version__, "cpus": os.cpu_count()},
               "wall_s": round(time.perf_counter() - start, 1), "experiments": records}
