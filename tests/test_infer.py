@@ -11,7 +11,8 @@ from scipy import stats
 from cryosvi.cli.main import main
 from cryosvi.distributions import ProjectedNormalMixture
 from cryosvi.infer import infer, refine
-from cryosvi.io.star import MODE_COLUMN, read_star, write_star
+from cryosvi.io.particles import read_particles
+from cryosvi.io.star import MODE_COLUMN, write_star
 from cryosvi.posterior import heaviest_component_mean, pose_std_deg, weighted_mean_direction
 from cryosvi.reference import Reference
 from cryosvi.rotations import quaternion_geodesic_angle, random_quaternions
@@ -30,9 +31,9 @@ def trained(tmp_path_factory):
     reference = tiny_reference(n_modes=2)
     simulate_dataset(reference, 40, root / "train", seed=0)
     simulate_dataset(reference, 20, root / "test", seed=1)
-    table = read_star(root / "test" / "particles.star")
-    table.particles["rlnMicrographName"] = [f"mic{i % 3}.mrc" for i in range(len(table))]
-    write_star(root / "test" / "particles.star", table.particles, table.optics)
+    table = read_particles(root / "test" / "particles.star")
+    table.metadata["rlnMicrographName"] = [f"mic{i % 3}.mrc" for i in range(len(table))]
+    write_star(root / "test" / "particles.star", table.metadata, table.optics)
     reference = Reference.load(root / "train" / "reference.npz")
     for name, latents in (("run", ("defocus", "rotation", "enm_scale")),
                           ("fixed_pose", ("defocus", "enm_scale"))):
@@ -46,21 +47,21 @@ def test_star_output_round_trip(trained, tmp_path):
     output = tmp_path / "posterior.star"
     frame = infer(trained / "run", trained / "test" / "particles.star", output,
                   importance=0, progress=False)
-    back = read_star(output)
-    truth = read_star(trained / "test" / "particles.star")
-    assert len(back) == 20 and list(back.particles["rlnImageName"]) == \
-        list(truth.particles["rlnImageName"])
-    assert list(back.particles["rlnMicrographName"]) == list(truth.particles["rlnMicrographName"])
+    back = read_particles(output)
+    truth = read_particles(trained / "test" / "particles.star")
+    assert len(back) == 20 and list(back.metadata["rlnImageName"]) == \
+        list(truth.metadata["rlnImageName"])
+    assert list(back.metadata["rlnMicrographName"]) == list(truth.metadata["rlnMicrographName"])
     expected = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnDefocusU", "rlnDefocusV",
                 "cryosviDefocusStd", "cryosviPoseStdDeg", MODE_COLUMN.format(1),
                 MODE_COLUMN.format(2), "cryosviModeAmplitudeStd1", "cryosviModeAmplitudeStd2"]
     for column in expected:
-        values = back.particles[column].to_numpy(float)
+        values = back.metadata[column].to_numpy(float)
         assert np.isfinite(values).all(), column
         np.testing.assert_allclose(values, frame[column].to_numpy(float), rtol=1e-5, atol=1e-4)
-    assert (back.particles["cryosviDefocusStd"] > 0).all()
-    assert (back.particles["cryosviPoseStdDeg"] > 0).all()
-    assert back.particles["rlnAngleTilt"].between(0, 180).all()
+    assert (back.metadata["cryosviDefocusStd"] > 0).all()
+    assert (back.metadata["cryosviPoseStdDeg"] > 0).all()
+    assert back.metadata["rlnAngleTilt"].between(0, 180).all()
     assert len(back.optics) == 1
 
 
@@ -79,7 +80,7 @@ def test_fixed_latents_keep_the_input_values(trained, tmp_path):
     output = tmp_path / "posterior.star"
     frame = infer(trained / "fixed_pose", trained / "test" / "particles.star", output,
                   importance=8, moves=1, progress=False)
-    truth = read_star(trained / "test" / "particles.star").particles
+    truth = read_particles(trained / "test" / "particles.star").metadata
     for column in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"):
         np.testing.assert_array_equal(frame[column].to_numpy(), truth[column].to_numpy())
     assert "cryosviPoseStdDeg" not in frame

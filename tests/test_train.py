@@ -14,7 +14,8 @@ import torch
 from cryosvi.cli.main import main
 from cryosvi.errors import CryosviError
 from cryosvi.guide import Architecture, Guide
-from cryosvi.io.star import read_star, write_star
+from cryosvi.io.particles import read_particles
+from cryosvi.io.star import write_star
 from cryosvi.reference import Reference
 from cryosvi.simulate import simulate_dataset
 from cryosvi.train import (CHECKPOINT, Stage, TrainingDiverged, TrainOptions,
@@ -57,11 +58,9 @@ def test_one_svi_step_reduces_the_elbo_on_a_tiny_batch(dataset):
     from pyro.optim.clipped_adam import ClippedAdam
 
     reference = load_reference(dataset)
-    table = read_star(dataset / "particles.star")
-    from cryosvi.io.mrc import ParticleImages
-
-    images = torch.from_numpy(ParticleImages(table)[np.arange(8)])
-    known = {"rotation": known_values(table, ["rotation"], 1)["rotation"][:8]}
+    table = read_particles(dataset / "particles.star")
+    images = torch.from_numpy(table.images(np.arange(8)))
+    known = {"rotation": known_values(table, ["rotation"], tiny_config())["rotation"][:8]}
     torch.manual_seed(1)
     guide = Guide(tiny_config(latents=("defocus", "enm_scale"),
                               input_scale=float(images.std())))
@@ -204,9 +203,9 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(dataset, tmp_pa
 # ------------------------------------------------------------------------ bad input
 def test_clear_errors_for_bad_input(dataset, tmp_path):
     reference = load_reference(dataset)
-    star = read_star(dataset / "particles.star")
+    star = read_particles(dataset / "particles.star")
     # Pose fixed (not inferred) but the angles are missing.
-    write_star(dataset / "no_angles.star", star.particles.drop(columns=["rlnAngleTilt"]),
+    write_star(dataset / "no_angles.star", star.metadata.drop(columns=["rlnAngleTilt"]),
                star.optics)
     with pytest.raises(CryosviError, match="missing STAR column.*rlnAngleTilt"):
         train(dataset / "no_angles.star", reference, tmp_path / "a",
@@ -230,7 +229,7 @@ def test_clear_errors_for_bad_input(dataset, tmp_path):
         warnings.simplefilter("ignore")  # mrcfile warns about the NaN we put there
         mrc.set_data(data)
         mrc.voxel_size = 5.0
-    write_star(bad / "particles.star", star.particles, star.optics)
+    write_star(bad / "particles.star", star.metadata, star.optics)
     with pytest.raises(CryosviError, match="particle 6 contains NaN"):
         train(bad / "particles.star", reference, tmp_path / "d", run_options(),
               progress=False)
@@ -262,11 +261,10 @@ def test_cli_train_and_resume(dataset, tmp_path, capsys):
 def test_noise_std_is_estimated_from_the_images(dataset):
     """Without a noise std in the reference (e.g. built from --structure), the noise is
     measured in the particles' outer Fourier shell."""
-    from cryosvi.io.mrc import ParticleImages
     from cryosvi.train import estimate_noise_std, image_statistics, prepare
 
     reference = load_reference(dataset)
-    _, _, shell = image_statistics(ParticleImages(read_star(dataset / "particles.star")))
+    _, _, shell = image_statistics(read_particles(dataset / "particles.star"))
     estimate = estimate_noise_std(shell, reference)
     assert estimate == pytest.approx(reference.noise.std, rel=0.1)
     unknown = reference.with_settings(noise=replace(reference.noise, std=0.0))
@@ -313,8 +311,8 @@ def test_joint_training_reaches_the_targets_at_reduced_size(tmp_path):
           progress=False)
     infer(tmp_path / "run", tmp_path / "test" / "particles.star", tmp_path / "post.star",
           importance=64, moves=6, progress=False)
-    metrics = evaluate_tables(read_star(tmp_path / "post.star"),
-                              read_star(tmp_path / "test" / "particles.star"))
+    metrics = evaluate_tables(read_particles(tmp_path / "post.star"),
+                              read_particles(tmp_path / "test" / "particles.star"))
     defocus, mode, pose = metrics["latents"]["defocus"], metrics["latents"]["mode1"], \
         metrics["pose"]
     print({"defocus_r": defocus["pearson_r"], "mode_r": mode["pearson_r"],

@@ -52,6 +52,9 @@ class Priors:
     (one entry per mode). defocus_mean / defocus_std: Å, positive = underfocus.
     rotation_concentration: 0 gives poses uniform on SO(3); > 0 concentrates the
     ProjectedNormal prior around rotation_mean (unit quaternion, w x y z), as in the paper.
+    defocus_offset_std: Å, std of the defocus offset dz around each particle's CTF
+    estimate (used when the particles have them). shift_std: Å, std of inferred in-plane
+    shifts around the file's (or 0) per axis.
     """
 
     mode_std: tuple[float, ...] = (2.0,)
@@ -59,6 +62,8 @@ class Priors:
     defocus_std: float = 2500.0
     rotation_concentration: float = 0.0
     rotation_mean: tuple[float, float, float, float] = (1.0, 0.0, 0.0, 0.0)
+    defocus_offset_std: float = 500.0
+    shift_std: float = 2.0
 
     @property
     def n_modes(self) -> int:
@@ -161,6 +166,9 @@ def check(optics: Optics, imaging: Imaging, priors: Priors, noise: Noise | None 
     number("defocus mean (Å)", priors.defocus_mean, *LIMITS["defocus"])
     number("defocus std (Å)", priors.defocus_std, 0.0, LIMITS["defocus"][1], low_open=True)
     number("rotation concentration", priors.rotation_concentration, 0.0, 1e6)
+    number("defocus offset std (Å)", priors.defocus_offset_std, 0.0, LIMITS["defocus"][1],
+           low_open=True)
+    number("shift std (Å)", priors.shift_std, 0.0, 1e4, low_open=True)
     if len(priors.rotation_mean) != 4 or not all(
             isinstance(v, (int, float)) and math.isfinite(v) for v in priors.rotation_mean) \
             or not any(priors.rotation_mean):

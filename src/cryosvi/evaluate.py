@@ -33,11 +33,9 @@ from scipy import stats
 from cryosvi.errors import CryosviError
 from cryosvi.io.atomic import write_atomically
 from cryosvi.io.particles import ParticleSet
+from cryosvi.latents import ANGLE_COLUMNS, REGISTRY
 from cryosvi.rotations import euler_to_matrix, geodesic_angle, quaternion_geodesic_angle
 
-ANGLE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
-DEFOCUS_STD_COLUMN = "cryosviDefocusStd"
-MODE_STD_COLUMN = "cryosviModeAmplitudeStd{}"
 POSE_STD_COLUMN = "cryosviPoseStdDeg"
 NAME_COLUMN = "rlnImageName"
 
@@ -133,9 +131,9 @@ def error_summary(error_deg: np.ndarray) -> dict:
 # ----------------------------------------------------------------------- table handling
 
 
-def _column(table: ParticleSet, column: str) -> np.ndarray:
+def numeric_column(table: ParticleSet, column: str) -> np.ndarray:
     """One numeric, finite (N,) column, or a CryosviError naming file and column."""
-    values = pd.to_numeric(table.particles[column], errors="coerce").to_numpy(float)
+    values = pd.to_numeric(table.metadata[column], errors="coerce").to_numpy(float)
     bad = ~np.isfinite(values)
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
@@ -145,17 +143,10 @@ def _column(table: ParticleSet, column: str) -> np.ndarray:
 
 
 def _std_column(table: ParticleSet, column: str) -> np.ndarray:
-    values = _column(table, column)
+    values = numeric_column(table, column)
     if (values < 0).any():
         raise CryosviError(f"{table.path}: column {column} has negative standard deviations")
     return values
-
-
-def _defocus(table: ParticleSet) -> np.ndarray:
-    """(N,) defocus, Å: mean of U and V (the model has no astigmatism), U alone if no V."""
-    if "rlnDefocusV" in table.particles.columns:
-        return 0.5 * (_column(table, "rlnDefocusU") + _column(table, "rlnDefocusV"))
-    return _column(table, "rlnDefocusU")
 
 
 def match_rows(posterior: ParticleSet, truth: ParticleSet,
@@ -168,9 +159,9 @@ def match_rows(posterior: ParticleSet, truth: ParticleSet,
     particles.
     """
     n_post, n_truth = len(posterior), len(truth)
-    if NAME_COLUMN in posterior.particles.columns and NAME_COLUMN in truth.particles.columns:
-        names_post = posterior.particles[NAME_COLUMN].astype(str)
-        names_truth = truth.particles[NAME_COLUMN].astype(str)
+    if NAME_COLUMN in posterior.metadata.columns and NAME_COLUMN in truth.metadata.columns:
+        names_post = posterior.metadata[NAME_COLUMN].astype(str)
+        names_truth = truth.metadata[NAME_COLUMN].astype(str)
         for table, names in ((posterior, names_post), (truth, names_truth)):
             duplicated = names[names.duplicated()]
             if len(duplicated):
@@ -185,7 +176,7 @@ def match_rows(posterior: ParticleSet, truth: ParticleSet,
                 f"particles, {n_post - len(missing)} {NAME_COLUMN}s in common{example}")
         return position.loc[names_post.to_numpy()].to_numpy(), NAME_COLUMN
     if not match_by_order:
-        unnamed = [t.path for t in (posterior, truth) if NAME_COLUMN not in t.particles.columns]
+        unnamed = [t.path for t in (posterior, truth) if NAME_COLUMN not in t.metadata.columns]
         raise CryosviError(f"{unnamed[0]} has no {NAME_COLUMN} to match the particles by; "
                            "give --match-by-order to pair them by row order")
     if n_post != n_truth:
@@ -220,10 +211,12 @@ def evaluate_tables(posterior: ParticleSet, truth: ParticleSet,
     """
     skipped: list[str] = []
     both = (posterior, truth)
-    score_pose = all(all(c in t.particles.columns for c in ANGLE_COLUMNS) for t in both)
-    score_defocus = all("rlnDefocusU" in t.particles.columns for t in both)
+    score_pose = all(all(c in t.metadata.columns for c in ANGLE_COLUMNS) for t in both)
+    # Scalar latents, each as its latent defines them (cryosvi.latents).
+    columns = [entry for latent in REGISTRY.values()
+               for entry in latent.truth_columns(posterior, truth)]
+    score_defocus = any(name == "defocus" for name, _, _ in columns)
     truth_modes = set(truth.mode_columns())
-    modes = [c for c in posterior.mode_columns() if c in truth_modes]
     for name, scored, column in (("pose", score_pose, "rlnAngleRot/Tilt/Psi"),
                                  ("defocus", score_defocus, "rlnDefocusU")):
         if not scored:
@@ -231,7 +224,7 @@ def evaluate_tables(posterior: ParticleSet, truth: ParticleSet,
     missing_modes = [c for c in posterior.mode_columns() if c not in truth_modes]
     if missing_modes:
         skipped.append(f"{', '.join(missing_modes)}: not in the truth")
-    if not (score_pose or score_defocus or modes):
+    if not (score_pose or columns):
         raise CryosviError(f"nothing to score: {posterior.path} and {truth.path} have no "
                            "latent in common (rlnAngleRot/Tilt/Psi, rlnDefocusU, "
                            "cryosviModeAmplitude1..K)")
@@ -242,19 +235,16 @@ def evaluate_tables(posterior: ParticleSet, truth: ParticleSet,
 
     latents: dict[str, dict] = {}
     arrays: dict[str, dict] = {}
-    columns = [("defocus", _defocus, DEFOCUS_STD_COLUMN)] if score_defocus else []
-    columns += [(f"mode{k}", (lambda t, c=c: _column(t, c)), MODE_STD_COLUMN.format(k))
-                for k, c in enumerate(modes, start=1)]
     for name, read, std_column in columns:
         true_values, mean = truth_column(read(truth)), read(posterior)
         std = None
-        if std_column in posterior.particles.columns:
+        if std_column in posterior.metadata.columns:
             std = _std_column(posterior, std_column)
         else:
             skipped.append(f"coverage of {name}: no column {std_column} in the posterior")
         latents[name] = _latent_metrics(true_values, mean, std, "Å", std_column)
         arrays[name] = {"truth": true_values, "mean": mean, "std": std}
-    extra = [c for c in truth.mode_columns() if c not in modes]
+    extra = [c for c in truth.mode_columns() if c not in posterior.mode_columns()]
     if extra:
         skipped.append(f"{len(extra)} truth mode(s) not in the posterior: {', '.join(extra)}")
     pose = _pose_metrics(posterior, truth, truth_column, arrays, skipped) if score_pose \
@@ -284,11 +274,12 @@ def evaluate_tables(posterior: ParticleSet, truth: ParticleSet,
 def _pose_metrics(posterior: ParticleSet, truth: ParticleSet, truth_column, arrays: dict,
                   skipped: list[str]) -> dict:
     """Geodesic pose error (degrees) and its coverage; fills ``arrays['pose']``."""
-    true_angles = np.stack([truth_column(_column(truth, c)) for c in ANGLE_COLUMNS], -1)
-    mean_angles = np.stack([_column(posterior, c) for c in ANGLE_COLUMNS], -1)
+    true_angles = np.stack([truth_column(numeric_column(truth, c)) for c in ANGLE_COLUMNS],
+                           -1)
+    mean_angles = np.stack([numeric_column(posterior, c) for c in ANGLE_COLUMNS], -1)
     error = euler_geodesic_error(true_angles, mean_angles)
     pose_std = None
-    if POSE_STD_COLUMN in posterior.particles.columns:
+    if POSE_STD_COLUMN in posterior.metadata.columns:
         pose_std = _std_column(posterior, POSE_STD_COLUMN)
     else:
         skipped.append(f"coverage of pose: no column {POSE_STD_COLUMN} in the posterior")

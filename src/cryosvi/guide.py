@@ -1,6 +1,7 @@
 """The amortized posterior (Pyro guide): one CNN encoder per latent.
 
-Sites match the model 1-to-1 (``model.SITES``):
+Sites match the model 1-to-1; each latent's head (output size, distribution relative to
+the prior, conditioning features) is defined once in ``cryosvi.latents``:
 
     defocus    q(z | x)            Normal(mu, sigma)                       (B,)   Å
     rotation   q(q | x, z)         mixture of antipodal ProjectedNormals    (B, 4) w x y z
@@ -34,40 +35,19 @@ guide; the model is conditioned on them (``pyro.poutine.condition``).
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field, fields
 
 import pyro
-import pyro.distributions as dist
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-ORDER = ("defocus", "rotation", "enm_scale")
-"""Sites in the order the guide samples them (defocus -> pose -> conformation)."""
+from cryosvi.errors import CryosviError
+from cryosvi.latents import ORDER as SAMPLING_ORDER
+from cryosvi.latents import PAPER_SITES, REGISTRY, Conditions, parse_latents  # noqa: F401
 
-LATENT_NAMES = {"defocus": "defocus", "pose": "rotation", "modes": "enm_scale"}
-"""Command-line names of the latents -> model sites."""
-
-SOFTPLUS_ONE = math.log(math.e - 1.0)  # softplus(SOFTPLUS_ONE) == 1
-MAX_LOG_CONCENTRATION = 12.0
-MIN_CONCENTRATION = 1.0
-"""Floor of each pose component's concentration. The antipodal density is even in the
-concentration vector, so c = 0 is a stationary point where the direction gets no
-gradient; measured: without a floor the simulation-trained pose encoder collapsed to
-c = 0 (uniform) within the first epoch."""
-
-
-def parse_latents(text: str) -> tuple[str, ...]:
-    """'pose,defocus,modes' -> the sites in sampling order; raises ValueError if unknown."""
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    unknown = [n for n in names if n not in LATENT_NAMES]
-    if unknown or not names:
-        raise ValueError(f"unknown latent(s) {', '.join(unknown) or '(none)'}; choose from "
-                         f"{', '.join(LATENT_NAMES)}")
-    sites = {LATENT_NAMES[n] for n in names}
-    return tuple(s for s in ORDER if s in sites)
-
+ORDER = PAPER_SITES
+"""The paper's latents in the sampling order (defocus -> pose -> conformation), the
+default ``latents``; every latent's place is ``cryosvi.latents.ORDER``."""
 
 @dataclass
 class Architecture:
@@ -98,9 +78,12 @@ class GuideConfig(Architecture):
     plus what the data set fixes.
 
     latents: inferred sites (the others are fixed to known values). defocus_mean/std and
-    mode_std: the prior the outputs are expressed relative to. input_scale: images are
-    divided by it before encoding (the std of the particle images). optics: dict of
-    :class:`cryosvi.config.Optics`, needed by ``phase_flip``.
+    mode_std: the prior the outputs are expressed relative to (with ``defocus_offset``
+    the defocus latent is an offset dz around each particle's CTF estimate and
+    defocus_mean/std are its prior, 0 and s). shift_std: Å, the prior std of inferred
+    shifts around the file's. input_scale: images are divided by it before encoding (the
+    std of the particle images). optics: dict of :class:`cryosvi.config.Optics`, needed
+    by ``phase_flip``.
     """
 
     box: int
@@ -108,7 +91,9 @@ class GuideConfig(Architecture):
     latents: tuple[str, ...] = ORDER
     defocus_mean: float = 10000.0
     defocus_std: float = 2500.0
+    defocus_offset: bool = False
     mode_std: tuple[float, ...] = (2.0,)
+    shift_std: float = 2.0
     input_scale: float = 1.0
     optics: dict = field(default_factory=dict)
 
@@ -128,13 +113,11 @@ class GuideConfig(Architecture):
     def architecture(self) -> Architecture:
         return Architecture(**{f.name: getattr(self, f.name) for f in fields(Architecture)})
 
-
-def output_size(site: str, config: GuideConfig) -> int:
-    if site == "defocus":
-        return 2
-    if site == "enm_scale":
-        return 2 * config.n_modes
-    return 6 * config.n_components  # 4 direction + 1 log concentration + 1 logit each
+    @property
+    def sites(self) -> tuple[str, ...]:
+        """The model's sites: the inferred ones and the fixed paper latents, in the
+        guide's order."""
+        return tuple(s for s in SAMPLING_ORDER if s in self.latents or REGISTRY[s].always)
 
 
 def condition_sites(site: str, config: GuideConfig) -> tuple[str, ...]:
@@ -142,14 +125,13 @@ def condition_sites(site: str, config: GuideConfig) -> tuple[str, ...]:
     sampling order, and every later one that is fixed to a known value."""
     if not config.conditioning:
         return ()
-    here = ORDER.index(site)
-    return tuple(s for i, s in enumerate(ORDER)
-                 if s != site and (i < here or s not in config.latents))
+    here = SAMPLING_ORDER.index(site)
+    return tuple(s for s in config.sites
+                 if s != site and (SAMPLING_ORDER.index(s) < here or s not in config.latents))
 
 
 def condition_width(sites, config: GuideConfig) -> int:
-    widths = {"defocus": 1, "rotation": 9, "enm_scale": config.n_modes}
-    return sum(widths[s] for s in sites)
+    return sum(REGISTRY[s].feature_width(config) for s in sites)
 
 
 def conv_trunk(channels) -> nn.Sequential:
@@ -167,7 +149,7 @@ def trunk_features(box: int, channels) -> int:
     for _ in channels:
         side //= 2
     if side < 1:
-        raise ValueError(f"box {box} is too small for {len(channels)} pooling stages")
+        raise CryosviError(f"box {box} is too small for {len(channels)} pooling stages")
     return channels[-1] * side * side
 
 
@@ -201,29 +183,25 @@ class Encoder(nn.Module):
 
 
 class Guide(nn.Module):
-    """The amortized posterior over the inferred sites of ``config.latents``."""
+    """The amortized posterior over the inferred sites of ``config.latents``.
+
+    Every method takes the batch's ``conditions`` (``cryosvi.latents.Conditions``: the
+    particles' CTF estimates and known shifts; None: none)."""
 
     def __init__(self, config: GuideConfig):
         super().__init__()
         self.config = config
         if config.shared_trunk and config.phase_flip:
-            raise ValueError("a shared trunk sees one image; it cannot be combined with "
-                             "phase flipping")
+            raise CryosviError("a shared trunk sees one image, so it cannot be combined "
+                               "with phase flipping (use separate encoders)")
         self.trunk = conv_trunk(config.channels) if config.shared_trunk else None
         self.encoders = nn.ModuleDict()
         for site in config.latents:
             n_condition = condition_width(condition_sites(site, config), config)
             self.encoders[site] = Encoder(config.box, config.channels, config.hidden,
-                                          n_condition, output_size(site, config),
+                                          n_condition, REGISTRY[site].head_size(config),
                                           own_trunk=not config.shared_trunk)
-        # Pose: start with spread-out component directions and a low concentration.
-        if "rotation" in self.encoders:
-            last = self.encoders["rotation"].rest[-1]
-            generator = torch.Generator().manual_seed(0)
-            with torch.no_grad():
-                c = config.n_components
-                last.bias[: 4 * c] = torch.randn(4 * c, generator=generator)
-                last.bias[4 * c: 5 * c] = 0.0  # concentration 1 + e^0 = 2
+            REGISTRY[site].initialise_head(self.encoders[site].rest[-1], config)
         self.register_buffer("prior_mode_std", torch.tensor(config.mode_std, dtype=torch.float32))
         # Convolutions run in channels-last layout (measured ~20% faster on CPU).
         self.to(memory_format=torch.channels_last)
@@ -231,6 +209,10 @@ class Guide(nn.Module):
     # ------------------------------------------------------------------ pieces
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def sampled_conditions(self, site: str) -> tuple[str, ...]:
+        """The inferred latents the head of ``site`` is conditioned on."""
+        return tuple(s for s in condition_sites(site, self.config) if s in self.config.latents)
 
     def standardise(self, images: Tensor) -> Tensor:
         """(B, L, L) raw images -> (B, 1, L, L) network input (channels-last layout)."""
@@ -249,21 +231,13 @@ class Guide(nn.Module):
         spectrum = torch.fft.rfft2(images) * torch.sign(ctf)
         return torch.fft.irfft2(spectrum, s=(box, box))
 
-    def condition(self, site: str, values: dict[str, Tensor]) -> Tensor | None:
+    def condition(self, site: str, values: dict[str, Tensor],
+                  conditions: Conditions | None = None) -> Tensor | None:
         """Conditioning features of ``site``'s encoder from ``values`` (site -> tensor with
-        leading (..., B))."""
-        from cryosvi.rotations import quaternion_to_matrix
-
-        parts = []
-        for other in condition_sites(site, self.config):
-            value = values[other]
-            if other == "defocus":
-                parts.append(((value - self.config.defocus_mean)
-                              / self.config.defocus_std).unsqueeze(-1))
-            elif other == "rotation":
-                parts.append(quaternion_to_matrix(value).flatten(-2))
-            else:
-                parts.append(value / self.prior_mode_std)
+        leading (..., B)), each latent's own standardisation."""
+        conditions = conditions or Conditions()
+        parts = [REGISTRY[other].features(values[other], self, conditions)
+                 for other in condition_sites(site, self.config)]
         if not parts:
             return None
         shape = torch.broadcast_shapes(*(p.shape[:-1] for p in parts))
@@ -281,51 +255,34 @@ class Guide(nn.Module):
         return encoder.features(None, cache["trunk"])
 
     def encoder_input(self, site: str, images: Tensor, flip_defocus: Tensor | None) -> Tensor:
-        if self.config.phase_flip and site != "defocus" and flip_defocus is not None:
+        if self.config.phase_flip and site != FLIP_SITE and flip_defocus is not None:
             images = self.phase_flipped(images, flip_defocus)
         return self.standardise(images)
 
-    def distribution(self, site: str, features: Tensor, condition: Tensor | None):
+    def distribution(self, site: str, features: Tensor, condition: Tensor | None,
+                     conditions: Conditions | None = None):
         """q(site | x, condition) with batch shape (..., B)."""
         out = self.encoders[site].head(features, condition)
-        if site == "defocus":
-            mean = self.config.defocus_mean + self.config.defocus_std * out[..., 0]
-            std = self.config.defocus_std * (F.softplus(out[..., 1] + SOFTPLUS_ONE) + 1e-6)
-            return dist.Normal(mean, std)
-        if site == "enm_scale":
-            k = self.config.n_modes
-            mean = self.prior_mode_std * out[..., :k]
-            std = self.prior_mode_std * (F.softplus(out[..., k:] + SOFTPLUS_ONE) + 1e-6)
-            return dist.Normal(mean, std).to_event(1)
-        return self.rotation_distribution(out)
-
-    def rotation_distribution(self, out: Tensor):
-        from cryosvi.distributions import ProjectedNormalMixture
-
-        c = self.config.n_components
-        direction = F.normalize(out[..., : 4 * c].unflatten(-1, (c, 4)), dim=-1, eps=1e-6)
-        log_concentration = out[..., 4 * c: 5 * c].clamp(max=MAX_LOG_CONCENTRATION)
-        logits = out[..., 5 * c: 6 * c]
-        kappa = MIN_CONCENTRATION + log_concentration.exp()
-        concentration = direction * kappa.unsqueeze(-1)
-        return ProjectedNormalMixture(logits, concentration, antipodal=True)
+        return REGISTRY[site].head(out, self, conditions or Conditions())
 
     # ---------------------------------------------------------------- training
-    def log_prob(self, images: Tensor, values: dict[str, Tensor]) -> dict[str, Tensor]:
+    def log_prob(self, images: Tensor, values: dict[str, Tensor],
+                 conditions: Conditions | None = None) -> dict[str, Tensor]:
         """log q(value | x, earlier values) per inferred site, (B,) each: the forward-KL
         (simulation-based) loss is minus their sum. ``values`` holds every latent."""
-        flip = values.get("defocus")
+        flip = values.get(FLIP_SITE)
         out, cache = {}, {}
         for site in self.config.latents:
             features = self.site_features(site, images, flip, cache)
-            q = self.distribution(site, features, self.condition(site, values))
+            q = self.distribution(site, features, self.condition(site, values, conditions),
+                                  conditions)
             out[site] = q.log_prob(values[site])
         return out
 
     # --------------------------------------------------------------- sampling
     def sample(self, images: Tensor, known: dict[str, Tensor] | None = None,
                n_samples: int = 1, flip_defocus: Tensor | None = None,
-               return_features: bool = False):
+               return_features: bool = False, conditions: Conditions | None = None):
         """Ancestral samples of the inferred sites given the images.
 
         Returns (values, log_q, dists): values site -> (S, B, ...) (known sites broadcast),
@@ -339,31 +296,34 @@ class Guide(nn.Module):
         values = {s: v.unsqueeze(0).expand(n_samples, *v.shape) for s, v in known.items()}
         log_q = images.new_zeros(n_samples, batch)
         dists = {}
-        if flip_defocus is None and "defocus" in known:
-            flip_defocus = known["defocus"]
+        if flip_defocus is None and FLIP_SITE in known:
+            flip_defocus = known[FLIP_SITE]
         cache, all_features = {}, {}
         for site in self.config.latents:
             features = self.site_features(site, images, flip_defocus, cache)
             all_features[site] = features
-            q = self.distribution(site, features, self.condition(site, values))
+            q = self.distribution(site, features, self.condition(site, values, conditions),
+                                  conditions)
             if tuple(q.batch_shape) != (n_samples, batch):
                 q = q.expand((n_samples, batch))
             dists[site] = q
             value = q.sample()
             values[site] = value
             log_q = log_q + q.log_prob(value)
-            if site == "defocus" and flip_defocus is None:
+            if site == FLIP_SITE and flip_defocus is None:
                 flip_defocus = q.mean[0]
         if return_features:
             return values, log_q, dists, all_features
         return values, log_q, dists
 
-    def log_prob_at(self, features: dict[str, Tensor], values: dict[str, Tensor]) -> Tensor:
+    def log_prob_at(self, features: dict[str, Tensor], values: dict[str, Tensor],
+                    conditions: Conditions | None = None) -> Tensor:
         """log q(values | x) (S, B) from the per-site image features of ``sample``;
         ``values`` holds every latent (known ones too) with leading (S, B)."""
         total = 0.0
         for site in self.config.latents:
-            q = self.distribution(site, features[site], self.condition(site, values))
+            q = self.distribution(site, features[site],
+                                  self.condition(site, values, conditions), conditions)
             total = total + q.log_prob(values[site])
         return total
 
@@ -373,23 +333,28 @@ class Guide(nn.Module):
         for the batch (the model must be conditioned on the same values)."""
 
         def guide(forward, priors, noise_std, images=None, batch_size=None,
-                  n_particles=None):
+                  n_particles=None, conditions=None, latents=()):
             if register:
                 pyro.module("cryosvi_guide", self)
             batch = images.shape[0]
             values = dict(known or {})
-            flip = values.get("defocus")
+            flip = values.get(FLIP_SITE)
             cache = {}
             with pyro.plate("particles", n_particles or batch, subsample_size=batch):
                 for site in self.config.latents:
                     features = self.site_features(site, images, flip, cache)
-                    q = self.distribution(site, features, self.condition(site, values))
+                    q = self.distribution(site, features,
+                                          self.condition(site, values, conditions), conditions)
                     values[site] = pyro.sample(site, q)
-                    if site == "defocus" and flip is None:
+                    if site == FLIP_SITE and flip is None:
                         flip = values[site]
             return values
 
         return guide
+
+
+FLIP_SITE = next(s for s in SAMPLING_ORDER if REGISTRY[s].sets_ctf)
+"""The latent whose value sets the CTF that ``phase_flip`` flips by (the defocus)."""
 
 
 def build_guide(config: GuideConfig) -> Guide:

@@ -19,67 +19,48 @@ import torch
 from pyro import poutine
 from tqdm.auto import tqdm
 
-from cryosvi.guide import ORDER, Guide
+from cryosvi.guide import Guide
 from cryosvi.io.atomic import save_npz_atomically
-from cryosvi.io.star import MODE_COLUMN
+from cryosvi.io.outputs import provenance_array
+from cryosvi.latents import (PAPER_SITES, Conditions, known_values, random_walks,
+                             summary_columns)
 from cryosvi.model import model
-from cryosvi.posterior import posterior_summary, weighted_pose, weighted_summary
-from cryosvi.rotations import (matrix_to_euler, quaternion_product, quaternion_to_matrix,
-                               rotation_vector_to_quaternion)
-from cryosvi.smc import RandomWalk, importance_weights, tempered_smc
+from cryosvi.posterior import posterior_summary, weighted_summary
+from cryosvi.smc import importance_weights, tempered_smc
 
 
 @torch.no_grad()
-def log_joint(forward, priors, noise_std: float, images: torch.Tensor,
-              values: dict) -> torch.Tensor:
+def log_joint(forward, priors, noise_std: float, images: torch.Tensor, values: dict,
+              conditions: Conditions | None = None, latents=PAPER_SITES) -> torch.Tensor:
     """log p(x, z) of the model for samples ``values`` (site -> (S, B, ...)) of images
-    (B, L, L); returns (S, B)."""
+    (B, L, L) with the batch's ``conditions``; returns (S, B)."""
     n_samples, batch = next(iter(values.values())).shape[:2]
     flat = {s: v.reshape(n_samples * batch, *v.shape[2:]) for s, v in values.items()}
     tiled = images.unsqueeze(0).expand(n_samples, *images.shape).reshape(
         n_samples * batch, *images.shape[1:])
+    tiled_conditions = (conditions or Conditions()).expand(n_samples)
     trace = poutine.trace(poutine.condition(model, data=flat)).get_trace(
-        forward, priors, noise_std, images=tiled)
+        forward, priors, noise_std, images=tiled, conditions=tiled_conditions,
+        latents=latents)
     trace.compute_log_prob()
     total = sum(node["log_prob"] for node in trace.nodes.values()
                 if node["type"] == "sample")
     return total.reshape(n_samples, batch)
 
 
-def rotate_randomly(rotation: torch.Tensor, width: torch.Tensor) -> torch.Tensor:
-    """Random-walk step on SO(3): q (S, B, 4) times exp(omega), omega ~ N(0, width^2 I_3)
-    with width (B,) in radians (symmetric: the inverse step is as likely)."""
-    omega = torch.randn(*rotation.shape[:-1], 3, device=rotation.device) * width[None, :, None]
-    q = quaternion_product(rotation, rotation_vector_to_quaternion(omega))
-    return q / q.norm(dim=-1, keepdim=True)
-
-
-def random_walks(latents, n_modes: int) -> dict[str, RandomWalk]:
-    """The SMC moves of the inferred latents: pose an isotropic rotation (width: the
-    population's per-axis RMS angle, 0.01 to 30 degrees), defocus (Å) and mode amplitudes
-    (Å, per mode) Gaussian steps of the population's std (floors 0.1 Å, 1e-4 Å).
-    Fixed order pose, defocus, modes (the order of the random draws)."""
-    walks = {
-        "rotation": RandomWalk(dim=3, step=rotate_randomly,
-                               spread=lambda q, w: torch.deg2rad(weighted_pose(q, w)[1]),
-                               floor=math.radians(0.01), cap=math.radians(30)),
-        "defocus": RandomWalk(dim=1, floor=0.1),
-        "enm_scale": RandomWalk(dim=n_modes, floor=1e-4),
-    }
-    return {s: walk for s, walk in walks.items() if s in latents}
-
-
 @torch.no_grad()
 def refine(guide: Guide, forward, priors, noise_std: float, images: torch.Tensor,
            known: dict | None, n_samples: int, method: str = "smc", moves: int = 2,
-           max_steps: int = 40, ess_target: float = 0.5, chunk: int = 16) -> dict:
+           max_steps: int = 40, ess_target: float = 0.5, chunk: int = 16,
+           conditions: Conditions | None = None) -> dict:
     """Refine the guide's posterior with the physics likelihood (``cryosvi.smc``).
 
     method 'is': self-normalised importance sampling, S proposals per particle from the
     guide, weights p(x, z) / q(z | x).
 
     method 'smc': adaptive tempered SMC from the guide to the posterior along
-    pi_b(z) ~ q(z | x)^(1 - b) p(x, z)^b (``tempered_smc`` with ``random_walks``):
+    pi_b(z) ~ q(z | x)^(1 - b) p(x, z)^b (``tempered_smc`` with each latent's random
+    walk, ``cryosvi.latents.random_walks``):
     ``moves`` Metropolis moves per step, at most ``max_steps`` steps, each keeping the
     ESS at ``ess_target`` * S. The likelihood is evaluated ``chunk`` samples at a time.
 
@@ -90,19 +71,21 @@ def refine(guide: Guide, forward, priors, noise_std: float, images: torch.Tensor
     if method not in ("is", "smc"):
         raise ValueError(f"unknown refinement {method!r} (is or smc)")
     known = dict(known or {})
-    base = posterior_summary(guide, images, known, n_samples)
+    base = posterior_summary(guide, images, known, n_samples, conditions=conditions)
     features = base["features"]
     known_values = {s: v.unsqueeze(0).expand(n_samples, *v.shape) for s, v in known.items()}
+    latents = guide.config.latents
 
     def log_target(samples):
         joint = {**known_values, **samples}
         parts = [log_joint(forward, priors, noise_std, images,
-                           {s: v[i:i + chunk] for s, v in joint.items()})
+                           {s: v[i:i + chunk] for s, v in joint.items()}, conditions,
+                           latents)
                  for i in range(0, n_samples, chunk)]
         return torch.nan_to_num(torch.cat(parts), nan=-math.inf)
 
     def log_proposal(samples):
-        return guide.log_prob_at(features, {**known_values, **samples})
+        return guide.log_prob_at(features, {**known_values, **samples}, conditions)
 
     values, log_q = base["samples"], base["log_q"]
     log_p = log_target(values)
@@ -111,7 +94,7 @@ def refine(guide: Guide, forward, priors, noise_std: float, images: torch.Tensor
     out["ess"] = ess
     if method == "smc":
         result = tempered_smc(values, log_target, log_proposal,
-                              random_walks(guide.config.latents, guide.config.n_modes),
+                              random_walks(latents, guide.config),
                               log_p=log_p, log_q=log_q, moves=moves, max_steps=max_steps,
                               ess_target=ess_target)
         values = result.values
@@ -121,31 +104,6 @@ def refine(guide: Guide, forward, priors, noise_std: float, images: torch.Tensor
     out["weights"] = weights
     out.update(weighted_summary(values, weights))
     return out
-
-
-def summary_columns(summary: dict, latents, n_modes: int) -> dict[str, np.ndarray]:
-    """STAR columns of the inferred latents from a summary (defocus: U = V = the mean,
-    angle 0; ``infer`` puts each particle's astigmatism back)."""
-    columns = {}
-    if "rotation" in latents:
-        rot, tilt, psi = matrix_to_euler(quaternion_to_matrix(
-            summary["rotation_mean"].double().cpu()))
-        columns.update(rlnAngleRot=rot.numpy(), rlnAngleTilt=tilt.numpy(),
-                       rlnAnglePsi=psi.numpy(),
-                       cryosviPoseStdDeg=summary["pose_std_deg"].cpu().numpy())
-    if "defocus" in latents:
-        mean = summary["defocus_mean"].cpu().numpy()
-        columns.update(rlnDefocusU=mean, rlnDefocusV=mean,
-                       rlnDefocusAngle=np.zeros_like(mean),
-                       cryosviDefocusStd=summary["defocus_std"].cpu().numpy())
-    if "enm_scale" in latents:
-        mean, std = summary["modes_mean"].cpu().numpy(), summary["modes_std"].cpu().numpy()
-        for k in range(n_modes):
-            columns[MODE_COLUMN.format(k + 1)] = mean[:, k]
-            columns[f"cryosviModeAmplitudeStd{k + 1}"] = std[:, k]
-    if "ess" in summary:
-        columns["cryosviESS"] = summary["ess"].cpu().numpy()
-    return columns
 
 
 def infer(run: str | Path, particles: str | Path, output: str | Path, samples: int = 0,
@@ -168,7 +126,7 @@ def infer(run: str | Path, particles: str | Path, output: str | Path, samples: i
     (importance sampling with the guide as proposal); see ``refine``.
     Returns the particle table written.
     """
-    from cryosvi.dataset import check_compatible, defocus_output, known_values
+    from cryosvi.dataset import check_compatible
     from cryosvi.io.particles import read_particles, write_particles
     from cryosvi.rundir import load_trained, select_device
 
@@ -177,8 +135,8 @@ def infer(run: str | Path, particles: str | Path, output: str | Path, samples: i
     table = read_particles(particles, datadir, invert)
     check_compatible(table, reference)
     config = guide.config
-    fixed = [s for s in ORDER if s not in config.latents]
-    known = known_values(table, fixed, reference.n_modes)
+    fixed = [s for s in config.sites if s not in config.latents]
+    known = known_values(table, fixed, config)
     forward = reference.forward_model().to(device) if importance else None
     n = len(table)
     collected: dict[str, list] = {}
@@ -197,7 +155,8 @@ def infer(run: str | Path, particles: str | Path, output: str | Path, samples: i
                              batch_known, importance, method=method, moves=moves)
         else:
             summary = posterior_summary(guide, batch, batch_known, draws)
-        for key, value in summary_columns(summary, config.latents, reference.n_modes).items():
+        rows = table.metadata.iloc[index]
+        for key, value in summary_columns(summary, config.latents, rows, config).items():
             collected.setdefault(key, []).append(value)
         if samples:
             for site in config.latents:
@@ -209,14 +168,12 @@ def infer(run: str | Path, particles: str | Path, output: str | Path, samples: i
     frame = table.metadata.copy()
     for key, parts in collected.items():
         frame[key] = np.concatenate(parts)
-    if "defocus" in config.latents:
-        for key, values in defocus_output(table, frame["rlnDefocusU"].to_numpy()).items():
-            frame[key] = values
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     write_particles(output, table, frame, list(collected))
     if samples:
         arrays = {s: np.concatenate(v) for s, v in sample_store.items() if v}
-        save_npz_atomically(output.with_suffix(".npz"), **arrays)
+        save_npz_atomically(output.with_suffix(".npz"), **arrays,
+                            cryosvi=provenance_array("samples"))
     table.close()
     return frame

@@ -1,41 +1,40 @@
 """The generative model of particle images as a Pyro program (no trainable parameters).
 
-For each particle i, inside ``pyro.plate("particles")``:
+For each particle i, inside ``pyro.plate("particles")``, one site per latent of
+``cryosvi.latents`` (priors there):
 
     enm_scale  alpha_i ~ Normal(0, mode_std)                 (B, K) Å RMS per atom
     rotation   q_i     ~ ProjectedNormal(kappa * mean)       (B, 4) unit quaternion
                          (kappa = 0: uniform on SO(3))
-    defocus    z_i     ~ Normal(defocus_mean, defocus_std)   (B,) Å
-    measurement Y_i    ~ Normal(forward(alpha_i, q_i, z_i), noise_std)   (B, L, L)
+    defocus    z_i     ~ Normal(defocus_mean, defocus_std)   (B,) Å; with CTF estimates
+                         an offset dz ~ Normal(0, defocus_offset_std) around U and V
+    shifts     s_i     ~ Normal(file's or 0, shift_std)      (B, 2) Å, only when inferred
+    measurement Y_i    ~ Normal(scale * forward(...) + offset, noise_std)   (B, L, L)
 
-Simulation runs this same program from its prior (``noise_std = 0`` makes the
-measurement the clean image, so noise can be scaled to a data-set SNR afterwards).
+``scale`` and ``offset`` are the data set's gray levels (``Imaging``, applied by the
+forward model). Simulation runs this same program from its prior (``noise_std = 0``
+makes the measurement the clean image, so noise can be scaled to a data-set SNR
+afterwards).
 """
 
 from __future__ import annotations
 
 import pyro
 import pyro.distributions as dist
-import torch
 from torch import Tensor
 
 from cryosvi.config import Priors
-from cryosvi.distributions import ProjectedNormal
 from cryosvi.forward import ForwardModel
+from cryosvi.latents import PAPER_SITES, Conditions, forward_inputs, model_sites
 
-SITES = ("enm_scale", "rotation", "defocus")
-"""Latent site names, shared with the guide."""
-
-
-def rotation_prior(priors: Priors, like: Tensor) -> ProjectedNormal:
-    """ProjectedNormal over unit quaternions; concentration 0 is uniform on SO(3)."""
-    mean = torch.tensor(priors.rotation_mean, dtype=like.dtype, device=like.device)
-    return ProjectedNormal(priors.rotation_concentration * mean / mean.norm())
+SITES = tuple(latent.site for latent in model_sites())
+"""The sites of every model (the paper's latents), in the model's sampling order."""
 
 
 def model(forward: ForwardModel, priors: Priors, noise_std: float,
           images: Tensor | None = None, batch_size: int | None = None,
-          n_particles: int | None = None) -> Tensor:
+          n_particles: int | None = None, conditions: Conditions | None = None,
+          latents=PAPER_SITES) -> Tensor:
     """Sample (or score) a batch of particles; returns the clean images (B, L, L).
 
     images: observed (B, L, L) or None to simulate ``batch_size`` particles.
@@ -43,18 +42,19 @@ def model(forward: ForwardModel, priors: Priors, noise_std: float,
     ELBO is scaled to the full data set (Pyro's plate subsampling).
     noise_std: std of the white Gaussian noise; 0 leaves out the measurement site (the
     simulator adds noise afterwards, scaled to the data set's signal variance).
+    conditions: the batch's per-particle CTF estimates and known shifts (None: the
+    paper's model). latents: the inferred sites; latents that are not ``always`` sites
+    (shifts) are sites only when listed.
     """
+    conditions = conditions or Conditions()
     batch = images.shape[0] if images is not None else batch_size
     like = forward.coords
-    mode_std = torch.tensor(priors.mode_std, dtype=like.dtype, device=like.device)
+    values = {}
     with pyro.plate("particles", n_particles or batch, subsample_size=batch):
-        enm_scale = pyro.sample("enm_scale", dist.Normal(torch.zeros_like(mode_std), mode_std)
-                                .to_event(1))
-        rotation = pyro.sample("rotation", rotation_prior(priors, like))
-        defocus = pyro.sample("defocus", dist.Normal(
-            torch.tensor(priors.defocus_mean, dtype=like.dtype, device=like.device),
-            torch.tensor(priors.defocus_std, dtype=like.dtype, device=like.device)))
-        clean = forward(enm_scale, rotation, defocus)
+        for latent in model_sites(latents):
+            values[latent.site] = pyro.sample(latent.site,
+                                              latent.prior(priors, conditions, like))
+        clean = forward(**forward_inputs(values, conditions))
         if noise_std > 0:
             pyro.sample("measurement", dist.Normal(clean, noise_std).to_event(2), obs=images)
     return clean

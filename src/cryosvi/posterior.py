@@ -1,8 +1,10 @@
 """Posterior summaries of a guide (one batched network pass) and of weighted samples.
 
+Each latent's summary is defined in ``cryosvi.latents``; the ones of the paper's latents:
+
 * defocus: mean and std of q(defocus | x) (a Normal), or of weighted samples;
-* modes: mean and std of the guide's marginal over the sampled earlier latents (law of
-  total variance), or of weighted samples;
+* modes (and shifts): mean and std of the guide's marginal over the sampled earlier
+  latents (law of total variance), or of weighted samples;
 * pose: the mean direction of the heaviest mixture component (w >= 0), or the weighted
   mean direction of samples, and an isotropic angular std: the RMS geodesic distance of
   the samples to that mean over sqrt(3) (the per-axis std of a 3-D isotropic rotation
@@ -16,8 +18,8 @@ from __future__ import annotations
 import torch
 
 from cryosvi.guide import Guide
+from cryosvi.latents import REGISTRY, Conditions
 from cryosvi.rotations import canonical_quaternion, quaternion_geodesic_angle
-from cryosvi.smc import weighted_moments
 
 
 def heaviest_component_mean(mixture) -> torch.Tensor:
@@ -58,49 +60,40 @@ def weighted_pose(rotation: torch.Tensor, weights: torch.Tensor):
 
 
 def weighted_summary(values: dict, weights: torch.Tensor) -> dict:
-    """Summary keys (defocus_mean/std, modes_mean/std, rotation_mean, pose_std_deg) of
-    weighted samples: values site -> (S, B, ...), weights (S, B) normalised."""
+    """Summary keys (each latent's mean and std keys, e.g. defocus_mean/std, modes_mean/std,
+    rotation_mean, pose_std_deg) of weighted samples: values site -> (S, B, ...),
+    weights (S, B) normalised."""
     out = {}
-    if "defocus" in values:
-        out["defocus_mean"], out["defocus_std"] = weighted_moments(values["defocus"], weights)
-    if "enm_scale" in values:
-        out["modes_mean"], out["modes_std"] = weighted_moments(values["enm_scale"], weights)
-    if "rotation" in values:
-        out["rotation_mean"], out["pose_std_deg"] = weighted_pose(values["rotation"], weights)
+    for site, latent in REGISTRY.items():
+        if site in values:
+            out[latent.mean_key], out[latent.std_key] = latent.weighted_summary(
+                values[site], weights)
     return out
 
 
 @torch.no_grad()
 def posterior_summary(guide: Guide, images: torch.Tensor, known: dict | None = None,
-                      n_samples: int = 32) -> dict:
+                      n_samples: int = 32, conditions: Conditions | None = None) -> dict:
     """Means and stds of the guide's posterior for a batch of images (B, L, L).
 
-    Returns tensors (B, ...) keyed defocus_mean/std, modes_mean/std, rotation_mean,
-    pose_std_deg for the inferred sites, plus 'samples' (site -> (S, B, ...)), 'log_q'
-    (S, B) and the image 'features' of each encoder (for ``Guide.log_prob_at``).
+    Returns tensors (B, ...) under each inferred latent's mean and std keys
+    (``cryosvi.latents``), plus 'samples' (site -> (S, B, ...)), 'log_q' (S, B) and the
+    image 'features' of each encoder (for ``Guide.log_prob_at``).
     """
     known = dict(known or {})
+    conditions = conditions or Conditions()
     latents = guide.config.latents
     out = {}
     values, log_q, dists, features = guide.sample(images, known, n_samples,
-                                                  return_features=True)
-    if "defocus" in latents:
-        q = dists["defocus"]
-        out["defocus_mean"], out["defocus_std"] = q.mean[0], q.stddev[0]
-    if "rotation" in latents:
-        # Pose mean: heaviest component of q(pose | x, mean defocus).
-        point = dict(known)
-        if "defocus" in latents:
-            point["defocus"] = out["defocus_mean"]
-        pose = guide.distribution("rotation", features["rotation"],
-                                  guide.condition("rotation", point))
-        out["rotation_mean"] = heaviest_component_mean(pose)
-        out["pose_std_deg"] = pose_std_deg(values["rotation"], out["rotation_mean"])
-    if "enm_scale" in latents:
-        q = dists["enm_scale"]
-        mean, var = q.mean, q.variance  # (S, B, K): per sample of the earlier latents
-        out["modes_mean"] = mean.mean(0)
-        out["modes_std"] = (var.mean(0) + mean.var(0, unbiased=False)).sqrt()
+                                                  return_features=True,
+                                                  conditions=conditions)
+    point = dict(known)  # the means of the earlier latents, for summaries at a point
+    for site in latents:
+        latent = REGISTRY[site]
+        mean, std = latent.guide_summary(guide, dists[site], values[site], features, point,
+                                         conditions)
+        out[latent.mean_key], out[latent.std_key] = mean, std
+        point[site] = mean
     out["samples"] = {s: values[s] for s in latents}
     out["log_q"] = log_q
     out["features"] = features

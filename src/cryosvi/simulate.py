@@ -28,22 +28,27 @@ from cryosvi.errors import CryosviError
 from cryosvi.io.mrc import StackWriter
 from cryosvi.io.outputs import (check_output_directory, make_staging, mark_directory,
                                 remove_directory, remove_stale_staging)
-from cryosvi.io.star import MODE_COLUMN, optics_table, write_star
-from cryosvi.model import SITES, model
+from cryosvi.io.star import optics_table, write_star
+from cryosvi.latents import PAPER_SITES, REGISTRY, Conditions, model_sites
+from cryosvi.model import model
 from cryosvi.noise import RunningMoments, noise_std_for_snr
 from cryosvi.reference import Reference
-from cryosvi.rotations import matrix_to_euler, quaternion_to_matrix
 
 STACK_NAME = "particles.mrcs"
 DATASET_KIND = "dataset"
 
 
-def sample_prior(reference: Reference, forward, batch_size: int) -> tuple[dict, torch.Tensor]:
-    """One noise-free draw of ``batch_size`` particles: (latents by site, clean images)."""
+def sample_prior(reference: Reference, forward, batch_size: int,
+                 conditions: Conditions | None = None,
+                 latents=PAPER_SITES) -> tuple[dict, torch.Tensor]:
+    """One noise-free draw of ``batch_size`` particles imaged with ``conditions``:
+    (latents by site, clean images); ``latents``: the inferred sites (see ``model``)."""
     trace = poutine.trace(model).get_trace(forward, reference.priors, 0.0,
-                                           batch_size=batch_size)
-    latents = {site: trace.nodes[site]["value"] for site in SITES}
-    return latents, trace.nodes["_RETURN"]["value"]
+                                           batch_size=batch_size, conditions=conditions,
+                                           latents=latents)
+    values = {latent.site: trace.nodes[latent.site]["value"]
+              for latent in model_sites(latents)}
+    return values, trace.nodes["_RETURN"]["value"]
 
 
 def check_fits_in_box(reference: Reference) -> None:
@@ -58,19 +63,19 @@ def check_fits_in_box(reference: Reference) -> None:
 
 
 def particles_table(latents: dict[str, np.ndarray]) -> pd.DataFrame:
-    """RELION particle rows (1-based image names) from the true latents."""
-    n = len(latents["defocus"])
-    rot, tilt, psi = (a.numpy() for a in matrix_to_euler(
-        quaternion_to_matrix(torch.as_tensor(latents["rotation"], dtype=torch.float64))))
-    table = pd.DataFrame({
-        "rlnImageName": [f"{i + 1:06d}@{STACK_NAME}" for i in range(n)],
-        "rlnAngleRot": rot, "rlnAngleTilt": tilt, "rlnAnglePsi": psi,
-        "rlnDefocusU": latents["defocus"], "rlnDefocusV": latents["defocus"],
-        "rlnDefocusAngle": np.zeros(n), "rlnOriginXAngst": np.zeros(n),
-        "rlnOriginYAngst": np.zeros(n), "rlnOpticsGroup": np.ones(n, dtype=int),
-    })
-    for k, column in enumerate(latents["enm_scale"].T):
-        table[MODE_COLUMN.format(k + 1)] = column
+    """RELION particle rows (1-based image names) from the true latents (each latent's
+    ``value_columns``), centred, in optics group 1."""
+    n = len(next(iter(latents.values())))
+    table = pd.DataFrame({"rlnImageName": [f"{i + 1:06d}@{STACK_NAME}" for i in range(n)]})
+    for site, latent in REGISTRY.items():
+        if site in latents:
+            for column, values in latent.value_columns(torch.as_tensor(latents[site]), None,
+                                                        None).items():
+                table[column] = values
+    for column in ("rlnOriginXAngst", "rlnOriginYAngst"):
+        if column not in table:
+            table[column] = np.zeros(n)
+    table["rlnOpticsGroup"] = np.ones(n, dtype=int)
     return table
 
 
@@ -115,7 +120,7 @@ def _simulate_into(reference: Reference, n: int, directory: Path, seed: int,
     forward = reference.forward_model().to(device)
     pyro.set_rng_seed(seed)
     moments = RunningMoments()
-    latents = {site: [] for site in SITES}
+    latents = {latent.site: [] for latent in model_sites()}
     stack = StackWriter(directory / STACK_NAME, n, box, reference.optics.pixel_size)
     statistics = (np.nan,) * 4
     starts = range(0, n, chunk_size)

@@ -43,13 +43,14 @@ from tqdm.auto import tqdm
 
 from cryosvi import __version__
 from cryosvi.errors import CryosviError
-from cryosvi.guide import ORDER, Architecture, Guide, GuideConfig
+from cryosvi.dataset import (check_compatible, estimate_noise_std,  # noqa: F401
+                             high_frequency_power, image_statistics, priors_from_particles)
+from cryosvi.guide import Architecture, Guide, GuideConfig
 from cryosvi.io.atomic import write_atomically
 from cryosvi.io.outputs import check_output_directory, directory_kind, mark_directory
-from cryosvi.dataset import (KNOWN_COLUMNS, check_compatible,  # noqa: F401
-                             estimate_noise_std, high_frequency_power, image_statistics,
-                             known_values, priors_from_particles)
 from cryosvi.io.particles import read_particles
+from cryosvi.latents import (BY_NAME, PAPER_SITES, REGISTRY, Conditions,  # noqa: F401
+                             known_values, names, pearson)
 from cryosvi.model import model
 from cryosvi.reference import Reference
 from cryosvi.rundir import (CHECKPOINT, CHECKPOINT_FORMAT, LOG_FILE, PLOT_FILE,  # noqa: F401
@@ -59,7 +60,6 @@ from cryosvi.rundir import (CHECKPOINT, CHECKPOINT_FORMAT, LOG_FILE, PLOT_FILE, 
                             write_json_atomic)
 
 OBJECTIVES = ("sim", "elbo")
-SITE_NAMES = {"defocus": "defocus", "rotation": "pose", "enm_scale": "modes"}
 VALIDATION_SIZE = 512
 
 
@@ -74,7 +74,7 @@ class Stage:
 
     objective: 'sim' or 'elbo'. epochs: passes over the particles (elbo) or over
     ``epoch_size`` simulated particles (sim; default: the number of particles).
-    train: CLI latent names ('pose', 'defocus', 'modes') whose encoders are optimised in
+    train: CLI latent names (``cryosvi.latents``: 'pose', 'defocus', ...) whose encoders are optimised in
     this stage (None: all inferred ones). lr: peak learning rate; decay: 'constant' or
     'cosine' (to lr * final_lr_fraction over the stage), after ``warmup`` linear steps.
     """
@@ -117,15 +117,15 @@ class Stage:
                 raise CryosviError(f"schedule: 'train' must be a list of latent names, got "
                                    f"{self.train!r}")
             self.train = tuple(self.train)
-            unknown = [n for n in self.train if n not in SITE_NAMES.values()]
+            unknown = [n for n in self.train if n not in BY_NAME]
             if unknown:
                 raise CryosviError(f"schedule: unknown latent(s) {', '.join(unknown)} in "
-                                   "'train' (choose from pose, defocus, modes)")
+                                   f"'train' (choose from {', '.join(BY_NAME)})")
 
     def trained_sites(self, latents: tuple[str, ...]) -> tuple[str, ...]:
         if self.train is None:
             return latents
-        return tuple(s for s in latents if SITE_NAMES[s] in self.train)
+        return tuple(s for s in latents if REGISTRY[s].name in self.train)
 
     def steps_per_epoch(self, n_particles: int) -> int:
         size = self.epoch_size or n_particles if self.objective == "sim" else n_particles
@@ -185,12 +185,18 @@ def load_schedule(path: str | Path, overrides: dict | None = None) -> list[Stage
     return out
 
 
+SIM_LR = 2e-3
+ELBO_LR = 1e-4
+
+
 def default_schedule(objective: str, epochs: int, lr: float | None, batch_size: int | None,
                      finetune_epochs: int = 0, epoch_size: int | None = None) -> list[Stage]:
-    """One stage per objective: 'sim', 'elbo' or 'sim+elbo'."""
-    sim = Stage(objective="sim", epochs=epochs, lr=lr or 1e-3, batch_size=batch_size or 128,
+    """One stage per objective: 'sim', 'elbo' or 'sim+elbo'. Default peak learning
+    rates: 2e-3 for simulation (measured: benchmarks/results and the demo), 1e-4 for the
+    ELBO."""
+    sim = Stage(objective="sim", epochs=epochs, lr=lr or SIM_LR, batch_size=batch_size or 128,
                 decay="cosine", warmup=50, epoch_size=epoch_size, name="simulation")
-    elbo = Stage(objective="elbo", epochs=epochs, lr=lr or 1e-4, batch_size=batch_size or 128,
+    elbo = Stage(objective="elbo", epochs=epochs, lr=lr or ELBO_LR, batch_size=batch_size or 128,
                  decay="constant", name="elbo")
     if objective == "sim":
         return [sim]
@@ -203,74 +209,66 @@ def default_schedule(objective: str, epochs: int, lr: float | None, batch_size: 
 
 
 # ------------------------------------------------------------------------ objectives
-def simulation_batch(reference: Reference, forward, noise_std: float, batch_size: int):
-    """Fresh (latents, noisy images) from the model's prior."""
+def simulation_batch(reference: Reference, forward, noise_std: float, batch_size: int,
+                     conditions: Conditions | None = None, latents=PAPER_SITES):
+    """Fresh (latents, noisy images) from the model's prior, imaged with ``conditions``
+    (per-particle data for this batch, e.g. rows of the particles' metadata)."""
     from cryosvi.simulate import sample_prior
 
     with torch.no_grad():
-        latents, clean = sample_prior(reference, forward, batch_size)
+        latents, clean = sample_prior(reference, forward, batch_size, conditions, latents)
         images = clean + noise_std * torch.randn_like(clean)
     return latents, images
 
 
-def simulation_loss(guide: Guide, latents: dict, images, sites) -> tuple[torch.Tensor, dict]:
+def simulation_loss(guide: Guide, latents: dict, images, sites,
+                    conditions: Conditions | None = None) -> tuple[torch.Tensor, dict]:
     """Forward-KL loss -E log q(z_true | x) over ``sites``; also the per-site terms."""
-    log_q = guide.log_prob(images, latents)
+    log_q = guide.log_prob(images, latents, conditions)
     terms = {s: -log_q[s].mean() for s in sites}
     return sum(terms.values()), {s: float(v.detach()) for s, v in terms.items()}
 
 
 def elbo_loss(guide: Guide, forward, priors, noise_std: float, images, known: dict,
-              n_particles: int) -> torch.Tensor:
+              n_particles: int, conditions: Conditions | None = None) -> torch.Tensor:
     """-ELBO per particle of a mini-batch (Trace_ELBO, subsampled plate)."""
     conditioned = poutine.condition(model, data=known) if known else model
     loss = Trace_ELBO().differentiable_loss(
         conditioned, guide.pyro_guide(known, register=False), forward, priors, noise_std,
-        images=images, n_particles=n_particles)
+        images=images, n_particles=n_particles, conditions=conditions,
+        latents=guide.config.latents)
     return loss / n_particles
 
 
 # ------------------------------------------------------------------------ validation
-def validation_set(reference: Reference, forward, noise_std: float, seed: int, n: int):
+def validation_set(reference: Reference, forward, noise_std: float, seed: int, n: int,
+                   conditions: Conditions | None = None, latents=PAPER_SITES):
     """A fixed simulated set for monitoring, drawn without touching the global RNG."""
     devices = [forward.coords.device] if forward.coords.is_cuda else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed + 7_919)
-        return simulation_batch(reference, forward, noise_std, n)
+        return simulation_batch(reference, forward, noise_std, n, conditions, latents)
 
 
-def validation_metrics(guide: Guide, latents: dict, images, known_sites) -> dict:
-    """Loss and point-estimate accuracy on the simulated validation set."""
+def validation_metrics(guide: Guide, latents: dict, images, known_sites,
+                       conditions: Conditions | None = None) -> dict:
+    """Loss and point-estimate accuracy (each latent's ``validation``) on the simulated
+    validation set."""
     from cryosvi.posterior import posterior_summary
-    from cryosvi.rotations import quaternion_geodesic_angle
 
     was_training = guide.training
     guide.eval()
     out = {}
     with torch.no_grad():
-        log_q = guide.log_prob(images, latents)
+        log_q = guide.log_prob(images, latents, conditions)
         out["val_loss"] = float(-sum(v.mean() for v in log_q.values()))
         known = {s: latents[s] for s in known_sites}
-        summary = posterior_summary(guide, images, known, n_samples=32)
-    if "defocus" in guide.config.latents:
-        out["val_defocus_r"] = pearson(summary["defocus_mean"], latents["defocus"])
-        z = (summary["defocus_mean"] - latents["defocus"]) / summary["defocus_std"]
-        out["val_defocus_cover95"] = float((z.abs() < 1.96).float().mean())
-    if "enm_scale" in guide.config.latents:
-        out["val_mode_r"] = pearson(summary["modes_mean"][:, 0], latents["enm_scale"][:, 0])
-        z = (summary["modes_mean"] - latents["enm_scale"]) / summary["modes_std"]
-        out["val_mode_cover95"] = float((z.abs() < 1.96).float().mean())
-    if "rotation" in guide.config.latents:
-        error = quaternion_geodesic_angle(summary["rotation_mean"], latents["rotation"])
-        out["val_pose_median_deg"] = float(error.median())
+        summary = posterior_summary(guide, images, known, n_samples=32,
+                                    conditions=conditions)
+    for site in guide.config.latents:
+        out.update(REGISTRY[site].validation(summary, latents[site]))
     guide.train(was_training)
     return out
-
-
-def pearson(a, b) -> float:
-    a = a.double() - a.double().mean()
-    b = b.double() - b.double().mean()
-    return float((a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-30))
 
 
 # ------------------------------------------------------------------------ training
@@ -278,7 +276,7 @@ def pearson(a, b) -> float:
 class TrainOptions:
     """What ``train`` needs besides the data: schedule and guide settings."""
 
-    latents: tuple[str, ...] = ORDER
+    latents: tuple[str, ...] = PAPER_SITES
     schedule: list = field(default_factory=lambda: default_schedule("sim", 20, None, None))
     architecture: Architecture = field(default_factory=Architecture)
     seed: int = 0
@@ -299,8 +297,6 @@ def prepare(particles: str | Path, reference: Reference, options: TrainOptions,
     table.require("rlnImageName")
     check_compatible(table, reference)
     reference = priors_from_particles(table, reference)
-    fixed = [s for s in ORDER if s not in options.latents]
-    known = known_values(table, fixed, reference.n_modes)
     _, image_std, shell_power = image_statistics(table, seed=options.seed)
     if not image_std > 0:
         raise CryosviError(f"{table.path}: the particle images are constant")
@@ -316,6 +312,7 @@ def prepare(particles: str | Path, reference: Reference, options: TrainOptions,
         defocus_mean=priors.defocus_mean,
         defocus_std=priors.defocus_std, mode_std=tuple(priors.mode_std),
         input_scale=image_std, optics=asdict(reference.optics))
+    known = known_values(table, [s for s in config.sites if s not in config.latents], config)
     return table, table, reference, config, known
 
 
@@ -325,7 +322,8 @@ def train(particles: str | Path, reference: Reference | None, output: str | Path
           device: str | None = None, command: str | None = None,
           datadir: str | Path | None = None, invert: bool = False) -> dict:
     """Train a guide on ``particles`` into the run directory ``output``.
-    datadir, invert: where the stacks are and whether to negate the images (``prepare``).
+    datadir, invert: where the stacks are and whether to negate the images (``prepare``;
+    recorded in run.json, so ``resume`` needs neither again).
 
     resume: continue ``output`` from its checkpoint with its stored settings (the
     reference, options and schedule given here are then ignored; ``device`` may move it).
@@ -343,6 +341,8 @@ def train(particles: str | Path, reference: Reference | None, output: str | Path
         state = load_checkpoint(output / CHECKPOINT)  # damaged: fail before any work
         reference = Reference.load(output / REFERENCE_FILE)
         particles = info.get("particles") if particles is None else particles
+        datadir = info.get("datadir") if datadir is None else datadir
+        invert = invert or bool(info.get("invert", False))
         if not isinstance(particles, str):
             raise CryosviError(f"{output / RUN_FILE} is damaged: no 'particles'; give "
                                "--particles")
@@ -393,11 +393,13 @@ def train(particles: str | Path, reference: Reference | None, output: str | Path
         reference.save(output / REFERENCE_FILE)
     info = {
         "cryosvi": __version__, "particles": str(Path(particles).resolve()),
+        "datadir": None if datadir is None else str(Path(datadir).resolve()),
+        "invert": bool(invert),
         "n_particles": n_particles, "latents": list(config.latents),
         "guide": config.to_dict(), "parameters": guide.parameter_count(),
         "schedule": [asdict(s) for s in stages], "seed": options.seed,
         "device": str(device), "noise_std": reference.noise.std,
-        "fixed_from_star": [SITE_NAMES[s] for s in ORDER if s not in config.latents],
+        "fixed_from_star": names(s for s in config.sites if s not in config.latents),
         "validation_size": options.validation_size, "status": "training",
         "init_from": options.init_from,
         "command": (info["command"] if resume and "command" in info else command),
@@ -407,7 +409,7 @@ def train(particles: str | Path, reference: Reference | None, output: str | Path
 
     val_latents, val_images = validation_set(reference, forward, reference.noise.std,
                                              options.seed, options.validation_size)
-    fixed_sites = [s for s in ORDER if s not in config.latents]
+    fixed_sites = [s for s in config.sites if s not in config.latents]
     known_device = {s: v.to(device) for s, v in known.items()}
     position = dict(start)
     seconds = position["seconds"]
@@ -473,7 +475,8 @@ def train(particles: str | Path, reference: Reference | None, output: str | Path
                       "objective": stage.objective, "step": position["step"],
                       "loss": float(np.mean(losses)), "lr": lr,
                       "seconds": round(seconds, 2),
-                      **{f"loss_{SITE_NAMES[k]}": v / len(losses) for k, v in terms_sum.items()},
+                      **{f"loss_{REGISTRY[k].name}": v / len(losses)
+                         for k, v in terms_sum.items()},
                       **metrics, "loss_steps": chunk_means(losses, 20)}
             append_log(output / LOG_FILE, record)
             save_checkpoint(output / CHECKPOINT, {
@@ -574,8 +577,7 @@ def chunk_means(values, n_chunks: int) -> list[float]:
 def epoch_line(record: dict) -> str:
     parts = [f"epoch {record['epoch']:>3}", f"{record['objective']:>4}",
              f"loss {record['loss']:.4g}", f"val {record.get('val_loss', float('nan')):.4g}"]
-    for key, label in (("val_defocus_r", "defocus r"), ("val_mode_r", "mode r"),
-                       ("val_pose_median_deg", "pose median")):
+    for key, label in (latent.headline for latent in REGISTRY.values()):
         if key in record:
             parts.append(f"{label} {record[key]:.3f}")
     parts.append(f"{record['seconds']:.0f} s")

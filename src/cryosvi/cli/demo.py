@@ -32,9 +32,10 @@ from cryosvi.io.outputs import check_output_directory, mark_directory, remove_di
 MARKER = "demo.json"
 DEMO_KIND = "demo"
 DEMO_DEFAULTS = dict(n_train=10000, n_test=2000, epochs=40, batch_size=128, lr=2e-3,
-                     channels="16,32,64", hidden=256, components=4, importance=64, moves=3)
+                     importance=64, moves=3)
 """Sized for about 10 minutes on a 2-core CPU (measured: 611 and 637 s, README "Demo"); the same
-guide and refinement settings as the joint SNR 20 run of benchmarks/results."""
+guide (``guide.Architecture()``, the defaults of ``cryosvi train``) and refinement
+settings as the joint SNR 20 run of benchmarks/results."""
 
 
 def register(subparsers, summary: str) -> None:
@@ -60,16 +61,11 @@ def register(subparsers, summary: str) -> None:
     parser.add_argument("--lr", type=number(0.0, 10.0, low_open=True),
                         default=DEMO_DEFAULTS["lr"], help="peak learning rate")
     add_guide_arguments(parser)
-    parser.set_defaults(channels=DEMO_DEFAULTS["channels"], hidden=DEMO_DEFAULTS["hidden"],
-                        components=DEMO_DEFAULTS["components"], shared_trunk=True)
     parser.add_argument("--importance", type=integer_between(0, 10**5),
                         default=DEMO_DEFAULTS["importance"],
                         help="SMC samples per particle at inference (0: the guide alone)")
     parser.add_argument("--moves", type=integer_between(0, 1000), default=DEMO_DEFAULTS["moves"],
                         help="Metropolis moves per SMC tempering step")
-    parser.add_argument("--separate-encoders", dest="shared_trunk", action="store_false",
-                        help="the paper's one conv trunk per latent (default here: one "
-                        "shared trunk, 3x cheaper per epoch)")
     parser.add_argument("--device", type=device_name, default="auto",
                         help="auto (cuda when present), cpu, cuda or cuda:N")
     add_threads_argument(parser)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from cryosvi.cli.common import (HelpFormatter, add_particle_source_arguments,
@@ -11,29 +10,36 @@ from cryosvi.cli.common import (HelpFormatter, add_particle_source_arguments,
                                 positive_int, seed_int)
 from cryosvi.config import LIMITS
 from cryosvi.errors import CryosviError
-
-DEFAULTS = dict(latents="pose,defocus,modes", objective="sim", epochs=40,
-                channels="32,64,128", hidden=512, components=4)
-
+from cryosvi.latents import BY_NAME, PAPER_SITES, names
 
 def add_guide_arguments(parser) -> None:
+    """The guide architecture options; defaults: ``cryosvi.guide.Architecture()``."""
+    from cryosvi.guide import Architecture
+
+    default = Architecture()
     group = parser.add_argument_group("guide architecture")
-    group.add_argument("--channels", default=DEFAULTS["channels"],
-                       help="channels of the three conv modules of each encoder")
-    group.add_argument("--hidden", type=integer_between(1, 65536), default=DEFAULTS["hidden"],
-                       help="width of the two hidden MLP layers")
+    group.add_argument("--channels", default=",".join(map(str, default.channels)),
+                       help="channels of the three conv modules")
+    group.add_argument("--hidden", type=integer_between(1, 65536), default=default.hidden,
+                       help="width of the two hidden MLP layers of each latent")
     group.add_argument("--components", type=integer_between(1, 64),
-                       default=DEFAULTS["components"],
+                       default=default.n_components,
                        help="antipodal ProjectedNormal components of the pose posterior")
-    group.add_argument("--no-conditioning", action="store_true",
+    group.add_argument("--no-conditioning", dest="conditioning", action="store_false",
+                       default=default.conditioning,
                        help="independent encoders (the paper's); default feeds defocus "
                        "into the pose encoder and both into the mode encoder")
-    group.add_argument("--phase-flip", action="store_true",
+    group.add_argument("--phase-flip", action="store_true", default=default.phase_flip,
                        help="phase-flip the images by the CTF at the defocus before the "
-                       "pose and mode encoders")
-    group.add_argument("--shared-trunk", action="store_true",
-                       help="one conv trunk for all latents (each keeps its MLP): about "
-                       "3x less convolution work than the paper's separate encoders")
+                       "pose and mode encoders (needs --separate-encoders)")
+    trunk = group.add_mutually_exclusive_group()
+    trunk.add_argument("--separate-encoders", dest="shared_trunk", action="store_false",
+                       default=default.shared_trunk,
+                       help="the paper's one conv trunk per latent (default: one shared "
+                       "trunk, about 3x less convolution work)")
+    trunk.add_argument("--shared-trunk", dest="shared_trunk", action="store_true",
+                       help="one conv trunk for all latents, each keeping its MLP (the "
+                       "default; accepted for older command lines)")
 
 
 def register(subparsers, summary: str) -> None:
@@ -68,12 +74,12 @@ def register(subparsers, summary: str) -> None:
     parser.add_argument("--sigma", type=positive, default=2.0,
                         help="with --structure: pseudo-atom Gaussian std, Å")
     parser.add_argument("-o", "--output", required=True, help="run directory")
-    parser.add_argument("--latents", default=DEFAULTS["latents"],
-                        help="latents to infer, from pose, defocus, modes; the others are "
-                        "fixed to the STAR file's values")
+    parser.add_argument("--latents", default=",".join(names(PAPER_SITES)),
+                        help=f"latents to infer, from {', '.join(BY_NAME)}; the others "
+                        "are fixed to the particle file's values")
     parser.add_argument("--objective", choices=["sim", "elbo", "sim+elbo"],
-                        default=DEFAULTS["objective"], help="training objective")
-    parser.add_argument("--epochs", type=integer_between(1, 10**6), default=DEFAULTS["epochs"],
+                        default="sim", help="training objective")
+    parser.add_argument("--epochs", type=integer_between(1, 10**6), default=40,
                         help="epochs of the (first) stage; a simulation epoch is as many "
                         "fresh particles as the STAR file has (see --epoch-size)")
     parser.add_argument("--finetune-epochs", type=integer_between(1, 10**6),
@@ -84,7 +90,7 @@ def register(subparsers, summary: str) -> None:
     parser.add_argument("--batch-size", type=integer_between(1, 10**6),
                         help="particles per step (default: 128)")
     parser.add_argument("--lr", type=number(0.0, 10.0, low_open=True),
-                        help="peak learning rate (default: 1e-3 for sim, 1e-4 for elbo)")
+                        help="peak learning rate (default: 2e-3 for sim, 1e-4 for elbo)")
     parser.add_argument("--schedule", help="staged schedule file (TOML/JSON), or 'paper' "
                         "for the bundled paper schedule; replaces --objective/--epochs "
                         "(default: one stage of --objective)")
@@ -113,8 +119,11 @@ def architecture_from_args(args):
     """The guide architecture of the options of ``add_guide_arguments``."""
     from cryosvi.guide import Architecture
 
+    if args.phase_flip and args.shared_trunk:
+        raise CryosviError("--phase-flip needs --separate-encoders (a shared trunk sees one "
+                           "image for all latents)")
     return Architecture(channels=parse_channels(args.channels), hidden=args.hidden,
-                        n_components=args.components, conditioning=not args.no_conditioning,
+                        n_components=args.components, conditioning=args.conditioning,
                         phase_flip=args.phase_flip, shared_trunk=args.shared_trunk)
 
 
@@ -155,7 +164,7 @@ def reference_from_args(args, particles: str):
 
 
 def options_from_args(args):
-    from cryosvi.guide import parse_latents
+    from cryosvi.latents import parse_latents
     from cryosvi.train import TrainOptions, default_schedule, load_schedule
 
     try:

@@ -1,0 +1,139 @@
+"""The latent registry: one definition per latent, walked by the model, the guide, the
+SMC moves, summaries and the STAR columns."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pyro
+import pytest
+import torch
+from pyro import poutine
+
+from cryosvi.config import Priors
+from cryosvi.ctf import ParticleCTF
+from cryosvi.guide import Guide
+from cryosvi.latents import (BY_NAME, ORDER, PAPER_SITES, REGISTRY, Conditions,
+                             known_values, model_sites, parse_latents, random_walks)
+from cryosvi.model import SITES, model
+from cryosvi.rotations import quaternion_geodesic_angle, random_quaternions
+
+from test_guide import tiny_config, tiny_reference
+
+ALL = ("defocus", "shifts", "rotation", "enm_scale")
+
+
+def test_registry_names_and_orders():
+    assert ORDER == ALL
+    assert PAPER_SITES == ("defocus", "rotation", "enm_scale")
+    assert SITES == ("enm_scale", "rotation", "defocus")  # the model's draw order
+    assert set(BY_NAME) == {"defocus", "shifts", "pose", "modes"}
+    assert parse_latents("modes,shifts,pose") == ("shifts", "rotation", "enm_scale")
+    assert [latent.site for latent in model_sites(("shifts",))] == [
+        "enm_scale", "rotation", "defocus", "shifts"]
+    assert list(random_walks(ALL, tiny_config())) == ["rotation", "defocus", "enm_scale",
+                                                      "shifts"]
+    for latent in REGISTRY.values():  # every summary key distinct
+        assert latent.mean_key != latent.std_key
+    keys = [k for latent in REGISTRY.values() for k in (latent.mean_key, latent.std_key)]
+    assert len(set(keys)) == len(keys)
+
+
+def test_untrained_shift_head_is_the_prior_around_the_file_value():
+    guide = Guide(tiny_config(latents=ALL, shift_std=3.0))
+    shifts = torch.tensor([[1.0, -2.0], [0.0, 4.5], [-3.0, 0.5]])
+    _, _, dists = guide.sample(torch.randn(3, 16, 16), n_samples=2,
+                               conditions=Conditions(shifts=shifts))
+    torch.testing.assert_close(dists["shifts"].mean, shifts.expand(2, 3, 2))
+    torch.testing.assert_close(dists["shifts"].stddev, torch.full((2, 3, 2), 3.0),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_shift_site_only_when_inferred_and_its_prior():
+    reference = tiny_reference()
+    forward = reference.forward_model()
+    priors = Priors(shift_std=1.5)
+    file_shifts = torch.tensor([3.0, -1.0]).expand(4000, 2)
+    pyro.set_rng_seed(0)
+    trace = poutine.trace(model).get_trace(forward, priors, 0.0, batch_size=4000,
+                                           conditions=Conditions(shifts=file_shifts),
+                                           latents=ALL)
+    draws = trace.nodes["shifts"]["value"]
+    tolerance = 4 * 1.5 / math.sqrt(4000)
+    np.testing.assert_allclose(draws.mean(0).numpy(), [3.0, -1.0], atol=tolerance)
+    np.testing.assert_allclose(draws.std(0).numpy(), [1.5, 1.5], rtol=0.05)
+    plain = poutine.trace(model).get_trace(forward, priors, 0.0, batch_size=4)
+    assert "shifts" not in plain.nodes
+
+
+def test_defocus_is_an_offset_with_ctf_estimates():
+    reference = tiny_reference()
+    forward = reference.forward_model()
+    priors = Priors(defocus_offset_std=400.0)
+    n = 4000
+    ctf = ParticleCTF(torch.full((n,), 12000.0), torch.full((n,), 11000.0),
+                      torch.full((n,), 30.0))
+    pyro.set_rng_seed(1)
+    trace = poutine.trace(model).get_trace(forward, priors, 0.0, batch_size=n,
+                                           conditions=Conditions(ctf=ctf))
+    dz = trace.nodes["defocus"]["value"]
+    assert abs(float(dz.mean())) < 4 * 400 / math.sqrt(n)
+    assert float(dz.std()) == pytest.approx(400.0, rel=0.05)
+
+
+def test_guide_and_model_sites_match_with_shifts():
+    torch.manual_seed(0)
+    reference = tiny_reference()
+    guide = Guide(tiny_config(latents=ALL))
+    images = torch.randn(5, 16, 16)
+    conditions = Conditions(shifts=torch.randn(5, 2))
+    forward = reference.forward_model()
+    guide_trace = poutine.trace(guide.pyro_guide()).get_trace(
+        forward, reference.priors, 0.1, images=images, conditions=conditions, latents=ALL)
+    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+        forward, reference.priors, 0.1, images=images, conditions=conditions, latents=ALL)
+    for site in ALL:
+        assert guide_trace.nodes[site]["value"].shape == model_trace.nodes[site]["value"].shape
+    assert guide_trace.nodes["shifts"]["value"].shape == (5, 2)
+    model_trace.compute_log_prob()
+    assert torch.isfinite(model_trace.nodes["shifts"]["log_prob"]).all()
+
+
+class Table:
+    """The two attributes of a ParticleSet that ``known`` reads."""
+
+    def __init__(self, frame):
+        self.metadata, self.path = frame, "table.star"
+
+    def __len__(self):
+        return len(self.metadata)
+
+    def require(self, *columns):
+        assert all(c in self.metadata for c in columns)
+
+
+def test_known_values_and_output_columns_round_trip():
+    q = random_quaternions(6, generator=torch.Generator().manual_seed(3)).double()
+    pose = REGISTRY["rotation"]
+    frame = pd.DataFrame(pose.value_columns(q, None, None))
+    frame["rlnDefocusU"], frame["rlnDefocusV"] = 11000.0, 9000.0
+    frame["rlnDefocusAngle"] = 20.0
+    frame["rlnOriginXAngst"], frame["rlnOriginYAngst"] = 1.5, -2.5
+    frame["cryosviModeAmplitude1"] = np.arange(6.0)
+    config = tiny_config()
+    known = known_values(Table(frame), ALL, config)
+    assert quaternion_geodesic_angle(known["rotation"].double(), q).max() < 1e-3
+    torch.testing.assert_close(known["defocus"], torch.full((6,), 10000.0))
+    torch.testing.assert_close(known["shifts"], torch.tensor([[1.5, -2.5]]).expand(6, 2))
+    torch.testing.assert_close(known["enm_scale"][:, 0], torch.arange(6.0))
+    # An offset: the estimate as it is (dz = 0), output U + dz, V + dz, angle kept.
+    offset = tiny_config(defocus_offset=True, defocus_mean=0.0, defocus_std=500.0)
+    assert (known_values(Table(frame), ["defocus"], offset)["defocus"] == 0).all()
+    columns = REGISTRY["defocus"].value_columns(torch.full((6,), 100.0), frame, offset)
+    np.testing.assert_allclose(columns["rlnDefocusU"], 11100.0)
+    np.testing.assert_allclose(columns["rlnDefocusV"], 9100.0)
+    np.testing.assert_allclose(columns["rlnDefocusAngle"], 20.0)
+    # A defocus m keeps the astigmatism around it.
+    columns = REGISTRY["defocus"].value_columns(torch.full((6,), 8000.0), frame, config)
+    np.testing.assert_allclose(columns["rlnDefocusU"], 9000.0)
+    np.testing.assert_allclose(columns["rlnDefocusV"], 7000.0)
