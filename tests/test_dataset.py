@@ -89,6 +89,16 @@ def test_groups_may_differ_in_voltage_but_not_in_pixel_or_box(tmp_path):
         dataset.model_optics(ps)
 
 
+def test_model_optics_reads_the_box_from_the_stacks(tmp_path):
+    # RELION 3.0: no rlnImageSize (8 px stack), 5 Å pixels; read_particles numbers the
+    # distinct optics in sorted order, so group 1 (index 0) is the 200 kV one
+    ps = quiet(read_particles, write_relion30(tmp_path, n=3))
+    optics = dataset.model_optics(ps)
+    assert (optics.box, optics.pixel_size, optics.voltage) == (8, 5.0, 200.0)
+    assert dataset.group_index(ps).tolist() == [1, 1, 0]
+    assert dataset.optics_groups(ps).voltage == (200.0, 300.0)
+
+
 # ------------------------------------------------------------------ per-particle CTF
 def test_particle_ctf_reads_the_columns(tmp_path):
     ps = read_particles(write_relion31(tmp_path, voltage2=200.0))

@@ -53,12 +53,11 @@ def model_optics(particles: ParticleSet) -> Optics:
     amplitude contrast of the first group (group index 0; the data-set CTF path uses
     these, per-group values come from ``optics_groups``). A CryosviError when the groups
     differ in box or pixel size."""
+    box, pixel_size = data_box(particles), data_pixel_size(particles)
     first = int(np.flatnonzero(group_index(particles).numpy() == 0)[0])
     values = {name: float(particles.metadata[column].iloc[first])
-              for column, name in MODEL_OPTICS.items()}
-    values["box"] = data_box(particles)
-    values["pixel_size"] = data_pixel_size(particles)
-    return Optics(**values)
+              for column, name in MODEL_OPTICS.items() if name not in ("box", "pixel_size")}
+    return Optics(box=box, pixel_size=pixel_size, **values)
 
 
 def data_box(particles: ParticleSet) -> int:
