@@ -228,6 +228,66 @@ def _groups_basis(groups: OpticsGroups, size: int, device: torch.device,
         return _Basis(basis, None, torch.stack(s2_rows).to(device=device, dtype=dtype))
 
 
+class _Layout(NamedTuple):
+    """A ``_Basis`` reordered for ``_ConvolveCTF``, whose spectra are (c, Q, P): kx rows,
+    ky columns (``_spectrum``), and the same restricted to the H = P//2 + 1 columns
+    ky >= 0 (``*_half``: a CTF even in ky is computed there and mirrored).
+
+    argument: (K, Q*P); argument_half: (K, Q*H); envelope, envelope_half: (Q, P), (Q, H)
+    or None; envelope_rows, envelope_rows_half: (G, Q*P), (G, Q*H) or None.
+    odd: (K,) bool, the basis rows odd in ky (the 2 kx ky astigmatism rows): a batch
+    whose coefficients vanish on them has a CTF even in ky.
+    """
+
+    argument: Tensor
+    argument_half: Tensor
+    envelope: Tensor | None
+    envelope_half: Tensor | None
+    envelope_rows: Tensor | None
+    envelope_rows_half: Tensor | None
+    odd: Tensor
+
+
+def _reorder(rows: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    """(R, P*Q) rows of the rfft2 grid of a P = ``size`` image -> (R, Q*P) in the
+    (kx, ky) order of ``_spectrum`` and (R, Q*H), its columns ky >= 0."""
+    half = size // 2 + 1
+    grid = rows.reshape(rows.shape[0], size, half).transpose(1, 2)  # (R, Q, P)
+    return (grid.contiguous().reshape(rows.shape[0], -1),
+            grid[..., :half].contiguous().reshape(rows.shape[0], -1))
+
+
+def _layout(basis: _Basis, size: int) -> _Layout:
+    """``basis`` of the P = ``size`` rfft2 grid reordered for ``_ConvolveCTF``."""
+    half = size // 2 + 1
+    envelope = envelope_half = rows = rows_half = None
+    if basis.envelope is not None:
+        envelope, envelope_half = (e.view(half, -1) for e in
+                                   _reorder(basis.envelope.reshape(1, -1), size))
+    if basis.envelope_rows is not None:
+        rows, rows_half = _reorder(basis.envelope_rows, size)
+    terms = basis.argument.shape[0]
+    odd = torch.zeros(terms, dtype=torch.bool, device=basis.argument.device)
+    odd[2:terms - terms % 4:4] = True  # the sin 2 alpha row of each [mean, cos, sin, 1] block
+    return _Layout(*_reorder(basis.argument, size), envelope, envelope_half, rows, rows_half,
+                   odd)
+
+
+@functools.lru_cache(maxsize=64)
+def _ctf_layout(optics: Optics, size: int, device: torch.device, dtype: torch.dtype) -> _Layout:
+    """``_ctf_basis`` reordered for ``_ConvolveCTF`` (cached, built outside inference mode)."""
+    with torch.inference_mode(False), torch.no_grad():
+        return _layout(_ctf_basis(optics, size, device, dtype), size)
+
+
+@functools.lru_cache(maxsize=64)
+def _groups_layout(groups: OpticsGroups, size: int, device: torch.device,
+                   dtype: torch.dtype) -> _Layout:
+    """``_groups_basis`` reordered for ``_ConvolveCTF`` (cached, built outside inference mode)."""
+    with torch.inference_mode(False), torch.no_grad():
+        return _layout(_groups_basis(groups, size, device, dtype), size)
+
+
 def _as_batch(value, like: Tensor | None = None) -> Tensor:
     if isinstance(value, Tensor):
         return value
@@ -361,9 +421,9 @@ def apply_ctf(images: Tensor, defocus_u: Tensor, defocus_v: Tensor,
     batch_shape = torch.broadcast_shapes(images.shape[:-2], coefficients.shape[:-1])
     flat_images = images.expand(*batch_shape, size, size).reshape(-1, size, size)
     flat_coefficients = coefficients.to(images.dtype).expand(*batch_shape, 4).reshape(-1, 4)
-    basis = _ctf_basis(optics, padded, images.device, images.dtype)
+    layout = _ctf_layout(optics, padded, images.device, images.dtype)
     shift_px = _shift_pixels(shifts, optics.pixel_size, flat_images.shape[0], images)
-    out = _ConvolveCTF.apply(flat_images, flat_coefficients, None, shift_px, basis, padded)
+    out = _ConvolveCTF.apply(flat_images, flat_coefficients, None, shift_px, layout, padded)
     return out.reshape(*batch_shape, size, size)
 
 
@@ -381,14 +441,14 @@ def apply_particle_ctf(images: Tensor, ctf: ParticleCTF, groups: OpticsGroups,
     size, padded = _check_images(images, pad_factor)
     if images.dim() != 3:
         raise ValueError(f"images must be (B, L, L), got {tuple(images.shape)}")
-    basis = _groups_basis(groups, padded, images.device, images.dtype)
+    layout = _groups_layout(groups, padded, images.device, images.dtype)
     coefficients, envelope, one_hot = _group_coefficients(ctf, groups, images)
     batch = images.shape[0]
     if coefficients.shape[0] != batch:
         raise ValueError(f"{batch} images but {coefficients.shape[0]} CTF parameter rows")
     pixel = one_hot @ torch.tensor(groups.pixel_size, dtype=images.dtype, device=images.device)
     shift_px = _shift_pixels(shifts, pixel, batch, images)
-    return _ConvolveCTF.apply(images, coefficients, envelope, shift_px, basis, padded)
+    return _ConvolveCTF.apply(images, coefficients, envelope, shift_px, layout, padded)
 
 
 def _chunk_size(images: Tensor, padded: int) -> int:
@@ -399,6 +459,10 @@ def _chunk_size(images: Tensor, padded: int) -> int:
         budget = _CUDA_CHUNK_BYTES
     spectrum_bytes = padded * (padded // 2 + 1) * 2 * images.element_size()
     return max(1, budget // spectrum_bytes)
+
+
+def _complex_dtype(real: Tensor) -> torch.dtype:
+    return torch.complex128 if real.dtype == torch.float64 else torch.complex64
 
 
 @functools.lru_cache(maxsize=64)
@@ -413,29 +477,61 @@ def _half_plane_weights(padded: int, device: torch.device, dtype: torch.dtype) -
         return (weights / padded**2).to(device=device, dtype=dtype)
 
 
-def _spectrum(images: Tensor, padded: int) -> Tensor:
-    """rfft2 of the images zero-padded (at the end) to P x P: (c, P, P//2 + 1).
+def _spectrum(images: Tensor, padded: int, columns: Tensor | None = None) -> Tensor:
+    """rfft2 of the images zero-padded (at the end) to P x P, as (c, Q, P): kx rows,
+    ky columns (the transpose of rfft2's (P, Q)), contiguous.
 
-    rfft along x of the L non-zero rows only, then a full FFT along y (padded by n=)."""
-    return torch.fft.fft(torch.fft.rfft(images, n=padded, dim=-1), n=padded, dim=-2)
+    rfft along x of the L non-zero rows only; the (c, Q, L) result is transposed into the
+    first L columns of ``columns`` (c, Q, P), whose other columns must be zero (a fresh
+    zero buffer if None; reused across chunks, since fresh multi-MiB buffers cost page
+    faults), and the ky FFT runs along contiguous memory (torch's FFT along a strided
+    dimension makes the same copies, and slower)."""
+    size = images.shape[-1]
+    rows = torch.fft.rfft(images, n=padded, dim=-1)
+    if columns is None:
+        columns = rows.new_zeros(rows.shape[0], rows.shape[-1], padded)
+    columns[..., :size] = rows.transpose(-1, -2)
+    return torch.fft.fft(columns, dim=-1)
 
 
 def _crop_inverse(spectrum: Tensor, size: int, padded: int) -> Tensor:
-    """The first L x L pixels of irfft2 of a (c, P, P//2 + 1) spectrum: inverse along y,
-    keep L rows, then the inverse along x on those only."""
-    rows = torch.fft.ifft(spectrum, dim=-2)[..., :size, :]
+    """The first L x L pixels of irfft2 of a (c, Q, P) spectrum in ``_spectrum``'s layout:
+    inverse along ky, keep L rows of y, then the inverse along x on those only."""
+    rows = torch.fft.ifft(spectrum, dim=-1)[..., :size].transpose(-1, -2)  # (c, L, Q)
     return torch.fft.irfft(rows, n=padded, dim=-1)[..., :size]
 
 
-def _ctf_chunk(coefficients: Tensor, envelope_coefficients, basis: _Basis, padded: int):
-    """(CTF, argument, envelope) of a chunk, each (c, P, P//2 + 1) (the envelope may be
-    None, or (P, P//2 + 1) when fixed); CTF = sin(argument) envelope."""
-    argument = (coefficients @ basis.argument).view(-1, padded, padded // 2 + 1)
+def _ctf_chunk(coefficients: Tensor, envelope_coefficients, layout: _Layout, padded: int,
+               even: bool = False):
+    """(CTF, argument, envelope) of a chunk in ``_spectrum``'s layout, each (c, Q, P), or
+    (c, Q, H) on the ky >= 0 columns when ``even`` (the envelope may be None, or (Q, P) /
+    (Q, H) when fixed); CTF = sin(argument) envelope."""
+    argument = coefficients @ (layout.argument_half if even else layout.argument)
+    argument = argument.view(coefficients.shape[0], padded // 2 + 1, -1)
     ctf = torch.sin(argument)
-    envelope = basis.envelope
+    envelope = layout.envelope_half if even else layout.envelope
     if envelope is None and envelope_coefficients is not None:
-        envelope = torch.exp(envelope_coefficients @ basis.envelope_rows).view_as(ctf)
+        rows = layout.envelope_rows_half if even else layout.envelope_rows
+        envelope = torch.exp(envelope_coefficients @ rows).view_as(ctf)
     return (ctf if envelope is None else ctf.mul_(envelope)), argument, envelope
+
+
+def _multiply_even(spectrum: Tensor, half: Tensor, padded: int) -> Tensor:
+    """spectrum (c, Q, P) times a function even in ky given on its columns ky >= 0,
+    half (c, Q, H): column P - j (ky = -j) takes the value of column j."""
+    width = half.shape[-1]
+    spectrum[..., :width].mul_(half)
+    spectrum[..., width:].mul_(half[..., 1:padded - width + 1].flip(-1))
+    return spectrum
+
+
+def _is_even(coefficients: Tensor, layout: _Layout) -> bool:
+    """Whether every CTF of the batch is even in ky (no 2 kx ky term: no astigmatism, or
+    its axis along x or y), so that half of it can be computed and mirrored. On CPU only:
+    on GPUs the test would cost a synchronisation, and the sine is cheap there."""
+    if coefficients.device.type != "cpu":
+        return False
+    return not bool(coefficients[:, layout.odd].any())
 
 
 class _ConvolveCTF(torch.autograd.Function):
@@ -444,7 +540,10 @@ class _ConvolveCTF(torch.autograd.Function):
 
     The batch is walked in chunks (cache-sized on CPU), and each chunk's output is
     written straight into the result, so nothing of size B x P x P is held: backward
-    recomputes what it needs from the saved inputs.
+    recomputes what it needs from the saved inputs. Spectra are held as (c, Q, P), kx
+    rows and ky columns (``_spectrum``), and the CTF basis is stored in that order
+    (``_Layout``). When no CTF of the batch has a 2 kx ky term, the CTF is even in ky:
+    its sine is evaluated on the ky >= 0 half and mirrored (``_multiply_even``).
 
     Backward. The operator A_H(x) = crop(irfft2(H rfft2(pad(x)))), with H = C R (C the
     real CTF, R the shift ramp, or 1), is a convolution with the real kernel irfft2(H),
@@ -461,44 +560,52 @@ class _ConvolveCTF(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, images, coefficients, envelope_coefficients, shift_px, basis, padded):
+    def forward(ctx, images, coefficients, envelope_coefficients, shift_px, layout, padded):
         n_images, size, _ = images.shape
         out = torch.empty_like(images, memory_format=torch.contiguous_format)
         chunk = _chunk_size(images, padded)
+        even = _is_even(coefficients, layout)
+        columns = images.new_zeros(min(chunk, n_images), padded // 2 + 1, padded,
+                                   dtype=_complex_dtype(images))
         for start in range(0, n_images, chunk):
             rows = slice(start, start + chunk)
-            spectrum = _spectrum(images[rows], padded)
+            spectrum = _spectrum(images[rows], padded, columns[:images[rows].shape[0]])
             ctf, _, _ = _ctf_chunk(coefficients[rows],
                                    None if envelope_coefficients is None
-                                   else envelope_coefficients[rows], basis, padded)
-            spectrum.mul_(ctf)
+                                   else envelope_coefficients[rows], layout, padded, even)
+            if even:
+                _multiply_even(spectrum, ctf, padded)
+            else:
+                spectrum.mul_(ctf)
             if shift_px is not None:
-                spectrum.mul_(phase_ramp(shift_px[rows], padded))
+                spectrum.mul_(phase_ramp(shift_px[rows], padded).transpose(-1, -2))
             out[rows] = _crop_inverse(spectrum, size, padded)
         ctx.save_for_backward(images, coefficients, envelope_coefficients, shift_px)
-        ctx.basis, ctx.padded = basis, padded
+        ctx.layout, ctx.padded = layout, padded
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         images, coefficients, envelope_coefficients, shift_px = ctx.saved_tensors
-        basis, padded = ctx.basis, ctx.padded
+        layout, padded = ctx.layout, ctx.padded
         n_images, size, _ = images.shape
         want_images, want_coefficients, want_envelope, want_shifts = ctx.needs_input_grad[:4]
         want_spectrum = want_coefficients or want_envelope or want_shifts
         grads = [torch.empty_like(x) if want else None for x, want in zip(
             (images, coefficients, envelope_coefficients, shift_px), ctx.needs_input_grad)]
-        weights = _half_plane_weights(padded, images.device, images.dtype)
+        # m_kx / P^2 along the kx rows of the (c, Q, P) spectra.
+        weights = _half_plane_weights(padded, images.device, images.dtype)[:, None]
         chunk = _chunk_size(images, padded)
         for start in range(0, n_images, chunk):
             rows = slice(start, start + chunk)
             grad_spectrum = _spectrum(grad_out[rows], padded)
             ctf, argument, envelope = _ctf_chunk(coefficients[rows],
                                                  None if envelope_coefficients is None
-                                                 else envelope_coefficients[rows], basis,
+                                                 else envelope_coefficients[rows], layout,
                                                  padded)
-            ramp = None if shift_px is None else phase_ramp(shift_px[rows], padded)
+            ramp = (None if shift_px is None
+                    else phase_ramp(shift_px[rows], padded).transpose(-1, -2))
             if want_spectrum:
                 product = _spectrum(images[rows], padded) * grad_spectrum.conj()
                 if ramp is not None:
@@ -508,16 +615,16 @@ class _ConvolveCTF(torch.autograd.Function):
                     grad_argument = grad_ctf * torch.cos(argument)
                     if envelope is not None:
                         grad_argument *= envelope
-                    grads[1][rows] = grad_argument.reshape(-1, basis.argument.shape[1]) \
-                        @ basis.argument.T
+                    grads[1][rows] = grad_argument.reshape(-1, layout.argument.shape[1]) \
+                        @ layout.argument.T
                 if want_envelope:
                     grads[2][rows] = (grad_ctf * ctf).reshape(ctf.shape[0], -1) \
-                        @ basis.envelope_rows.T
+                        @ layout.envelope_rows.T
                 if want_shifts:
                     phase_grad = (product.imag * weights).mul_(ctf).neg_()
                     ky, kx = shift_frequencies(padded, images.device, images.dtype)
-                    grads[3][rows] = torch.stack([phase_grad.sum(-2) @ kx,
-                                                  phase_grad.sum(-1) @ ky], dim=-1)
+                    grads[3][rows] = torch.stack([phase_grad.sum(-1) @ kx,
+                                                  phase_grad.sum(-2) @ ky], dim=-1)
             if want_images:
                 grad_spectrum.mul_(ctf)
                 if ramp is not None:
