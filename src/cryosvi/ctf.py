@@ -461,10 +461,6 @@ def _chunk_size(images: Tensor, padded: int) -> int:
     return max(1, budget // spectrum_bytes)
 
 
-def _complex_dtype(real: Tensor) -> torch.dtype:
-    return torch.complex128 if real.dtype == torch.float64 else torch.complex64
-
-
 @functools.lru_cache(maxsize=64)
 def _half_plane_weights(padded: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     """m_kx / P^2 for the columns of an rfft2 half plane: m = 1 for kx = 0 (and for the
@@ -477,52 +473,87 @@ def _half_plane_weights(padded: int, device: torch.device, dtype: torch.dtype) -
         return (weights / padded**2).to(device=device, dtype=dtype)
 
 
-def _spectrum(images: Tensor, padded: int, columns: Tensor | None = None) -> Tensor:
+class _Buffers:
+    """Reused per-chunk buffers of one ``_ConvolveCTF`` call (fresh multi-MiB buffers
+    for every chunk would cost page faults). ``take(c)`` gives the first c images'.
+
+    columns: (c, Q, P) complex, the zero-padded input of the ky FFT (only its first L
+    columns are ever written); pitched: (c, Q, L + 1) complex, the ky-inverse's first L
+    columns at a row pitch that is not a power of two (a transposing copy that reads at
+    a stride of 2^k bytes thrashes the cache); rows: (c, L, Q) complex, the input of the
+    x inverse; ctf: (c, Q, P) real, the CTF.
+    """
+
+    def __init__(self, images: Tensor, chunk: int, padded: int):
+        count, size = min(chunk, images.shape[0]), images.shape[-1]
+        complex_dtype = torch.complex128 if images.dtype == torch.float64 else torch.complex64
+        options = dict(dtype=complex_dtype, device=images.device)
+        half = padded // 2 + 1
+        self.columns = torch.zeros(count, half, padded, **options)
+        self.pitched = torch.empty(count, half, size + 1, **options)
+        self.rows = torch.empty(count, size, half, **options)
+        self.ctf = images.new_empty(count, half, padded)
+
+    def take(self, count: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return self.columns[:count], self.pitched[:count], self.rows[:count], self.ctf[:count]
+
+
+def _spectrum(images: Tensor, padded: int, buffers: _Buffers | None = None) -> Tensor:
     """rfft2 of the images zero-padded (at the end) to P x P, as (c, Q, P): kx rows,
     ky columns (the transpose of rfft2's (P, Q)), contiguous.
 
     rfft along x of the L non-zero rows only; the (c, Q, L) result is transposed into the
-    first L columns of ``columns`` (c, Q, P), whose other columns must be zero (a fresh
-    zero buffer if None; reused across chunks, since fresh multi-MiB buffers cost page
-    faults), and the ky FFT runs along contiguous memory (torch's FFT along a strided
-    dimension makes the same copies, and slower)."""
+    first L columns of a zero (c, Q, P) buffer, and the ky FFT runs along contiguous
+    memory (torch's FFT along a strided dimension makes the same copies, and slower)."""
     size = images.shape[-1]
     rows = torch.fft.rfft(images, n=padded, dim=-1)
-    if columns is None:
+    if buffers is None:
         columns = rows.new_zeros(rows.shape[0], rows.shape[-1], padded)
+    else:
+        columns = buffers.take(images.shape[0])[0]
     columns[..., :size] = rows.transpose(-1, -2)
     return torch.fft.fft(columns, dim=-1)
 
 
-def _crop_inverse(spectrum: Tensor, size: int, padded: int) -> Tensor:
+def _crop_inverse(spectrum: Tensor, size: int, padded: int,
+                  buffers: _Buffers | None = None) -> Tensor:
     """The first L x L pixels of irfft2 of a (c, Q, P) spectrum in ``_spectrum``'s layout:
     inverse along ky, keep L rows of y, then the inverse along x on those only."""
-    rows = torch.fft.ifft(spectrum, dim=-1)[..., :size].transpose(-1, -2)  # (c, L, Q)
+    columns = torch.fft.ifft(spectrum, dim=-1)[..., :size]  # (c, Q, L)
+    if buffers is None:
+        rows = columns.transpose(-1, -2)
+    else:
+        _, pitched, rows, _ = buffers.take(spectrum.shape[0])
+        pitched = pitched[..., :size]
+        pitched.copy_(columns)
+        rows.copy_(pitched.transpose(-1, -2))
     return torch.fft.irfft(rows, n=padded, dim=-1)[..., :size]
 
 
 def _ctf_chunk(coefficients: Tensor, envelope_coefficients, layout: _Layout, padded: int,
-               even: bool = False):
-    """(CTF, argument, envelope) of a chunk in ``_spectrum``'s layout, each (c, Q, P), or
-    (c, Q, H) on the ky >= 0 columns when ``even`` (the envelope may be None, or (Q, P) /
-    (Q, H) when fixed); CTF = sin(argument) envelope."""
+               even: bool = False, out: Tensor | None = None):
+    """(CTF, argument, envelope) of a chunk in ``_spectrum``'s layout, each (c, Q, P).
+
+    When ``even`` (the CTFs are even in ky, ``_is_even``), the argument and envelope are
+    computed on the H = P//2 + 1 columns ky >= 0 only, (c, Q, H), and the CTF's other
+    columns are their mirror image (column P - j = column j). The envelope may be None,
+    or (Q, P) / (Q, H) when fixed; CTF = sin(argument) envelope, written into ``out``
+    (c, Q, P) when given."""
+    n, half = coefficients.shape[0], padded // 2 + 1
     argument = coefficients @ (layout.argument_half if even else layout.argument)
-    argument = argument.view(coefficients.shape[0], padded // 2 + 1, -1)
-    ctf = torch.sin(argument)
+    argument = argument.view(n, half, -1)
+    ctf = argument.new_empty(n, half, padded) if out is None else out
+    head = ctf[..., :argument.shape[-1]]
+    torch.sin(argument, out=head)
     envelope = layout.envelope_half if even else layout.envelope
     if envelope is None and envelope_coefficients is not None:
         rows = layout.envelope_rows_half if even else layout.envelope_rows
-        envelope = torch.exp(envelope_coefficients @ rows).view_as(ctf)
-    return (ctf if envelope is None else ctf.mul_(envelope)), argument, envelope
-
-
-def _multiply_even(spectrum: Tensor, half: Tensor, padded: int) -> Tensor:
-    """spectrum (c, Q, P) times a function even in ky given on its columns ky >= 0,
-    half (c, Q, H): column P - j (ky = -j) takes the value of column j."""
-    width = half.shape[-1]
-    spectrum[..., :width].mul_(half)
-    spectrum[..., width:].mul_(half[..., 1:padded - width + 1].flip(-1))
-    return spectrum
+        envelope = torch.exp(envelope_coefficients @ rows).view_as(argument)
+    if envelope is not None:
+        head.mul_(envelope)
+    if even:
+        ctf[..., half:] = ctf[..., 1:padded - half + 1].flip(-1)
+    return ctf, argument, envelope
 
 
 def _is_even(coefficients: Tensor, layout: _Layout) -> bool:
@@ -543,7 +574,7 @@ class _ConvolveCTF(torch.autograd.Function):
     recomputes what it needs from the saved inputs. Spectra are held as (c, Q, P), kx
     rows and ky columns (``_spectrum``), and the CTF basis is stored in that order
     (``_Layout``). When no CTF of the batch has a 2 kx ky term, the CTF is even in ky:
-    its sine is evaluated on the ky >= 0 half and mirrored (``_multiply_even``).
+    its sine is evaluated on the ky >= 0 half and mirrored (``_ctf_chunk``).
 
     Backward. The operator A_H(x) = crop(irfft2(H rfft2(pad(x)))), with H = C R (C the
     real CTF, R the shift ramp, or 1), is a convolution with the real kernel irfft2(H),
@@ -565,21 +596,18 @@ class _ConvolveCTF(torch.autograd.Function):
         out = torch.empty_like(images, memory_format=torch.contiguous_format)
         chunk = _chunk_size(images, padded)
         even = _is_even(coefficients, layout)
-        columns = images.new_zeros(min(chunk, n_images), padded // 2 + 1, padded,
-                                   dtype=_complex_dtype(images))
+        buffers = _Buffers(images, chunk, padded)
         for start in range(0, n_images, chunk):
             rows = slice(start, start + chunk)
-            spectrum = _spectrum(images[rows], padded, columns[:images[rows].shape[0]])
+            spectrum = _spectrum(images[rows], padded, buffers)
             ctf, _, _ = _ctf_chunk(coefficients[rows],
                                    None if envelope_coefficients is None
-                                   else envelope_coefficients[rows], layout, padded, even)
-            if even:
-                _multiply_even(spectrum, ctf, padded)
-            else:
-                spectrum.mul_(ctf)
+                                   else envelope_coefficients[rows], layout, padded, even,
+                                   buffers.take(spectrum.shape[0])[3])
+            spectrum.mul_(ctf)
             if shift_px is not None:
                 spectrum.mul_(phase_ramp(shift_px[rows], padded).transpose(-1, -2))
-            out[rows] = _crop_inverse(spectrum, size, padded)
+            out[rows] = _crop_inverse(spectrum, size, padded, buffers)
         ctx.save_for_backward(images, coefficients, envelope_coefficients, shift_px)
         ctx.layout, ctx.padded = layout, padded
         return out
