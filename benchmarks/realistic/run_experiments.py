@@ -9,8 +9,9 @@ For each experiment:
    and reused when WORKDIR already holds one made with the same settings);
 2. ``cryosvi train --particles DATA/particles.star --structure src/cryosvi/data/1ol5.pdb
    STRUCTURE_OPTIONS --latents LATENTS --epochs E -o RUN``;
-3. ``cryosvi infer --run RUN --particles DATA/particles.star -o RUN/posterior.star``;
-4. ``cryosvi evaluate --posterior RUN/posterior.star --truth DATA/truth.star -o RUN/evaluate``;
+3. ``cryosvi infer --run RUN --particles DATA/particles.star -o WORKDIR/posterior-PRESET.star``;
+4. ``cryosvi evaluate --posterior WORKDIR/posterior-PRESET.star --truth DATA/truth.star
+   -o WORKDIR/evaluate-PRESET``;
 5. scores computed here from the STAR files (independently of ``cryosvi evaluate``):
    |Spearman| (scipy.stats.spearmanr) of cryosviModeAmplitude1 with
    cryosviTrueConformation (the mode's sign is arbitrary), the range of the inferred
@@ -171,17 +172,20 @@ def experiment(preset: str, args) -> dict:
     if not run(train, steps):
         record["status"] = "train failed"
         return record
-    posterior = rundir / "posterior.star"
+    # Outside RUN: cryosvi infer refuses to write into its --run folder once a file of
+    # that name is there (an input), even with --force.
+    posterior = Path(args.workdir) / f"posterior-{preset}.star"
     infer = ["cryosvi", "infer", "--run", str(rundir), "--particles",
              str(data / "particles.star"), "-o", str(posterior), "--device", args.device,
              *shlex.split(args.infer_options), "--quiet", "--force", *common]
     if not run(infer, steps):
         record["status"] = "infer failed"
         return record
+    report = Path(args.workdir) / f"evaluate-{preset}"
     evaluate = ["cryosvi", "evaluate", "--posterior", str(posterior), "--truth",
-                str(data / "truth.star"), "-o", str(rundir / "evaluate"), "--force"]
+                str(data / "truth.star"), "-o", str(report), "--force"]
     if run(evaluate, steps):
-        record["evaluate"] = json.loads((rundir / "evaluate" / "metrics.json").read_text())
+        record["evaluate"] = json.loads((report / "metrics.json").read_text())
     record["metrics"] = score(posterior, data)
     record["status"] = "done"
     return record
