@@ -137,3 +137,115 @@ def test_known_values_and_output_columns_round_trip():
     columns = REGISTRY["defocus"].value_columns(torch.full((6,), 8000.0), frame, config)
     np.testing.assert_allclose(columns["rlnDefocusU"], 9000.0)
     np.testing.assert_allclose(columns["rlnDefocusV"], 7000.0)
+
+
+# --------------------------------------------------------------- real image formation
+def test_known_shifts_translate_the_image_by_relions_sign():
+    """Origin (x, y) = (2, -3) px: the particle's centre moves to (L//2 + 3, L//2 - 2)
+    (RELION translates the centred projection by -origin)."""
+    from cryosvi.latents import forward_inputs
+
+    reference = tiny_reference()
+    forward = reference.forward_model()
+    pixel = reference.optics.pixel_size
+    values = {"enm_scale": torch.zeros(1, 1), "rotation": torch.tensor([[1.0, 0, 0, 0]]),
+              "defocus": torch.full((1,), 10000.0)}
+    shifts = torch.tensor([[2 * pixel, -3 * pixel]])
+    centred = forward(**forward_inputs(values, Conditions()))
+    moved = forward(**forward_inputs(values, Conditions(shifts=shifts)))
+    expected = torch.roll(centred, shifts=(3, -2), dims=(-2, -1))
+    inner = (slice(None), slice(4, 12), slice(4, 12))  # away from what left the box
+    torch.testing.assert_close(moved[inner], expected[inner], atol=1e-4, rtol=0)
+
+
+def test_gray_levels_recovered_from_the_particles(tmp_path):
+    """Particles a * image + b (noise a * s): the run's scale, offset and noise std."""
+    from dataclasses import replace
+
+    from cryosvi.latents import ParticleData
+    from cryosvi.simulate import simulate_dataset
+    from cryosvi.train import TrainOptions, estimate_levels, prepare
+    from cryosvi.io.particles import read_particles
+
+    reference = tiny_reference(snr=2.0, box=32)
+    made = simulate_dataset(reference, 600, tmp_path / "data", seed=0)
+    table = read_particles(tmp_path / "data" / "particles.star")
+    data = ParticleData(table, 32, False)
+    a, b = 7.0, -3.0
+    data.images = (lambda original: lambda rows: a * original(rows) + b)(data.images)
+    levels = estimate_levels(data, made, seed=0, device="cpu")
+    assert levels.scale == pytest.approx(a, rel=0.05)
+    assert levels.offset == pytest.approx(b, abs=0.05 * a * made.noise.std)
+    assert levels.noise_std == pytest.approx(a * made.noise.std, rel=0.05)
+    # prepare() estimates them when no noise std is known, and the model uses them.
+    unknown = made.with_settings(noise=replace(made.noise, std=0.0))
+    _, _, prepared, config, _ = prepare(tmp_path / "data" / "particles.star", unknown,
+                                        TrainOptions())
+    assert prepared.imaging.scale == pytest.approx(1.0, rel=0.05)
+    assert prepared.noise.std == pytest.approx(made.noise.std, rel=0.05)
+    assert not config.defocus_offset  # a paper-model simulation's defocus is a latent
+
+
+def test_working_box_crops_the_particles(tmp_path):
+    from cryosvi.simulate import simulate_dataset
+    from cryosvi.train import TrainOptions, prepare
+
+    reference = tiny_reference(box=32)
+    simulate_dataset(reference, 20, tmp_path / "data", seed=0)
+    made = __import__("cryosvi.reference", fromlist=["Reference"]).Reference.load(
+        tmp_path / "data" / "reference.npz")
+    table, data, working, config, _ = prepare(tmp_path / "data" / "particles.star", made,
+                                              TrainOptions(box=16))
+    assert config.box == working.optics.box == 16
+    assert working.optics.pixel_size == pytest.approx(2 * reference.optics.pixel_size)
+    images = data.images(np.arange(3))
+    assert images.shape == (3, 16, 16) and images.dtype == np.float32
+    full = table.images(np.arange(3)).astype(np.float64)
+    # Gray levels kept: the mean of each image survives the crop.
+    np.testing.assert_allclose(images.mean((1, 2)), full.mean((1, 2)), atol=1e-5)
+
+
+class Sized:
+    """The metadata a data box is read from."""
+
+    def __init__(self, box):
+        self.metadata = pd.DataFrame({"rlnImageSize": [box, box]})
+        self.path = "p.star"
+
+    def ensure_image_size(self):
+        pass
+
+
+@pytest.mark.parametrize("data_box", [256, 400])
+def test_default_guide_stays_small_at_any_data_box(data_box):
+    from cryosvi.dataset import working_box
+    from cryosvi.guide import GuideConfig
+
+    box = working_box(Sized(data_box))
+    assert box == 64
+    config = GuideConfig(box=box, n_modes=1, latents=ALL, defocus_offset=True)
+    assert Guide(config).parameter_count() < 5_000_000
+
+
+def test_multi_group_simulation_round_trips_through_read_particles(tmp_path):
+    from cryosvi.dataset import known_shifts, optics_groups, particle_ctf
+    from cryosvi.io.particles import read_particles
+    from cryosvi.simulate import Acquisition, group_optics, simulate_dataset
+
+    reference = tiny_reference()
+    groups = group_optics(reference.optics, 2)
+    made = simulate_dataset(reference, 40, tmp_path / "data", seed=1, acquisition=Acquisition(
+        max_shift=5.0, astigmatism=600.0, groups=groups))
+    assert made.source["ctf_estimates"]
+    table = read_particles(tmp_path / "data" / "particles.star")
+    read = optics_groups(table)
+    assert read.voltage == (300.0, 200.0) and read.spherical_aberration == (2.7, 2.0)
+    ctf = particle_ctf(table)
+    assert set(ctf.group.tolist()) == {0, 1}
+    assert float((ctf.defocus_u - ctf.defocus_v).abs().max()) <= 600.0 + 1e-3
+    assert float((ctf.defocus_u - ctf.defocus_v).abs().max()) > 0
+    shifts = known_shifts(table)
+    assert float(shifts.abs().max()) <= 5.0 and float(shifts.abs().min()) >= 0
+    assert float(shifts.abs().max()) > 1.0
+    images = table.images(np.arange(40))
+    assert np.isfinite(images).all() and images.shape == (40, 16, 16)

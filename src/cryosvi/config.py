@@ -37,11 +37,16 @@ class Imaging:
     sigma: std of each isotropic Gaussian pseudo-atom, Å. window: side of the square
     pixel patch each atom is truncated to (None: 2 * ceil(3 sigma / pixel) + 1).
     pad_factor: zero-padding factor of the box before the CTF is applied by FFT.
+    scale, offset: the data set's gray levels: images are scale * (CTF-filtered
+    projection of unit-peak Gaussians) + offset (1 and 0 for the project's own
+    simulations; estimated from real particles, ``cryosvi.graylevels``).
     """
 
     sigma: float = 2.0
     window: int | None = None
     pad_factor: int = 2
+    scale: float = 1.0
+    offset: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -159,6 +164,8 @@ def check(optics: Optics, imaging: Imaging, priors: Priors, noise: Noise | None 
     if isinstance(imaging.pad_factor, bool) or not isinstance(imaging.pad_factor, int):
         fail(f"pad factor must be an integer, got {imaging.pad_factor!r}")
     number("pad factor", imaging.pad_factor, *LIMITS["pad_factor"])
+    number("gray-level scale", imaging.scale, 0.0, 1e30, low_open=True)
+    number("gray-level offset", imaging.offset, -1e30, 1e30)
     if not priors.mode_std:
         fail("at least one mode is needed")
     for value in priors.mode_std:

@@ -4,6 +4,7 @@
     rotated = R(q) atoms                             (rotations)
     image   = truncated Gaussian projection along z  (projection)
     clean   = CTF (*) image, translated by -shifts   (ctf + shifts, one zero-padded FFT)
+    output  = scale * clean + offset                 (the data's gray levels, Imaging)
 
 Two ways to give the CTF: a data-set defocus (B,) Å with the one ``Optics`` (no
 astigmatism; the paper's model), or per particle a ``ParticleCTF`` (U, V, angle, phase
@@ -55,6 +56,9 @@ class ForwardModel(nn.Module):
       its group's optics; each particle is projected at its group's pixel size.
     * ``shifts`` (B, 2) Å: RELION's (rlnOriginXAngst, rlnOriginYAngst); the image is
       translated by -shifts (a phase ramp in the CTF's FFT; ``cryosvi.shifts``).
+
+    The result is in the data's gray levels: ``imaging.scale`` times the image plus
+    ``imaging.offset``.
     """
 
     def __init__(self, coords: Tensor, modes: Tensor, optics: Optics, imaging: Imaging,
@@ -106,10 +110,18 @@ class ForwardModel(nn.Module):
                 ctf: ParticleCTF | None = None, shifts: Tensor | None = None) -> Tensor:
         if ctf is None:
             image = self.project(enm_scale, rotation)
-            return apply_ctf(image, defocus, defocus, torch.zeros_like(defocus), self.optics,
-                             self.imaging.pad_factor, shifts=shifts)
-        if defocus is not None:
-            ctf = ctf.offset(defocus)
-        image = self._project_groups(enm_scale, rotation, ctf.group)
-        return apply_particle_ctf(image, ctf, self.groups, self.imaging.pad_factor,
-                                  shifts=shifts)
+            clean = apply_ctf(image, defocus, defocus, torch.zeros_like(defocus), self.optics,
+                              self.imaging.pad_factor, shifts=shifts)
+        else:
+            if defocus is not None:
+                ctf = ctf.offset(defocus)
+            image = self._project_groups(enm_scale, rotation, ctf.group)
+            clean = apply_particle_ctf(image, ctf, self.groups, self.imaging.pad_factor,
+                                       shifts=shifts)
+        return self.gray_levels(clean)
+
+    def gray_levels(self, clean: Tensor) -> Tensor:
+        """scale * clean + offset (``Imaging``); the images unchanged at 1 and 0."""
+        if self.imaging.scale == 1.0 and self.imaging.offset == 0.0:
+            return clean
+        return clean * self.imaging.scale + self.imaging.offset

@@ -78,12 +78,14 @@ class GuideConfig(Architecture):
     plus what the data set fixes.
 
     latents: inferred sites (the others are fixed to known values). defocus_mean/std and
-    mode_std: the prior the outputs are expressed relative to (with ``defocus_offset``
-    the defocus latent is an offset dz around each particle's CTF estimate and
-    defocus_mean/std are its prior, 0 and s). shift_std: Å, the prior std of inferred
-    shifts around the file's. input_scale: images are divided by it before encoding (the
-    std of the particle images). optics: dict of :class:`cryosvi.config.Optics`, needed
-    by ``phase_flip``.
+    mode_std: the prior the outputs are expressed relative to. defocus_offset: the
+    particles' CTF estimates are used; the defocus latent is an offset dz around each
+    one (defocus_mean/std are its prior, 0 and s) and every head also receives the
+    particle's mean defocus estimate, standardised by estimate_mean/std (Å).
+    shift_std: Å, the prior std of inferred shifts around the file's. input_scale:
+    images are divided by it before encoding (the std of the particle images). optics:
+    dict of :class:`cryosvi.config.Optics`, and groups: the ``OpticsGroups`` fields (as
+    lists; per-particle CTFs), needed by ``phase_flip``. box: the working box, px.
     """
 
     box: int
@@ -92,10 +94,13 @@ class GuideConfig(Architecture):
     defocus_mean: float = 10000.0
     defocus_std: float = 2500.0
     defocus_offset: bool = False
+    estimate_mean: float = 0.0
+    estimate_std: float = 1.0
     mode_std: tuple[float, ...] = (2.0,)
     shift_std: float = 2.0
     input_scale: float = 1.0
     optics: dict = field(default_factory=dict)
+    groups: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -131,7 +136,9 @@ def condition_sites(site: str, config: GuideConfig) -> tuple[str, ...]:
 
 
 def condition_width(sites, config: GuideConfig) -> int:
-    return sum(REGISTRY[s].feature_width(config) for s in sites)
+    """Conditioning inputs of a head: the latents' features, and the particle's defocus
+    estimate with ``defocus_offset``."""
+    return sum(REGISTRY[s].feature_width(config) for s in sites) + int(config.defocus_offset)
 
 
 def conv_trunk(channels) -> nn.Sequential:
@@ -219,15 +226,23 @@ class Guide(nn.Module):
         x = (images / self.config.input_scale).unsqueeze(1)
         return x.contiguous(memory_format=torch.channels_last)
 
-    def phase_flipped(self, images: Tensor, defocus: Tensor) -> Tensor:
-        """Images (B, L, L) times sign(CTF(defocus)) in Fourier space."""
+    def phase_flipped(self, images: Tensor, defocus: Tensor,
+                      conditions: Conditions | None = None) -> Tensor:
+        """Images (B, L, L) times sign(CTF) in Fourier space: the CTF at ``defocus`` (B,)
+        Å, or with the particles' CTF estimates (``conditions.ctf``) each particle's own
+        CTF offset by ``defocus``."""
         from cryosvi.config import Optics
-        from cryosvi.ctf import ctf_rfft
+        from cryosvi.ctf import OpticsGroups, ctf_rfft, particle_ctf_rfft
 
-        optics = Optics(**self.config.optics)
         box = images.shape[-1]
         defocus = defocus.detach().to(images.dtype)
-        ctf = ctf_rfft(defocus, defocus, torch.zeros_like(defocus), optics, box)
+        if conditions is not None and conditions.ctf is not None:
+            ctf = particle_ctf_rfft(conditions.ctf.offset(defocus),
+                                    OpticsGroups(**{k: tuple(v) for k, v in
+                                                    self.config.groups.items()}), box)
+        else:
+            ctf = ctf_rfft(defocus, defocus, torch.zeros_like(defocus),
+                           Optics(**self.config.optics), box)
         spectrum = torch.fft.rfft2(images) * torch.sign(ctf)
         return torch.fft.irfft2(spectrum, s=(box, box))
 
@@ -238,25 +253,31 @@ class Guide(nn.Module):
         conditions = conditions or Conditions()
         parts = [REGISTRY[other].features(values[other], self, conditions)
                  for other in condition_sites(site, self.config)]
+        if self.config.defocus_offset:
+            estimate = conditions.defocus_estimate()
+            parts.append(((estimate - self.config.estimate_mean)
+                          / self.config.estimate_std).unsqueeze(-1))
         if not parts:
             return None
         shape = torch.broadcast_shapes(*(p.shape[:-1] for p in parts))
         return torch.cat([p.expand(*shape, p.shape[-1]) for p in parts], -1)
 
     def site_features(self, site: str, images: Tensor, flip_defocus: Tensor | None,
-                      cache: dict) -> Tensor:
+                      cache: dict, conditions: Conditions | None = None) -> Tensor:
         """The first MLP layer's image part for ``site``; ``cache`` keeps the shared
         trunk's output between the sites of one call."""
         encoder = self.encoders[site]
         if self.trunk is None:
-            return encoder.features(self.encoder_input(site, images, flip_defocus))
+            return encoder.features(self.encoder_input(site, images, flip_defocus,
+                                                       conditions))
         if "trunk" not in cache:
             cache["trunk"] = self.trunk(self.standardise(images))
         return encoder.features(None, cache["trunk"])
 
-    def encoder_input(self, site: str, images: Tensor, flip_defocus: Tensor | None) -> Tensor:
+    def encoder_input(self, site: str, images: Tensor, flip_defocus: Tensor | None,
+                      conditions: Conditions | None = None) -> Tensor:
         if self.config.phase_flip and site != FLIP_SITE and flip_defocus is not None:
-            images = self.phase_flipped(images, flip_defocus)
+            images = self.phase_flipped(images, flip_defocus, conditions)
         return self.standardise(images)
 
     def distribution(self, site: str, features: Tensor, condition: Tensor | None,
@@ -273,7 +294,7 @@ class Guide(nn.Module):
         flip = values.get(FLIP_SITE)
         out, cache = {}, {}
         for site in self.config.latents:
-            features = self.site_features(site, images, flip, cache)
+            features = self.site_features(site, images, flip, cache, conditions)
             q = self.distribution(site, features, self.condition(site, values, conditions),
                                   conditions)
             out[site] = q.log_prob(values[site])
@@ -300,7 +321,7 @@ class Guide(nn.Module):
             flip_defocus = known[FLIP_SITE]
         cache, all_features = {}, {}
         for site in self.config.latents:
-            features = self.site_features(site, images, flip_defocus, cache)
+            features = self.site_features(site, images, flip_defocus, cache, conditions)
             all_features[site] = features
             q = self.distribution(site, features, self.condition(site, values, conditions),
                                   conditions)
@@ -342,7 +363,7 @@ class Guide(nn.Module):
             cache = {}
             with pyro.plate("particles", n_particles or batch, subsample_size=batch):
                 for site in self.config.latents:
-                    features = self.site_features(site, images, flip, cache)
+                    features = self.site_features(site, images, flip, cache, conditions)
                     q = self.distribution(site, features,
                                           self.condition(site, values, conditions), conditions)
                     values[site] = pyro.sample(site, q)

@@ -22,8 +22,9 @@ from tqdm.auto import tqdm
 from cryosvi.guide import Guide
 from cryosvi.io.atomic import save_npz_atomically
 from cryosvi.io.outputs import provenance_array
-from cryosvi.latents import (PAPER_SITES, Conditions, known_values, random_walks,
-                             summary_columns)
+from cryosvi.errors import CryosviError
+from cryosvi.latents import (PAPER_SITES, Conditions, ParticleData, known_values,
+                             random_walks, summary_columns)
 from cryosvi.model import model
 from cryosvi.posterior import posterior_summary, weighted_summary
 from cryosvi.smc import importance_weights, tempered_smc
@@ -126,18 +127,27 @@ def infer(run: str | Path, particles: str | Path, output: str | Path, samples: i
     (importance sampling with the guide as proposal); see ``refine``.
     Returns the particle table written.
     """
-    from cryosvi.dataset import check_compatible
+    from cryosvi.dataset import has_ctf_estimates, working_box, working_pixel_size
     from cryosvi.io.particles import read_particles, write_particles
     from cryosvi.rundir import load_trained, select_device
 
     select_device(device)
     info, reference, guide = load_trained(run, device)
     table = read_particles(particles, datadir, invert)
-    check_compatible(table, reference)
     config = guide.config
+    box = working_box(table, config.box)
+    if not math.isclose(working_pixel_size(table, box), reference.optics.pixel_size,
+                        rel_tol=1e-3):
+        raise CryosviError(f"{table.path}: {working_pixel_size(table, box):.4g} Å pixels at "
+                           f"the run's {box} px working box, but the run was trained at "
+                           f"{reference.optics.pixel_size:.4g} Å")
+    if config.defocus_offset and not has_ctf_estimates(table):
+        raise CryosviError(f"{table.path}: the run uses per-particle CTF estimates "
+                           "(rlnDefocusU/V/Angle) and this file has none")
+    data = ParticleData(table, box, config.defocus_offset)
     fixed = [s for s in config.sites if s not in config.latents]
     known = known_values(table, fixed, config)
-    forward = reference.forward_model().to(device) if importance else None
+    forward = reference.forward_model(data.groups).to(device) if importance else None
     n = len(table)
     collected: dict[str, list] = {}
     sample_store: dict[str, list] = {s: [] for s in config.latents}
@@ -148,13 +158,16 @@ def infer(run: str | Path, particles: str | Path, output: str | Path, samples: i
     for start in tqdm(range(0, n, batch_size), desc="inferring", unit="batch",
                       disable=not progress, leave=False):
         index = np.arange(start, min(start + batch_size, n))
-        batch = torch.from_numpy(table.images(index)).to(device)
+        batch = torch.from_numpy(data.images(index)).to(device)
         batch_known = {s: v[index].to(device) for s, v in known.items()}
+        conditions = data.conditions.take(index).to(device)
         if importance:
             summary = refine(guide, forward, reference.priors, reference.noise.std, batch,
-                             batch_known, importance, method=method, moves=moves)
+                             batch_known, importance, method=method, moves=moves,
+                             conditions=conditions)
         else:
-            summary = posterior_summary(guide, batch, batch_known, draws)
+            summary = posterior_summary(guide, batch, batch_known, draws,
+                                        conditions=conditions)
         rows = table.metadata.iloc[index]
         for key, value in summary_columns(summary, config.latents, rows, config).items():
             collected.setdefault(key, []).append(value)

@@ -92,6 +92,48 @@ class Conditions(NamedTuple):
         return (self.ctf.defocus_u + self.ctf.defocus_v) / 2
 
 
+class ParticleData:
+    """The particles as the model sees them: images Fourier-cropped to the working box
+    ``box`` (``cryosvi.dataset.working_images``) and every particle's ``Conditions``:
+    the file's CTF estimates when ``ctf_estimates`` (else None: the data-set defocus
+    prior) and the file's shifts when it has any. ``groups``: the ``OpticsGroups`` at
+    the working pixel size (None without CTF estimates)."""
+
+    def __init__(self, particles, box: int, ctf_estimates: bool):
+        from cryosvi import dataset
+
+        self.particles, self.box = particles, int(box)
+        ctf, self.groups = None, None
+        if ctf_estimates:
+            ctf = dataset.particle_ctf(particles)
+            self.groups = dataset.optics_groups(
+                particles, dataset.working_pixel_size(particles, self.box))
+        shifts = dataset.known_shifts(particles) if dataset.has_shifts(particles) else None
+        self.conditions = Conditions(ctf, shifts)
+
+    def __len__(self) -> int:
+        return len(self.particles)
+
+    def images(self, indices) -> np.ndarray:
+        """float32 (k, box, box) images of the rows ``indices`` at the working box."""
+        from cryosvi.dataset import working_images
+
+        return working_images(self.particles, indices, self.box).numpy()
+
+    @property
+    def has_conditions(self) -> bool:
+        return self.conditions.ctf is not None or self.conditions.shifts is not None
+
+    def draw_conditions(self, count: int, device, generator=None) -> Conditions | None:
+        """The conditions of ``count`` particles drawn with replacement (the empirical
+        distribution of the file's CTFs, optics groups and shifts), or None when the
+        particles have none (no random number is drawn then)."""
+        if not self.has_conditions:
+            return None
+        rows = torch.randint(len(self), (count,), generator=generator)
+        return self.conditions.take(rows).to(device)
+
+
 def _column(frame, column: str) -> np.ndarray:
     return frame[column].to_numpy(float)
 

@@ -45,10 +45,25 @@ class Reference:
     def with_settings(self, **changes) -> "Reference":
         return replace(self, **changes)
 
-    def forward_model(self):
+    def forward_model(self, groups=None):
+        """The ForwardModel of these settings; ``groups``: the ``OpticsGroups`` of
+        per-particle CTFs (default: ``optics`` as the only group)."""
         from cryosvi.forward import ForwardModel
 
-        return ForwardModel(self.coords, self.modes, self.optics, self.imaging)
+        return ForwardModel(self.coords, self.modes, self.optics, self.imaging, groups)
+
+    def at_box(self, box: int, pixel_size: float) -> "Reference":
+        """The reference for images of ``box`` px of ``pixel_size`` Å (a working box the
+        particles are Fourier-cropped to); unchanged when both are already its own. A new
+        pixel size takes the default window of the Gaussians (+-3 sigma)."""
+        if box == self.optics.box and pixel_size == self.optics.pixel_size:
+            return self
+        imaging = self.imaging
+        if pixel_size != self.optics.pixel_size:
+            imaging = replace(imaging, window=None)
+        return replace(self, optics=replace(self.optics, box=int(box),
+                                            pixel_size=float(pixel_size)),
+                       imaging=imaging)
 
     def save(self, path: str | Path) -> None:
         """Write ``path`` (.npz) atomically."""

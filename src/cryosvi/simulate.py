@@ -15,6 +15,8 @@ from __future__ import annotations
 import math
 import shutil
 import sys
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +31,8 @@ from cryosvi.io.mrc import StackWriter
 from cryosvi.io.outputs import (check_output_directory, make_staging, mark_directory,
                                 remove_directory, remove_stale_staging)
 from cryosvi.io.star import optics_table, write_star
+from cryosvi.config import Optics
+from cryosvi.ctf import OpticsGroups, ParticleCTF
 from cryosvi.latents import PAPER_SITES, REGISTRY, Conditions, model_sites
 from cryosvi.model import model
 from cryosvi.noise import RunningMoments, noise_std_for_snr
@@ -39,11 +43,14 @@ DATASET_KIND = "dataset"
 
 
 def sample_prior(reference: Reference, forward, batch_size: int,
-                 conditions: Conditions | None = None,
-                 latents=PAPER_SITES) -> tuple[dict, torch.Tensor]:
+                 conditions: Conditions | None = None, latents=PAPER_SITES,
+                 offset: torch.Tensor | None = None) -> tuple[dict, torch.Tensor]:
     """One noise-free draw of ``batch_size`` particles imaged with ``conditions``:
-    (latents by site, clean images); ``latents``: the inferred sites (see ``model``)."""
-    trace = poutine.trace(model).get_trace(forward, reference.priors, 0.0,
+    (latents by site, clean images); ``latents``: the inferred sites (see ``model``).
+    ``offset``: the defocus offsets (B,) Å to use instead of prior draws (with CTFs in
+    ``conditions``)."""
+    program = model if offset is None else poutine.condition(model, {"defocus": offset})
+    trace = poutine.trace(program).get_trace(forward, reference.priors, 0.0,
                                            batch_size=batch_size, conditions=conditions,
                                            latents=latents)
     values = {latent.site: trace.nodes[latent.site]["value"]
@@ -79,11 +86,74 @@ def particles_table(latents: dict[str, np.ndarray]) -> pd.DataFrame:
     return table
 
 
+@dataclass(frozen=True)
+class Acquisition:
+    """What real particles have beyond the paper's model, for ``simulate_dataset``.
+
+    max_shift: Å; each particle's (rlnOriginXAngst, rlnOriginYAngst) uniform in
+    [-max_shift, max_shift]. astigmatism: Å; |U - V| uniform in [0, astigmatism] around
+    the particle's defocus (drawn from the prior), rlnDefocusAngle uniform in [0, 180).
+    groups: the optics groups (voltage, Cs, amplitude contrast; box and pixel size of the
+    reference), particles assigned uniformly at random. The defaults are the paper's
+    data (centred, U = V, one group)."""
+
+    max_shift: float = 0.0
+    astigmatism: float = 0.0
+    groups: tuple = ()
+
+    @property
+    def is_paper(self) -> bool:
+        return self.max_shift == 0 and self.astigmatism == 0 and len(self.groups) <= 1
+
+
+def group_optics(optics: Optics, n_groups: int) -> tuple[Optics, ...]:
+    """``n_groups`` optics groups for a simulation: the reference's optics first, then
+    alternately 200 kV / Cs 2.0 mm and the reference's voltage and Cs with Cs + 0.3 mm
+    per further pair (different wavelengths and aberrations, one box and pixel size)."""
+    groups = []
+    for k in range(n_groups):
+        voltage, cs = (200.0, 2.0) if k % 2 else (optics.voltage, optics.spherical_aberration)
+        groups.append(dataclasses.replace(optics, voltage=voltage,
+                                          spherical_aberration=cs + 0.3 * (k // 2)))
+    return tuple(groups)
+
+
+def optics_groups_table(groups) -> pd.DataFrame:
+    """RELION 3.1's data_optics table of ``groups`` (Optics), numbered from 1."""
+    return pd.concat([optics_table(o) for o in groups], ignore_index=True).assign(
+        rlnOpticsGroupName=[f"opticsGroup{k + 1}" for k in range(len(groups))],
+        rlnOpticsGroup=np.arange(1, len(groups) + 1))
+
+
+def draw_acquisition(reference: Reference, acquisition: Acquisition, count: int,
+                     device) -> tuple[Conditions, dict[str, np.ndarray]]:
+    """Per-particle CTF (defocus from the prior, astigmatism, angle, group) and shifts
+    of ``count`` particles (global torch RNG), and their STAR columns."""
+    priors = reference.priors
+    n_groups = max(len(acquisition.groups), 1)
+    group = torch.randint(n_groups, (count,))
+    mean = priors.defocus_mean + priors.defocus_std * torch.randn(count)
+    half = acquisition.astigmatism * torch.rand(count) / 2
+    angle = 180.0 * torch.rand(count)
+    shifts = acquisition.max_shift * (2 * torch.rand(count, 2) - 1)
+    ctf = ParticleCTF(mean + half, mean - half, angle, group=group)
+    columns = {"rlnDefocusU": ctf.defocus_u.double().numpy(),
+               "rlnDefocusV": ctf.defocus_v.double().numpy(),
+               "rlnDefocusAngle": angle.double().numpy(),
+               "rlnOriginXAngst": shifts[:, 0].double().numpy(),
+               "rlnOriginYAngst": shifts[:, 1].double().numpy(),
+               "rlnOpticsGroup": group.numpy() + 1}
+    conditions = Conditions(ctf, shifts if acquisition.max_shift > 0 else None)
+    return conditions.to(device), columns
+
+
 def simulate_dataset(reference: Reference, n_particles: int, output: str | Path,
                      seed: int = 0, force: bool = False, chunk_size: int = 256,
-                     device: str = "cpu") -> Reference:
+                     device: str = "cpu",
+                     acquisition: Acquisition = Acquisition()) -> Reference:
     """Write ``output/particles.mrcs``, ``particles.star``, ``reference.npz`` and the
-    ``.cryosvi`` marker.
+    ``.cryosvi`` marker. ``acquisition``: shifts, astigmatism and optics groups
+    (default: the paper's data).
 
     The data set is built in a hidden staging folder beside ``output`` (marked with this
     process id) and renamed into place only when complete and finite; staging folders
@@ -101,7 +171,8 @@ def simulate_dataset(reference: Reference, n_particles: int, output: str | Path,
         print(f"note: removed {stale}, left by an interrupted simulate", file=sys.stderr)
     staging = make_staging(output)
     try:
-        reference = _simulate_into(reference, n_particles, staging, seed, chunk_size, device)
+        reference = _simulate_into(reference, n_particles, staging, seed, chunk_size, device,
+                                   acquisition)
         mark_directory(staging, DATASET_KIND)
         if replace:
             remove_directory(output)
@@ -115,12 +186,17 @@ def simulate_dataset(reference: Reference, n_particles: int, output: str | Path,
 
 
 def _simulate_into(reference: Reference, n: int, directory: Path, seed: int,
-                   chunk_size: int, device: str) -> Reference:
+                   chunk_size: int, device: str, acquisition: Acquisition) -> Reference:
     box = reference.optics.box
-    forward = reference.forward_model().to(device)
+    paper = acquisition.is_paper
+    groups = acquisition.groups or (reference.optics,)
+    forward = reference.forward_model(OpticsGroups.from_optics(groups)).to(device)
     pyro.set_rng_seed(seed)
     moments = RunningMoments()
     latents = {latent.site: [] for latent in model_sites()}
+    if not paper:  # the defocus is in the CTF drawn per particle: the offset is 0
+        del latents["defocus"]
+    metadata: dict[str, list] = {}
     stack = StackWriter(directory / STACK_NAME, n, box, reference.optics.pixel_size)
     statistics = (np.nan,) * 4
     starts = range(0, n, chunk_size)
@@ -128,7 +204,17 @@ def _simulate_into(reference: Reference, n: int, directory: Path, seed: int,
         with torch.no_grad():
             for start in tqdm(starts, desc="simulating", unit="chunk", leave=False):
                 stop = min(start + chunk_size, n)
-                chunk_latents, clean = sample_prior(reference, forward, stop - start)
+                if paper:
+                    chunk_latents, clean = sample_prior(reference, forward, stop - start)
+                else:
+                    conditions, columns = draw_acquisition(reference, acquisition,
+                                                           stop - start, device)
+                    for column, values in columns.items():
+                        metadata.setdefault(column, []).append(values)
+                    zero = torch.zeros(stop - start, device=device)
+                    chunk_latents, clean = sample_prior(reference, forward, stop - start,
+                                                        conditions, offset=zero)
+                    del chunk_latents["defocus"]
                 moments.update(clean)
                 stack.write(start, clean.cpu().numpy())
                 for site, value in chunk_latents.items():
@@ -159,9 +245,14 @@ def _simulate_into(reference: Reference, n: int, directory: Path, seed: int,
     finally:
         stack.close(*statistics)
     latents = {site: np.concatenate(values) for site, values in latents.items()}
-    write_star(directory / "particles.star", particles_table(latents),
-               optics_table(reference.optics))
+    table = particles_table(latents)
+    for column, parts in metadata.items():
+        table[column] = np.concatenate(parts)
+    write_star(directory / "particles.star", table, optics_groups_table(groups))
     noise = type(reference.noise)(snr=reference.noise.snr, std=noise_std)
-    reference = reference.with_settings(noise=noise)
+    # Whether rlnDefocusU/V are CTF estimates a run may use, or the paper's defocus
+    # latent that it must infer with the data set's prior (``train.DEFOCUS_PRIORS``).
+    source = {**reference.source, "ctf_estimates": not paper}
+    reference = reference.with_settings(noise=noise, source=source)
     reference.save(directory / "reference.npz")
     return reference

@@ -284,36 +284,129 @@ class TrainOptions:
     noise_std: float | None = None
     validation_size: int = VALIDATION_SIZE
     init_from: str | None = None
+    box: int | None = None
+    defocus_prior: str = "auto"
+    defocus_offset_std: float = 500.0
+    shift_std: float = 2.0
+
+
+DEFOCUS_PRIORS = ("auto", "particle", "dataset")
+"""'particle': the defocus latent is an offset dz ~ N(0, defocus_offset_std) around each
+particle's CTF estimate (U + dz, V + dz, angle kept) with every optics group's own
+optics; 'dataset': one defocus per particle (U = V) with the data set's prior, the
+paper's model; 'auto': 'particle' when the file has per-particle estimates and the
+reference does not say they are a simulation's truth (``source['ctf_estimates']``
+False: ``cryosvi simulate`` of the paper's model)."""
+GRAY_LEVEL_IMAGES = 1000
+"""Particles (and as many prior model images) the gray levels are estimated from."""
+
+
+def uses_ctf_estimates(table, reference: Reference, defocus_prior: str) -> bool:
+    """Whether a run uses the particles' CTF estimates (see ``DEFOCUS_PRIORS``)."""
+    from cryosvi.dataset import has_ctf_estimates
+
+    if defocus_prior not in DEFOCUS_PRIORS:
+        raise CryosviError(f"unknown defocus prior {defocus_prior!r} (choose from "
+                           f"{', '.join(DEFOCUS_PRIORS)})")
+    if defocus_prior == "dataset":
+        return False
+    has = has_ctf_estimates(table)
+    if defocus_prior == "particle" and not has:
+        raise CryosviError(f"{table.path}: no per-particle CTF estimates (rlnDefocusU); "
+                           "use --defocus-prior dataset")
+    return has and (defocus_prior == "particle"
+                    or bool(reference.source.get("ctf_estimates", True)))
+
+
+def working_reference(table, reference: Reference, box: int | None) -> Reference:
+    """The reference at the working box (``dataset.working_box``) and the cropped pixel
+    size; a reference already there (a run's) is checked, one at the particles' own box
+    and pixel size (``dataset.check_compatible``) is cropped."""
+    import warnings
+
+    from cryosvi.dataset import data_box, working_box, working_pixel_size
+
+    box = working_box(table, box)
+    pixel = working_pixel_size(table, box)
+    if reference.optics.box == data_box(table) or reference.optics.box != box:
+        with warnings.catch_warnings():
+            # Its note that shifts are not modelled is out of date: they are applied.
+            warnings.filterwarnings("ignore", message=".*in-plane shifts")
+            check_compatible(table, reference)
+    elif not math.isclose(reference.optics.pixel_size, pixel, rel_tol=1e-3):
+        raise CryosviError(f"{table.path}: {pixel:.4g} Å pixels at the {box} px working box, "
+                           f"but the run's are {reference.optics.pixel_size:.4g} Å")
+    return reference.at_box(box, pixel)
+
+
+def estimate_levels(data, reference: Reference, seed: int, device):
+    """``cryosvi.graylevels.GrayLevels`` (scale, offset, noise std) of the particles (``cryosvi.graylevels``):
+    up to GRAY_LEVEL_IMAGES particles against as many clean model images drawn from the
+    prior with the conditions (CTF estimates, optics groups, shifts) of random particles
+    of the data. No global random state is touched."""
+    from cryosvi.graylevels import estimate_gray_levels, mask_radius
+    from cryosvi.simulate import sample_prior
+
+    unit = reference.with_settings(imaging=replace(reference.imaging, scale=1.0, offset=0.0))
+    forward = unit.forward_model(data.groups).to(device)
+    n = min(len(data), GRAY_LEVEL_IMAGES)
+    generator = torch.Generator().manual_seed(seed + 104_729)
+    rows = np.sort(torch.randperm(len(data), generator=generator)[:n].numpy())
+    images = torch.from_numpy(data.images(rows))
+    devices = [forward.coords.device] if forward.coords.is_cuda else []
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed + 104_729)
+        conditions = data.draw_conditions(max(n, 2), device, generator)
+        _, clean = sample_prior(unit, forward, max(n, 2), conditions)
+    radius = mask_radius(reference.coords, reference.optics.pixel_size, data.box)
+    return estimate_gray_levels(images, clean.cpu(), radius)
 
 
 def prepare(particles: str | Path, reference: Reference, options: TrainOptions,
             datadir: str | Path | None = None, invert: bool = False):
     """Read and check the particles (``cryosvi.io.read_particles``: STAR or .cs, stacks
-    under ``datadir``, images times -1 when ``invert``); the run's reference (priors and
-    optics from the metadata, noise std), the guide config and the known values of fixed
-    latents. Returns (particles, particles again as the image source: ``images(index)``,
-    reference, config, known)."""
+    under ``datadir``, images times -1 when ``invert``) and set up the run: the reference
+    at the working box (``options.box``, default min(64, the data's box)) with the priors
+    and optics of the metadata, the gray levels and noise std (``options.noise_std``,
+    else the reference's, else estimated from the particles: ``estimate_levels``), the
+    guide config and the known values of fixed latents. Returns (particles, the
+    particles as the model sees them (``latents.ParticleData``), reference, config,
+    known)."""
+    from cryosvi.latents import ParticleData
+
     table = read_particles(particles, datadir, invert)
     table.require("rlnImageName")
-    check_compatible(table, reference)
+    estimates = uses_ctf_estimates(table, reference, options.defocus_prior)
+    reference = working_reference(table, reference, options.box)
     reference = priors_from_particles(table, reference)
-    _, image_std, shell_power = image_statistics(table, seed=options.seed)
+    reference = reference.with_settings(priors=replace(
+        reference.priors, defocus_offset_std=float(options.defocus_offset_std),
+        shift_std=float(options.shift_std)))
+    data = ParticleData(table, reference.optics.box, estimates)
+    _, image_std, _ = image_statistics(data, seed=options.seed)
     if not image_std > 0:
         raise CryosviError(f"{table.path}: the particle images are constant")
-    noise_std = options.noise_std
-    if noise_std is None:
-        noise_std = reference.noise.std if reference.noise.std > 0 else estimate_noise_std(
-            shell_power, reference, options.device)
+    noise_std = options.noise_std or reference.noise.std
+    if not noise_std > 0:
+        levels = estimate_levels(data, reference, options.seed, options.device)
+        reference = reference.with_settings(imaging=replace(
+            reference.imaging, scale=levels.scale, offset=levels.offset))
+        noise_std = levels.noise_std
     reference = reference.with_settings(noise=replace(reference.noise, std=float(noise_std)))
     priors = reference.priors
+    groups = {} if data.groups is None else {k: list(v) for k, v in
+                                             data.groups._asdict().items()}
     config = GuideConfig(
         **asdict(options.architecture),
         box=reference.optics.box, n_modes=reference.n_modes, latents=tuple(options.latents),
-        defocus_mean=priors.defocus_mean,
-        defocus_std=priors.defocus_std, mode_std=tuple(priors.mode_std),
-        input_scale=image_std, optics=asdict(reference.optics))
+        defocus_mean=0.0 if estimates else priors.defocus_mean,
+        defocus_std=priors.defocus_offset_std if estimates else priors.defocus_std,
+        defocus_offset=estimates, estimate_mean=priors.defocus_mean,
+        estimate_std=priors.defocus_std, mode_std=tuple(priors.mode_std),
+        shift_std=priors.shift_std, input_scale=image_std,
+        optics=asdict(reference.optics), groups=groups)
     known = known_values(table, [s for s in config.sites if s not in config.latents], config)
-    return table, table, reference, config, known
+    return table, data, reference, config, known
 
 
 def train(particles: str | Path, reference: Reference | None, output: str | Path,
@@ -354,8 +447,8 @@ def train(particles: str | Path, reference: Reference | None, output: str | Path
     if device:
         options = replace(options, device=device)
     device = select_device(options.device)
-    table, images, reference, config, known = prepare(particles, reference, options,
-                                                      datadir, invert)
+    table, data, reference, config, known = prepare(particles, reference, options,
+                                                    datadir, invert)
     if options.init_from:
         # Keep the initial run's output parameterisation, so its weights mean the same.
         theirs = read_run(options.init_from)["guide"]
@@ -378,7 +471,7 @@ def train(particles: str | Path, reference: Reference | None, output: str | Path
 
     pyro.set_rng_seed(options.seed)
     guide = Guide(config).to(device)
-    forward = reference.forward_model().to(device)
+    forward = reference.forward_model(data.groups).to(device)
     optimizer = ClippedAdam(guide.parameters(), lr=active[0].lr)
     start = {"stage": 0, "stage_epoch": 0, "epoch": 0, "step": 0, "seconds": 0.0}
     if resume:
@@ -407,8 +500,14 @@ def train(particles: str | Path, reference: Reference | None, output: str | Path
     }
     write_json_atomic(output / RUN_FILE, info)
 
+    latents = config.latents
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(options.seed + 7_907)
+        val_conditions = data.draw_conditions(options.validation_size, device)
     val_latents, val_images = validation_set(reference, forward, reference.noise.std,
-                                             options.seed, options.validation_size)
+                                             options.seed, options.validation_size,
+                                             val_conditions, latents)
     fixed_sites = [s for s in config.sites if s not in config.latents]
     known_device = {s: v.to(device) for s, v in known.items()}
     position = dict(start)
@@ -439,16 +538,21 @@ def train(particles: str | Path, reference: Reference | None, output: str | Path
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 if stage.objective == "sim":
-                    latents, batch_images = simulation_batch(reference, forward,
-                                                             reference.noise.std,
-                                                             stage.batch_size)
-                    loss, terms = simulation_loss(guide, latents, batch_images, sites)
+                    # The data's own CTFs, optics groups and shifts, drawn with replacement.
+                    conditions = data.draw_conditions(stage.batch_size, device)
+                    values, batch_images = simulation_batch(reference, forward,
+                                                            reference.noise.std,
+                                                            stage.batch_size, conditions,
+                                                            latents)
+                    loss, terms = simulation_loss(guide, values, batch_images, sites,
+                                                  conditions)
                 else:
                     index = np.sort(order[i * stage.batch_size:(i + 1) * stage.batch_size])
-                    batch_images = torch.from_numpy(images.images(index)).to(device)
+                    batch_images = torch.from_numpy(data.images(index)).to(device)
                     batch_known = {s: v[index] for s, v in known_device.items()}
+                    conditions = data.conditions.take(index).to(device)
                     loss = elbo_loss(guide, forward, reference.priors, reference.noise.std,
-                                     batch_images, batch_known, n_particles)
+                                     batch_images, batch_known, n_particles, conditions)
                     terms = {}
                 value = float(loss.detach())
                 step = position["step"] + 1
@@ -468,7 +572,8 @@ def train(particles: str | Path, reference: Reference | None, output: str | Path
                                 refresh=False)
             bar.close()
             seconds += time.perf_counter() - tic
-            metrics = validation_metrics(guide, val_latents, val_images, fixed_sites)
+            metrics = validation_metrics(guide, val_latents, val_images, fixed_sites,
+                                         val_conditions)
             position.update(stage=stage_index, stage_epoch=stage_epoch + 1,
                             epoch=position["epoch"] + 1, seconds=seconds)
             record = {"epoch": position["epoch"], "stage": stage_index,
@@ -664,7 +769,11 @@ def options_from_info(info: dict, directory: str | Path = "") -> TrainOptions:
             seed=int(info["seed"]), device=str(info["device"]),
             noise_std=float(info["noise_std"]),
             validation_size=int(info.get("validation_size", VALIDATION_SIZE)),
-            init_from=info.get("init_from"))
+            init_from=info.get("init_from"), box=int(guide["box"]),
+            defocus_prior="particle" if guide.get("defocus_offset") else "dataset",
+            defocus_offset_std=float(guide["defocus_std"]) if guide.get("defocus_offset")
+            else TrainOptions.defocus_offset_std,
+            shift_std=float(guide.get("shift_std", TrainOptions.shift_std)))
     except (KeyError, TypeError, ValueError) as error:
         raise CryosviError(f"{Path(directory) / RUN_FILE} is damaged: missing or bad "
                            f"{error}") from None

@@ -6,8 +6,8 @@ import math
 
 from cryosvi import config
 from cryosvi.cli.common import (HelpFormatter, check_device, check_disk, check_memory,
-                                device_name, number, positive, positive_int, seed_int,
-                                validate_settings)
+                                device_name, integer_between, number, positive, positive_int,
+                                seed_int, validate_settings)
 from cryosvi.config import LIMITS, PAPER_PRESET, Imaging, Noise, Optics, Priors
 
 CHUNK = 256
@@ -62,6 +62,16 @@ def register(subparsers, summary: str) -> None:
     parser.add_argument("--mode-std", type=number(0.0, LIMITS["mode_std"][1], low_open=True),
                         help="prior std of each mode amplitude, Å RMS per pseudo-atom "
                         f"(default: preset, {priors.mode_std[0]:g})")
+    parser.add_argument("--max-shift", type=number(0.0, 1e4), default=0.0,
+                        help="in-plane shifts (rlnOriginXAngst/YAngst) uniform in "
+                        "[-max, max] Å per axis")
+    parser.add_argument("--astigmatism", type=number(0.0, 1e5), default=0.0,
+                        help="|U - V| uniform in [0, this] Å around each particle's "
+                        "defocus, rlnDefocusAngle uniform in [0, 180)")
+    parser.add_argument("--optics-groups", type=integer_between(1, 100), default=1,
+                        help="optics groups (RELION 3.1 data_optics): the first with the "
+                        "preset's voltage and Cs, then alternately 200 kV / Cs 2.0 mm and "
+                        "the preset's, Cs + 0.3 mm per further pair")
     parser.add_argument("--seed", type=seed_int, default=0, help="random seed")
     parser.add_argument("--device", type=device_name, default="cpu",
                         help="cpu, cuda, cuda:N or auto")
@@ -99,7 +109,8 @@ def settings_from_args(args) -> dict:
 def run(args) -> None:
     from cryosvi.io.outputs import check_output_directory
     from cryosvi.reference import build_reference
-    from cryosvi.simulate import DATASET_KIND, simulate_dataset
+    from cryosvi.simulate import (DATASET_KIND, Acquisition, group_optics,
+                                  simulate_dataset)
 
     settings = settings_from_args(args)
     device = check_device(args.device)
@@ -109,8 +120,12 @@ def run(args) -> None:
                  device, "use a smaller --box or --window")
     check_disk(args.output, args.n_particles * box * box * 4)
     reference = build_reference(args.structure, args.chain, args.stride, **settings)
+    acquisition = Acquisition(max_shift=args.max_shift, astigmatism=args.astigmatism,
+                              groups=group_optics(settings["optics"], args.optics_groups)
+                              if args.optics_groups > 1 else ())
     reference = simulate_dataset(reference, args.n_particles, args.output, seed=args.seed,
-                                 force=args.force, device=device, chunk_size=CHUNK)
+                                 force=args.force, device=device, chunk_size=CHUNK,
+                                 acquisition=acquisition)
     snr = "inf" if math.isinf(reference.noise.snr) else f"{reference.noise.snr:g}"
     print(f"wrote {args.n_particles} particles of {reference.optics.box} px "
           f"({reference.n_atoms} pseudo-atoms, {reference.n_modes} mode(s), SNR {snr}, "

@@ -99,8 +99,24 @@ def register(subparsers, summary: str) -> None:
                         "architecture (e.g. simulation pre-training, then --objective elbo; "
                         "default: random weights)")
     parser.add_argument("--noise-std", type=positive,
-                        help="noise std of the particles (default: the reference's, else "
-                        "estimated from the images)")
+                        help="noise std of the particles, for images already in the "
+                        "model's gray levels (default: the reference's, else the gray "
+                        "levels and noise are estimated from the images)")
+    parser.add_argument("--box", type=integer_between(16, 4096),
+                        help="working box, px (even): the particles are Fourier-cropped to "
+                        "it (default: min(64, the particles' box))")
+    parser.add_argument("--defocus-prior", choices=["auto", "particle", "dataset"],
+                        default="auto",
+                        help="'particle': defocus offsets around each particle's CTF "
+                        "estimate (astigmatism and optics groups kept); 'dataset': one "
+                        "defocus prior for the data set (the paper's); 'auto': 'particle' "
+                        "when the file has estimates that are not a cryosvi simulation's "
+                        "truth")
+    parser.add_argument("--defocus-offset-std", type=number(0.0, LIMITS["defocus"][1],
+                                                            low_open=True), default=500.0,
+                        help="prior std of the defocus offset around the estimates, Å")
+    parser.add_argument("--shift-std", type=number(0.0, 1e4, low_open=True), default=2.0,
+                        help="prior std of inferred shifts around the file's, Å per axis")
     add_guide_arguments(parser)
     parser.add_argument("--device", type=device_name,
                         help="cpu, cuda, cuda:N or auto (default: cpu; on --resume the run's)")
@@ -181,7 +197,9 @@ def options_from_args(args):
     return TrainOptions(latents=latents, schedule=schedule,
                         architecture=architecture_from_args(args), seed=args.seed,
                         device=args.device or "cpu", noise_std=args.noise_std,
-                        init_from=args.init)
+                        init_from=args.init, box=args.box, defocus_prior=args.defocus_prior,
+                        defocus_offset_std=args.defocus_offset_std,
+                        shift_std=args.shift_std)
 
 
 def run(args) -> None:
