@@ -23,7 +23,12 @@ opposite overall sign (cryosvi follows RELION).
 
 Timing: every method once to compile / warm up, then ``--rounds`` rounds, the methods
 interleaved within each round so that load from other processes hits them alike; min
-and median per method; JAX results are ``block_until_ready``. Threads: ``--threads N``
+and median per method, of the wall time and of the process's CPU time
+(``time.process_time``: on a shared machine it does not count the time other processes
+hold the core, and with one thread per code it is the work done); JAX results are
+``block_until_ready``. The minor page faults of each call are recorded too: a fresh
+65 MB output costs 16 000 of them (~20 us per image here), and glibc's heap trimming
+can add as many again, depending on the process's allocation history. Threads: ``--threads N``
 sets torch's intra-op threads and XLA's CPU intra-op threads
 (``--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1`` for one thread,
 set before JAX is imported).
@@ -38,6 +43,7 @@ import json
 import math
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -176,16 +182,31 @@ def agreement() -> dict:
 
 
 # -------------------------------------------------------------------------- timing
-def time_interleaved(functions: dict, rounds: int) -> dict:
+def time_interleaved(functions: dict, rounds: int, settle: float = 0.2) -> dict:
+    """{name: {"wall": [s], "cpu": [s], "thread": [s], "faults": [minor page faults]}} per
+    call: wall time, the process's CPU time, the calling thread's CPU time, page faults.
+
+    JAX's threads keep working after ``block_until_ready`` returns (about 40 us per image
+    of CPU time after a cryojax batch, measured: freeing its buffers, waking pools), which
+    used to land in the next method's timing (cryosvi's projection, timed right after
+    cryojax, read 2x slow). So each call is followed by ``settle`` seconds of sleep, and
+    its CPU time is read after them: background work is charged to the call that caused
+    it, and starts no other call's clock."""
     for function in functions.values():  # compile, warm up
         function()
-    seconds = {name: [] for name in functions}
+    samples = {name: {"wall": [], "cpu": [], "thread": [], "faults": []} for name in functions}
     for _ in range(rounds):
         for name, function in functions.items():
-            start = time.perf_counter()
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            cpu, thread, wall = time.process_time(), time.thread_time(), time.perf_counter()
             function()
-            seconds[name].append(time.perf_counter() - start)
-    return seconds
+            samples[name]["wall"].append(time.perf_counter() - wall)
+            samples[name]["thread"].append(time.thread_time() - thread)
+            time.sleep(settle)
+            samples[name]["cpu"].append(time.process_time() - cpu)
+            samples[name]["faults"].append(
+                resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
+    return samples
 
 
 def main() -> int:
@@ -197,13 +218,18 @@ def main() -> int:
     for label, n_spread in (("cryojax dense", None), ("cryojax spread12", 12)):
         functions.update({f"{label} {k}": v
                           for k, v in cryojax_functions(problem, n_spread).items()})
-    seconds = time_interleaved(functions, ARGS.rounds)
-    per_image = {name: {"min_us": min(s) / ARGS.batch * 1e6,
-                        "median_us": statistics.median(s) / ARGS.batch * 1e6}
-                 for name, s in seconds.items()}
+    samples = time_interleaved(functions, ARGS.rounds)
+    per_image = {}
+    for name, s in samples.items():
+        per_image[name] = {"min_us": min(s["wall"]) / ARGS.batch * 1e6,
+                           "median_us": statistics.median(s["wall"]) / ARGS.batch * 1e6,
+                           "cpu_min_us": min(s["cpu"]) / ARGS.batch * 1e6,
+                           "cpu_median_us": statistics.median(s["cpu"]) / ARGS.batch * 1e6,
+                           "thread_cpu_min_us": min(s["thread"]) / ARGS.batch * 1e6,
+                           "page_faults_median": statistics.median(s["faults"])}
     ratios = {}
     for stage in ("projection", "projection+ctf"):
-        for stat in ("min_us", "median_us"):
+        for stat in ("min_us", "median_us", "cpu_min_us", "cpu_median_us"):
             peer = min(per_image[f"cryojax dense {stage}"][stat],
                        per_image[f"cryojax spread12 {stage}"][stat])
             ratios[f"{stage} ({stat[:-3]})"] = peer / per_image[f"cryosvi {stage}"][stat]
@@ -229,9 +255,12 @@ def main() -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(report, indent=2) + "\n"
     write_atomically(path, lambda temporary: temporary.write_text(text))
-    print(f"{'method':<36}{'min us/image':>14}{'median':>10}")
-    for name, value in per_image.items():
-        print(f"{name:<36}{value['min_us']:>14.1f}{value['median_us']:>10.1f}")
+    print(f"{'us per image':<36}{'wall min':>10}{'median':>10}{'cpu min':>10}{'median':>10}"
+          f"{'thread':>10}{'faults':>10}")
+    for name, v in per_image.items():
+        print(f"{name:<36}{v['min_us']:>10.1f}{v['median_us']:>10.1f}{v['cpu_min_us']:>10.1f}"
+              f"{v['cpu_median_us']:>10.1f}{v['thread_cpu_min_us']:>10.1f}"
+              f"{v['page_faults_median']:>10.0f}")
     for name, value in ratios.items():
         print(f"cryojax (faster variant) / cryosvi, {name}: {value:.2f}x")
     print("agreement:", json.dumps(checks))
