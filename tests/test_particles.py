@@ -34,9 +34,12 @@ def test_relion31_groups_in_either_order_with_column_numbers(tmp_path):
     assert frame["rlnMicrographName"].tolist() == ["mic1.mrc", "mic1.mrc", "mic2.mrc"]
     np.testing.assert_array_equal(frame["rlnDefocusV"], [9000.0, 10500.0, 12000.0])
     assert ps.has_poses and not ps.has_shifts
-    # the forward model has one optics: groups differing in voltage are refused by name
-    with pytest.raises(CryosviError, match="rlnVoltage 200, 300.*not modelled yet"):
-        model_optics(ps)
+    # groups differing in voltage are served (per-group CTF); the first group's values
+    # stand for the data set
+    assert model_optics(ps).voltage == 300.0
+    # ... but not groups differing in pixel size: one projection grid
+    with pytest.raises(CryosviError, match="different pixel sizes \\(1.5, 2 Å\\)"):
+        model_optics(read_particles(write_relion31(tmp_path, voltage2=200.0, pixel2=2.0)))
 
 
 def test_groups_with_the_same_optics_are_served(tmp_path):
