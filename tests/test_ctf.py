@@ -492,3 +492,27 @@ def test_forward_model_ctf_path():
     amplitudes = amplitudes.clone().requires_grad_(True)
     model(amplitudes, rotation, dz, ctf=ctf).square().sum().backward()
     assert (dz.grad != 0).all() and (amplitudes.grad != 0).all()
+
+
+@pytest.mark.parametrize("size, pad_factor", [(8, 2), (5, 3)])
+def test_ctf_even_in_ky_mirrored_half_equals_full_evaluation(size, pad_factor, monkeypatch):
+    """Without a 2 kx ky term (U = V, or astigmatism along x: angle 0) the CTF is
+    evaluated on ky >= 0 and mirrored; the result equals the full-grid evaluation, for
+    even and odd padded sizes, with a per-particle envelope and phase shift."""
+    groups = OpticsGroups((300.0, 200.0), (2.7, 2.0), (0.1, 0.07), (2.0, 2.0))
+    ctf = ParticleCTF(t(9000.0, 12000.0, 7000.0), t(9000.0, 11000.0, 7000.0),
+                      t(0.0, 0.0, 90.0), t(0.0, 10.0, 0.0), t(40.0, 0.0, 80.0),
+                      torch.tensor([0, 1, 1]))
+    images = random_images(3, size, seed=8)
+    assert ctf_module._is_even(ctf_module._group_coefficients(ctf, groups, images)[0],
+                               ctf_module._groups_layout(groups, pad_factor * size,
+                                                         images.device, images.dtype))
+    mirrored = apply_particle_ctf(images, ctf, groups, pad_factor)
+    monkeypatch.setattr(ctf_module, "_is_even", lambda *args: False)
+    full = apply_particle_ctf(images, ctf, groups, pad_factor)
+    torch.testing.assert_close(mirrored, full, rtol=0, atol=1e-14)
+    # An oblique astigmatism has the 2 kx ky term: the full grid is used.
+    oblique = ctf._replace(angle=t(0.0, 30.0, 90.0))
+    assert not ctf_module._is_even(
+        ctf_module._group_coefficients(oblique, groups, images)[0],
+        ctf_module._groups_layout(groups, pad_factor * size, images.device, images.dtype))
