@@ -16,8 +16,9 @@ from cryosvi.io.star import MODE_COLUMN, write_star
 from cryosvi.posterior import heaviest_component_mean, pose_std_deg, weighted_mean_direction
 from cryosvi.reference import Reference
 from cryosvi.rotations import quaternion_geodesic_angle, random_quaternions
+from cryosvi.rundir import load_trained
 from cryosvi.simulate import simulate_dataset
-from cryosvi.train import TrainOptions, load_trained, train
+from cryosvi.train import TrainOptions, train
 
 from test_guide import tiny_reference
 from test_train import TINY, tiny_schedule

@@ -16,7 +16,7 @@ import starfile
 
 from cryosvi.cli.main import main
 from cryosvi.config import Optics
-from cryosvi.dataset import check_compatible, defocus_output, model_optics
+from cryosvi.dataset import check_compatible, model_optics
 from cryosvi.errors import CryosviError
 from cryosvi.io.particles import CryosviWarning, read_particles, write_particles
 from particle_files import quiet, write_relion30, write_relion31, write_stack
@@ -105,25 +105,17 @@ def test_relion30_single_table(tmp_path):
     assert ps.has_shifts
 
 
-def test_shifts_are_warned_about_once(tmp_path):
+def test_shifts_are_not_warned_about(tmp_path):
+    """The forward model applies the file's shifts: check_compatible says nothing of them."""
     ps = quiet(read_particles, write_relion30(tmp_path, n=3))
     ps.metadata["rlnVoltage"] = 300.0  # one optics group's values everywhere
+    assert ps.has_shifts
     # check_compatible reads only the reference's optics
     reference = types.SimpleNamespace(optics=Optics(pixel_size=5.0, box=8))
-    with pytest.warns(CryosviWarning, match="shifts.*not modelled") as caught:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CryosviWarning)
         optics = check_compatible(ps, reference)
-    assert len([w for w in caught if "shifts" in str(w.message)]) == 1
     assert optics.pixel_size == 5.0
-
-
-def test_inferred_defocus_keeps_the_astigmatism(tmp_path):
-    ps = read_particles(write_relion31(tmp_path))
-    mean = np.array([5000.0, 6000.0, 7000.0])
-    out = defocus_output(ps, mean)
-    u, v = ps.metadata["rlnDefocusU"].to_numpy(), ps.metadata["rlnDefocusV"].to_numpy()
-    np.testing.assert_allclose(out["rlnDefocusU"] - out["rlnDefocusV"], u - v)
-    np.testing.assert_allclose((out["rlnDefocusU"] + out["rlnDefocusV"]) / 2, mean)
-    np.testing.assert_array_equal(out["rlnDefocusAngle"], ps.metadata["rlnDefocusAngle"])
 
 
 # ------------------------------------------------------------------------------ writing

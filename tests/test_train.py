@@ -17,10 +17,11 @@ from cryosvi.guide import Architecture, Guide
 from cryosvi.io.particles import read_particles
 from cryosvi.io.star import write_star
 from cryosvi.reference import Reference
+from cryosvi.rundir import load_trained
 from cryosvi.simulate import simulate_dataset
 from cryosvi.train import (CHECKPOINT, Stage, TrainingDiverged, TrainOptions,
                            default_schedule, elbo_loss, known_values, load_schedule,
-                           load_trained, read_log, simulation_batch, simulation_loss, train)
+                           read_log, simulation_batch, simulation_loss, train)
 
 from test_guide import tiny_config, tiny_reference
 
@@ -259,17 +260,13 @@ def test_cli_train_and_resume(dataset, tmp_path, capsys):
 
 
 def test_noise_std_is_estimated_from_the_images(dataset):
-    """Without a noise std in the reference (e.g. built from --structure), the noise is
-    measured in the particles' outer Fourier shell."""
-    from cryosvi.train import estimate_noise_std, image_statistics, prepare
+    """Without a noise std in the reference (e.g. built from --structure), prepare()
+    measures the gray levels and noise in the particles (cryosvi.graylevels)."""
+    from cryosvi.train import prepare
 
     reference = load_reference(dataset)
-    _, _, shell = image_statistics(read_particles(dataset / "particles.star"))
-    estimate = estimate_noise_std(shell, reference)
-    assert estimate == pytest.approx(reference.noise.std, rel=0.1)
     unknown = reference.with_settings(noise=replace(reference.noise, std=0.0))
     _, _, prepared, _, _ = prepare(dataset / "particles.star", unknown, run_options())
-    # prepare() measures the gray levels and noise (cryosvi.graylevels) instead.
     assert prepared.noise.std == pytest.approx(reference.noise.std, rel=0.1)
     assert prepared.imaging.scale == pytest.approx(1.0, rel=0.1)
 

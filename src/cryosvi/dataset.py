@@ -1,6 +1,6 @@
 """What training and inference take from a particle set (:class:`ParticleSet`): the
-optics the forward model can serve, the known values of fixed latents, image statistics,
-the noise level, priors from the metadata, and the check against the reference.
+optics the forward model can serve, image statistics, priors from the metadata, and the
+check against the reference.
 
 Data -> physics adapters (pure functions of a ParticleSet):
 
@@ -31,14 +31,9 @@ from cryosvi.config import Optics
 from cryosvi.ctf import OpticsGroups, ParticleCTF
 from cryosvi.errors import CryosviError
 from cryosvi.fourier import cropped_pixel_size, fourier_crop
-from cryosvi.io.particles import MODE_COLUMN, ORIGINS, ParticleSet, warn
+from cryosvi.io.particles import ORIGINS, ParticleSet
 from cryosvi.reference import Reference
 
-KNOWN_COLUMNS = {
-    "defocus": ("rlnDefocusU",),
-    "rotation": ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"),
-}
-SITE_NAMES = {"defocus": "defocus", "rotation": "pose", "enm_scale": "modes"}
 MODEL_OPTICS = {"rlnImageSize": "box", "rlnImagePixelSize": "pixel_size",
                 "rlnVoltage": "voltage", "rlnSphericalAberration": "spherical_aberration",
                 "rlnAmplitudeContrast": "amplitude_contrast"}
@@ -201,98 +196,28 @@ def working_images(particles: ParticleSet, indices, box: int) -> torch.Tensor:
     return fourier_crop(torch.from_numpy(particles.images(indices)), box)
 
 
-def known_values(particles: ParticleSet, sites, n_modes: int) -> dict[str, torch.Tensor]:
-    """Values of the fixed (known) sites for every particle, from the metadata:
-    defocus (N,) the mean of U and V (Å), rotation (N, 4) unit quaternions, modes (N, K)."""
-    from cryosvi.rotations import euler_to_matrix, matrix_to_quaternion
-
-    out = {}
-    frame = particles.metadata
-    for site in sites:
-        if site == "defocus":
-            particles.require("rlnDefocusU")
-            values = frame["rlnDefocusU"].to_numpy(float)
-            if "rlnDefocusV" in frame:
-                values = (values + frame["rlnDefocusV"].to_numpy(float)) / 2
-            out[site] = torch.tensor(values, dtype=torch.float32)
-        elif site == "rotation":
-            particles.require(*KNOWN_COLUMNS["rotation"])
-            angles = [torch.tensor(frame[c].to_numpy(float), dtype=torch.float64)
-                      for c in KNOWN_COLUMNS["rotation"]]
-            out[site] = matrix_to_quaternion(euler_to_matrix(*angles)).float()
-        else:
-            columns = [MODE_COLUMN.format(k + 1) for k in range(n_modes)]
-            particles.require(*columns)
-            out[site] = torch.tensor(frame[columns].to_numpy(float), dtype=torch.float32)
-        if not torch.isfinite(out[site]).all():
-            raise CryosviError(f"{particles.path}: non-finite values in the "
-                               f"{SITE_NAMES[site]} columns")
-    return out
-
-
 def image_statistics(particles, max_images: int = 2000,
-                     seed: int = 0) -> tuple[float, float, float]:
-    """Pixel mean and std of up to ``max_images`` particles (a random subset), and the
-    mean power per pixel of their outer Fourier shell (see ``high_frequency_power``).
+                     seed: int = 0) -> tuple[float, float]:
+    """Pixel mean and std of up to ``max_images`` particles (a random subset).
     ``particles``: anything with ``len`` and ``images(indices)``."""
     n = len(particles)
     index = np.arange(n) if n <= max_images else np.sort(
         np.random.default_rng(seed).choice(n, max_images, replace=False))
-    total, total_sq, count, shell = 0.0, 0.0, 0, []
+    total, total_sq, count = 0.0, 0.0, 0
     for i in range(0, len(index), 512):
         chunk = particles.images(index[i:i + 512]).astype(np.float64)
         total += chunk.sum()
         total_sq += np.square(chunk).sum()
         count += chunk.size
-        shell.append(high_frequency_power(torch.from_numpy(chunk)) * len(chunk))
     mean = total / count
-    return mean, math.sqrt(max(total_sq / count - mean**2, 0.0)), sum(shell) / len(index)
-
-
-def high_frequency_power(images: torch.Tensor) -> float:
-    """Mean |FFT|^2 / L^2 of (B, L, L) images over the Fourier shell 0.8-1 x Nyquist. For
-    white noise of std s this is s^2; band-limited signal (Gaussian pseudo-atoms of std
-    >~ one pixel) contributes little there."""
-    box = images.shape[-1]
-    fy = torch.fft.fftfreq(box, dtype=torch.float64)
-    fx = torch.fft.rfftfreq(box, dtype=torch.float64)
-    radius = torch.sqrt(fy[:, None] ** 2 + fx[None, :] ** 2) / 0.5
-    shell = (radius >= 0.8) & (radius <= 1.0)
-    # rfft2 keeps half the plane; interior columns stand for two coefficients each, but a
-    # mean over the shell of a flat spectrum is the same either way.
-    power = torch.fft.rfft2(images.double()).abs().square() / box**2
-    return float(power[..., shell].mean())
-
-
-def estimate_noise_std(image_shell_power: float, reference: Reference,
-                       device: str = "cpu", n: int = 1000) -> float:
-    """Noise std of the particles: the power of their outer Fourier shell minus that of
-    clean images simulated from the reference (white noise is flat in frequency, the
-    pseudo-atom signal is not)."""
-    from cryosvi.simulate import sample_prior
-
-    forward = reference.forward_model().to(device)
-    devices = [forward.coords.device] if forward.coords.is_cuda else []
-    with torch.no_grad(), torch.random.fork_rng(devices=devices):
-        torch.manual_seed(0)
-        _, clean = sample_prior(reference, forward, n)
-    signal = high_frequency_power(clean.cpu())
-    noise_var = image_shell_power - signal
-    if not noise_var > 0.05 * image_shell_power:
-        raise CryosviError("cannot estimate the noise level: the particles' high-frequency "
-                           "power is not above the reference's; give --noise-std")
-    return math.sqrt(noise_var)
+    return mean, math.sqrt(max(total_sq / count - mean**2, 0.0))
 
 
 def check_compatible(particles: ParticleSet, reference: Reference) -> Optics:
     """Box and pixel size of the particles (one for every optics group) must match the
     reference; the other optics values of the particles' first group replace the
-    reference's (with a note). Returns the particles' optics (``model_optics``). Warns
-    when the file has in-plane shifts (not modelled yet by the data-set CTF path)."""
+    reference's (with a note). Returns the particles' optics (``model_optics``)."""
     optics = model_optics(particles)
-    if particles.has_shifts:
-        warn(f"{particles.path.name}: in-plane shifts (rlnOriginXAngst/YAngst) are not "
-             "modelled yet; the particles are used as if centred")
     ref = reference.optics
     if optics.box != ref.box:
         raise CryosviError(f"{particles.path}: images are {optics.box} px but the reference "
@@ -325,16 +250,3 @@ def priors_from_particles(particles: ParticleSet, reference: Reference) -> Refer
             priors = replace(priors, defocus_mean=float(defocus.mean()),
                              defocus_std=float(defocus.std(ddof=1)))
     return reference.with_settings(optics=optics, priors=priors)
-
-
-def defocus_output(particles: ParticleSet, mean: np.ndarray) -> dict[str, np.ndarray]:
-    """rlnDefocusU/V/Angle for inferred mean defoci ``mean`` (N,) Å that keep each
-    particle's astigmatism: U = m + (U_in - V_in) / 2, V = m - (U_in - V_in) / 2, the
-    angle kept (0 where the input has no defocus)."""
-    frame = particles.metadata
-    if "rlnDefocusU" in frame:
-        half = (frame["rlnDefocusU"].to_numpy(float) - frame["rlnDefocusV"].to_numpy(float)) / 2
-        angle = frame["rlnDefocusAngle"].to_numpy(float)
-    else:
-        half, angle = np.zeros_like(mean), np.zeros_like(mean)
-    return {"rlnDefocusU": mean + half, "rlnDefocusV": mean - half, "rlnDefocusAngle": angle}

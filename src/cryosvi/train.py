@@ -43,21 +43,18 @@ from tqdm.auto import tqdm
 
 from cryosvi import __version__
 from cryosvi.errors import CryosviError
-from cryosvi.dataset import (check_compatible, estimate_noise_std,  # noqa: F401
-                             high_frequency_power, image_statistics, priors_from_particles)
+from cryosvi.dataset import check_compatible, image_statistics, priors_from_particles
 from cryosvi.guide import Architecture, Guide, GuideConfig
 from cryosvi.io.atomic import write_atomically
 from cryosvi.io.outputs import check_output_directory, directory_kind, mark_directory
 from cryosvi.io.particles import read_particles
-from cryosvi.latents import (BY_NAME, PAPER_SITES, REGISTRY, Conditions,  # noqa: F401
-                             known_values, names, pearson)
+from cryosvi.latents import BY_NAME, PAPER_SITES, REGISTRY, Conditions, known_values, names
 from cryosvi.model import model
 from cryosvi.reference import Reference
-from cryosvi.rundir import (CHECKPOINT, CHECKPOINT_FORMAT, LOG_FILE, PLOT_FILE,  # noqa: F401
-                            REFERENCE_FILE, RUN_FILE, guide_config, keep_freed_memory,
-                            load_checkpoint, load_trained, load_weights, read_run,
-                            rng_state, save_checkpoint, select_device, set_rng_state,
-                            write_json_atomic)
+from cryosvi.rundir import (CHECKPOINT, CHECKPOINT_FORMAT, LOG_FILE, PLOT_FILE,
+                            REFERENCE_FILE, RUN_FILE, guide_config, load_checkpoint,
+                            load_weights, read_run, rng_state, save_checkpoint,
+                            select_device, set_rng_state, write_json_atomic)
 
 OBJECTIVES = ("sim", "elbo")
 VALIDATION_SIZE = 512
@@ -322,17 +319,12 @@ def working_reference(table, reference: Reference, box: int | None) -> Reference
     """The reference at the working box (``dataset.working_box``) and the cropped pixel
     size; a reference already there (a run's) is checked, one at the particles' own box
     and pixel size (``dataset.check_compatible``) is cropped."""
-    import warnings
-
     from cryosvi.dataset import data_box, working_box, working_pixel_size
 
     box = working_box(table, box)
     pixel = working_pixel_size(table, box)
     if reference.optics.box == data_box(table) or reference.optics.box != box:
-        with warnings.catch_warnings():
-            # Its note that shifts are not modelled is out of date: they are applied.
-            warnings.filterwarnings("ignore", message=".*in-plane shifts")
-            check_compatible(table, reference)
+        check_compatible(table, reference)
     elif not math.isclose(reference.optics.pixel_size, pixel, rel_tol=1e-3):
         raise CryosviError(f"{table.path}: {pixel:.4g} Å pixels at the {box} px working box, "
                            f"but the run's are {reference.optics.pixel_size:.4g} Å")
@@ -383,7 +375,7 @@ def prepare(particles: str | Path, reference: Reference, options: TrainOptions,
         reference.priors, defocus_offset_std=float(options.defocus_offset_std),
         shift_std=float(options.shift_std)))
     data = ParticleData(table, reference.optics.box, estimates)
-    _, image_std, _ = image_statistics(data, seed=options.seed)
+    _, image_std = image_statistics(data, seed=options.seed)
     if not image_std > 0:
         raise CryosviError(f"{table.path}: the particle images are constant")
     noise_std = options.noise_std or reference.noise.std

@@ -82,7 +82,7 @@ def describe(particles) -> list[str]:
                      f"{np.abs(u - v).max():.0f} Å")
     if present["shifts"]:
         shift = np.hypot(frame["rlnOriginXAngst"], frame["rlnOriginYAngst"]).to_numpy(float)
-        lines.append(f"shifts: up to {shift.max():.3g} Å (not modelled yet)")
+        lines.append(f"shifts: up to {shift.max():.3g} Å")
     if missing is None:
         lines.append("stacks: no rlnImageName column")
     elif missing:
