@@ -139,22 +139,3 @@ def parse_image_names(names) -> tuple[np.ndarray, np.ndarray]:
                            "'000001@particles.mrcs' (image numbers start at 1)")
     files = np.where(has_at, parts[2].to_numpy(str), names.to_numpy(str))
     return number.astype(np.int64) - 1, files
-
-
-class ParticleImages:
-    """Compatibility for callers not yet moved to ``ParticleSet.images``:
-    ``ParticleImages(particle_set)[indices]`` is ``particle_set.images(indices)``."""
-
-    def __init__(self, particles):
-        self.particles = particles
-
-    def __len__(self) -> int:
-        return len(self.particles)
-
-    def images(self, indices) -> np.ndarray:
-        return self.particles.images(indices)
-
-    __getitem__ = images
-
-    def close(self) -> None:
-        self.particles.close()

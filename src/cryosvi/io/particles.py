@@ -69,11 +69,6 @@ class ParticleSet:
     def __len__(self) -> int:
         return len(self.metadata)
 
-    @property
-    def particles(self) -> pd.DataFrame:
-        """The metadata (the name older callers of ``read_star`` use)."""
-        return self.metadata
-
     # ------------------------------------------------------------------- columns
     def require(self, *columns: str) -> None:
         missing = [c for c in columns if c not in self.metadata.columns]

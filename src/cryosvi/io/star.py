@@ -218,11 +218,3 @@ def optics_table(optics: Optics) -> pd.DataFrame:
         "rlnImagePixelSize": [optics.pixel_size], "rlnImageSize": [optics.box],
         "rlnImageDimensionality": [2],
     })
-
-
-def read_star(path: str | Path):
-    """Compatibility for callers not yet moved to :func:`cryosvi.io.read_particles`
-    (tests of train and infer): the same :class:`~cryosvi.io.particles.ParticleSet`."""
-    from cryosvi.io.particles import read_particles
-
-    return read_particles(path)
