@@ -210,6 +210,30 @@ def test_infer_never_replaces_an_input_or_a_foreign_file(run, dataset, tmp_path)
     assert_one_error_line(code, err, "particles")
 
 
+def test_infer_replaces_its_posterior_in_the_run_folder_only_with_force(run, dataset,
+                                                                         tmp_path):
+    """A posterior written into the run folder is an output, not one of the run's files:
+    refused without --force, replaced with it; the run's own files never are."""
+    own = copy_run(run, tmp_path / "run")
+    base = ["infer", "--run", own, "--particles", dataset / "particles.star",
+            "--importance", "0", "--quiet"]
+    posterior = own / "posterior.star"
+    assert run_cli(base + ["-o", posterior])[0] == 0
+    first = posterior.read_bytes()
+    code, err = run_cli(base + ["-o", posterior])
+    assert_one_error_line(code, err, "--force")
+    assert posterior.read_bytes() == first
+    posterior.write_bytes(first.replace(b"data_particles", b"# changed\ndata_particles", 1))
+    assert run_cli(base + ["-o", posterior, "--force"])[0] == 0
+    assert posterior.read_bytes() == first
+    # the run's reference.npz is an input: --samples never replaces it
+    kept = (own / "reference.npz").read_bytes()
+    code, err = run_cli(base + ["-o", own / "reference.star", "--samples", "2", "--force"])
+    assert_one_error_line(code, err, "also an input")
+    assert (own / "reference.npz").read_bytes() == kept
+    assert not (own / "reference.star").exists()
+
+
 def test_unwritable_output_is_refused_before_any_work(run, dataset, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")

@@ -28,16 +28,26 @@ import torch
 
 from cryosvi.errors import CryosviError
 from cryosvi.io.atomic import write_atomically
+from cryosvi.io.outputs import MARKER
 
 RUN_FILE = "run.json"
 CHECKPOINT = "checkpoint.pt"
 LOG_FILE = "log.jsonl"
 PLOT_FILE = "loss.png"
 REFERENCE_FILE = "reference.npz"
+RUN_CONTENTS = (RUN_FILE, REFERENCE_FILE, CHECKPOINT, LOG_FILE, PLOT_FILE, MARKER)
+"""The files of a run directory (what ``cryosvi train`` writes into it)."""
 CHECKPOINT_FORMAT = 2
 """1: RNG states pickled as numpy/python objects (refused: loading them needs pickle);
 2: every RNG state as tensors and numbers."""
 POSITION_KEYS = ("stage", "stage_epoch", "epoch", "step", "seconds")
+
+
+def run_files(directory: str | Path) -> list[Path]:
+    """The run's own files in ``directory`` (``RUN_CONTENTS``): the inputs a command that
+    reads the run must never replace. Other files there, e.g. a posterior that
+    ``cryosvi infer`` wrote into the folder, are not the run's."""
+    return [Path(directory) / name for name in RUN_CONTENTS]
 
 
 # ------------------------------------------------------------------------- run.json

@@ -85,15 +85,16 @@ def check_outputs(args) -> None:
     refinement's images in flight fit in memory."""
     from cryosvi.io.outputs import check_output_file
     from cryosvi.reference import Reference
-    from cryosvi.rundir import REFERENCE_FILE, read_run
+    from cryosvi.rundir import REFERENCE_FILE, read_run, run_files
 
     output = Path(args.output)
     if output.suffix.lower() != ".star":
         raise CryosviError(f"-o {output}: the posterior is a STAR file; give a name "
                            "ending in .star")
     read_run(args.run)
-    run_files = [p for p in Path(args.run).iterdir() if p.is_file()]
-    inputs = [args.particles, *run_files]
+    # The run's own files and the particles; a posterior written into the run folder
+    # earlier is an output (replaced with --force when cryosvi wrote it).
+    inputs = [args.particles, *run_files(args.run)]
     check_output_file(output, "posterior", args.force, inputs)
     if Path(args.particles).suffix.lower() == ".cs":  # infer writes a .cs beside the STAR
         check_output_file(output.with_suffix(".cs"), "posterior", args.force,
