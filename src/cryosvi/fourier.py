@@ -19,7 +19,9 @@ Conventions
   it comes back exactly. n = L returns the images unchanged.
 * Gray levels: the spectrum is scaled by n^2 / L^2 (``norm="forward"`` in both
   transforms), so pixel values are samples of the same continuous image (a constant
-  stays the same constant); white noise of std s becomes white noise of std s n / L.
+  stays the same constant); white noise of std s becomes white noise of std s (n - 1) / L
+  for an even n < L (the Nyquist row and column are zeroed: (n - 1)^2 of the n^2 Fourier
+  samples are kept) and of std s n / L for an odd n.
 """
 
 from __future__ import annotations
