@@ -11,8 +11,8 @@ from scipy import stats
 from cryosvi.cli.main import main
 from cryosvi.distributions import ProjectedNormalMixture
 from cryosvi.infer import infer, refine
-from cryosvi.io.particles import read_particles
-from cryosvi.io.star import MODE_COLUMN, write_star
+from cryosvi.io.particles import MODE_COLUMN, read_particles
+from cryosvi.io.star import write_star
 from cryosvi.posterior import heaviest_component_mean, pose_std_deg, weighted_mean_direction
 from cryosvi.reference import Reference
 from cryosvi.rotations import quaternion_geodesic_angle, random_quaternions

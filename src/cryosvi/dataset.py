@@ -156,6 +156,14 @@ def known_shifts(particles: ParticleSet, rows=None) -> torch.Tensor:
     return torch.stack([_column(particles, c, rows) for c in ORIGINS], dim=1)
 
 
+def mean_defocus(particles: ParticleSet) -> np.ndarray:
+    """(N,) float64 Å: each particle's mean defocus (U + V) / 2 (U alone without
+    rlnDefocusV)."""
+    frame = particles.metadata
+    u = frame["rlnDefocusU"].to_numpy(float)
+    return (u + frame["rlnDefocusV"].to_numpy(float)) / 2 if "rlnDefocusV" in frame else u
+
+
 def has_shifts(particles: ParticleSet) -> bool:
     """Whether the file gives in-plane shifts that are not all zero."""
     return particles.has_shifts
@@ -241,11 +249,8 @@ def priors_from_particles(particles: ParticleSet, reference: Reference) -> Refer
                      spherical_aberration=optics.spherical_aberration,
                      amplitude_contrast=optics.amplitude_contrast)
     priors = reference.priors
-    frame = particles.metadata
-    if "rlnDefocusU" in frame:
-        defocus = frame["rlnDefocusU"].to_numpy(float)
-        if "rlnDefocusV" in frame:
-            defocus = (defocus + frame["rlnDefocusV"].to_numpy(float)) / 2
+    if "rlnDefocusU" in particles.metadata:
+        defocus = mean_defocus(particles)
         if len(defocus) > 1 and np.isfinite(defocus).all() and defocus.std() > 0:
             priors = replace(priors, defocus_mean=float(defocus.mean()),
                              defocus_std=float(defocus.std(ddof=1)))

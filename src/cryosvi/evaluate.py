@@ -32,8 +32,8 @@ from scipy import stats
 
 from cryosvi.errors import CryosviError
 from cryosvi.io.atomic import write_atomically
-from cryosvi.io.particles import ParticleSet
-from cryosvi.latents import ANGLE_COLUMNS, REGISTRY
+from cryosvi.io.particles import ANGLES, ParticleSet
+from cryosvi.latents import REGISTRY
 from cryosvi.rotations import euler_to_matrix, geodesic_angle, quaternion_geodesic_angle
 
 POSE_STD_COLUMN = "cryosviPoseStdDeg"
@@ -211,7 +211,7 @@ def evaluate_tables(posterior: ParticleSet, truth: ParticleSet,
     """
     skipped: list[str] = []
     both = (posterior, truth)
-    score_pose = all(all(c in t.metadata.columns for c in ANGLE_COLUMNS) for t in both)
+    score_pose = all(all(c in t.metadata.columns for c in ANGLES) for t in both)
     # Scalar latents, each as its latent defines them (cryosvi.latents).
     columns = [entry for latent in REGISTRY.values()
                for entry in latent.truth_columns(posterior, truth)]
@@ -274,9 +274,9 @@ def evaluate_tables(posterior: ParticleSet, truth: ParticleSet,
 def _pose_metrics(posterior: ParticleSet, truth: ParticleSet, truth_column, arrays: dict,
                   skipped: list[str]) -> dict:
     """Geodesic pose error (degrees) and its coverage; fills ``arrays['pose']``."""
-    true_angles = np.stack([truth_column(numeric_column(truth, c)) for c in ANGLE_COLUMNS],
+    true_angles = np.stack([truth_column(numeric_column(truth, c)) for c in ANGLES],
                            -1)
-    mean_angles = np.stack([numeric_column(posterior, c) for c in ANGLE_COLUMNS], -1)
+    mean_angles = np.stack([numeric_column(posterior, c) for c in ANGLES], -1)
     error = euler_geodesic_error(true_angles, mean_angles)
     pose_std = None
     if POSE_STD_COLUMN in posterior.metadata.columns:

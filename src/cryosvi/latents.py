@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cryosvi.errors import CryosviError
+from cryosvi.io.particles import ANGLES, MODE_COLUMN, ORIGINS
 from cryosvi.smc import RandomWalk, weighted_moments
 
 SOFTPLUS_ONE = math.log(math.e - 1.0)  # softplus(SOFTPLUS_ONE) == 1
@@ -48,10 +49,7 @@ concentration vector, so c = 0 is a stationary point where the direction gets no
 gradient; measured: without a floor the simulation-trained pose encoder collapsed to
 c = 0 (uniform) within the first epoch."""
 
-MODE_COLUMN = "cryosviModeAmplitude{}"
 MODE_STD_COLUMN = "cryosviModeAmplitudeStd{}"
-ORIGIN_COLUMNS = ("rlnOriginXAngst", "rlnOriginYAngst")
-ANGLE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
 
 
 class Conditions(NamedTuple):
@@ -330,12 +328,10 @@ class Defocus(GaussianLatent):
     def known(self, particles, config):
         if config.defocus_offset:
             return torch.zeros(len(particles))  # the file's estimate as it is
+        from cryosvi.dataset import mean_defocus
+
         particles.require("rlnDefocusU")
-        frame = particles.metadata
-        values = _column(frame, "rlnDefocusU")
-        if "rlnDefocusV" in frame:
-            values = (values + _column(frame, "rlnDefocusV")) / 2
-        return torch.tensor(values, dtype=torch.float32)
+        return torch.tensor(mean_defocus(particles), dtype=torch.float32)
 
     def value_columns(self, value, frame, config):
         """U, V: the input's astigmatism kept around the value (an offset dz: U + dz,
@@ -405,10 +401,9 @@ class Shifts(GaussianLatent):
         return {"val_shifts_rmse": float(error)}
 
     def known(self, particles, config):
-        frame = particles.metadata
-        if not all(c in frame for c in ORIGIN_COLUMNS):
-            return torch.zeros(len(particles), 2)
-        return torch.tensor(frame[list(ORIGIN_COLUMNS)].to_numpy(float), dtype=torch.float32)
+        from cryosvi.dataset import known_shifts
+
+        return known_shifts(particles)
 
     def value_columns(self, value, frame, config):
         mean = value.cpu().numpy().astype(float)
@@ -425,7 +420,7 @@ class Shifts(GaussianLatent):
         # Scored only where the posterior inferred them (every file has origins, 0 by
         # default).
         return [(f"shift_{column[9].lower()}", (lambda t, c=column: numeric_column(t, c)),
-                 std[column]) for column in ORIGIN_COLUMNS
+                 std[column]) for column in ORIGINS
                 if std[column] in posterior.metadata.columns and column in truth.metadata]
 
 
@@ -563,9 +558,9 @@ class Pose(Latent):
     def known(self, particles, config):
         from cryosvi.rotations import euler_to_matrix, matrix_to_quaternion
 
-        particles.require(*ANGLE_COLUMNS)
+        particles.require(*ANGLES)
         angles = [torch.tensor(_column(particles.metadata, c), dtype=torch.float64)
-                  for c in ANGLE_COLUMNS]
+                  for c in ANGLES]
         return matrix_to_quaternion(euler_to_matrix(*angles)).float()
 
     def value_columns(self, value, frame, config):

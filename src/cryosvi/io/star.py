@@ -34,7 +34,6 @@ OPTICS_COLUMNS = {
     "rlnAmplitudeContrast": "amplitude_contrast", "rlnImagePixelSize": "pixel_size",
     "rlnImageSize": "box",
 }
-MODE_COLUMN = "cryosviModeAmplitude{}"
 
 # The end of a loop body: the next line that starts a block, a loop or a label.
 _BODY_END = re.compile(rb"\n[ \t]*(?:data_|loop_|_)")
