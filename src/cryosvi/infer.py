@@ -27,6 +27,7 @@ from cryosvi.latents import (PAPER_SITES, Conditions, ParticleData, known_values
                              random_walks, summary_columns)
 from cryosvi.model import model
 from cryosvi.posterior import posterior_summary, weighted_summary
+from cryosvi.randomness import preserved_rng
 from cryosvi.smc import importance_weights, tempered_smc
 
 
@@ -107,6 +108,7 @@ def refine(guide: Guide, forward, priors, noise_std: float, images: torch.Tensor
     return out
 
 
+@preserved_rng()
 def infer(run: str | Path, particles: str | Path, output: str | Path, samples: int = 0,
           importance: int = 64, method: str = "smc", moves: int = 3,
           batch_size: int = 256,

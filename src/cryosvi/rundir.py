@@ -16,14 +16,10 @@ object); every RNG state is stored as tensors and numbers (format 2).
 
 from __future__ import annotations
 
-import ctypes
 import json
 import pickle
-import random
-import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from cryosvi.errors import CryosviError
@@ -154,39 +150,10 @@ def load_trained(directory: str | Path, device: str = "cpu"):
     return info, reference, guide
 
 
-# ------------------------------------------------------------------------ RNG state
-def rng_state() -> dict:
-    """torch, CUDA, numpy and python RNG states as tensors and numbers (no pickle)."""
-    _, keys, pos, has_gauss, cached = np.random.get_state()
-    version, words, gauss_next = random.getstate()
-    state = {"torch": torch.get_rng_state(),
-             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-             "python": {"version": version, "words": torch.tensor(words, dtype=torch.int64),
-                        "gauss_next": gauss_next}}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    """Inverse of :func:`rng_state`."""
-    torch.set_rng_state(state["torch"].cpu())
-    numpy = state["numpy"]
-    np.random.set_state(("MT19937", numpy["keys"].cpu().numpy().astype(np.uint32),
-                         numpy["pos"], numpy["has_gauss"], numpy["cached_gaussian"]))
-    python = state["python"]
-    random.setstate((python["version"], tuple(python["words"].tolist()),
-                     python["gauss_next"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-
-
 # --------------------------------------------------------------------------- device
 def select_device(device: str) -> torch.device:
     """The torch device for a --device value, with a clear error for a name torch does not
-    know or CUDA asked for but absent; on CPU, glibc is told to keep freed memory
-    (``keep_freed_memory``)."""
+    know or CUDA asked for but absent."""
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError):
@@ -199,21 +166,4 @@ def select_device(device: str) -> torch.device:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise CryosviError(f"--device {device}: there are only "
                                f"{torch.cuda.device_count()} CUDA device(s)")
-    if device.type == "cpu":
-        keep_freed_memory()
     return device
-
-
-def keep_freed_memory() -> None:
-    """Let glibc serve large blocks from the heap and keep freed memory instead of
-    returning it to the OS after every step. Training on CPU otherwise spends its time in
-    page faults (measured: 6 700 -> 84 minor faults and 19 % less CPU per step of the
-    demo's guide). Process-wide; a no-op outside Linux/glibc."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD (glibc caps it at its maximum)
-        libc.mallopt(-1, (1 << 31) - 1)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass

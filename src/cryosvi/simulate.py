@@ -35,6 +35,7 @@ from cryosvi.config import Optics
 from cryosvi.ctf import OpticsGroups, ParticleCTF
 from cryosvi.latents import PAPER_SITES, REGISTRY, Conditions, model_sites
 from cryosvi.model import model
+from cryosvi.randomness import preserved_rng
 from cryosvi.noise import RunningMoments, noise_std_for_snr
 from cryosvi.reference import Reference
 
@@ -147,6 +148,7 @@ def draw_acquisition(reference: Reference, acquisition: Acquisition, count: int,
     return conditions.to(device), columns
 
 
+@preserved_rng()
 def simulate_dataset(reference: Reference, n_particles: int, output: str | Path,
                      seed: int = 0, force: bool = False, chunk_size: int = 256,
                      device: str = "cpu",

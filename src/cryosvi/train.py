@@ -51,10 +51,11 @@ from cryosvi.io.particles import read_particles
 from cryosvi.latents import BY_NAME, PAPER_SITES, REGISTRY, Conditions, known_values, names
 from cryosvi.model import model
 from cryosvi.reference import Reference
+from cryosvi.randomness import preserved_rng, rng_state, set_rng_state
 from cryosvi.rundir import (CHECKPOINT, CHECKPOINT_FORMAT, LOG_FILE, PLOT_FILE,
                             REFERENCE_FILE, RUN_FILE, guide_config, load_checkpoint,
-                            load_weights, read_run, rng_state, save_checkpoint,
-                            select_device, set_rng_state, write_json_atomic)
+                            load_weights, read_run, save_checkpoint, select_device,
+                            write_json_atomic)
 
 OBJECTIVES = ("sim", "elbo")
 VALIDATION_SIZE = 512
@@ -401,6 +402,7 @@ def prepare(particles: str | Path, reference: Reference, options: TrainOptions,
     return table, data, reference, config, known
 
 
+@preserved_rng()
 def train(particles: str | Path, reference: Reference | None, output: str | Path,
           options: TrainOptions | None = None, resume: bool = False, force: bool = False,
           max_epochs: int | None = None, progress: bool = True,

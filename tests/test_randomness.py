@@ -1,0 +1,60 @@
+"""Library calls keep the caller's random streams: simulate, train and infer seed the
+global generators for reproducibility and put the caller's back afterwards."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from cryosvi.infer import infer
+from cryosvi.randomness import preserved_rng, rng_state, set_rng_state
+from cryosvi.simulate import simulate_dataset
+from cryosvi.train import train
+from test_train import load_reference, run_options, tiny_reference
+
+
+def draws():
+    """The next values of the torch, numpy and python streams (consumes them)."""
+    return (torch.rand(3).tolist(), np.random.random_sample(3).tolist(),
+            [random.random() for _ in range(3)])
+
+
+def test_state_round_trips_and_preserved_rng_restores_on_error():
+    torch.manual_seed(5)
+    np.random.seed(5)
+    random.seed(5)
+    state = rng_state()
+    expected = draws()
+    set_rng_state(state)
+    assert draws() == expected
+    set_rng_state(state)
+    with pytest.raises(RuntimeError):
+        with preserved_rng():
+            torch.manual_seed(0)
+            np.random.seed(0)
+            random.seed(0)
+            raise RuntimeError
+    assert draws() == expected
+
+
+def test_simulate_train_and_infer_leave_the_callers_streams_alone(tmp_path):
+    torch.manual_seed(11)
+    np.random.seed(11)
+    random.seed(11)
+    state = rng_state()
+    expected = draws()
+    set_rng_state(state)
+    simulate_dataset(tiny_reference(), 24, tmp_path / "data", seed=3)
+    assert draws() == expected
+    set_rng_state(state)
+    particles = tmp_path / "data" / "particles.star"
+    train(particles, load_reference(tmp_path / "data"), tmp_path / "run", run_options(),
+          progress=False)
+    assert draws() == expected
+    set_rng_state(state)
+    infer(tmp_path / "run", particles, tmp_path / "posterior.star", importance=4,
+          progress=False)
+    assert draws() == expected
