@@ -289,3 +289,36 @@ RELION31_HEADER = ("data_optics\nloop_\n_rlnOpticsGroup\n_rlnVoltage\n_rlnSpheri
                    "_rlnAmplitudeContrast\n_rlnImagePixelSize\n_rlnImageSize\n"
                    "1 300 2.7 0.1 1.5 8\n\ndata_particles"
                    + RELION31_HEADER.split("000001@")[0] + "ROWS")
+
+
+def test_relion_reconstruct_reads_the_written_file_or_skip(tmp_path):
+    """relion_reconstruct reads what write_particles writes (the writer of cryosvi
+    infer): stacks, poses, CTF and optics. A noise-free simulation reconstructed from
+    the written poses is the pseudo-atoms' density (RELION's axes and origin)."""
+    if not shutil.which("relion_reconstruct"):
+        pytest.skip("relion_reconstruct not on PATH")
+    from cryosvi.config import PAPER_PRESET, Noise
+    from cryosvi.reference import build_reference
+    from cryosvi.simulate import simulate_dataset
+
+    reference = build_reference(None, None, 2, **{**PAPER_PRESET,
+                                                  "noise": Noise(snr=float("inf"))})
+    simulate_dataset(reference, 300, tmp_path / "sim", seed=4)
+    ps = read_particles(tmp_path / "sim" / "particles.star")
+    write_particles(tmp_path / "sim" / "posterior.star", ps, ps.metadata,
+                    ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"])
+    result = subprocess.run(["relion_reconstruct", "--i", "posterior.star", "--o",
+                             "map.mrc", "--ctf"], cwd=tmp_path / "sim",
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    with mrcfile.open(tmp_path / "sim" / "map.mrc") as mrc:
+        volume = np.asarray(mrc.data, dtype=float)
+    box, pixel = reference.optics.box, reference.optics.pixel_size
+    assert volume.shape == (box, box, box) and np.isfinite(volume).all()
+    # the pseudo-atoms' own density on RELION's [z, y, x] grid, origin at box // 2
+    axis = (np.arange(box) - box // 2) * pixel
+    z, y, x = np.meshgrid(axis, axis, axis, indexing="ij")
+    grid = np.stack([x, y, z], -1)[..., None, :]
+    atoms = np.exp(-((grid - reference.coords) ** 2).sum(-1) / (2 * 2.0**2)).sum(-1)
+    # measured: 0.988 with the true poses, 0.77 with tilt mirrored, 0.63 shuffled
+    assert np.corrcoef(volume.ravel(), atoms.ravel())[0, 1] > 0.95
