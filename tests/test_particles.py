@@ -322,3 +322,19 @@ def test_relion_reconstruct_reads_the_written_file_or_skip(tmp_path):
     atoms = np.exp(-((grid - reference.coords) ** 2).sum(-1) / (2 * 2.0**2)).sum(-1)
     # measured: 0.988 with the true poses, 0.77 with tilt mirrored, 0.63 shuffled
     assert np.corrcoef(volume.ravel(), atoms.ravel())[0, 1] > 0.95
+
+
+def test_cryodrgn_parser_reads_the_written_file_or_skip(tmp_path):
+    """cryoDRGN's own STAR parser (cryodrgn.starfile.Starfile; skipped when cryoDRGN is
+    not installed) reads the RELION 3.1 file cryosvi writes, with each particle's optics
+    group values."""
+    cryodrgn_starfile = pytest.importorskip("cryodrgn.starfile")
+    ps = read_particles(write_relion31(tmp_path, voltage2=200.0))
+    frame = ps.metadata.copy()
+    frame["rlnAngleRot"] = [10.0, 20.0, 30.0]
+    write_particles(tmp_path / "out.star", ps, frame, ["rlnAngleRot"])
+    theirs = cryodrgn_starfile.Starfile(str(tmp_path / "out.star"))
+    assert len(theirs) == 3 and theirs.relion31
+    np.testing.assert_allclose(theirs.get_optics_values("_rlnVoltage"), [300, 200, 300])
+    np.testing.assert_allclose(theirs.df["_rlnAngleRot"].astype(float), [10, 20, 30])
+    assert list(theirs.df["_rlnImageName"]) == list(ps.metadata["rlnImageName"])
