@@ -152,10 +152,11 @@ def draw_acquisition(reference: Reference, acquisition: Acquisition, count: int,
 def simulate_dataset(reference: Reference, n_particles: int, output: str | Path,
                      seed: int = 0, force: bool = False, chunk_size: int = 256,
                      device: str = "cpu",
-                     acquisition: Acquisition = Acquisition()) -> Reference:
+                     acquisition: Acquisition = Acquisition(),
+                     progress: bool = True) -> Reference:
     """Write ``output/particles.mrcs``, ``particles.star``, ``reference.npz`` and the
     ``.cryosvi`` marker. ``acquisition``: shifts, astigmatism and optics groups
-    (default: the paper's data).
+    (default: the paper's data). ``progress``: tqdm bars on stderr.
 
     The data set is built in a hidden staging folder beside ``output`` (marked with this
     process id) and renamed into place only when complete and finite; staging folders
@@ -174,7 +175,7 @@ def simulate_dataset(reference: Reference, n_particles: int, output: str | Path,
     staging = make_staging(output)
     try:
         reference = _simulate_into(reference, n_particles, staging, seed, chunk_size, device,
-                                   acquisition)
+                                   acquisition, progress)
         mark_directory(staging, DATASET_KIND)
         if replace:
             remove_directory(output)
@@ -188,7 +189,8 @@ def simulate_dataset(reference: Reference, n_particles: int, output: str | Path,
 
 
 def _simulate_into(reference: Reference, n: int, directory: Path, seed: int,
-                   chunk_size: int, device: str, acquisition: Acquisition) -> Reference:
+                   chunk_size: int, device: str, acquisition: Acquisition,
+                   progress: bool = True) -> Reference:
     box = reference.optics.box
     paper = acquisition.is_paper
     groups = acquisition.groups or (reference.optics,)
@@ -204,7 +206,8 @@ def _simulate_into(reference: Reference, n: int, directory: Path, seed: int,
     starts = range(0, n, chunk_size)
     try:
         with torch.no_grad():
-            for start in tqdm(starts, desc="simulating", unit="chunk", leave=False):
+            for start in tqdm(starts, desc="simulating", unit="chunk", leave=False,
+                              disable=not progress):
                 stop = min(start + chunk_size, n)
                 if paper:
                     chunk_latents, clean = sample_prior(reference, forward, stop - start)
@@ -230,7 +233,8 @@ def _simulate_into(reference: Reference, n: int, directory: Path, seed: int,
             noise_std = noise_std_for_snr(moments.variance, reference.noise.snr)
             generator = torch.Generator().manual_seed(seed + 1)
             noisy_moments, low, high = RunningMoments(), np.inf, -np.inf
-            for start in tqdm(starts, desc="adding noise", unit="chunk", leave=False):
+            for start in tqdm(starts, desc="adding noise", unit="chunk", leave=False,
+                              disable=not progress):
                 stop = min(start + chunk_size, n)
                 noise = torch.randn((stop - start, box, box), generator=generator)
                 noisy = stack.read(start, stop) + noise_std * noise.numpy()

@@ -123,9 +123,9 @@ def run(args) -> None:
     say(f"[1/4] simulating {args.n_train} + {args.n_test} particles (1OL5, "
         f"{reference.n_atoms} pseudo-atoms, {reference.optics.box} px, SNR {args.snr:g})")
     simulate_dataset(reference, args.n_train, output / "data" / "train", seed=args.seed,
-                     device=device)
+                     device=device, progress=not args.quiet)
     simulate_dataset(reference, args.n_test, output / "data" / "test",
-                     seed=args.seed + 1, device=device)
+                     seed=args.seed + 1, device=device, progress=not args.quiet)
     times["simulate"] = round(time.perf_counter() - tic, 1)
 
     tic = time.perf_counter()
