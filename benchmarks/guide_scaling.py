@@ -26,14 +26,11 @@ from scipy import stats
 
 from cryosvi.config import PAPER_PRESET
 from cryosvi.guide import ORDER, Architecture, Guide, GuideConfig
+from cryosvi.posterior import posterior_summary
 from cryosvi.reference import build_reference
 from cryosvi.rotations import quaternion_geodesic_angle
 from cryosvi.simulate import sample_prior
 
-try:  # posterior_summary moves from infer.py to posterior.py (issue #13)
-    from cryosvi.posterior import posterior_summary
-except ImportError:
-    from cryosvi.infer import posterior_summary
 
 VARIANTS = {
     "demo": Architecture(channels=(16, 32, 64), hidden=256, n_components=4,
