@@ -22,31 +22,30 @@ def draws():
             [random.random() for _ in range(3)])
 
 
-def test_state_round_trips_and_preserved_rng_restores_on_error():
-    torch.manual_seed(5)
-    np.random.seed(5)
-    random.seed(5)
+def seeded_state(seed: int):
+    """Seed all three streams; their state and the draws that follow it."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
     state = rng_state()
     expected = draws()
     set_rng_state(state)
+    return state, expected
+
+
+def test_state_round_trips_and_preserved_rng_restores_on_error():
+    state, expected = seeded_state(5)
     assert draws() == expected
     set_rng_state(state)
     with pytest.raises(RuntimeError):
         with preserved_rng():
-            torch.manual_seed(0)
-            np.random.seed(0)
-            random.seed(0)
+            seeded_state(0)
             raise RuntimeError
     assert draws() == expected
 
 
 def test_simulate_train_and_infer_leave_the_callers_streams_alone(tmp_path):
-    torch.manual_seed(11)
-    np.random.seed(11)
-    random.seed(11)
-    state = rng_state()
-    expected = draws()
-    set_rng_state(state)
+    state, expected = seeded_state(11)
     simulate_dataset(tiny_reference(), 24, tmp_path / "data", seed=3)
     assert draws() == expected
     set_rng_state(state)
