@@ -97,7 +97,7 @@ def optics_groups(particles: ParticleSet, pixel_size: float | None = None) -> Op
     is applied to, e.g. ``working_pixel_size`` for a working box (then every group must
     share one data pixel size)."""
     codes, labels = _group_codes(particles)
-    first = np.array([np.flatnonzero(codes == g)[0] for g in range(len(labels))])
+    first = np.unique(codes, return_index=True)[1]  # first row of each group 0..G-1
     frame = particles.metadata.iloc[first]
     pixels = frame["rlnImagePixelSize"].to_numpy(float)
     if pixel_size is not None:

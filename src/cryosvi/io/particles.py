@@ -175,10 +175,8 @@ class ParticleSet:
             return
         _, codes, _ = self._image_names()
         groups = self.metadata["rlnOpticsGroup"].to_numpy()
-        sizes = {}
-        for group in np.unique(groups):
-            first = int(np.flatnonzero(groups == group)[0])
-            sizes[group] = self.stack(int(codes[first])).box
+        labels, first = np.unique(groups, return_index=True)
+        sizes = {group: self.stack(int(codes[row])).box for group, row in zip(labels, first)}
         self.metadata["rlnImageSize"] = pd.Series(groups).map(sizes).to_numpy(np.int64)
         self.optics["rlnImageSize"] = self.optics["rlnOpticsGroup"].map(sizes).astype(np.int64)
         self._stacks.clear()  # re-opened with the size check
