@@ -31,7 +31,7 @@ from cryosvi.config import Optics
 from cryosvi.ctf import OpticsGroups, ParticleCTF
 from cryosvi.errors import CryosviError
 from cryosvi.fourier import cropped_pixel_size, fourier_crop
-from cryosvi.io.particles import ORIGINS, ParticleSet
+from cryosvi.io.particles import ORIGINS, ParticleSet, numeric_column
 from cryosvi.reference import Reference
 
 MODEL_OPTICS = {"rlnImageSize": "box", "rlnImagePixelSize": "pixel_size",
@@ -159,9 +159,10 @@ def known_shifts(particles: ParticleSet, rows=None) -> torch.Tensor:
 def mean_defocus(particles: ParticleSet) -> np.ndarray:
     """(N,) float64 Å: each particle's mean defocus (U + V) / 2 (U alone without
     rlnDefocusV)."""
-    frame = particles.metadata
-    u = frame["rlnDefocusU"].to_numpy(float)
-    return (u + frame["rlnDefocusV"].to_numpy(float)) / 2 if "rlnDefocusV" in frame else u
+    u = numeric_column(particles, "rlnDefocusU")
+    if "rlnDefocusV" not in particles.metadata:
+        return u
+    return (u + numeric_column(particles, "rlnDefocusV")) / 2
 
 
 def has_shifts(particles: ParticleSet) -> bool:

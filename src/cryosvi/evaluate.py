@@ -32,7 +32,7 @@ from scipy import stats
 
 from cryosvi.errors import CryosviError
 from cryosvi.io.atomic import write_atomically
-from cryosvi.io.particles import ANGLES, ParticleSet
+from cryosvi.io.particles import ANGLES, ParticleSet, numeric_column
 from cryosvi.latents import REGISTRY
 from cryosvi.rotations import euler_to_matrix, geodesic_angle, quaternion_geodesic_angle
 
@@ -129,17 +129,6 @@ def error_summary(error_deg: np.ndarray) -> dict:
 
 
 # ----------------------------------------------------------------------- table handling
-
-
-def numeric_column(table: ParticleSet, column: str) -> np.ndarray:
-    """One numeric, finite (N,) column, or a CryosviError naming file and column."""
-    values = pd.to_numeric(table.metadata[column], errors="coerce").to_numpy(float)
-    bad = ~np.isfinite(values)
-    if bad.any():
-        row = int(np.flatnonzero(bad)[0])
-        raise CryosviError(f"{table.path}: column {column} has {int(bad.sum())} non-numeric "
-                           f"or non-finite value(s) (first at particle {row + 1})")
-    return values
 
 
 def _std_column(table: ParticleSet, column: str) -> np.ndarray:

@@ -355,17 +355,9 @@ class Defocus(GaussianLatent):
     def truth_columns(self, posterior, truth):
         if not all("rlnDefocusU" in t.metadata.columns for t in (posterior, truth)):
             return []
-        return [("defocus", _mean_defocus, "cryosviDefocusStd")]
+        from cryosvi.dataset import mean_defocus
 
-
-def _mean_defocus(table) -> np.ndarray:
-    """(N,) Å: mean of U and V (U alone without V)."""
-    from cryosvi.evaluate import numeric_column
-
-    if "rlnDefocusV" in table.metadata.columns:
-        return 0.5 * (numeric_column(table, "rlnDefocusU")
-                      + numeric_column(table, "rlnDefocusV"))
-    return numeric_column(table, "rlnDefocusU")
+        return [("defocus", mean_defocus, "cryosviDefocusStd")]
 
 
 class Shifts(GaussianLatent):
@@ -414,7 +406,7 @@ class Shifts(GaussianLatent):
         return {"cryosviOriginXStd": std[:, 0], "cryosviOriginYStd": std[:, 1]}
 
     def truth_columns(self, posterior, truth):
-        from cryosvi.evaluate import numeric_column
+        from cryosvi.io.particles import numeric_column
 
         std = {"rlnOriginXAngst": "cryosviOriginXStd", "rlnOriginYAngst": "cryosviOriginYStd"}
         # Scored only where the posterior inferred them (every file has origins, 0 by
@@ -468,7 +460,7 @@ class Modes(GaussianLatent):
         return {c: v for pair in zip(values.items(), stds.items()) for c, v in pair}
 
     def truth_columns(self, posterior, truth):
-        from cryosvi.evaluate import numeric_column
+        from cryosvi.io.particles import numeric_column
 
         in_truth = set(truth.mode_columns())
         return [(f"mode{k}", (lambda t, c=column: numeric_column(t, c)),

@@ -359,6 +359,17 @@ def _per_row_optics(frame: pd.DataFrame, path: Path, source: str, columns: list[
     return particles
 
 
+def numeric_column(table: "ParticleSet", column: str) -> np.ndarray:
+    """One numeric, finite (N,) column, or a CryosviError naming file and column."""
+    values = pd.to_numeric(table.metadata[column], errors="coerce").to_numpy(float)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise CryosviError(f"{table.path}: column {column} has {int(bad.sum())} non-numeric "
+                           f"or non-finite value(s) (first at particle {row + 1})")
+    return values
+
+
 def _check_numeric(frame: pd.DataFrame, where) -> None:
     """Known numeric columns as float/int, every value finite; else one error naming
     the column and the first bad row."""
