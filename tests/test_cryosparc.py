@@ -8,7 +8,6 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
-from cryosvi.errors import CryosviError
 from cryosvi.io.cryosparc import euler_to_pose, pose_to_euler
 from cryosvi.io.particles import CryosviWarning, read_particles, write_particles
 from cryosvi.rotations import euler_to_matrix

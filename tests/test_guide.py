@@ -10,8 +10,8 @@ import torch
 from pyro import poutine
 
 from cryosvi.config import Imaging, Noise, Optics, Priors
-from cryosvi.guide import (ORDER, PAPER_ARCHITECTURE, Guide, GuideConfig, condition_sites,
-                           parse_latents)
+from cryosvi.guide import ORDER, PAPER_ARCHITECTURE, Guide, GuideConfig, condition_sites
+from cryosvi.latents import parse_latents
 from cryosvi.model import SITES, model
 from cryosvi.reference import Reference
 from cryosvi.rotations import random_quaternions

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from cryosvi.errors import CryosviError
 from cryosvi.latents import ORDER as SAMPLING_ORDER
-from cryosvi.latents import PAPER_SITES, REGISTRY, Conditions, parse_latents  # noqa: F401
+from cryosvi.latents import PAPER_SITES, REGISTRY, Conditions
 
 ORDER = PAPER_SITES
 """The paper's latents in the sampling order (defocus -> pose -> conformation), the

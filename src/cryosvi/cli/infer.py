@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from cryosvi.cli.common import (HelpFormatter, add_particle_source_arguments,
