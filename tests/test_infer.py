@@ -13,7 +13,7 @@ from cryosvi.distributions import ProjectedNormalMixture
 from cryosvi.infer import infer, refine
 from cryosvi.io.particles import MODE_COLUMN, read_particles
 from cryosvi.io.star import write_star
-from cryosvi.posterior import heaviest_component_mean, pose_std_deg, weighted_mean_direction
+from cryosvi.rotations import heaviest_component_mean, pose_std_deg, weighted_mean_direction
 from cryosvi.reference import Reference
 from cryosvi.rotations import quaternion_geodesic_angle, random_quaternions
 from cryosvi.rundir import load_trained

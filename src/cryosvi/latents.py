@@ -519,7 +519,7 @@ class Pose(Latent):
     def random_walk(self, config) -> RandomWalk:
         """An isotropic rotation step of the population's per-axis RMS angle, 0.01 to 30
         degrees."""
-        from cryosvi.posterior import weighted_pose
+        from cryosvi.rotations import weighted_pose
 
         return RandomWalk(dim=3, step=rotate_randomly,
                           spread=lambda q, w: torch.deg2rad(weighted_pose(q, w)[1]),
@@ -528,7 +528,7 @@ class Pose(Latent):
     def guide_summary(self, guide, q, samples, features, point, conditions):
         """The mean direction of the heaviest component of q(pose | x, mean earlier
         latents), and the samples' isotropic angular std (degrees)."""
-        from cryosvi.posterior import heaviest_component_mean, pose_std_deg
+        from cryosvi.rotations import heaviest_component_mean, pose_std_deg
 
         at_point = guide.distribution(self.site, features[self.site],
                                       guide.condition(self.site, point, conditions),
@@ -537,7 +537,7 @@ class Pose(Latent):
         return mean, pose_std_deg(samples, mean)
 
     def weighted_summary(self, samples, weights):
-        from cryosvi.posterior import weighted_pose
+        from cryosvi.rotations import weighted_pose
 
         return weighted_pose(samples, weights)
 

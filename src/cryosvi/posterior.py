@@ -19,44 +19,6 @@ import torch
 
 from cryosvi.guide import Guide
 from cryosvi.latents import REGISTRY, Conditions
-from cryosvi.rotations import canonical_quaternion, quaternion_geodesic_angle
-
-
-def heaviest_component_mean(mixture) -> torch.Tensor:
-    """Unit mean direction (w >= 0) of the heaviest component, batch shape (...,)."""
-    logits = mixture.mixture_distribution.logits
-    concentration = mixture.component_distribution.concentration
-    best = logits.argmax(-1)
-    chosen = torch.gather(concentration, -2,
-                          best[..., None, None].expand(*best.shape, 1, 4)).squeeze(-2)
-    return canonical_quaternion(chosen / chosen.norm(dim=-1, keepdim=True).clamp_min(1e-12))
-
-
-def pose_std_deg(samples: torch.Tensor, mean: torch.Tensor,
-                 weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Isotropic angular std (deg): sqrt(E[geodesic(sample, mean)^2] / 3).
-    samples (S, B, 4), mean (B, 4), weights (S, B) normalised or None."""
-    angle = quaternion_geodesic_angle(samples, mean.expand_as(samples))
-    if weights is None:
-        return (angle.square().mean(0) / 3).sqrt()
-    return ((weights * angle.square()).sum(0) / 3).sqrt()
-
-
-def weighted_mean_direction(samples: torch.Tensor, weights: torch.Tensor,
-                            reference: torch.Tensor) -> torch.Tensor:
-    """Weighted mean of antipodal quaternion samples (S, B, 4) after aligning each with
-    ``reference`` (B, 4); a unit vector with w >= 0."""
-    sign = torch.where((samples * reference).sum(-1, keepdim=True) < 0, -1.0, 1.0)
-    mean = (weights[..., None] * samples * sign).sum(0)
-    return canonical_quaternion(mean / mean.norm(dim=-1, keepdim=True).clamp_min(1e-12))
-
-
-def weighted_pose(rotation: torch.Tensor, weights: torch.Tensor):
-    """Mean direction (B, 4) of weighted quaternion samples (S, B, 4), aligned with the
-    heaviest sample, and their isotropic angular std (B,) in degrees."""
-    batch = torch.arange(rotation.shape[1], device=rotation.device)
-    mean = weighted_mean_direction(rotation, weights, rotation[weights.argmax(0), batch])
-    return mean, pose_std_deg(rotation, mean, weights)
 
 
 def weighted_summary(values: dict, weights: torch.Tensor) -> dict:
