@@ -181,6 +181,24 @@ class Latent:
     def random_walk(self, config) -> RandomWalk:
         raise NotImplementedError
 
+    # ------------------------------------------------------------------- chart
+    difference_step = 0.0
+    """Finite-difference step along each chart axis (the latent's unit; ``laplace``)."""
+
+    def chart_dim(self, config) -> int:
+        """Local coordinates of one value (the latent's degrees of freedom)."""
+        raise NotImplementedError
+
+    def retract(self, value: Tensor, delta: Tensor) -> Tensor:
+        """The value moved by ``delta`` (..., B, chart_dim) in its local coordinates;
+        value (..., B, ...) broadcasts against delta's leading dimensions."""
+        raise NotImplementedError
+
+    def log_volume(self, delta: Tensor) -> Tensor:
+        """(..., B): log of the prior's base measure per unit volume of the chart at
+        ``delta`` (0 for a vector latent with Lebesgue measure)."""
+        return delta.new_zeros(delta.shape[:-1])
+
     # ---------------------------------------------------------------- summaries
     def guide_summary(self, guide, q, samples: Tensor, features: dict, point: dict,
                       conditions: Conditions) -> tuple[Tensor, Tensor]:
@@ -230,6 +248,8 @@ class GaussianLatent(Latent):
 
     floor = 0.0
     """The SMC random walk's smallest step, in the latent's unit."""
+    scalar = True
+    """Whether a value is one number per particle (event shape ()), i.e. ``size`` 0."""
 
     def size(self, config) -> int:
         """Components per particle; 0 for a scalar latent (event shape ())."""
@@ -271,6 +291,12 @@ class GaussianLatent(Latent):
     def random_walk(self, config) -> RandomWalk:
         return RandomWalk(dim=max(self.size(config), 1), floor=self.floor)
 
+    def chart_dim(self, config) -> int:
+        return max(self.size(config), 1)
+
+    def retract(self, value, delta):
+        return value + (delta[..., 0] if self.scalar else delta)
+
     def guide_summary(self, guide, q, samples, features, point, conditions):
         if not guide.sampled_conditions(self.site):
             # No sampled latent before this one: every sample's q is the same.
@@ -306,6 +332,7 @@ class Defocus(GaussianLatent):
     mean_key, std_key = "defocus_mean", "defocus_std"
     headline = ("val_defocus_r", "defocus r")
     floor = 0.1
+    difference_step = 1.0
     sets_ctf = True
 
     def prior_loc_scale(self, priors, conditions, like):
@@ -372,6 +399,8 @@ class Shifts(GaussianLatent):
     mean_key, std_key = "shifts_mean", "shifts_std"
     headline = ("val_shifts_rmse", "shift RMSE Å")
     floor = 0.01
+    difference_step = 0.01
+    scalar = False
 
     def size(self, config) -> int:
         return 2
@@ -425,6 +454,8 @@ class Modes(GaussianLatent):
     mean_key, std_key = "modes_mean", "modes_std"
     headline = ("val_mode_r", "mode r")
     floor = 1e-4
+    difference_step = 0.01
+    scalar = False
 
     def size(self, config) -> int:
         return config.n_modes
@@ -525,6 +556,28 @@ class Pose(Latent):
                           spread=lambda q, w: torch.deg2rad(weighted_pose(q, w)[1]),
                           floor=math.radians(0.01), cap=math.radians(30))
 
+    difference_step = 1e-3  # radians, 0.06 degrees
+
+    def chart_dim(self, config) -> int:
+        return 3
+
+    def retract(self, value, delta):
+        """q exp(delta): the rotation ``delta`` (rotation vector, radians, in the
+        particle's frame) followed by q."""
+        from cryosvi.rotations import quaternion_product, rotation_vector_to_quaternion
+
+        step = rotation_vector_to_quaternion(delta)
+        value, step = torch.broadcast_tensors(value, step)
+        q = quaternion_product(value, step)
+        return q / q.norm(dim=-1, keepdim=True)
+
+    def log_volume(self, delta):
+        """S^3's surface measure per unit of rotation-vector volume: with psi = |delta| /
+        2 the quaternion's polar angle, dA = sin^2(psi) dpsi dOmega_2 and d^3 delta =
+        8 psi^2 dpsi dOmega_2, so dA / d^3 delta = (sin psi / psi)^2 / 8."""
+        psi = delta.norm(dim=-1) / 2
+        return 2 * torch.log(torch.sinc(psi / math.pi).abs()) - math.log(8.0)
+
     def guide_summary(self, guide, q, samples, features, point, conditions):
         """The mean direction of the heaviest component of q(pose | x, mean earlier
         latents), and the samples' isotropic angular std (degrees)."""
@@ -613,6 +666,37 @@ def random_walks(latents, config) -> dict[str, RandomWalk]:
     return {latent.site: latent.random_walk(config) for latent in chosen}
 
 
+class Chart:
+    """Local coordinates of the inferred ``latents`` (``cryosvi.laplace``): each latent's
+    chart, concatenated in the guide's order; values are dicts site -> (..., B, ...)."""
+
+    def __init__(self, latents, config):
+        self.latents = [REGISTRY[s] for s in ORDER if s in latents]
+        self.dims = [latent.chart_dim(config) for latent in self.latents]
+        self.dim = sum(self.dims)
+
+    def steps(self, like: Tensor) -> Tensor:
+        """(d,) finite-difference steps, in the dtype and device of ``like``."""
+        return torch.tensor([latent.difference_step for latent, d in
+                             zip(self.latents, self.dims) for _ in range(d)],
+                            dtype=like.dtype, device=like.device)
+
+    def _split(self, delta: Tensor) -> list[Tensor]:
+        return list(delta.split(self.dims, dim=-1))
+
+    def retract(self, values: dict, delta: Tensor) -> dict:
+        """``values`` moved by delta (..., B, d); sites outside the chart unchanged."""
+        moved = dict(values)
+        for latent, part in zip(self.latents, self._split(delta)):
+            moved[latent.site] = latent.retract(values[latent.site], part)
+        return moved
+
+    def log_volume(self, delta: Tensor) -> Tensor:
+        """(..., B): the sum of the latents' ``log_volume``."""
+        return sum(latent.log_volume(part) for latent, part in
+                   zip(self.latents, self._split(delta)))
+
+
 def parse_latents(text: str) -> tuple[str, ...]:
     """'pose,defocus,modes' -> the sites in sampling order; ValueError if unknown."""
     names = [t.strip() for t in text.split(",") if t.strip()]
@@ -642,11 +726,14 @@ def known_values(particles, sites, config) -> dict[str, Tensor]:
 
 
 def summary_columns(summary: dict, latents, frame, config) -> dict[str, np.ndarray]:
-    """STAR columns of the inferred ``latents`` from a summary, plus cryosviESS when
-    the summary has it."""
+    """STAR columns of the inferred ``latents`` from a summary, plus cryosviESS and
+    cryosviRefinedBySMC (1: the Laplace refinement handed the particle to the SMC) when
+    the summary has them."""
     columns = {}
     for site in latents:
         columns.update(REGISTRY[site].output_columns(summary, frame, config))
     if "ess" in summary:
         columns["cryosviESS"] = summary["ess"].cpu().numpy()
+    if "smc_fallback" in summary:
+        columns["cryosviRefinedBySMC"] = summary["smc_fallback"].cpu().numpy().astype(int)
     return columns
