@@ -200,3 +200,44 @@ def test_rotation_perturbations_have_the_requested_spread():
     torch.testing.assert_close(q.norm(dim=-1), torch.ones(20000))
     angle = quaternion_geodesic_angle(q, centre)
     assert float(angle.square().mean().sqrt()) == pytest.approx(math.sqrt(3) * 5.0, rel=0.03)
+
+
+def test_laplace_refinement_agrees_with_a_long_smc(trained):
+    """refine('laplace') (Gauss-Newton, Laplace proposal, importance weights) and a
+    256-sample tempered SMC with 5 moves target the same posterior: on particles made by
+    the model, with the pose known, their defocus and mode means agree within a fraction
+    of the posterior std and their stds within 25 %."""
+    _, reference, guide = load_trained(trained / "fixed_pose")
+    priors, noise_std = reference.priors, reference.noise.std
+    forward = reference.forward_model()
+    torch.manual_seed(0)
+    rotation = random_quaternions(12)
+    with torch.no_grad():
+        clean = forward(torch.randn(12, 2) * 2, rotation, 10000 + 2500 * torch.randn(12))
+        images = clean + noise_std * torch.randn_like(clean)
+    known = {"rotation": rotation}
+    laplace = refine(guide, forward, priors, noise_std, images, known, 64, method="laplace")
+    smc = refine(guide, forward, priors, noise_std, images, known, 256, method="smc", moves=5)
+    assert laplace["smc_fallback"].float().mean() < 0.5  # the Laplace path did the work
+    assert (laplace["ess"] > 16).float().mean() > 0.5
+    for mean, std in (("defocus_mean", "defocus_std"), ("modes_mean", "modes_std")):
+        gap = (laplace[mean] - smc[mean]).abs() / smc[std]
+        assert gap.median() < 0.3 and gap.max() < 1.5, (mean, gap)
+        ratio = laplace[std] / smc[std]
+        assert ((ratio > 0.75) & (ratio < 1.33)).float().mean() > 0.8, (std, ratio)
+
+
+def test_laplace_hands_local_modes_and_low_ess_to_the_smc():
+    from cryosvi.infer import _stuck
+
+    objective = 1000.0 + torch.randn(64, generator=torch.Generator().manual_seed(0)) * 30
+    objective[5] += 400.0  # a local mode: the image fits far worse than its peers'
+    ess = torch.full((64,), 50.0)
+    ess[9] = 10.0  # a posterior far from Gaussian
+    stuck = _stuck(objective, ess, n_samples=64, pixels=1024)
+    assert stuck.nonzero()[:, 0].tolist() == [5, 9]
+    # The spread is never below that of noise alone (sqrt(P / 2) = 22.6 here): a batch
+    # of identical objectives does not flag a particle 40 above them.
+    flat = torch.full((16,), 500.0)
+    flat[3] += 40.0
+    assert not _stuck(flat, torch.full((16,), 50.0), 64, 1024).any()

@@ -1,11 +1,18 @@
 """Posterior of every particle from a trained guide (one batched network pass), refined by
-the physics likelihood (tempered SMC by default, or importance sampling), as STAR/npz.
+the physics likelihood, as STAR/npz.
 
 Summaries per particle: ``cryosvi.posterior``. Refinement with the physics likelihood
-(``refine``): the guide is the proposal of the generic samplers in ``cryosvi.smc``,
-importance sampling (weights p(x | z) p(z) / q(z | x), self-normalised; its effective
-sample size (sum w)^2 / sum w^2 is reported per particle) or adaptive tempered SMC from
-the guide to the posterior (resample-move with random-walk Metropolis moves).
+(``refine``), by the generic samplers of ``cryosvi.laplace`` and ``cryosvi.smc``:
+
+* 'laplace' (the default): Gauss-Newton from the guide's best draws to the posterior
+  mode, importance sampling from the Laplace approximation there, and tempered SMC for
+  the particles where that fails. Measured on the demo's 2 000 held-out particles (SNR
+  20, 2-core CPU): the same accuracy and coverage as 'smc' at about 4x its speed
+  (README, "Inference");
+* 'is': importance sampling with the guide as proposal (weights p(x | z) p(z) / q(z |
+  x), self-normalised; the effective sample size (sum w)^2 / sum w^2 per particle);
+* 'smc': adaptive tempered SMC from the guide to the posterior (resample-move with
+  random-walk Metropolis moves).
 """
 
 from __future__ import annotations
@@ -23,8 +30,9 @@ from cryosvi.guide import Guide
 from cryosvi.io.atomic import save_npz_atomically
 from cryosvi.io.outputs import provenance_array
 from cryosvi.errors import CryosviError
-from cryosvi.latents import (PAPER_SITES, Conditions, ParticleData, known_values,
-                             random_walks, summary_columns)
+from cryosvi.laplace import gauss_newton, laplace_log_evidence, laplace_proposal
+from cryosvi.latents import (PAPER_SITES, REGISTRY, Chart, Conditions, ParticleData,
+                             forward_inputs, known_values, random_walks, summary_columns)
 from cryosvi.model import model
 from cryosvi.posterior import posterior_summary, weighted_summary
 from cryosvi.randomness import preserved_rng
@@ -50,6 +58,126 @@ def log_joint(forward, priors, noise_std: float, images: torch.Tensor, values: d
     return total.reshape(n_samples, batch)
 
 
+def _tile(values: dict, n: int) -> dict:
+    """Values site -> (B, ...) repeated n times along the batch, (n * B, ...)."""
+    return {s: v.repeat(n, *([1] * (v.dim() - 1))) for s, v in values.items()}
+
+
+@torch.no_grad()
+def laplace_refine(guide: Guide, forward, priors, noise_std: float, images: torch.Tensor,
+                   known: dict | None, n_samples: int, starts: int = 2, pool: int = 32,
+                   coarse: int = 4, iterations: int = 4, blur: float = 0.1,
+                   chunk: int = 16, conditions: Conditions | None = None) -> dict:
+    """Gauss-Newton from the guide's best draws to the posterior mode, then importance
+    sampling from the Laplace approximation there (``cryosvi.laplace``).
+
+    The guide draws ``pool`` samples per particle; the ``starts`` of highest p(x, z)
+    take Levenberg-Marquardt steps in the latents' charts (``latents.Chart``: rotation
+    vectors for the pose): ``coarse`` steps on residuals low-passed by a Gaussian of
+    ``blur`` x box pixels (a wider basin: measured on the demo, 5.5 % of the particles
+    ended in a wrong local mode with it against 8.6 % without), then ``iterations`` on
+    the full residuals. The mode of highest Laplace evidence gives the proposal N(mode,
+    H^-1); its ``n_samples`` draws are weighted by p(x, z) / q(z) (q per unit of each
+    prior's base measure, e.g. S^3's surface for the pose). Evaluations of the forward
+    model per particle: pool + starts (coarse + iterations + 1) (2 d + 2) + n_samples
+    (d: the chart's dimension).
+
+    Returns the summary keys of ``weighted_summary`` plus 'samples', 'weights' (S, B),
+    'ess' (B,): the effective sample size of these weights (how Gaussian the posterior
+    is around the mode) and 'objective' (B,): -log p(x, z) + const at the mode.
+    """
+    known = dict(known or {})
+    conditions = conditions or Conditions()
+    latents = guide.config.latents
+    batch = images.shape[0]
+    chart = Chart(latents, guide.config)
+    guide_draws = posterior_summary(guide, images, known, max(pool, starts),
+                                    conditions=conditions)["samples"]
+    log_p = _log_target(forward, priors, noise_std, images, guide_draws, known, conditions,
+                        latents, chunk)
+    top = log_p.topk(starts, dim=0).indices  # (M, B)
+    columns = torch.arange(batch, device=images.device).expand(starts, batch)
+    # M starts of B particles are one batch of M B problems, in (M, B) order.
+    point = {s: v[top, columns].reshape(1, starts * batch, *v.shape[2:])
+             for s, v in guide_draws.items()}
+    tiled_images = images.repeat(starts, 1, 1)
+    tiled_known = _tile(known, starts)
+    tiled_conditions = conditions.expand(starts)
+    box = images.shape[-1]
+    frequency = torch.fft.fftfreq(box, device=images.device)
+    low_pass = torch.exp(-2 * (math.pi * blur * box) ** 2
+                         * (frequency[:, None] ** 2 + frequency[None, :] ** 2))
+
+    def evaluate(values, smooth=False):
+        """(residuals (n, M B, P), log prior (n, M B)) of values site -> (n, M B, ...)."""
+        residuals, log_priors = [], []
+        for i in range(0, next(iter(values.values())).shape[0], chunk):
+            part = {s: v[i:i + chunk] for s, v in values.items()}
+            m = next(iter(part.values())).shape[0]
+            flat = {s: v.reshape(m * starts * batch, *v.shape[2:]) for s, v in part.items()}
+            tiled = tiled_conditions.expand(m)
+            clean = forward(**forward_inputs({**_tile(tiled_known, m), **flat}, tiled))
+            residual = (clean - tiled_images.repeat(m, 1, 1)) / noise_std
+            if smooth:
+                residual = torch.fft.ifft2(torch.fft.fft2(residual) * low_pass).real
+            residuals.append(residual.reshape(m, starts * batch, -1))
+            log_priors.append(sum(REGISTRY[s].prior(priors, tiled, forward.coords)
+                                  .log_prob(flat[s]) for s in latents)
+                              .reshape(m, starts * batch))
+        return torch.cat(residuals), torch.cat(log_priors)
+
+    def select(mask, first, second):
+        return {s: torch.where(mask.view(1, -1, *([1] * (first[s].dim() - 2))),
+                               first[s], second[s]) for s in first}
+
+    steps = chart.steps(images)
+    if coarse:
+        point = gauss_newton(point, lambda v: evaluate(v, smooth=True), chart.retract,
+                             select, steps, iterations=coarse).point
+    result = gauss_newton(point, evaluate, chart.retract, select, steps,
+                          iterations=iterations)
+    evidence = laplace_log_evidence(result.objective, result.precision).view(starts, batch)
+    best = evidence.argmax(0) * batch + torch.arange(batch, device=images.device)
+    mode = {s: v[:, best] for s, v in result.point.items()}  # (1, B, ...)
+    delta, log_q = laplace_proposal(result.precision[best], n_samples)
+    values = chart.retract(mode, delta.to(images.dtype))
+    log_q = log_q - chart.log_volume(delta).double()
+    log_p = _log_target(forward, priors, noise_std, images, values, known, conditions,
+                        latents, chunk)
+    weights, ess = importance_weights(log_p.double(), log_q)
+    weights = weights.to(images.dtype)
+    return {**weighted_summary(values, weights), "samples": values, "weights": weights,
+            "ess": ess.to(images.dtype), "objective": result.objective[best]}
+
+
+def _stuck(objective: torch.Tensor, ess: torch.Tensor, n_samples: int, pixels: int,
+           outlier: float = 4.0, min_ess: float = 0.25) -> torch.Tensor:
+    """(B,) bool: the particles whose Laplace refinement is not to be trusted: a mode
+    whose -log p(x, z) lies more than ``outlier`` robust standard deviations above the
+    batch's median (a local mode: the true one fits the image better), or an ESS below
+    ``min_ess`` S (a posterior far from Gaussian). The spread is the batch's (1.4826
+    MAD) but at least that of noise alone: |r|^2 / 2 over P whitened pixels has std
+    sqrt(P / 2)."""
+    centre = objective.median()
+    spread = torch.maximum(1.4826 * (objective - centre).abs().median(),
+                           torch.tensor(math.sqrt(pixels / 2), dtype=objective.dtype,
+                                        device=objective.device))
+    return (objective > centre + outlier * spread) | (ess < min_ess * n_samples)
+
+
+def _log_target(forward, priors, noise_std, images, values, known, conditions, latents,
+                chunk):
+    """log p(x, z) (S, B) of values site -> (S, B, ...) with the fixed sites ``known``
+    (B, ...), ``chunk`` samples at a time; NaN (a broken image) becomes -inf."""
+    n = next(iter(values.values())).shape[0]
+    values = {**{s: v.unsqueeze(0).expand(n, *v.shape) for s, v in known.items()},
+              **values}
+    parts = [log_joint(forward, priors, noise_std, images,
+                       {s: v[i:i + chunk] for s, v in values.items()}, conditions, latents)
+             for i in range(0, n, chunk)]
+    return torch.nan_to_num(torch.cat(parts), nan=-math.inf)
+
+
 @torch.no_grad()
 def refine(guide: Guide, forward, priors, noise_std: float, images: torch.Tensor,
            known: dict | None, n_samples: int, method: str = "smc", moves: int = 2,
@@ -66,25 +194,45 @@ def refine(guide: Guide, forward, priors, noise_std: float, images: torch.Tensor
     ``moves`` Metropolis moves per step, at most ``max_steps`` steps, each keeping the
     ESS at ``ess_target`` * S. The likelihood is evaluated ``chunk`` samples at a time.
 
-    Returns the summary (same keys as ``posterior_summary``) plus 'ess' (B,): the ESS of
-    plain importance sampling with the guide as proposal (the guide's quality), 'weights'
-    (S, B), 'samples' and, for smc, 'steps' (B,) and 'acceptance' (B,).
+    method 'laplace' (``laplace_refine``): Gauss-Newton to the posterior mode and
+    importance sampling from the Laplace approximation there; the particles where that
+    is not to be trusted (``_stuck``: a local mode, or an ESS below S / 4) are refined
+    by 'smc' instead ('smc_fallback' (B,) bool says which).
+
+    Returns the summary (each inferred latent's mean and std keys) plus 'ess' (B,): the
+    ESS of importance sampling with the guide as proposal (the guide's quality; for
+    'laplace' with the Laplace proposal), 'weights' (S, B), 'samples' and, for smc,
+    'steps' (B,) and 'acceptance' (B,).
     """
-    if method not in ("is", "smc"):
-        raise ValueError(f"unknown refinement {method!r} (is or smc)")
+    if method not in ("is", "smc", "laplace"):
+        raise ValueError(f"unknown refinement {method!r} (is, smc or laplace)")
     known = dict(known or {})
+    conditions = conditions or Conditions()
+    if method == "laplace":
+        out = laplace_refine(guide, forward, priors, noise_std, images, known, n_samples,
+                             chunk=chunk, conditions=conditions)
+        stuck = _stuck(out.pop("objective"), out["ess"], n_samples, images[0].numel())
+        rows = stuck.nonzero()[:, 0]
+        if len(rows):
+            smc = refine(guide, forward, priors, noise_std, images[rows],
+                         {s: v[rows] for s, v in known.items()}, n_samples, "smc", moves,
+                         max_steps, ess_target, chunk, conditions.take(rows))
+            for key, value in out.items():
+                if key == "samples":
+                    for site in value:
+                        value[site][:, rows] = smc["samples"][site]
+                else:  # (S, B) weights, else (B, ...)
+                    value[(slice(None), rows) if key == "weights" else rows] = smc[key]
+        out["smc_fallback"] = stuck
+        return out
     base = posterior_summary(guide, images, known, n_samples, conditions=conditions)
     features = base["features"]
     known_values = {s: v.unsqueeze(0).expand(n_samples, *v.shape) for s, v in known.items()}
     latents = guide.config.latents
 
     def log_target(samples):
-        joint = {**known_values, **samples}
-        parts = [log_joint(forward, priors, noise_std, images,
-                           {s: v[i:i + chunk] for s, v in joint.items()}, conditions,
-                           latents)
-                 for i in range(0, n_samples, chunk)]
-        return torch.nan_to_num(torch.cat(parts), nan=-math.inf)
+        return _log_target(forward, priors, noise_std, images, samples, known, conditions,
+                           latents, chunk)
 
     def log_proposal(samples):
         return guide.log_prob_at(features, {**known_values, **samples}, conditions)
@@ -110,7 +258,7 @@ def refine(guide: Guide, forward, priors, noise_std: float, images: torch.Tensor
 
 @preserved_rng()
 def infer(run: str | Path, particles: str | Path, output: str | Path, samples: int = 0,
-          importance: int = 64, method: str = "smc", moves: int = 3,
+          importance: int = 64, method: str = "laplace", moves: int = 3,
           batch_size: int = 256,
           device: str = "cpu", summary_samples: int = 64,
           progress: bool = True, datadir: str | Path | None = None,
@@ -124,9 +272,8 @@ def infer(run: str | Path, particles: str | Path, output: str | Path, samples: i
     astigmatism: U = m + (U_in - V_in) / 2, V = m - (U_in - V_in) / 2, angle kept), from a
     .cs input also ``output`` with suffix .cs (the input's records, fields updated), and, with
     ``samples`` > 0, ``output`` with suffix .npz holding S posterior samples per particle
-    (site -> (N, S, ...)). ``importance`` > 0 refines with that many importance samples
-    per particle: ``method`` 'smc' (tempered SMC from the guide to the posterior) or 'is'
-    (importance sampling with the guide as proposal); see ``refine``.
+    (site -> (N, S, ...)). ``importance`` > 0 refines with that many samples per
+    particle: ``method`` 'laplace', 'smc' or 'is'; see ``refine``.
     Returns the particle table written.
     """
     from cryosvi.dataset import has_ctf_estimates, working_box, working_pixel_size

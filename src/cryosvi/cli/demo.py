@@ -63,9 +63,11 @@ def register(subparsers, summary: str) -> None:
     add_guide_arguments(parser)
     parser.add_argument("--importance", type=integer_between(0, 10**5),
                         default=DEMO_DEFAULTS["importance"],
-                        help="SMC samples per particle at inference (0: the guide alone)")
+                        help="samples per particle of the refinement at inference (0: the "
+                        "guide alone)")
     parser.add_argument("--moves", type=integer_between(0, 1000), default=DEMO_DEFAULTS["moves"],
-                        help="Metropolis moves per SMC tempering step")
+                        help="Metropolis moves per SMC tempering step (the particles the "
+                        "Laplace refinement hands to the SMC)")
     parser.add_argument("--device", type=device_name, default="auto",
                         help="auto (cuda when present), cpu, cuda or cuda:N")
     add_threads_argument(parser)
@@ -141,8 +143,9 @@ def run(args) -> None:
     record["parameters"] = info["parameters"]
 
     tic = time.perf_counter()
-    say(f"[3/4] inferring the held-out particles (guide + tempered SMC, "
-        f"{args.importance} samples per particle)")
+    say(f"[3/4] inferring the held-out particles (guide + Gauss-Newton + Laplace "
+        f"importance sampling, SMC where that fails; {args.importance} samples per "
+        "particle)")
     test_star = output / "data" / "test" / "particles.star"
     infer(output / "run", test_star, output / "posterior.star", device=device,
           importance=args.importance, moves=args.moves, progress=not args.quiet)

@@ -18,8 +18,10 @@ def register(subparsers, summary: str) -> None:
         "the heaviest pose component), rlnDefocusU/V, cryosviModeAmplitude1..K (means) "
         "and cryosviPoseStdDeg, cryosviDefocusStd, cryosviModeAmplitudeStd1..K. Other "
         "columns of the input are kept; latents the run does not infer keep their input "
-        "values. --importance S refines by importance sampling with the physics "
-        "likelihood (adds cryosviESS, the effective sample size per particle).",
+        "values. --importance S refines with the physics likelihood (by default: "
+        "Gauss-Newton to each posterior mode and importance sampling from the Laplace "
+        "approximation there, tempered SMC for the particles where that fails; adds "
+        "cryosviESS, the effective sample size per particle, and cryosviRefinedBySMC).",
         formatter_class=HelpFormatter)
     parser.add_argument("--run", required=True, help="run directory from 'cryosvi train'")
     parser.add_argument("--particles", required=True,
@@ -33,12 +35,16 @@ def register(subparsers, summary: str) -> None:
     parser.add_argument("--importance", type=integer_between(0, 10**5), default=64,
                         help="samples per particle for the refinement with the physics "
                         "likelihood (0: the guide alone, one network pass)")
-    parser.add_argument("--refine", choices=["smc", "is"], default="smc",
-                        help="with --importance: 'smc' tempers from the guide to the "
-                        "posterior with resample-move steps; 'is' is plain importance "
-                        "sampling with the guide as proposal")
+    parser.add_argument("--refine", choices=["laplace", "smc", "is"], default="laplace",
+                        help="with --importance: 'laplace' runs Gauss-Newton from the "
+                        "guide's best draws to the posterior mode and importance-samples "
+                        "its Laplace approximation, handing the particles where that "
+                        "fails (a local mode, ESS < S/4) to 'smc'; 'smc' tempers from the "
+                        "guide to the posterior with resample-move steps; 'is' is plain "
+                        "importance sampling with the guide as proposal")
     parser.add_argument("--moves", type=integer_between(0, 1000), default=3,
-                        help="smc: Metropolis moves per tempering step")
+                        help="smc (and laplace's fallback): Metropolis moves per "
+                        "tempering step")
     parser.add_argument("--batch-size", type=integer_between(1, 10**6), default=256,
                         help="particles per network pass")
     parser.add_argument("--device", type=device_name, default="cpu",
@@ -66,8 +72,12 @@ def run(args) -> None:
     extra = ""
     if "cryosviESS" in frame:
         ess = frame["cryosviESS"].to_numpy()
-        extra = (f"; ESS of importance sampling from the guide: median "
+        proposal = "the Laplace approximation" if args.refine == "laplace" else "the guide"
+        extra = (f"; ESS of importance sampling from {proposal}: median "
                  f"{np.median(ess):.1f} of {args.importance}")
+    if "cryosviRefinedBySMC" in frame:
+        extra += (f"; {int(frame['cryosviRefinedBySMC'].sum())} particles refined by SMC "
+                  "instead")
     npz = f" and {args.samples} samples per particle to " \
           f"{samples_path(args.output)}" if args.samples else ""
     print(f"wrote the posterior of {len(frame)} particles to {args.output}{npz}{extra}")
