@@ -206,7 +206,9 @@ def test_laplace_refinement_agrees_with_a_long_smc(trained):
     """refine('laplace') (Gauss-Newton, Laplace proposal, importance weights) and a
     256-sample tempered SMC with 5 moves target the same posterior: on particles made by
     the model, with the pose known, their defocus and mode means agree within a fraction
-    of the posterior std and their stds within 25 %."""
+    of the posterior std and their stds within 25 %, wherever the Laplace approximation
+    was kept (its ESS > S / 4: here all but a particle with a two-mode defocus posterior,
+    ESS 1, which went to the SMC)."""
     _, reference, guide = load_trained(trained / "fixed_pose")
     priors, noise_std = reference.priors, reference.noise.std
     forward = reference.forward_model()
@@ -218,12 +220,14 @@ def test_laplace_refinement_agrees_with_a_long_smc(trained):
     known = {"rotation": rotation}
     laplace = refine(guide, forward, priors, noise_std, images, known, 64, method="laplace")
     smc = refine(guide, forward, priors, noise_std, images, known, 256, method="smc", moves=5)
-    assert laplace["smc_fallback"].float().mean() < 0.5  # the Laplace path did the work
-    assert (laplace["ess"] > 16).float().mean() > 0.5
+    # Compared where the Laplace path did the work (the others ran a 64-sample SMC).
+    kept = ~laplace["smc_fallback"]
+    assert kept.float().mean() > 0.5
+    assert (laplace["ess"][kept] > 16).all()
     for mean, std in (("defocus_mean", "defocus_std"), ("modes_mean", "modes_std")):
-        gap = (laplace[mean] - smc[mean]).abs() / smc[std]
+        gap = ((laplace[mean] - smc[mean]).abs() / smc[std])[kept]
         assert gap.median() < 0.3 and gap.max() < 1.5, (mean, gap)
-        ratio = laplace[std] / smc[std]
+        ratio = (laplace[std] / smc[std])[kept]
         assert ((ratio > 0.75) & (ratio < 1.33)).float().mean() > 0.8, (std, ratio)
 
 

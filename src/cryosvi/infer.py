@@ -79,7 +79,7 @@ def laplace_refine(guide: Guide, forward, priors, noise_std: float, images: torc
     the full residuals. The mode of highest Laplace evidence gives the proposal N(mode,
     H^-1); its ``n_samples`` draws are weighted by p(x, z) / q(z) (q per unit of each
     prior's base measure, e.g. S^3's surface for the pose). Evaluations of the forward
-    model per particle: pool + starts (coarse + iterations + 1) (2 d + 2) + n_samples
+    model per particle: pool + starts (coarse + iterations + 2) (d + 2) + n_samples
     (d: the chart's dimension).
 
     Returns the summary keys of ``weighted_summary`` plus 'samples', 'weights' (S, B),
@@ -108,23 +108,28 @@ def laplace_refine(guide: Guide, forward, priors, noise_std: float, images: torc
     low_pass = torch.exp(-2 * (math.pi * blur * box) ** 2
                          * (frequency[:, None] ** 2 + frequency[None, :] ** 2))
 
-    def evaluate(values, smooth=False):
-        """(residuals (n, M B, P), log prior (n, M B)) of values site -> (n, M B, ...)."""
-        residuals, log_priors = [], []
+    def residuals(values, smooth=False):
+        """(n, M B, P) whitened residuals of values site -> (n, M B, ...)."""
+        out = []
         for i in range(0, next(iter(values.values())).shape[0], chunk):
             part = {s: v[i:i + chunk] for s, v in values.items()}
             m = next(iter(part.values())).shape[0]
             flat = {s: v.reshape(m * starts * batch, *v.shape[2:]) for s, v in part.items()}
-            tiled = tiled_conditions.expand(m)
-            clean = forward(**forward_inputs({**_tile(tiled_known, m), **flat}, tiled))
+            clean = forward(**forward_inputs({**_tile(tiled_known, m), **flat},
+                                             tiled_conditions.expand(m)))
             residual = (clean - tiled_images.repeat(m, 1, 1)) / noise_std
             if smooth:
                 residual = torch.fft.ifft2(torch.fft.fft2(residual) * low_pass).real
-            residuals.append(residual.reshape(m, starts * batch, -1))
-            log_priors.append(sum(REGISTRY[s].prior(priors, tiled, forward.coords)
-                                  .log_prob(flat[s]) for s in latents)
-                              .reshape(m, starts * batch))
-        return torch.cat(residuals), torch.cat(log_priors)
+            out.append(residual.reshape(m, starts * batch, -1))
+        return torch.cat(out)
+
+    def log_prior(values):
+        """(n, M B) log prior of values site -> (n, M B, ...)."""
+        n = next(iter(values.values())).shape[0]
+        tiled = tiled_conditions.expand(n)
+        return sum(REGISTRY[s].prior(priors, tiled, forward.coords)
+                   .log_prob(values[s].reshape(n * starts * batch, *values[s].shape[2:]))
+                   for s in latents).reshape(n, starts * batch)
 
     def select(mask, first, second):
         return {s: torch.where(mask.view(1, -1, *([1] * (first[s].dim() - 2))),
@@ -132,9 +137,9 @@ def laplace_refine(guide: Guide, forward, priors, noise_std: float, images: torc
 
     steps = chart.steps(images)
     if coarse:
-        point = gauss_newton(point, lambda v: evaluate(v, smooth=True), chart.retract,
-                             select, steps, iterations=coarse).point
-    result = gauss_newton(point, evaluate, chart.retract, select, steps,
+        point = gauss_newton(point, lambda v: residuals(v, smooth=True), log_prior,
+                             chart.retract, select, steps, iterations=coarse).point
+    result = gauss_newton(point, residuals, log_prior, chart.retract, select, steps,
                           iterations=iterations)
     evidence = laplace_log_evidence(result.objective, result.precision).view(starts, batch)
     best = evidence.argmax(0) * batch + torch.arange(batch, device=images.device)
