@@ -10,7 +10,14 @@ On the noise-free RELION projections of a realistic data set (``make_dataset.py
    explains each clean image (a grid scan, one common gray-level fit per amplitude), and
    its |Spearman| with the true conformation. No noise, no network, no sampling: what a
    perfect inference of that mode amplitude would give. The overlap of the true
-   displacement (C-alpha atoms at the largest hinge angle) with each mode is printed too.
+   displacement (C-alpha atoms at the largest hinge angle) with each mode is printed too;
+3. the exact direction: the same scan along the true hinge displacement of the C-alpha
+   pseudo-atoms itself (what a perfect conformational basis would give), once with its
+   rigid-body part (the hinge also moves the molecule's centre and orientation in the
+   map frame, which the given poses do not absorb) and once with it projected out (all
+   that ANM modes, orthogonal to rigid motions, can represent); on the clean images with
+   the true pose, CTF and shift, and on the noisy particles with the GIVEN (consensus)
+   pose, CTF estimate and shift, as the poses-given experiment has them.
 
     python benchmarks/realistic/make_dataset.py -o DATA --n 300 --save-clean --oracle 0
     python benchmarks/realistic/model_match.py DATA [--stride 2] [--sigma 2] [--modes 4]
@@ -45,7 +52,28 @@ TRUE = {"rlnDefocusU": "cryosviTrueDefocusU", "rlnDefocusV": "cryosviTrueDefocus
 
 
 def hinge_overlaps(reference, settings: dict) -> np.ndarray:
-    """|<u_k, d>| of each mode with the unit C-alpha displacement of the largest hinge."""
+    """|<u_k, d>| of each mode with the unit displacement of the largest hinge."""
+    displacement = hinge_displacement(reference, settings).ravel()
+    displacement /= np.linalg.norm(displacement)
+    return np.abs(reference.modes.reshape(len(reference.modes), -1) @ displacement)
+
+
+def best_amplitudes(forward, rotation, ctf, shifts, images, n_modes, k, grid):
+    """Per image, the grid value of mode k's amplitude (others 0) with the least residual
+    after a least-squares gray-level fit."""
+    residuals = []
+    for value in grid:
+        amplitudes = torch.zeros(len(images), n_modes)
+        amplitudes[:, k] = value
+        with torch.no_grad():
+            model = forward(amplitudes, rotation, None, ctf=ctf, shifts=shifts)
+        residuals.append(fit_residual(model, images))
+    return grid[torch.stack(residuals).argmin(0)].numpy()
+
+
+def hinge_displacement(reference, settings: dict) -> np.ndarray:
+    """(N, 3) Å: the pseudo-atoms' displacement at the largest hinge angle (each
+    pseudo-atom follows its nearest C-alpha atom)."""
     structure = make_dataset.load_chain(settings["structure"], "A")
     positions, masses, residues, names = make_dataset.atom_arrays(structure)
     point, direction = make_dataset.hinge_axis(positions, masses, residues, names)
@@ -54,9 +82,7 @@ def hinge_overlaps(reference, settings: dict) -> np.ndarray:
     ca = names == "CA"
     original = reference.coords + reference.centroid
     nearest = np.argmin(np.linalg.norm(positions[ca][None] - original[:, None], axis=-1), 1)
-    displacement = (moved[ca][nearest] - positions[ca][nearest]).ravel()
-    displacement /= np.linalg.norm(displacement)
-    return np.abs(reference.modes.reshape(len(reference.modes), -1) @ displacement)
+    return moved[ca][nearest] - positions[ca][nearest]
 
 
 def fit_residual(model: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
@@ -116,15 +142,41 @@ def main() -> None:
            "modes": []}
     grid = torch.linspace(-6, 6, 49)
     for k in range(args.modes):
-        residuals = []
-        for value in grid:
-            amplitudes = zero.clone()
-            amplitudes[:, k] = value
-            residuals.append(fit_residual(images_at(amplitudes), clean))
-        best = grid[torch.stack(residuals).argmin(0)].numpy()
+        best = best_amplitudes(forward, rotation, ctf, shifts, clean, args.modes, k, grid)
         rho = stats.spearmanr(best, truth).statistic
         out["modes"].append({"mode": k + 1, "abs_spearman_noise_free": abs(float(rho)),
                              "amplitude_range": [float(best.min()), float(best.max())]})
+
+    # 3. The exact direction, with and without its rigid-body part.
+    from cryosvi.anm import rigid_basis
+    from cryosvi.forward import ForwardModel
+
+    displacement = hinge_displacement(reference, settings).ravel()
+    rigid = rigid_basis(reference.coords)
+    internal = displacement - rigid @ (rigid.T @ displacement)
+    given = read_particles(args.data / "particles.star")
+    noisy = torch.from_numpy(np.asarray(given.images(np.arange(n)), dtype=np.float32))
+    given_angles = [torch.tensor(given.metadata[c].to_numpy(), dtype=torch.float64)
+                    for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")]
+    given_rotation = matrix_to_quaternion(euler_to_matrix(*given_angles)).float()
+    given_shifts = torch.tensor(given.metadata[["rlnOriginXAngst", "rlnOriginYAngst"]]
+                                .to_numpy(), dtype=torch.float32)
+    out["rigid_fraction_of_displacement"] = float(np.linalg.norm(displacement - internal)
+                                                  / np.linalg.norm(displacement))
+    out["exact_direction"] = {}
+    fine = torch.linspace(-8, 8, 65)
+    for name, vector in (("with_rigid_part", displacement), ("internal_only", internal)):
+        unit = torch.tensor(vector / np.linalg.norm(vector), dtype=torch.float32)
+        exact = ForwardModel(reference.coords, unit.reshape(1, -1, 3), reference.optics,
+                             reference.imaging, optics_groups(particles))
+        scores = {}
+        for label, images, rot, c, sh in (
+                ("noise_free_true_pose", clean, rotation, ctf, shifts),
+                ("noisy_given_pose", noisy, given_rotation, particle_ctf(given),
+                 given_shifts)):
+            best = best_amplitudes(exact, rot, c, sh, images, 1, 0, fine)
+            scores[label] = abs(float(stats.spearmanr(best, truth).statistic))
+        out["exact_direction"][name] = scores
     print(json.dumps(out, indent=2))
     if args.json:
         args.json.write_text(json.dumps(out, indent=2) + "\n")
