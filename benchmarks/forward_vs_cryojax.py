@@ -57,11 +57,19 @@ def parse_args(argv=None):
     parser.add_argument("--batch", type=int, default=1000)
     parser.add_argument("--box", type=int, default=128)
     parser.add_argument("--json", default=None, help="default: benchmarks/results/cryojax/"
-                        "table1_<threads>thread.json")
+                        "table1_<threads>thread[_cli_allocator].json")
+    parser.add_argument("--cli-allocator", action="store_true",
+                        help="set glibc's allocator as cryosvi's train/infer/demo commands "
+                        "do (cryosvi.cli.main.keep_freed_memory: large blocks from the "
+                        "heap, freed memory kept), before anything is allocated")
     return parser.parse_args(argv)
 
 
 ARGS = parse_args()
+if ARGS.cli_allocator:
+    from cryosvi.cli.main import keep_freed_memory
+
+    keep_freed_memory()
 if ARGS.threads == 1:
     os.environ["XLA_FLAGS"] = ("--xla_cpu_multi_thread_eigen=false "
                                "intra_op_parallelism_threads=1")
@@ -240,6 +248,7 @@ def main() -> int:
                     "pad_factor": PAD, "batch": ARGS.batch, "dtype": "float32",
                     "rounds": ARGS.rounds},
         "environment": {"threads": ARGS.threads, "torch_threads": torch.get_num_threads(),
+                        "cli_allocator": ARGS.cli_allocator,
                         "XLA_FLAGS": os.environ["XLA_FLAGS"], "torch": torch.__version__,
                         "jax": jax.__version__, "cryojax": cryojax.__version__,
                         "jax_devices": [str(d) for d in jax.devices()],
@@ -250,8 +259,9 @@ def main() -> int:
         "us_per_image": per_image,
         "speedup_vs_faster_cryojax": ratios,
     }
+    suffix = "_cli_allocator" if ARGS.cli_allocator else ""
     path = Path(ARGS.json or Path(__file__).parent / "results" / "cryojax" /
-                f"table1_{ARGS.threads}thread.json")
+                f"table1_{ARGS.threads}thread{suffix}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(report, indent=2) + "\n"
     write_atomically(path, lambda temporary: temporary.write_text(text))
