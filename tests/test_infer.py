@@ -245,3 +245,32 @@ def test_laplace_hands_local_modes_and_low_ess_to_the_smc():
     flat = torch.full((16,), 500.0)
     flat[3] += 40.0
     assert not _stuck(flat, torch.full((16,), 50.0), 64, 1024).any()
+
+
+def test_auto_refinement_picks_laplace_only_for_high_snr_batches(trained):
+    """batch_snr is the paper's SNR (clean variance / noise variance) of the batch; 'auto'
+    hands a batch below LAPLACE_MIN_SNR to the SMC as a whole."""
+    from cryosvi.infer import LAPLACE_MIN_SNR, batch_snr
+
+    generator = torch.Generator().manual_seed(0)
+    clean = torch.randn(64, 16, 16, generator=generator) * 3.0  # variance 9
+    noisy = clean + 0.5 * torch.randn(64, 16, 16, generator=generator)
+    assert abs(batch_snr(noisy, 0.5) - 36.0) < 2.0
+    assert abs(batch_snr(noisy, 1.5) - (9.25 / 2.25 - 1)) < 0.3  # noise std misstated
+
+    _, reference, guide = load_trained(trained / "fixed_pose")
+    forward = reference.forward_model()
+    torch.manual_seed(1)
+    rotation = random_quaternions(6)
+    with torch.no_grad():
+        clean = forward(torch.randn(6, 2) * 2, rotation, 10000 + 2500 * torch.randn(6))
+    signal = clean.var().sqrt().item()
+    for snr, smc in ((4 * LAPLACE_MIN_SNR, False), (LAPLACE_MIN_SNR / 10, True)):
+        noise_std = signal / math.sqrt(snr)
+        images = clean + noise_std * torch.randn_like(clean)
+        out = refine(guide, forward, reference.priors, noise_std, images,
+                     {"rotation": rotation}, 16, method="auto", moves=1)
+        if smc:
+            assert out["smc_fallback"].all() and "steps" in out
+        else:
+            assert "steps" not in out  # the Laplace path ran (perhaps with a fallback)

@@ -143,9 +143,8 @@ def run(args) -> None:
     record["parameters"] = info["parameters"]
 
     tic = time.perf_counter()
-    say(f"[3/4] inferring the held-out particles (guide + Gauss-Newton + Laplace "
-        f"importance sampling, SMC where that fails; {args.importance} samples per "
-        "particle)")
+    say(f"[3/4] inferring the held-out particles (guide + refinement with the physics "
+        f"likelihood, {args.importance} samples per particle)")
     test_star = output / "data" / "test" / "particles.star"
     infer(output / "run", test_star, output / "posterior.star", device=device,
           importance=args.importance, moves=args.moves, progress=not args.quiet)
