@@ -43,7 +43,7 @@ SIM = ["--objective", "sim", "--lr", "2e-3", "--batch-size", "128"]
 # Inference variants evaluated for every run: the guide alone (one network pass), plain
 # importance sampling from the guide, tempered SMC (64 samples, 3 moves; the default until
 # issue #13) and Gauss-Newton + Laplace importance sampling (64 samples, SMC for the
-# particles where that fails). The default ('auto') is laplace64 for batches of SNR >= 10
+# particles where that fails). The default ('auto') is laplace64 for batches of SNR >= 15
 # and smc64 below.
 GUIDE_ONLY = {"guide": ["--importance", "0"]}
 ALL_INFER = {"guide": ["--importance", "0"], "is64": ["--importance", "64", "--refine", "is"],

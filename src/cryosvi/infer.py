@@ -8,8 +8,8 @@ Summaries per particle: ``cryosvi.posterior``. Refinement with the physics likel
   sampling from the Laplace approximation there, and tempered SMC for the particles
   where that fails. Measured on the demo's 2 000 held-out particles (SNR 20, 2-core
   CPU): the same accuracy and coverage as 'smc' at about 5x its speed (README,
-  "Inference"); at SNR 5 and below it under-covers;
-* 'auto' (the default): 'laplace' for batches of SNR >= 10, else 'smc';
+  "Inference"); at SNR 10 and below it under-covers;
+* 'auto' (the default): 'laplace' for batches of SNR >= 15, else 'smc';
 * 'is': importance sampling with the guide as proposal (weights p(x | z) p(z) / q(z |
   x), self-normalised; the effective sample size (sum w)^2 / sum w^2 per particle);
 * 'smc': adaptive tempered SMC from the guide to the posterior (resample-move with
@@ -156,13 +156,13 @@ def laplace_refine(guide: Guide, forward, priors, noise_std: float, images: torc
             "ess": ess.to(images.dtype), "objective": result.objective[best]}
 
 
-LAPLACE_MIN_SNR = 10.0
+LAPLACE_MIN_SNR = 15.0
 """'auto' refines a batch by 'laplace' when its SNR is at least this, else by 'smc'.
 Measured on held-out simulations of the paper preset (256 particles, same guide and
-seeds for both methods): at SNR 20 both reach 95 % coverage 0.93-0.94 (Laplace ~5x
-faster); at SNR 5 the Laplace path covers 0.84 (mode, pose) against 0.93 / 0.91 for the
-SMC, at SNR 1 0.69 / 0.77 against 0.90 / 0.88: with broad posteriors its two starts
-miss modes that the SMC's population finds."""
+seeds for both methods; README, "Inference"): at SNR 20 both reach 95 % coverage
+0.93-0.94 (Laplace ~5x faster); at SNR 10 the Laplace path covers the mode 0.89 (SMC
+0.95), at SNR 5 0.84 (0.93), at SNR 1 0.69 (0.90): with broader posteriors its two
+starts miss modes that the SMC's population finds."""
 
 
 def batch_snr(images: torch.Tensor, noise_std: float) -> float:

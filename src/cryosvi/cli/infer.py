@@ -19,7 +19,7 @@ def register(subparsers, summary: str) -> None:
         "and cryosviPoseStdDeg, cryosviDefocusStd, cryosviModeAmplitudeStd1..K. Other "
         "columns of the input are kept; latents the run does not infer keep their input "
         "values. --importance S refines with the physics likelihood (by default: for "
-        "batches of SNR >= 10, Gauss-Newton to each posterior mode and importance "
+        "batches of SNR >= 15, Gauss-Newton to each posterior mode and importance "
         "sampling from the Laplace approximation there, tempered SMC for the particles "
         "where that fails; below, tempered SMC; adds cryosviESS, the effective sample "
         "size per particle, and cryosviRefinedBySMC).",
@@ -44,7 +44,7 @@ def register(subparsers, summary: str) -> None:
                         "fails (a local mode, ESS < S/4) to 'smc'; 'smc' tempers from the "
                         "guide to the posterior with resample-move steps; 'is' is plain "
                         "importance sampling with the guide as proposal; 'auto' takes "
-                        "'laplace' for batches of SNR >= 10 (about 5x faster there, as "
+                        "'laplace' for batches of SNR >= 15 (about 5x faster there, as "
                         "accurate) and 'smc' below (where the Laplace path under-covers)")
     parser.add_argument("--moves", type=integer_between(0, 1000), default=3,
                         help="smc (and laplace's fallback): Metropolis moves per "
