@@ -33,7 +33,8 @@ def linear_problem(batch=5, dim=3, pixels=40, seed=0):
     def log_prior(theta):
         return -0.5 * ((theta - mu) / s).square().sum(-1)
 
-    precision = a.transpose(1, 2) @ a / sigma ** 2 + torch.eye(dim, dtype=torch.float64) / s ** 2
+    identity = torch.eye(dim, dtype=torch.float64)
+    precision = a.transpose(1, 2) @ a / sigma ** 2 + identity / s ** 2
     mean = torch.linalg.solve(precision, (a.transpose(1, 2) @ y[..., None])[..., 0]
                               / sigma ** 2 + mu / s ** 2)
     return residuals, log_prior, mean, precision
@@ -99,7 +100,8 @@ def test_laplace_importance_sampling_corrects_a_skewed_posterior():
     log_density = -0.5 * ((grid ** 3 + grid - y) / s) ** 2 - 0.5 * grid ** 2
     density = np.exp(log_density - log_density.max())
     mean = np.trapezoid(grid * density, grid) / np.trapezoid(density, grid)
-    std = math.sqrt(np.trapezoid((grid - mean) ** 2 * density, grid) / np.trapezoid(density, grid))
+    mass = np.trapezoid(density, grid)
+    std = math.sqrt(np.trapezoid((grid - mean) ** 2 * density, grid) / mass)
 
     start = torch.zeros(1, 1, 1, dtype=torch.float64)
     result = gauss_newton(start, residuals, log_prior, retract, select,

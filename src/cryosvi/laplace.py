@@ -14,9 +14,10 @@ current point, so only small moves are ever taken in it.
 ``gauss_newton``: Levenberg-Marquardt iterations (Nocedal & Wright 2006, ch. 10.3) with
 the Jacobian of r by forward differences (d residual evaluations; Gauss-Newton needs only
 first derivatives, and forward differences halve the cost of central ones), and the
-prior's gradient and diagonal curvature by central differences of the (cheap) log prior. The Gauss-Newton
-precision H = J^T J - diag(d^2 log prior) at the end is the Laplace approximation's
-(Tierney & Kadane 1986): the posterior ~ N(0, H^-1) in the chart at the mode.
+prior's gradient and diagonal curvature by central differences of the (cheap) log
+prior. The Gauss-Newton precision H = J^T J - diag(d^2 log prior) at the end is the
+Laplace approximation's (Tierney & Kadane 1986): the posterior ~ N(0, H^-1) in the chart
+at the mode.
 
 ``laplace_proposal``: S draws from that Gaussian (the covariance optionally inflated),
 with their log density per unit of the chart's volume. The caller turns it into a density
@@ -111,8 +112,8 @@ def gauss_newton(point: Point, residuals: Callable[[Point], Tensor],
     return GaussNewtonResult(point, objective, precision, accepted)
 
 
-def laplace_proposal(precision: Tensor, n_samples: int, inflate: float = 1.0,
-                     generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+def laplace_proposal(precision: Tensor, n_samples: int,
+                     inflate: float = 1.0) -> tuple[Tensor, Tensor]:
     """S draws delta (S, B, d) from N(0, inflate^2 H^-1) for precisions H (B, d, d), and
     their log densities (S, B) (per unit volume of the chart, float64)."""
     batch, dim = precision.shape[0], precision.shape[-1]
@@ -121,8 +122,7 @@ def laplace_proposal(precision: Tensor, n_samples: int, inflate: float = 1.0,
     cholesky = torch.linalg.cholesky(precision + jitter[:, None, None]
                                      * torch.eye(dim, dtype=precision.dtype,
                                                  device=precision.device))
-    eps = torch.randn(n_samples, batch, dim, dtype=precision.dtype, device=precision.device,
-                      generator=generator)
+    eps = torch.randn(n_samples, batch, dim, dtype=precision.dtype, device=precision.device)
     delta = inflate * torch.linalg.solve_triangular(
         cholesky.transpose(-1, -2).expand(n_samples, batch, dim, dim), eps[..., None],
         upper=True)[..., 0]
