@@ -33,7 +33,7 @@ MARKER = "demo.json"
 DEMO_KIND = "demo"
 DEMO_DEFAULTS = dict(n_train=10000, n_test=2000, epochs=40, batch_size=128, lr=2e-3,
                      importance=64, moves=3)
-"""Sized for about 10 minutes on a 2-core CPU (measured: 611 and 637 s, README "Demo"); the same
+"""Sized for a few minutes on a 2-core CPU (measured: 173 s, README "Demo"); the same
 guide (``guide.Architecture()``, the defaults of ``cryosvi train``) and refinement
 settings as the joint SNR 20 run of benchmarks/results."""
 
@@ -44,7 +44,7 @@ def register(subparsers, summary: str) -> None:
         description="Simulate the paper preset from the bundled 1OL5 (training and held-out "
         "sets with different seeds), train a guide for pose + defocus + mode by "
         "simulation, infer the held-out particles, evaluate and write a report. Sized to "
-        "finish in about 10 minutes on a 2-core CPU; uses CUDA when present.",
+        "finish in about 3 minutes on a 2-core CPU; uses CUDA when present.",
         formatter_class=HelpFormatter)
     parser.add_argument("-o", "--output", default="cryosvi-demo", help="output directory")
     parser.add_argument("--n-train", type=integer_between(2, 10**7),
