@@ -821,3 +821,20 @@ def test_svi_learns_a_sharp_pose_posterior(family):
     assert abs(kappa - 200.0) < 0.05 * 200.0
     # the plain target has one mode; the antipodal one identifies +-mu
     assert (cos if family == "plain" else abs(cos)) > 0.999
+
+
+def test_log_prob_of_one_vector_broadcast_over_a_batch():
+    """A value expanded from one vector (stride 0, as the SMC's fixed pose of a single
+    particle) and a concentration broadcast alike give each row the contiguous result,
+    without torch's "output was resized" warning."""
+    import warnings
+
+    value = torch.nn.functional.normalize(torch.randn(1, 4, dtype=torch.float64), dim=-1)
+    for concentration in (torch.zeros(4, dtype=torch.float64),
+                          torch.tensor([3.0, 0.5, 0.0, -1.0], dtype=torch.float64)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            broadcast = ProjectedNormal(concentration).log_prob(value.expand(16, 4))
+        expected = ProjectedNormal(concentration.expand(16, 4).clone()).log_prob(
+            value.expand(16, 4).clone())
+        torch.testing.assert_close(broadcast, expected)

@@ -557,6 +557,9 @@ class _LogDensity(torch.autograd.Function):
             """Fills out, dpara, t_plus[i0:i1]."""
             tail = None
             inv_norm, t, perp = _geometry(_stacked(c_flat[i0:i1]), _stacked(v_flat[i0:i1]))
+            if t.shape[0] != i1 - i0:  # one vector broadcast over the block: per row
+                inv_norm, t = (x.expand(i1 - i0).contiguous() for x in (inv_norm, t))
+                perp = perp.expand(d, i1 - i0).contiguous()
             # (1/|v| - 1 = 1 - |v| to first order; NaN fails the comparison)
             if check_unit and not all(abs(x - 1) < unit_tol
                                       for x in torch.aminmax(inv_norm)):
