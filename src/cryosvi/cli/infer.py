@@ -21,8 +21,8 @@ def register(subparsers, summary: str) -> None:
         "values. --importance S refines with the physics likelihood (by default: for "
         "batches of SNR >= 15, Gauss-Newton to each posterior mode and importance "
         "sampling from the Laplace approximation there, tempered SMC for the particles "
-        "where that fails; below, tempered SMC; adds cryosviESS, the effective sample "
-        "size per particle, and cryosviRefinedBySMC).",
+        "where that fails; below, tempered SMC with 12 moves; adds cryosviESS, the "
+        "effective sample size per particle, and cryosviRefinedBySMC).",
         formatter_class=HelpFormatter)
     parser.add_argument("--run", required=True, help="run directory from 'cryosvi train'")
     parser.add_argument("--particles", required=True,
@@ -45,10 +45,12 @@ def register(subparsers, summary: str) -> None:
                         "guide to the posterior with resample-move steps; 'is' is plain "
                         "importance sampling with the guide as proposal; 'auto' takes "
                         "'laplace' for batches of SNR >= 15 (about 5x faster there, as "
-                        "accurate) and 'smc' below (where the Laplace path under-covers)")
+                        "accurate) and 'smc' with at least 12 moves below (where the "
+                        "Laplace path under-covers and 3 moves mix too slowly)")
     parser.add_argument("--moves", type=integer_between(0, 1000), default=3,
                         help="smc (and laplace's fallback): Metropolis moves per "
-                        "tempering step")
+                        "tempering step ('auto' uses at least 12 for batches it hands "
+                        "to the SMC whole)")
     parser.add_argument("--batch-size", type=integer_between(1, 10**6), default=256,
                         help="particles per network pass")
     parser.add_argument("--device", type=device_name, default="cpu",
