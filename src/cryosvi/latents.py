@@ -13,6 +13,8 @@ latent's name. Each one states:
   the prior (an untrained guide is the prior), and the standardised features that later
   heads are conditioned on (and their width);
 * its SMC random walk (``cryosvi.smc.RandomWalk``: dimension, population width, floor);
+* its chart for the Gauss-Newton / Laplace refinement (``cryosvi.laplace``): local
+  coordinates (``retract``), the base measure's volume in them, a difference step;
 * its posterior summary (mean / std keys, from the guide or from weighted samples);
 * its STAR columns: the known values read from the metadata when it is fixed, the
   output columns of ``cryosvi infer``, the truth columns ``cryosvi evaluate`` scores.
