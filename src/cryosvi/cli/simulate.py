@@ -78,6 +78,7 @@ def register(subparsers, summary: str) -> None:
     parser.add_argument("--force", action="store_true",
                         help="replace an existing output directory made by cryosvi "
                         "simulate (never another directory)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(func=run)
 
 
@@ -125,7 +126,7 @@ def run(args) -> None:
                               if args.optics_groups > 1 else ())
     reference = simulate_dataset(reference, args.n_particles, args.output, seed=args.seed,
                                  force=args.force, device=device, chunk_size=CHUNK,
-                                 acquisition=acquisition)
+                                 acquisition=acquisition, progress=not args.quiet)
     snr = "inf" if math.isinf(reference.noise.snr) else f"{reference.noise.snr:g}"
     print(f"wrote {args.n_particles} particles of {reference.optics.box} px "
           f"({reference.n_atoms} pseudo-atoms, {reference.n_modes} mode(s), SNR {snr}, "
