@@ -43,11 +43,12 @@ SIM = ["--objective", "sim", "--lr", "2e-3", "--batch-size", "128"]
 # Inference variants evaluated for every run: the guide alone (one network pass), plain
 # importance sampling from the guide, tempered SMC (64 samples, 3 moves; the default until
 # issue #13) and Gauss-Newton + Laplace importance sampling (64 samples, SMC for the
-# particles where that fails). The default ('auto') is laplace64 for batches of SNR >= 15
-# and smc64 below.
+# particles where that fails). `default` is `cryosvi infer` as it comes ('auto': laplace64
+# for batches of SNR >= 15, the SMC with 12 moves below).
 GUIDE_ONLY = {"guide": ["--importance", "0"]}
 ALL_INFER = {"guide": ["--importance", "0"], "is64": ["--importance", "64", "--refine", "is"],
-             "smc64": ["--refine", "smc"], "laplace64": ["--refine", "laplace"]}
+             "smc64": ["--refine", "smc"], "laplace64": ["--refine", "laplace"],
+             "default": []}
 
 EXPERIMENTS = {
     # --- the paper's single-latent experiments (others fixed to their true values) ----
