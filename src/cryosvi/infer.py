@@ -118,7 +118,8 @@ def laplace_refine(guide: Guide, forward, priors, noise_std: float, images: torc
             flat = {s: v.reshape(m * starts * batch, *v.shape[2:]) for s, v in part.items()}
             clean = forward(**forward_inputs({**_tile(tiled_known, m), **flat},
                                              tiled_conditions.expand(m)))
-            residual = (clean - tiled_images.repeat(m, 1, 1)) / noise_std
+            # (m, M B, L, L) against the images broadcast, not copied m times
+            residual = (clean.view(m, *tiled_images.shape) - tiled_images) / noise_std
             if smooth:
                 residual = torch.fft.ifft2(torch.fft.fft2(residual) * low_pass).real
             out.append(residual.reshape(m, starts * batch, -1))
@@ -243,34 +244,52 @@ def refine(guide: Guide, forward, priors, noise_std: float, images: torch.Tensor
         raise ValueError(f"unknown refinement {method!r} (auto, laplace, smc or is)")
     known = dict(known or {})
     conditions = conditions or Conditions()
+    whole_batch_smc = (method == "auto"
+                       and batch_snr(images, noise_std) < LAPLACE_MIN_SNR)
     if method == "auto":
-        method = "laplace" if batch_snr(images, noise_std) >= LAPLACE_MIN_SNR else "smc"
-        if method == "smc":
-            out = refine(guide, forward, priors, noise_std, images, known, n_samples, "smc",
-                         max(moves, LOW_SNR_MOVES), max_steps, ess_target, chunk,
-                         conditions)
+        method = "smc" if whole_batch_smc else "laplace"
+        moves = max(moves, LOW_SNR_MOVES) if whole_batch_smc else moves
+    sampler = dict(n_samples=n_samples, moves=moves, max_steps=max_steps,
+                   ess_target=ess_target, chunk=chunk)
+    if method != "laplace":
+        out = _from_guide(guide, forward, priors, noise_std, images, known, conditions,
+                          method, **sampler)
+        if whole_batch_smc:
             out["smc_fallback"] = torch.ones(images.shape[0], dtype=torch.bool,
                                              device=images.device)
-            return out
-    if method == "laplace":
-        out = laplace_refine(guide, forward, priors, noise_std, images, known, n_samples,
-                             chunk=chunk, conditions=conditions)
-        stuck = _stuck(out.pop("objective"), out["ess"], n_samples, images[0].numel())
-        rows = stuck.nonzero()[:, 0]
-        if len(rows):
-            smc = refine(guide, forward, priors, noise_std, images[rows],
-                         {s: v[rows] for s, v in known.items()}, n_samples, "smc", moves,
-                         max_steps, ess_target, chunk, conditions.take(rows))
-            for key, value in out.items():
-                if key == "ess":  # keep the Laplace proposal's (why the SMC ran)
-                    continue
-                if key == "samples":
-                    for site in value:
-                        value[site][:, rows] = smc["samples"][site]
-                else:  # (S, B) weights, else (B, ...)
-                    value[(slice(None), rows) if key == "weights" else rows] = smc[key]
-        out["smc_fallback"] = stuck
         return out
+    out = laplace_refine(guide, forward, priors, noise_std, images, known, n_samples,
+                         chunk=chunk, conditions=conditions)
+    stuck = _stuck(out.pop("objective"), out["ess"], n_samples, images[0].numel())
+    rows = stuck.nonzero()[:, 0]
+    if len(rows):
+        smc = _from_guide(guide, forward, priors, noise_std, images[rows],
+                          {s: v[rows] for s, v in known.items()}, conditions.take(rows),
+                          "smc", **sampler)
+        _put_rows(out, smc, rows)
+    out["smc_fallback"] = stuck
+    return out
+
+
+def _put_rows(out: dict, part: dict, rows: torch.Tensor) -> None:
+    """Write the summary ``part`` of the particles ``rows`` into ``out`` in place:
+    samples (S, B, ...) and weights (S, B) along B, the summary keys (B, ...); 'ess' is
+    kept (the Laplace proposal's: why those particles were handed over)."""
+    for key, value in out.items():
+        if key == "samples":
+            for site in value:
+                value[site][:, rows] = part["samples"][site]
+        elif key == "weights":
+            value[:, rows] = part[key]
+        elif key != "ess":
+            value[rows] = part[key]
+
+
+def _from_guide(guide: Guide, forward, priors, noise_std: float, images: torch.Tensor,
+                known: dict, conditions: Conditions, method: str, n_samples: int,
+                moves: int, max_steps: int, ess_target: float, chunk: int) -> dict:
+    """'is' or 'smc' of ``refine``: the guide's S draws, importance-weighted or tempered
+    to the posterior."""
     base = posterior_summary(guide, images, known, n_samples, conditions=conditions)
     features = base["features"]
     known_values = {s: v.unsqueeze(0).expand(n_samples, *v.shape) for s, v in known.items()}
