@@ -78,9 +78,9 @@ def run(args) -> None:
     extra = ""
     if "cryosviESS" in frame:
         ess = frame["cryosviESS"].to_numpy()
-        proposal = "the Laplace approximation" if args.refine == "laplace" else "the guide"
-        if args.refine == "auto":
-            proposal = "the Laplace approximation or (SMC) the guide"
+        proposal = {"laplace": "the Laplace approximation",
+                    "auto": "the Laplace approximation or (SMC) the guide"}.get(
+                        args.refine, "the guide")
         extra = (f"; ESS of importance sampling from {proposal}: median "
                  f"{np.median(ess):.1f} of {args.importance}")
     if "cryosviRefinedBySMC" in frame:
