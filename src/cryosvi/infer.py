@@ -80,7 +80,7 @@ def laplace_refine(guide: Guide, forward, priors, noise_std: float, images: torc
     the full residuals. The mode of highest Laplace evidence gives the proposal N(mode,
     H^-1); its ``n_samples`` draws are weighted by p(x, z) / q(z) (q per unit of each
     prior's base measure, e.g. S^3's surface for the pose). Evaluations of the forward
-    model per particle: pool + starts (coarse + iterations + 2) (d + 2) + n_samples
+    model per particle: pool + starts (coarse + iterations + 2) (d + 1) + n_samples
     (d: the chart's dimension).
 
     Returns the summary keys of ``weighted_summary`` plus 'samples', 'weights' (S, B),

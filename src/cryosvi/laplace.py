@@ -54,12 +54,13 @@ def _objective(residual: Tensor, log_prior: Tensor) -> Tensor:
     return 0.5 * residual.double().square().sum(-1) - log_prior.double()
 
 
-def _linearise(point: Point, residuals, log_prior, retract, steps: Tensor):
-    """(objective (B,), gradient (B, d), precision (B, d, d)) at ``point``: the Jacobian
-    of the residuals by forward differences (d + 1 evaluations), the log prior's gradient
-    and diagonal curvature by central ones (2 d + 1 cheap evaluations)."""
+def _linearise(point: Point, residual: Tensor, prior: Tensor, residuals, log_prior,
+               retract, steps: Tensor):
+    """(objective (B,), gradient (B, d), precision (B, d, d)) at ``point``, whose
+    residuals (B, P) and log prior (B,) are given: the Jacobian of the residuals by
+    forward differences (d evaluations), the log prior's gradient and diagonal curvature
+    by central ones (2 d cheap evaluations)."""
     dim = steps.shape[0]
-    residual, prior = residuals(point)[0], log_prior(point)[0]
     batch = residual.shape[0]
     axes = torch.eye(dim, dtype=steps.dtype, device=steps.device) * steps  # (d, d)
     forward = axes[:, None, :].expand(dim, batch, dim)
@@ -90,10 +91,12 @@ def gauss_newton(point: Point, residuals: Callable[[Point], Tensor],
     mask else b. steps (d,): the finite-difference step along each chart axis (small
     against the posterior's width, large against rounding). Each iteration solves
     (H + damping diag H) delta = -g and keeps the move where it lowers the objective
-    (then damping / 3, else damping * 10, per problem). Residual evaluations: (d + 2)
+    (then damping / 3, else damping * 10, per problem). Residual evaluations: d + 1
     per iteration, d + 1 at the start.
     """
-    objective, gradient, precision = _linearise(point, residuals, log_prior, retract, steps)
+    residual, prior = residuals(point)[0], log_prior(point)[0]
+    objective, gradient, precision = _linearise(point, residual, prior, residuals,
+                                                log_prior, retract, steps)
     batch = objective.shape[0]
     lam = torch.full((batch,), damping, dtype=torch.float64, device=objective.device)
     accepted = torch.zeros(batch, dtype=torch.long, device=objective.device)
@@ -102,13 +105,16 @@ def gauss_newton(point: Point, residuals: Callable[[Point], Tensor],
         system = precision + torch.diag_embed(lam[:, None] * diagonal + 1e-12)
         delta = -torch.linalg.solve(system, gradient[..., None])[..., 0]
         candidate = retract(point, delta.to(steps.dtype)[None])
-        new_objective = _objective(residuals(candidate)[0], log_prior(candidate)[0])
-        better = torch.nan_to_num(new_objective, nan=math.inf) < objective
+        new_residual, new_prior = residuals(candidate)[0], log_prior(candidate)[0]
+        better = torch.nan_to_num(_objective(new_residual, new_prior), nan=math.inf) \
+            < objective
         point = select(better, candidate, point)
+        residual = torch.where(better[:, None], new_residual, residual)
+        prior = torch.where(better, new_prior, prior)
         accepted += better.long()
         lam = torch.where(better, lam / 3, lam * 10)
-        objective, gradient, precision = _linearise(point, residuals, log_prior, retract,
-                                                    steps)
+        objective, gradient, precision = _linearise(point, residual, prior, residuals,
+                                                    log_prior, retract, steps)
     return GaussNewtonResult(point, objective, precision, accepted)
 
 
