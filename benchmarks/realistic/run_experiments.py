@@ -81,6 +81,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="more cryosvi train options, e.g. '--batch-size 64'")
     parser.add_argument("--infer-options", default="--importance 0",
                         help="cryosvi infer options (default: %(default)s, the guide alone)")
+    parser.add_argument("--learn-modes", metavar="OPTIONS",
+                        help="learn the mode from the particles first ('cryosvi "
+                             "learn-modes' with these options, '' for its defaults) and "
+                             "train with that reference instead of --structure-options' "
+                             "ANM modes; the particles' poses are the file's (poses-given) "
+                             "or those of a first pass with the ANM modes "
+                             "(ctf-shifts-given) (default: off)")
     parser.add_argument("--tag", default="latest",
                         help="results go to results/experiments_TAG.json")
     parser.add_argument("--remake-data", action="store_true",
@@ -151,6 +158,29 @@ def score(posterior: Path, data: Path) -> dict:
     return out
 
 
+def train_and_infer(preset: str, name: str, data: Path, reference: list[str], args,
+                    steps: list[dict]) -> Path | None:
+    """``cryosvi train`` (the reference options ``reference``) into WORKDIR/run-NAME and
+    ``cryosvi infer`` to WORKDIR/posterior-NAME.star; that path, or None if one failed."""
+    rundir = Path(args.workdir) / f"run-{name}"
+    common = ["--threads", str(args.threads)]
+    train = ["cryosvi", "train", "--particles", str(data / "particles.star"), *reference,
+             "--latents", EXPERIMENTS[preset]["latents"], "--epochs", str(args.epochs),
+             "--device", args.device, *shlex.split(args.train_options), "-o", str(rundir),
+             "--quiet", *common]
+    if (rundir / "run.json").exists():
+        train.append("--force")
+    if not run(train, steps):
+        return None
+    # Outside RUN: cryosvi infer refuses to write into its --run folder once a file of
+    # that name is there (an input), even with --force.
+    posterior = Path(args.workdir) / f"posterior-{name}.star"
+    infer = ["cryosvi", "infer", "--run", str(rundir), "--particles",
+             str(data / "particles.star"), "-o", str(posterior), "--device", args.device,
+             *shlex.split(args.infer_options), "--quiet", "--force", *common]
+    return posterior if run(infer, steps) else None
+
+
 def experiment(preset: str, args) -> dict:
     settings = EXPERIMENTS[preset]
     record = {"preset": preset, "latents": settings["latents"],
@@ -160,26 +190,27 @@ def experiment(preset: str, args) -> dict:
     if data is None:
         record["status"] = "data set not made"
         return record
-    rundir = Path(args.workdir) / f"run-{preset}"
-    common = ["--threads", str(args.threads)]
-    train = ["cryosvi", "train", "--particles", str(data / "particles.star"),
-             "--structure", str(STRUCTURE), *shlex.split(args.structure_options),
-             "--latents", settings["latents"], "--epochs", str(args.epochs),
-             "--device", args.device, *shlex.split(args.train_options), "-o", str(rundir),
-             "--quiet", *common]
-    if (rundir / "run.json").exists():
-        train.append("--force")
-    if not run(train, steps):
-        record["status"] = "train failed"
-        return record
-    # Outside RUN: cryosvi infer refuses to write into its --run folder once a file of
-    # that name is there (an input), even with --force.
-    posterior = Path(args.workdir) / f"posterior-{preset}.star"
-    infer = ["cryosvi", "infer", "--run", str(rundir), "--particles",
-             str(data / "particles.star"), "-o", str(posterior), "--device", args.device,
-             *shlex.split(args.infer_options), "--quiet", "--force", *common]
-    if not run(infer, steps):
-        record["status"] = "infer failed"
+    reference = ["--structure", str(STRUCTURE), *shlex.split(args.structure_options)]
+    if args.learn_modes is not None:
+        particles = data / "particles.star"
+        if "pose" in settings["latents"]:  # no poses in the file: a first pass gives them
+            particles = train_and_infer(preset, f"{preset}-anm", data, reference, args,
+                                        steps)
+            if particles is None:
+                record["status"] = "first pass failed"
+                return record
+        learnt = Path(args.workdir) / f"learnt-{preset}.npz"
+        command = ["cryosvi", "learn-modes", "--particles", str(particles), "--datadir",
+                   str(data), "--structure", str(STRUCTURE),
+                   *shlex.split(args.learn_modes), "-o", str(learnt), "--force", "--quiet",
+                   "--threads", str(args.threads)]
+        if not run(command, steps):
+            record["status"] = "learn-modes failed"
+            return record
+        reference = ["--reference", str(learnt)]
+    posterior = train_and_infer(preset, preset, data, reference, args, steps)
+    if posterior is None:
+        record["status"] = "train or infer failed"
         return record
     report = Path(args.workdir) / f"evaluate-{preset}"
     evaluate = ["cryosvi", "evaluate", "--posterior", str(posterior), "--truth",

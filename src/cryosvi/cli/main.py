@@ -20,6 +20,7 @@ from cryosvi.errors import CryosviError, CryosviWarning
 COMMANDS = {
     "simulate": "simulate a particle stack from the forward model",
     "modes": "ANM normal modes of a structure",
+    "learn-modes": "conformational modes learnt from particles of known pose",
     "train": "train the amortized posterior (guide) on particles",
     "infer": "posterior over pose, defocus and modes for each particle",
     "evaluate": "compare a posterior STAR file with the ground truth",
@@ -40,7 +41,8 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     chosen = next((a for a in argv if not a.startswith("-")), None)
     for name, summary in COMMANDS.items():
         if name == chosen:
-            importlib.import_module(f"cryosvi.cli.{name}").register(subparsers, summary)
+            module = importlib.import_module(f"cryosvi.cli.{name.replace('-', '_')}")
+            module.register(subparsers, summary)
         else:
             subparsers.add_parser(name, help=summary, add_help=False)
     return parser

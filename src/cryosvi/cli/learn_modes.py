@@ -1,0 +1,158 @@
+"""``cryosvi learn-modes``: conformational modes learnt from particles of known pose."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from cryosvi.cli.common import (HelpFormatter, add_particle_source_arguments,
+                                add_threads_argument, check_device, device_name,
+                                integer_between, number, positive, positive_int, seed_int)
+from cryosvi.errors import CryosviError
+
+KIND = "reference"
+GRAY_LEVEL_IMAGES = 2000
+"""Particles whose images fix the gray levels and noise std against the model at their
+given poses (``graylevels.fit_scale_with_poses``)."""
+
+
+def register(subparsers, summary: str) -> None:
+    parser = subparsers.add_parser(
+        "learn-modes", help=summary,
+        description="Learn the directions of the particles' conformational change from "
+        "their images, given each particle's pose, CTF and shift (a consensus "
+        "refinement): each particle's displacement along the reference's lowest ANM "
+        "modes and the 6 rigid motions is fitted (Gauss-Newton, Laplace covariance), "
+        "and the directions along which the particles spread are found by probabilistic "
+        "PCA that weighs each particle by its own uncertainty (cryosvi.learnt_modes). "
+        "Writes a reference.npz whose pseudo-atoms sit at the particles' mean "
+        "conformation and whose modes are the learnt directions (prior std: the "
+        "particles' spread along each), with the estimated gray levels and noise; give "
+        "it to 'cryosvi train --reference'.",
+        formatter_class=HelpFormatter)
+    parser.add_argument("--particles", required=True,
+                        help="particle file (STAR or .cs) with poses (rlnAngleRot/Tilt/Psi) "
+                        "and CTF estimates")
+    add_particle_source_arguments(parser)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--structure", help="PDB/mmCIF file to build the reference from")
+    source.add_argument("--reference", help="reference.npz whose modes start the fit")
+    parser.add_argument("--chain", help="with --structure: chain ID (default: first "
+                        "protein chain)")
+    parser.add_argument("--stride", type=positive_int, default=2,
+                        help="with --structure: keep every k-th C-alpha")
+    parser.add_argument("--sigma", type=positive, default=2.0,
+                        help="with --structure: pseudo-atom Gaussian std, Å")
+    parser.add_argument("--anm-modes", dest="n_modes", metavar="K", type=integer_between(1, 100),
+                        default=10, help="with --structure: ANM modes in the fitting basis "
+                        "(plus the 6 rigid motions)")
+    parser.add_argument("--n-modes", dest="learnt_modes", metavar="K", type=integer_between(1, 100),
+                        default=1, help="modes to learn")
+    parser.add_argument("-o", "--output", required=True, help="output reference (.npz)")
+    parser.add_argument("--box", type=integer_between(16, 4096),
+                        help="working box, px (even; default: min(64, the particles' box))")
+    parser.add_argument("--noise-std", type=positive,
+                        help="noise std, for images already in the model's gray levels "
+                        "(default: the reference's, else fitted with the gray levels "
+                        "against the model at the given poses)")
+    parser.add_argument("--max-particles", type=integer_between(2), default=20000,
+                        help="fit at most this many particles (a random subset)")
+    parser.add_argument("--prior-std", type=number(0.0, 1e3, low_open=True), default=10.0,
+                        help="std of the fit's weak prior on each amplitude, Å RMS")
+    parser.add_argument("--iterations", type=integer_between(1, 100), default=10,
+                        help="Levenberg-Marquardt iterations per particle")
+    parser.add_argument("--device", type=device_name, default="cpu",
+                        help="cpu, cuda, cuda:N or auto")
+    add_threads_argument(parser)
+    parser.add_argument("--seed", type=seed_int, default=0,
+                        help="random seed of the particle subset")
+    parser.add_argument("--force", action="store_true",
+                        help="replace a reference an earlier cryosvi command wrote")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run, mode_std=2.0)
+
+
+def run(args) -> None:
+    from dataclasses import replace
+
+    import numpy as np
+    import torch
+    from tqdm.auto import tqdm
+
+    from cryosvi.cli.train import reference_from_args
+    from cryosvi.dataset import has_ctf_estimates, priors_from_particles
+    from cryosvi.forward import ForwardModel
+    from cryosvi.graylevels import fit_scale_with_poses
+    from cryosvi.io.outputs import check_output_file
+    from cryosvi.io.particles import ANGLES, read_particles
+    from cryosvi.latents import BY_NAME, ParticleData
+    from cryosvi.learnt_modes import fit_amplitudes, fitting_basis, learnt_reference
+    from cryosvi.train import working_reference
+
+    output = Path(args.output)
+    if output.suffix.lower() != ".npz":
+        raise CryosviError(f"-o {output}: a reference is an .npz file; give a name ending "
+                           "in .npz")
+    check_output_file(output, KIND, args.force,
+                      inputs=[args.particles, args.structure, args.reference])
+    device = check_device(args.device)
+    table = read_particles(args.particles, args.datadir, args.invert)
+    missing = [c for c in (*ANGLES, "rlnDefocusU") if c not in table.metadata]
+    if missing or not has_ctf_estimates(table):
+        raise CryosviError(f"{table.path}: learning modes needs every particle's pose and "
+                           f"CTF estimate (a consensus refinement); missing: "
+                           f"{', '.join(missing) or 'per-particle rlnDefocusU values'}")
+    table.require("rlnImageName")
+    reference = reference_from_args(args, args.particles)
+    reference = priors_from_particles(table, working_reference(table, reference, args.box))
+    data = ParticleData(table, reference.optics.box, ctf_estimates=True)
+    rows = np.arange(len(table))
+    if len(rows) > args.max_particles:
+        rows = np.sort(np.random.default_rng(args.seed).choice(len(rows), args.max_particles,
+                                                               replace=False))
+    rows_t = torch.from_numpy(rows)
+    images = torch.from_numpy(data.images(rows))
+    rotation = BY_NAME["pose"].known(table, None)[rows_t]
+    ctf = data.conditions.ctf.take(rows_t)
+    shifts = None if data.conditions.shifts is None else data.conditions.shifts[rows_t]
+
+    noise_std = args.noise_std or reference.noise.std
+    if not noise_std > 0:  # gray levels against the undeformed model at the given poses
+        unit = replace(reference.imaging, scale=1.0, offset=0.0)
+        model = reference.with_settings(imaging=unit).forward_model(data.groups).to(device)
+        k = min(len(rows), GRAY_LEVEL_IMAGES)
+        with torch.no_grad():
+            clean = model(torch.zeros(k, reference.n_modes, device=device),
+                          rotation[:k].to(device), None, ctf=ctf.take(torch.arange(k)).to(device),
+                          shifts=None if shifts is None else shifts[:k].to(device))
+        levels = fit_scale_with_poses(images[:k], clean.cpu())
+        reference = reference.with_settings(imaging=replace(
+            reference.imaging, scale=levels.scale, offset=levels.offset))
+        noise_std = levels.noise_std
+    reference = reference.with_settings(noise=replace(reference.noise, std=float(noise_std)))
+
+    basis = fitting_basis(reference)
+    forward = ForwardModel(reference.coords, basis, reference.optics, reference.imaging,
+                           data.groups).to(device)
+    with tqdm(total=len(rows), desc="fitting", unit="particle", disable=args.quiet,
+              file=sys.stderr) as bar:
+        means, covariances = fit_amplitudes(forward, images, rotation, ctf, shifts,
+                                            noise_std, args.prior_std, args.iterations,
+                                            progress=bar.update)
+    learnt, summary = learnt_reference(
+        reference, basis, means, covariances, args.learnt_modes,
+        {"particles": str(table.path), "fitted_particles": int(len(rows)),
+         "fitting_basis": f"{reference.n_modes} ANM modes + 6 rigid motions"})
+    output.parent.mkdir(parents=True, exist_ok=True)
+    learnt.save(output)
+    print(f"gray levels: scale {reference.imaging.scale:.4g}, offset "
+          f"{reference.imaging.offset:.4g}, noise std {noise_std:.4g}", file=sys.stderr)
+    for k, (std, rigid) in enumerate(zip(summary["mode_std"], summary["rigid_fraction"])):
+        print(f"learnt mode {k + 1}: particles' std {std:.3g} Å RMS, rigid part "
+              f"{100 * rigid ** 2:.0f} % of its square norm")
+    print(f"{len(rows)} particles, {reference.n_modes} ANM modes + 6 rigid motions -> "
+          f"{output} ({learnt.n_modes} learnt mode{'s' * (learnt.n_modes > 1)}; "
+          f"cryosvi train --reference {output})")
+    if not summary["converged"]:
+        print("warning: the PCA's optimiser stopped at its iteration limit",
+              file=sys.stderr)

@@ -1,0 +1,105 @@
+"""Probabilistic PCA of noisy estimates with a known covariance each. Nothing here knows
+about cryo-EM.
+
+Each of n items has an estimate m_i (D,) of an unknown point z_i with a Gaussian error of
+known covariance C_i (D, D) (e.g. a Laplace posterior). The points are modelled as
+z_i = centre + W a_i with a_i ~ N(0, I_k): a k-dimensional linear subspace. Then
+
+    m_i ~ N(centre, W W^T + C_i),
+
+the probabilistic PCA of Tipping & Bishop (1999, J. R. Stat. Soc. B 61: 611) with the
+isotropic noise sigma^2 I replaced by each item's own C_i ("heteroscedastic" PPCA). With
+C_i = sigma^2 I for every item the maximum-likelihood W has the closed form W W^T =
+U_k (Lambda_k - sigma^2 I) U_k^T (U_k, Lambda_k: the leading eigenvectors and eigenvalues of
+the sample covariance); with unequal C_i there is none, and ``principal_directions``
+maximises the likelihood numerically (L-BFGS on W and the centre, float64). Items that
+say little about a direction (a large C_i along it) then count little for it, which a
+PCA of the raw estimates cannot do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class PrincipalDirections:
+    """directions (k, D): orthonormal rows, by decreasing std; std (k,): the spread of
+    the points along each (W W^T = directions^T diag(std^2) directions); centre (D,);
+    log_likelihood: of the estimates under the model (float); converged: whether L-BFGS
+    stopped on its tolerance rather than its iteration limit."""
+
+    directions: Tensor
+    std: Tensor
+    centre: Tensor
+    log_likelihood: float
+    converged: bool
+
+    def coordinates(self, estimates: Tensor, covariances: Tensor) -> tuple[Tensor, Tensor]:
+        """Posterior mean (n, k) and covariance (n, k, k) of each item's a_i (in units
+        of std along each direction) given its estimate and covariance."""
+        factor = (self.directions.T * self.std).to(estimates)  # W (D, k)
+        total = factor @ factor.T + covariances  # (n, D, D)
+        gain = torch.linalg.solve(total, factor.expand(len(estimates), *factor.shape))
+        # a | m ~ N(W^T S^-1 (m - c), I - W^T S^-1 W)  (S = W W^T + C)
+        mean = (gain.transpose(1, 2) @ (estimates - self.centre.to(estimates))[..., None])[..., 0]
+        covariance = torch.eye(factor.shape[1], dtype=factor.dtype) - factor.T @ gain
+        return mean, covariance
+
+
+def _negative_log_likelihood(factor: Tensor, centre: Tensor, estimates: Tensor,
+                             covariances: Tensor) -> Tensor:
+    total = factor @ factor.T + covariances
+    cholesky = torch.linalg.cholesky(total)
+    residual = torch.linalg.solve_triangular(cholesky, (estimates - centre)[..., None],
+                                             upper=False)[..., 0]
+    log_det = 2 * torch.log(torch.diagonal(cholesky, dim1=-2, dim2=-1)).sum(-1)
+    dim = estimates.shape[-1]
+    return 0.5 * (log_det + residual.square().sum(-1)
+                  + dim * torch.log(torch.tensor(2 * torch.pi, dtype=estimates.dtype))).sum()
+
+
+def principal_directions(estimates: Tensor, covariances: Tensor, k: int = 1,
+                         max_iterations: int = 500) -> PrincipalDirections:
+    """The maximum-likelihood k-dimensional subspace of the points behind ``estimates``
+    (n, D) with error covariances ``covariances`` (n, D, D) (symmetric positive definite).
+    Starts from the PCA of the estimates with the mean error covariance subtracted.
+    Direction signs: the largest component of each is positive."""
+    m = estimates.detach().double()
+    c = 0.5 * (covariances.detach().double() + covariances.detach().double().transpose(1, 2))
+    n, dim = m.shape
+    if not 1 <= k <= dim:
+        raise ValueError(f"k must be 1..{dim}, got {k}")
+    if n < 2 or c.shape != (n, dim, dim):
+        raise ValueError(f"need n >= 2 estimates (n, D) and covariances (n, D, D), got "
+                         f"{tuple(m.shape)} and {tuple(c.shape)}")
+    centre = m.mean(0)
+    spread = (m - centre).T @ (m - centre) / n - c.mean(0)
+    values, vectors = torch.linalg.eigh(0.5 * (spread + spread.T))
+    scale = values.flip(0)[:k].clamp_min(1e-6 * float(values.abs().max()) + 1e-12).sqrt()
+    factor = (vectors.flip(1)[:, :k] * scale).contiguous().requires_grad_(True)
+    centre = centre.clone().requires_grad_(True)
+    optimiser = torch.optim.LBFGS([factor, centre], max_iter=max_iterations,
+                                  tolerance_grad=1e-9, tolerance_change=1e-12,
+                                  history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimiser.zero_grad()
+        loss = _negative_log_likelihood(factor, centre, m, c) / n
+        loss.backward()
+        return loss
+
+    optimiser.step(closure)
+    iterations = optimiser.state[optimiser._params[0]]["n_iter"]
+    with torch.no_grad():
+        loss = float(_negative_log_likelihood(factor, centre, m, c))
+        u, s, _ = torch.linalg.svd(factor, full_matrices=False)  # W = U S V^T
+        directions = u.T
+        flip = torch.where(directions.gather(1, directions.abs().argmax(1, keepdim=True))
+                           < 0, -1.0, 1.0).to(directions)
+        directions = directions * flip
+    return PrincipalDirections(directions, s, centre.detach(), -loss,
+                               iterations < max_iterations)
