@@ -9,9 +9,10 @@ rest is spread over ANM modes 4-6, and a scan along ANM mode 1 ranks the conform
 |Spearman| 0.33 even without noise, against 0.98 along the true change.
 
 So the particles choose the direction. With every particle's pose, CTF and shift given
-(a consensus refinement), each particle's displacement in a fitting basis -- the
-reference's K lowest ANM modes and the 6 rigid motions, orthonormal 3N-vectors, the same
-amplitude units as the modes (Å RMS per pseudo-atom) -- is fitted by Gauss-Newton to its
+(a consensus refinement), each particle's displacement in a fitting basis -- by default
+the rigid motions of 3 compact blocks of pseudo-atoms, or the reference's K lowest ANM
+modes and the 6 rigid motions; orthonormal 3N-vectors, the amplitude units of the modes
+(Å RMS per pseudo-atom) -- is fitted by Gauss-Newton to its
 posterior mode with a Laplace covariance (``cryosvi.laplace``, a weak N(0, prior_std^2)
 prior), and the directions along which the particles spread are the maximum-likelihood
 subspace of these noisy estimates (``cryosvi.ppca``: each particle's own covariance
@@ -32,24 +33,78 @@ from torch import Tensor
 
 from cryosvi.anm import rigid_basis
 from cryosvi.forward import ForwardModel
+from cryosvi.graylevels import fit_scale_with_poses
 from cryosvi.laplace import gauss_newton
 from cryosvi.ppca import principal_directions
 from cryosvi.reference import Reference
 
 FIT_STEP = 0.05
 """Å RMS: the finite-difference step of the amplitudes (cf. ``latents.Modes``)."""
+GRAY_LEVEL_IMAGES = 2000
+"""Particles whose images fix the gray levels and noise std against the model at their
+given poses (``graylevels.fit_scale_with_poses``)."""
+REFIT_TOLERANCE = 0.02
+"""Relative change of the gray-level scale, between the undeformed model and the fitted
+conformations, above which the amplitudes are fitted again with the new gray levels."""
 
 
-def fitting_basis(reference: Reference) -> np.ndarray:
-    """(K + 6, N, 3) float64: the reference's K modes and the 6 rigid motions of its
-    pseudo-atoms (translations, rotations about the centroid), orthonormal as
-    3N-vectors (ANM modes are orthogonal to rigid motions; re-orthonormalised here so
-    that any reference's modes work)."""
-    modes = np.asarray(reference.modes, np.float64).reshape(reference.n_modes, -1)
-    stacked = np.concatenate([modes, rigid_basis(reference.coords).T])
-    q, r = np.linalg.qr(stacked.T)
+def rigid_blocks(coords: np.ndarray, n_blocks: int, restarts: int = 10) -> np.ndarray:
+    """(N,) int labels 0..n_blocks-1: the pseudo-atoms split into ``n_blocks`` compact
+    blocks by k-means of their positions (scipy's k-means++, the lowest within-block sum
+    of squares of ``restarts`` seeded runs: deterministic, no global random state)."""
+    from scipy.cluster.vq import kmeans2
+
+    coords = np.asarray(coords, np.float64)
+    if not 1 <= n_blocks <= len(coords) // 3:
+        raise ValueError(f"{n_blocks} blocks for {len(coords)} pseudo-atoms: give 1 to "
+                         f"{len(coords) // 3}")
+    best, labels = np.inf, None
+    for seed in range(restarts):
+        centres, found = kmeans2(coords, n_blocks, seed=seed, minit="++")
+        spread = float(np.square(coords - centres[found]).sum())
+        if spread < best and np.bincount(found, minlength=n_blocks).min() >= 3:
+            best, labels = spread, found
+    if labels is None:
+        raise ValueError(f"no split of the {len(coords)} pseudo-atoms into {n_blocks} "
+                         "blocks of at least 3")
+    return labels
+
+
+def _orthonormal_rows(vectors: np.ndarray, n_atoms: int) -> np.ndarray:
+    """(D, N, 3): an orthonormal basis of the span of the rows of ``vectors`` (m, 3N),
+    in the order of the rows (Gram-Schmidt by QR), dropping rows in the span of earlier
+    ones."""
+    q, r = np.linalg.qr(vectors.T)
+    diagonal = np.abs(np.diagonal(r))
+    keep = diagonal > 1e-8 * diagonal.max()
     q = q * np.sign(np.diagonal(r))  # keep each input vector's orientation
-    return q.T.reshape(len(stacked), reference.n_atoms, 3)
+    return q[:, keep].T.reshape(int(keep.sum()), n_atoms, 3)
+
+
+def fitting_basis(reference: Reference, blocks: int | None = None) -> np.ndarray:
+    """(D, N, 3) float64, orthonormal as 3N-vectors in the modes' amplitude units.
+
+    ``blocks`` None: the reference's K modes and the 6 rigid motions of its pseudo-atoms
+    (D = K + 6). ``blocks`` B: the rigid motions of each of B compact blocks of
+    pseudo-atoms (``rigid_blocks``; D = 6 B), the rotation-translation-block basis of
+    Tama et al. (2000, Proteins 41: 1) with blocks from the geometry: a domain moving as
+    a body (a hinge, most open-closed changes) is in its span when the blocks follow the
+    domains, and the whole molecule's rigid motions are too.
+    """
+    n_atoms = reference.n_atoms
+    if blocks is None:
+        rows = [np.asarray(reference.modes, np.float64).reshape(reference.n_modes, -1),
+                rigid_basis(reference.coords).T]
+    else:
+        labels = rigid_blocks(reference.coords, blocks)
+        rows = []
+        for block in range(blocks):
+            inside = labels == block
+            motions = rigid_basis(reference.coords[inside])  # (3 n_b, 6)
+            full = np.zeros((n_atoms, 3, motions.shape[1]))
+            full[inside] = motions.reshape(int(inside.sum()), 3, -1)
+            rows.append(full.reshape(3 * n_atoms, -1).T)
+    return _orthonormal_rows(np.concatenate(rows), n_atoms)
 
 
 def fit_amplitudes(forward: ForwardModel, images: Tensor, rotation: Tensor, ctf,
@@ -100,6 +155,64 @@ def fit_amplitudes(forward: ForwardModel, images: Tensor, rotation: Tensor, ctf,
     return means, covariances
 
 
+def learn_modes(reference: Reference, images: Tensor, rotation: Tensor, ctf,
+                shifts: Tensor | None, groups, n_modes: int = 1, blocks: int | None = 3,
+                prior_std: float = 10.0, iterations: int = 10,
+                source: dict | None = None, progress=None) -> tuple[Reference, dict]:
+    """The reference of ``n_modes`` modes learnt from particles of known pose.
+
+    reference: at the images' box and pixel size; ``blocks``: the fitting basis
+    (``fitting_basis``: rigid motions of that many blocks, or None for the reference's
+    modes and the 6 rigid motions); its gray levels and noise std are used when ``reference.noise.std`` > 0, else
+    fitted by least squares against the model at the given poses (first undeformed,
+    then, if the scale moved by more than REFIT_TOLERANCE, at the fitted conformations,
+    and the amplitudes fitted again: a change of conformation across the data set
+    otherwise biases the scale low). images (n, L, L); rotation (n, 4); ctf a
+    ``ParticleCTF`` of n; shifts (n, 2) Å or None; groups: the ``OpticsGroups`` of the
+    CTFs. ``progress``: as in ``fit_amplitudes``, over every fitting pass. Returns the
+    learnt reference (``learnt_reference``) and a summary (its, plus gray levels)."""
+    basis = fitting_basis(reference, blocks)
+    device = rotation.device
+    levels = reference.noise.std > 0
+
+    def model_at(settings: Reference) -> ForwardModel:
+        return ForwardModel(settings.coords, basis, settings.optics, settings.imaging,
+                            groups).to(device)
+
+    def with_levels(amplitudes: Tensor) -> Reference:
+        count = min(len(images), GRAY_LEVEL_IMAGES)
+        unit = reference.with_settings(imaging=replace(reference.imaging, scale=1.0,
+                                                       offset=0.0))
+        with torch.no_grad():
+            clean = model_at(unit)(amplitudes[:count].float().to(device), rotation[:count],
+                                   None, ctf=ctf.take(torch.arange(count)),
+                                   shifts=None if shifts is None else shifts[:count])
+        fitted = fit_scale_with_poses(images[:count], clean.cpu())
+        return reference.with_settings(
+            imaging=replace(reference.imaging, scale=fitted.scale, offset=fitted.offset),
+            noise=replace(reference.noise, std=fitted.noise_std))
+
+    if not levels:
+        reference = with_levels(torch.zeros(len(images), len(basis)))
+    passes = 0
+    while True:
+        passes += 1
+        means, covariances = fit_amplitudes(model_at(reference), images, rotation, ctf,
+                                            shifts, reference.noise.std, prior_std,
+                                            iterations, progress=progress)
+        if levels or passes == 2:
+            break
+        scale = reference.imaging.scale
+        reference = with_levels(means)
+        if abs(reference.imaging.scale / scale - 1) <= REFIT_TOLERANCE:
+            break
+    learnt, summary = learnt_reference(reference, basis, means, covariances, n_modes,
+                                       source or {})
+    summary.update(fitting_passes=passes, scale=reference.imaging.scale,
+                   offset=reference.imaging.offset, noise_std=reference.noise.std)
+    return learnt, summary
+
+
 def learnt_reference(reference: Reference, basis: np.ndarray, means: Tensor,
                      covariances: Tensor, n_modes: int, source: dict) -> tuple[Reference, dict]:
     """The reference of the ``n_modes`` directions along which the particles spread
@@ -116,10 +229,10 @@ def learnt_reference(reference: Reference, basis: np.ndarray, means: Tensor,
     directions = fit.directions.numpy()
     modes = (directions @ flat).reshape(n_modes, n_atoms, 3)
     std = fit.std.numpy()
-    rigid = directions[:, -6:]
+    rigid = rigid_basis(reference.coords).T @ modes.reshape(n_modes, -1).T  # (6, k)
     summary = {
         "mode_std": std.round(4).tolist(),
-        "rigid_fraction": np.linalg.norm(rigid, axis=1).round(4).tolist(),
+        "rigid_fraction": np.linalg.norm(rigid, axis=0).round(4).tolist(),
         "components": directions.round(4).tolist(),
         "centre_rms": float(np.linalg.norm(centre)),
         "log_likelihood": fit.log_likelihood, "converged": fit.converged,

@@ -11,9 +11,6 @@ from cryosvi.cli.common import (HelpFormatter, add_particle_source_arguments,
 from cryosvi.errors import CryosviError
 
 KIND = "reference"
-GRAY_LEVEL_IMAGES = 2000
-"""Particles whose images fix the gray levels and noise std against the model at their
-given poses (``graylevels.fit_scale_with_poses``)."""
 
 
 def register(subparsers, summary: str) -> None:
@@ -21,8 +18,9 @@ def register(subparsers, summary: str) -> None:
         "learn-modes", help=summary,
         description="Learn the directions of the particles' conformational change from "
         "their images, given each particle's pose, CTF and shift (a consensus "
-        "refinement): each particle's displacement along the reference's lowest ANM "
-        "modes and the 6 rigid motions is fitted (Gauss-Newton, Laplace covariance), "
+        "refinement): each particle's displacement along the rigid motions of a few "
+        "compact blocks of the structure (or the reference's lowest ANM modes and the 6 "
+        "rigid motions) is fitted (Gauss-Newton, Laplace covariance), "
         "and the directions along which the particles spread are found by probabilistic "
         "PCA that weighs each particle by its own uncertainty (cryosvi.learnt_modes). "
         "Writes a reference.npz whose pseudo-atoms sit at the particles' mean "
@@ -43,9 +41,15 @@ def register(subparsers, summary: str) -> None:
                         help="with --structure: keep every k-th C-alpha")
     parser.add_argument("--sigma", type=positive, default=2.0,
                         help="with --structure: pseudo-atom Gaussian std, Å")
-    parser.add_argument("--anm-modes", dest="n_modes", metavar="K", type=integer_between(1, 100),
-                        default=10, help="with --structure: ANM modes in the fitting basis "
-                        "(plus the 6 rigid motions)")
+    parser.add_argument("--basis", choices=["blocks", "anm"], default="blocks",
+                        help="fitting basis: the rigid motions of --blocks compact blocks "
+                        "of pseudo-atoms (k-means of their positions), or the reference's "
+                        "lowest ANM modes and the 6 rigid motions")
+    parser.add_argument("--blocks", type=integer_between(1, 100), default=3,
+                        help="with --basis blocks: number of blocks")
+    parser.add_argument("--anm-modes", dest="n_modes", metavar="K",
+                        type=integer_between(1, 100), default=10,
+                        help="with --basis anm and --structure: ANM modes in the basis")
     parser.add_argument("--n-modes", dest="learnt_modes", metavar="K", type=integer_between(1, 100),
                         default=1, help="modes to learn")
     parser.add_argument("-o", "--output", required=True, help="output reference (.npz)")
@@ -81,12 +85,10 @@ def run(args) -> None:
 
     from cryosvi.cli.train import reference_from_args
     from cryosvi.dataset import has_ctf_estimates, priors_from_particles
-    from cryosvi.forward import ForwardModel
-    from cryosvi.graylevels import fit_scale_with_poses
     from cryosvi.io.outputs import check_output_file
     from cryosvi.io.particles import ANGLES, read_particles
     from cryosvi.latents import BY_NAME, ParticleData
-    from cryosvi.learnt_modes import fit_amplitudes, fitting_basis, learnt_reference
+    from cryosvi.learnt_modes import learn_modes
     from cryosvi.train import working_reference
 
     output = Path(args.output)
@@ -103,6 +105,8 @@ def run(args) -> None:
                            f"CTF estimate (a consensus refinement); missing: "
                            f"{', '.join(missing) or 'per-particle rlnDefocusU values'}")
     table.require("rlnImageName")
+    if args.basis == "blocks" and args.structure:
+        args.n_modes = 1  # the reference's ANM modes are not used
     reference = reference_from_args(args, args.particles)
     reference = priors_from_particles(table, working_reference(table, reference, args.box))
     data = ParticleData(table, reference.optics.box, ctf_estimates=True)
@@ -116,41 +120,34 @@ def run(args) -> None:
     ctf = data.conditions.ctf.take(rows_t)
     shifts = None if data.conditions.shifts is None else data.conditions.shifts[rows_t]
 
-    noise_std = args.noise_std or reference.noise.std
-    if not noise_std > 0:  # gray levels against the undeformed model at the given poses
-        unit = replace(reference.imaging, scale=1.0, offset=0.0)
-        model = reference.with_settings(imaging=unit).forward_model(data.groups).to(device)
-        k = min(len(rows), GRAY_LEVEL_IMAGES)
-        with torch.no_grad():
-            clean = model(torch.zeros(k, reference.n_modes, device=device),
-                          rotation[:k].to(device), None, ctf=ctf.take(torch.arange(k)).to(device),
-                          shifts=None if shifts is None else shifts[:k].to(device))
-        levels = fit_scale_with_poses(images[:k], clean.cpu())
-        reference = reference.with_settings(imaging=replace(
-            reference.imaging, scale=levels.scale, offset=levels.offset))
-        noise_std = levels.noise_std
-    reference = reference.with_settings(noise=replace(reference.noise, std=float(noise_std)))
-
-    basis = fitting_basis(reference)
-    forward = ForwardModel(reference.coords, basis, reference.optics, reference.imaging,
-                           data.groups).to(device)
+    blocks = args.blocks if args.basis == "blocks" else None
+    basis = (f"rigid motions of {blocks} blocks" if blocks else
+             f"{reference.n_modes} modes of {args.reference or 'ANM'} + 6 rigid motions")
+    if args.noise_std:
+        reference = reference.with_settings(noise=replace(reference.noise,
+                                                          std=float(args.noise_std)))
     with tqdm(total=len(rows), desc="fitting", unit="particle", disable=args.quiet,
               file=sys.stderr) as bar:
-        means, covariances = fit_amplitudes(forward, images, rotation, ctf, shifts,
-                                            noise_std, args.prior_std, args.iterations,
-                                            progress=bar.update)
-    learnt, summary = learnt_reference(
-        reference, basis, means, covariances, args.learnt_modes,
-        {"particles": str(table.path), "fitted_particles": int(len(rows)),
-         "fitting_basis": f"{reference.n_modes} ANM modes + 6 rigid motions"})
+        def progress(count: int) -> None:
+            if bar.n + count > bar.total:  # a second pass with refitted gray levels
+                bar.reset()
+            bar.update(count)
+
+        learnt, summary = learn_modes(
+            reference, images, rotation.to(device), ctf.to(device),
+            None if shifts is None else shifts.to(device), data.groups, args.learnt_modes,
+            blocks, args.prior_std, args.iterations,
+            {"particles": str(table.path), "fitted_particles": int(len(rows)),
+             "fitting_basis": basis}, progress)
     output.parent.mkdir(parents=True, exist_ok=True)
     learnt.save(output)
-    print(f"gray levels: scale {reference.imaging.scale:.4g}, offset "
-          f"{reference.imaging.offset:.4g}, noise std {noise_std:.4g}", file=sys.stderr)
+    print(f"gray levels: scale {summary['scale']:.4g}, offset {summary['offset']:.4g}, "
+          f"noise std {summary['noise_std']:.4g} ({summary['fitting_passes']} fitting "
+          "pass(es))", file=sys.stderr)
     for k, (std, rigid) in enumerate(zip(summary["mode_std"], summary["rigid_fraction"])):
         print(f"learnt mode {k + 1}: particles' std {std:.3g} Å RMS, rigid part "
               f"{100 * rigid ** 2:.0f} % of its square norm")
-    print(f"{len(rows)} particles, {reference.n_modes} ANM modes + 6 rigid motions -> "
+    print(f"{len(rows)} particles, {basis} -> "
           f"{output} ({learnt.n_modes} learnt mode{'s' * (learnt.n_modes > 1)}; "
           f"cryosvi train --reference {output})")
     if not summary["converged"]:
