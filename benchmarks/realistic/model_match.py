@@ -17,10 +17,15 @@ On the noise-free RELION projections of a realistic data set (``make_dataset.py
    map frame, which the given poses do not absorb) and once with it projected out (all
    that ANM modes, orthogonal to rigid motions, can represent); on the clean images with
    the true pose, CTF and shift, and on the noisy particles with the GIVEN (consensus)
-   pose, CTF estimate and shift, as the poses-given experiment has them.
+   pose, CTF estimate and shift, as the poses-given experiment has them;
+4. with ``--learnt R.npz ...`` (references written by ``cryosvi learn-modes``): the same
+   scan on the noisy particles along each reference's first learnt mode, from its own
+   pseudo-atoms (the particles' mean conformation), and the mode's overlap with the
+   hinge displacement.
 
     python benchmarks/realistic/make_dataset.py -o DATA --n 300 --save-clean --oracle 0
     python benchmarks/realistic/model_match.py DATA [--stride 2] [--sigma 2] [--modes 4]
+        [--learnt R.npz ...]
 """
 
 from __future__ import annotations
@@ -100,6 +105,8 @@ def main() -> None:
     parser.add_argument("--stride", type=int, default=2, help="(default: 2)")
     parser.add_argument("--sigma", type=float, default=2.0, help="Å (default: 2)")
     parser.add_argument("--modes", type=int, default=4, help="modes scanned (default: 4)")
+    parser.add_argument("--learnt", type=Path, nargs="*", default=[],
+                        help="references from cryosvi learn-modes to scan along")
     parser.add_argument("--json", type=Path, help="write the numbers here")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -177,6 +184,24 @@ def main() -> None:
             best = best_amplitudes(exact, rot, c, sh, images, 1, 0, fine)
             scores[label] = abs(float(stats.spearmanr(best, truth).statistic))
         out["exact_direction"][name] = scores
+
+    # 4. Learnt modes: their overlap with the hinge, and the scan along them.
+    from cryosvi.reference import Reference
+
+    out["learnt"] = {}
+    unit_hinge = displacement / np.linalg.norm(displacement)
+    for path in args.learnt:
+        learnt = Reference.load(path)
+        mode = learnt.modes[:1]
+        model = ForwardModel(learnt.coords, mode, reference.optics, reference.imaging,
+                             optics_groups(particles))
+        best = best_amplitudes(model, given_rotation, particle_ctf(given), given_shifts,
+                               noisy, 1, 0, fine)
+        out["learnt"][str(path)] = {
+            "source": learnt.source.get("fitting_basis"),
+            "overlap_with_hinge": abs(float(mode.reshape(-1) @ unit_hinge)),
+            "abs_spearman_noisy_given_pose": abs(float(stats.spearmanr(best, truth)
+                                                       .statistic))}
     print(json.dumps(out, indent=2))
     if args.json:
         args.json.write_text(json.dumps(out, indent=2) + "\n")
