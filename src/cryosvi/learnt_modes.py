@@ -161,19 +161,20 @@ def learn_modes(reference: Reference, images: Tensor, rotation: Tensor, ctf,
                 source: dict | None = None, progress=None) -> tuple[Reference, dict]:
     """The reference of ``n_modes`` modes learnt from particles of known pose.
 
-    reference: at the images' box and pixel size; ``blocks``: the fitting basis
-    (``fitting_basis``: rigid motions of that many blocks, or None for the reference's
-    modes and the 6 rigid motions); its gray levels and noise std are used when ``reference.noise.std`` > 0, else
-    fitted by least squares against the model at the given poses (first undeformed,
-    then, if the scale moved by more than REFIT_TOLERANCE, at the fitted conformations,
-    and the amplitudes fitted again: a change of conformation across the data set
-    otherwise biases the scale low). images (n, L, L); rotation (n, 4); ctf a
-    ``ParticleCTF`` of n; shifts (n, 2) Å or None; groups: the ``OpticsGroups`` of the
-    CTFs. ``progress``: as in ``fit_amplitudes``, over every fitting pass. Returns the
-    learnt reference (``learnt_reference``) and a summary (its, plus gray levels)."""
+    reference: at the images' box and pixel size. ``blocks``: the fitting basis
+    (``fitting_basis``: the rigid motions of that many blocks, or None for the
+    reference's modes and the 6 rigid motions). The reference's gray levels and noise
+    std are used when ``reference.noise.std`` > 0; else they are fitted by least squares
+    against the undeformed model at the given poses, then again at the fitted
+    conformations (a conformational spread across the data set biases the first fit's
+    scale low), and the amplitudes are fitted again if the scale moved by more than
+    REFIT_TOLERANCE. images (n, L, L); rotation (n, 4); ctf a ``ParticleCTF`` of n;
+    shifts (n, 2) Å or None; groups: the ``OpticsGroups`` of the CTFs. ``progress``: as
+    in ``fit_amplitudes``, over every fitting pass. Returns the learnt reference
+    (``learnt_reference``) and its summary, with the gray levels and fitting passes."""
     basis = fitting_basis(reference, blocks)
     device = rotation.device
-    levels = reference.noise.std > 0
+    fit_levels = not reference.noise.std > 0
 
     def model_at(settings: Reference) -> ForwardModel:
         return ForwardModel(settings.coords, basis, settings.optics, settings.imaging,
@@ -192,20 +193,20 @@ def learn_modes(reference: Reference, images: Tensor, rotation: Tensor, ctf,
             imaging=replace(reference.imaging, scale=fitted.scale, offset=fitted.offset),
             noise=replace(reference.noise, std=fitted.noise_std))
 
-    if not levels:
+    def fit() -> tuple[Tensor, Tensor]:
+        return fit_amplitudes(model_at(reference), images, rotation, ctf, shifts,
+                              reference.noise.std, prior_std, iterations, progress=progress)
+
+    if fit_levels:
         reference = with_levels(torch.zeros(len(images), len(basis)))
-    passes = 0
-    while True:
-        passes += 1
-        means, covariances = fit_amplitudes(model_at(reference), images, rotation, ctf,
-                                            shifts, reference.noise.std, prior_std,
-                                            iterations, progress=progress)
-        if levels or passes == 2:
-            break
-        scale = reference.imaging.scale
+    means, covariances = fit()
+    passes = 1
+    if fit_levels:
+        first_scale = reference.imaging.scale
         reference = with_levels(means)
-        if abs(reference.imaging.scale / scale - 1) <= REFIT_TOLERANCE:
-            break
+        if abs(reference.imaging.scale / first_scale - 1) > REFIT_TOLERANCE:
+            means, covariances = fit()
+            passes = 2
     learnt, summary = learnt_reference(reference, basis, means, covariances, n_modes,
                                        source or {})
     summary.update(fitting_passes=passes, scale=reference.imaging.scale,

@@ -22,7 +22,9 @@ from cryosvi.io.outputs import provenance_array
 @dataclass(frozen=True)
 class Reference:
     """coords (N, 3) Å centred; centroid (3,) Å of the original structure; modes (K, N, 3)
-    orthonormal; eigenvalues (K,) of the ANM Hessian (gamma units / Å^2)."""
+    orthonormal; eigenvalues (K,) of the ANM Hessian (gamma units / Å^2), or for modes
+    learnt from particles (``cryosvi.learnt_modes``, ``source['modes'] == 'learnt'``) the
+    particles' variance along each (Å^2)."""
 
     coords: np.ndarray
     centroid: np.ndarray
