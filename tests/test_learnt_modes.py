@@ -131,7 +131,11 @@ def test_refuses_particles_without_poses_and_non_npz_outputs(tmp_path, capsys):
     for argv, message in (
             (["--particles", str(star), "-o", str(tmp_path / "x.txt")], "ending in .npz"),
             (["--particles", str(unposed), "--datadir", str(data), "-o",
-              str(tmp_path / "x.npz")], "missing: rlnAngleRot")):
+              str(tmp_path / "x.npz")], "missing: rlnAngleRot"),
+            (["--particles", str(star), "--blocks", "99", "-o", str(tmp_path / "x.npz")],
+             "make at most"),
+            (["--particles", str(star), "--blocks", "2", "--n-modes", "13", "-o",
+              str(tmp_path / "x.npz")], "has 12 dimensions")):
         assert main(["learn-modes", "--structure", str(default_structure_path()),
                      *argv]) == 2
         err = capsys.readouterr().err

@@ -50,8 +50,8 @@ def register(subparsers, summary: str) -> None:
     parser.add_argument("--anm-modes", dest="n_modes", metavar="K",
                         type=integer_between(1, 100), default=10,
                         help="with --basis anm and --structure: ANM modes in the basis")
-    parser.add_argument("--n-modes", dest="learnt_modes", metavar="K", type=integer_between(1, 100),
-                        default=1, help="modes to learn")
+    parser.add_argument("--n-modes", dest="learnt_modes", metavar="K",
+                        type=integer_between(1, 100), default=1, help="modes to learn")
     parser.add_argument("-o", "--output", required=True, help="output reference (.npz)")
     parser.add_argument("--box", type=integer_between(16, 4096),
                         help="working box, px (even; default: min(64, the particles' box))")
@@ -123,6 +123,13 @@ def run(args) -> None:
     blocks = args.blocks if args.basis == "blocks" else None
     basis = (f"rigid motions of {blocks} blocks" if blocks else
              f"{reference.n_modes} modes of {args.reference or 'ANM'} + 6 rigid motions")
+    if blocks and blocks > reference.n_atoms // 3:
+        raise CryosviError(f"--blocks {blocks}: the {reference.n_atoms} pseudo-atoms make at "
+                           f"most {reference.n_atoms // 3} blocks of 3")
+    dimensions = 6 * blocks if blocks else reference.n_modes + 6
+    if args.learnt_modes > dimensions:
+        raise CryosviError(f"--n-modes {args.learnt_modes}: the fitting basis ({basis}) has "
+                           f"{dimensions} dimensions")
     if args.noise_std:
         reference = reference.with_settings(noise=replace(reference.noise,
                                                           std=float(args.noise_std)))
