@@ -134,6 +134,8 @@ def test_refuses_particles_without_poses_and_non_npz_outputs(tmp_path, capsys):
               str(tmp_path / "x.npz")], "missing: rlnAngleRot"),
             (["--particles", str(star), "--blocks", "99", "-o", str(tmp_path / "x.npz")],
              "make at most"),
+            (["--particles", str(star), "-o", str(data / "reference.npz"), "--force"],
+             "inside a cryosvi"),
             (["--particles", str(star), "--blocks", "2", "--n-modes", "13", "-o",
               str(tmp_path / "x.npz")], "has 12 dimensions")):
         assert main(["learn-modes", "--structure", str(default_structure_path()),

@@ -85,7 +85,7 @@ def run(args) -> None:
 
     from cryosvi.cli.train import reference_from_args
     from cryosvi.dataset import has_ctf_estimates, priors_from_particles
-    from cryosvi.io.outputs import check_output_file
+    from cryosvi.io.outputs import check_output_file, directory_kind
     from cryosvi.io.particles import ANGLES, read_particles
     from cryosvi.latents import BY_NAME, ParticleData
     from cryosvi.learnt_modes import learn_modes
@@ -97,6 +97,10 @@ def run(args) -> None:
                            "in .npz")
     check_output_file(output, KIND, args.force,
                       inputs=[args.particles, args.structure, args.reference])
+    folder = directory_kind(output.parent)
+    if folder is not None:  # e.g. a data set's reference.npz, its ground truth
+        raise CryosviError(f"-o {output} is inside a cryosvi {folder} folder, whose files "
+                           "belong to it; write the learnt reference elsewhere")
     device = check_device(args.device)
     table = read_particles(args.particles, args.datadir, args.invert)
     missing = [c for c in (*ANGLES, "rlnDefocusU") if c not in table.metadata]
