@@ -33,8 +33,10 @@ def register(subparsers, summary: str) -> None:
                         "and CTF estimates")
     add_particle_source_arguments(parser)
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--structure", help="PDB/mmCIF file to build the reference from")
-    source.add_argument("--reference", help="reference.npz whose modes start the fit")
+    source.add_argument("--structure", help="PDB/mmCIF file to build the reference from "
+                        "(default: none; give it or --reference)")
+    source.add_argument("--reference", help="reference.npz (its pseudo-atoms and, with "
+                        "--basis anm, its modes; default: none, give it or --structure)")
     parser.add_argument("--chain", help="with --structure: chain ID (default: first "
                         "protein chain)")
     parser.add_argument("--stride", type=positive_int, default=2,
