@@ -7,7 +7,8 @@ from pathlib import Path
 
 from cryosvi.cli.common import (HelpFormatter, add_particle_source_arguments,
                                 add_threads_argument, check_device, device_name,
-                                integer_between, number, positive, positive_int, seed_int)
+                                integer_between, number, positive, seed_int)
+from cryosvi.cli.train import add_reference_arguments, reference_from_args
 from cryosvi.errors import CryosviError
 
 KIND = "reference"
@@ -32,17 +33,7 @@ def register(subparsers, summary: str) -> None:
                         help="particle file (STAR or .cs) with poses (rlnAngleRot/Tilt/Psi) "
                         "and CTF estimates")
     add_particle_source_arguments(parser)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--structure", help="PDB/mmCIF file to build the reference from "
-                        "(default: none; give it or --reference)")
-    source.add_argument("--reference", help="reference.npz (its pseudo-atoms and, with "
-                        "--basis anm, its modes; default: none, give it or --structure)")
-    parser.add_argument("--chain", help="with --structure: chain ID (default: first "
-                        "protein chain)")
-    parser.add_argument("--stride", type=positive_int, default=2,
-                        help="with --structure: keep every k-th C-alpha")
-    parser.add_argument("--sigma", type=positive, default=2.0,
-                        help="with --structure: pseudo-atom Gaussian std, Å")
+    add_reference_arguments(parser, required=True)
     parser.add_argument("--basis", choices=["blocks", "anm"], default="blocks",
                         help="fitting basis: the rigid motions of --blocks compact blocks "
                         "of pseudo-atoms (k-means of their positions), or the reference's "
@@ -85,7 +76,6 @@ def run(args) -> None:
     import torch
     from tqdm.auto import tqdm
 
-    from cryosvi.cli.train import reference_from_args
     from cryosvi.dataset import has_ctf_estimates, priors_from_particles
     from cryosvi.io.outputs import check_output_file, directory_kind
     from cryosvi.io.particles import ANGLES, read_particles

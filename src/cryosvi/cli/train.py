@@ -42,6 +42,23 @@ def add_guide_arguments(parser) -> None:
                        "default; accepted for older command lines)")
 
 
+def add_reference_arguments(parser, required: bool = False) -> None:
+    """--reference or --structure (one of them; ``required``: argparse insists) and how
+    a reference is built from a structure (--chain, --stride, --sigma), as
+    ``reference_from_args`` reads them."""
+    source = parser.add_mutually_exclusive_group(required=required)
+    source.add_argument("--reference", help="reference.npz (e.g. from 'cryosvi simulate'; "
+                        "default: none, give it or --structure)")
+    source.add_argument("--structure", help="PDB/mmCIF file to build the reference from "
+                        "(default: none, give it or --reference)")
+    parser.add_argument("--chain", help="with --structure: chain ID (default: first "
+                        "protein chain)")
+    parser.add_argument("--stride", type=positive_int, default=2,
+                        help="with --structure: keep every k-th C-alpha")
+    parser.add_argument("--sigma", type=positive, default=2.0,
+                        help="with --structure: pseudo-atom Gaussian std, Å")
+
+
 def register(subparsers, summary: str) -> None:
     parser = subparsers.add_parser(
         "train", help=summary,
@@ -57,22 +74,12 @@ def register(subparsers, summary: str) -> None:
     parser.add_argument("--particles", help="particle file: RELION STAR (3.0 to 5) or "
                         "cryoSPARC .cs (default: none; required unless --resume)")
     add_particle_source_arguments(parser)
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--reference", help="reference.npz (e.g. from 'cryosvi simulate'; "
-                        "default: none, give it or --structure)")
-    source.add_argument("--structure", help="PDB/mmCIF file to build the reference from "
-                        "(default: none, give it or --reference)")
-    parser.add_argument("--chain", help="with --structure: chain ID (default: first "
-                        "protein chain)")
-    parser.add_argument("--stride", type=positive_int, default=2,
-                        help="with --structure: keep every k-th C-alpha")
+    add_reference_arguments(parser)
     parser.add_argument("--n-modes", type=positive_int, default=1,
                         help="with --structure: number of ANM modes")
     parser.add_argument("--mode-std", type=number(0.0, LIMITS["mode_std"][1], low_open=True),
                         default=2.0,
                         help="with --structure: prior std of each mode amplitude, Å")
-    parser.add_argument("--sigma", type=positive, default=2.0,
-                        help="with --structure: pseudo-atom Gaussian std, Å")
     parser.add_argument("-o", "--output", required=True, help="run directory")
     parser.add_argument("--latents", default=",".join(names(PAPER_SITES)),
                         help=f"latents to infer, from {', '.join(BY_NAME)}; the others "
