@@ -200,9 +200,10 @@ def experiment(preset: str, args) -> dict:
                 record["status"] = "first pass failed"
                 return record
         learnt = Path(args.workdir) / f"learnt-{preset}.npz"
+        # the structure options build its pseudo-atoms (their --n-modes: modes learnt)
         command = ["cryosvi", "learn-modes", "--particles", str(particles), "--datadir",
-                   str(data), "--structure", str(STRUCTURE),
-                   *shlex.split(args.learn_modes), "-o", str(learnt), "--force", "--quiet",
+                   str(data), *reference, *shlex.split(args.learn_modes), "-o",
+                   str(learnt), "--force", "--quiet",
                    "--threads", str(args.threads)]
         if not run(command, steps):
             record["status"] = "learn-modes failed"
