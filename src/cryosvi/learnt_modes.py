@@ -56,8 +56,8 @@ def rigid_blocks(coords: np.ndarray, n_blocks: int, restarts: int = 10) -> np.nd
 
     coords = np.asarray(coords, np.float64)
     if not 1 <= n_blocks <= len(coords) // 3:
-        raise ValueError(f"{n_blocks} blocks for {len(coords)} pseudo-atoms: give 1 to "
-                         f"{len(coords) // 3}")
+        raise ValueError(f"{n_blocks} blocks: the {len(coords)} pseudo-atoms make at most "
+                         f"{len(coords) // 3} blocks of 3")
     best, labels = np.inf, None
     for seed in range(restarts):
         centres, found = kmeans2(coords, n_blocks, seed=seed, minit="++")
@@ -155,15 +155,13 @@ def fit_amplitudes(forward: ForwardModel, images: Tensor, rotation: Tensor, ctf,
     return means, covariances
 
 
-def learn_modes(reference: Reference, images: Tensor, rotation: Tensor, ctf,
-                shifts: Tensor | None, groups, n_modes: int = 1, blocks: int | None = 3,
-                prior_std: float = 10.0, iterations: int = 10,
+def learn_modes(reference: Reference, basis: np.ndarray, images: Tensor, rotation: Tensor,
+                ctf, shifts: Tensor | None, groups, n_modes: int = 1, prior_std: float = 10.0, iterations: int = 10,
                 source: dict | None = None, progress=None) -> tuple[Reference, dict]:
     """The reference of ``n_modes`` modes learnt from particles of known pose.
 
-    reference: at the images' box and pixel size. ``blocks``: the fitting basis
-    (``fitting_basis``: the rigid motions of that many blocks, or None for the
-    reference's modes and the 6 rigid motions). The reference's gray levels and noise
+    reference: at the images' box and pixel size; basis (D, N, 3): the fitting basis of
+    its pseudo-atoms (``fitting_basis``), D >= ``n_modes``. The reference's gray levels and noise
     std are used when ``reference.noise.std`` > 0; else they are fitted by least squares
     against the undeformed model at the given poses, then again at the fitted
     conformations (a conformational spread across the data set biases the first fit's
@@ -172,7 +170,6 @@ def learn_modes(reference: Reference, images: Tensor, rotation: Tensor, ctf,
     shifts (n, 2) Å or None; groups: the ``OpticsGroups`` of the CTFs. ``progress``: as
     in ``fit_amplitudes``, over every fitting pass. Returns the learnt reference
     (``learnt_reference``) and its summary, with the gray levels and fitting passes."""
-    basis = fitting_basis(reference, blocks)
     device = rotation.device
     fit_levels = not reference.noise.std > 0
 

@@ -80,7 +80,7 @@ def run(args) -> None:
     from cryosvi.io.outputs import check_output_file, directory_kind
     from cryosvi.io.particles import ANGLES, read_particles
     from cryosvi.latents import BY_NAME, ParticleData
-    from cryosvi.learnt_modes import learn_modes
+    from cryosvi.learnt_modes import fitting_basis, learn_modes
     from cryosvi.train import working_reference
 
     output = Path(args.output)
@@ -105,6 +105,16 @@ def run(args) -> None:
         args.n_modes = 1  # the reference's ANM modes are not used
     reference = reference_from_args(args, args.particles)
     reference = priors_from_particles(table, working_reference(table, reference, args.box))
+    blocks = args.blocks if args.basis == "blocks" else None
+    try:
+        fitting = fitting_basis(reference, blocks)
+    except ValueError as error:  # more blocks than the pseudo-atoms allow
+        raise CryosviError(f"--blocks {error}") from None
+    basis = (f"rigid motions of {blocks} blocks" if blocks else
+             f"{reference.n_modes} modes of {args.reference or 'ANM'} + 6 rigid motions")
+    if args.learnt_modes > len(fitting):
+        raise CryosviError(f"--n-modes {args.learnt_modes}: the fitting basis ({basis}) has "
+                           f"{len(fitting)} dimensions")
     data = ParticleData(table, reference.optics.box, ctf_estimates=True)
     rows = np.arange(len(table))
     if len(rows) > args.max_particles:
@@ -116,16 +126,6 @@ def run(args) -> None:
     ctf = data.conditions.ctf.take(rows_t)
     shifts = None if data.conditions.shifts is None else data.conditions.shifts[rows_t]
 
-    blocks = args.blocks if args.basis == "blocks" else None
-    basis = (f"rigid motions of {blocks} blocks" if blocks else
-             f"{reference.n_modes} modes of {args.reference or 'ANM'} + 6 rigid motions")
-    if blocks and blocks > reference.n_atoms // 3:
-        raise CryosviError(f"--blocks {blocks}: the {reference.n_atoms} pseudo-atoms make at "
-                           f"most {reference.n_atoms // 3} blocks of 3")
-    dimensions = 6 * blocks if blocks else reference.n_modes + 6
-    if args.learnt_modes > dimensions:
-        raise CryosviError(f"--n-modes {args.learnt_modes}: the fitting basis ({basis}) has "
-                           f"{dimensions} dimensions")
     if args.noise_std:
         reference = reference.with_settings(noise=replace(reference.noise,
                                                           std=float(args.noise_std)))
@@ -137,9 +137,9 @@ def run(args) -> None:
             bar.update(count)
 
         learnt, summary = learn_modes(
-            reference, images, rotation.to(device), ctf.to(device),
+            reference, fitting, images, rotation.to(device), ctf.to(device),
             None if shifts is None else shifts.to(device), data.groups, args.learnt_modes,
-            blocks, args.prior_std, args.iterations,
+            args.prior_std, args.iterations,
             {"particles": str(table.path), "fitted_particles": int(len(rows)),
              "fitting_basis": basis}, progress)
     output.parent.mkdir(parents=True, exist_ok=True)
