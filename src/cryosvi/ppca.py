@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.distributions import MultivariateNormal
 
 
 @dataclass
@@ -52,14 +53,9 @@ class PrincipalDirections:
 
 def _negative_log_likelihood(factor: Tensor, centre: Tensor, estimates: Tensor,
                              covariances: Tensor) -> Tensor:
+    """-sum_i log N(m_i; centre, W W^T + C_i)."""
     total = factor @ factor.T + covariances
-    cholesky = torch.linalg.cholesky(total)
-    residual = torch.linalg.solve_triangular(cholesky, (estimates - centre)[..., None],
-                                             upper=False)[..., 0]
-    log_det = 2 * torch.log(torch.diagonal(cholesky, dim1=-2, dim2=-1)).sum(-1)
-    dim = estimates.shape[-1]
-    return 0.5 * (log_det + residual.square().sum(-1)
-                  + dim * torch.log(torch.tensor(2 * torch.pi, dtype=estimates.dtype))).sum()
+    return -MultivariateNormal(centre, covariance_matrix=total).log_prob(estimates).sum()
 
 
 def principal_directions(estimates: Tensor, covariances: Tensor, k: int = 1,
@@ -69,7 +65,8 @@ def principal_directions(estimates: Tensor, covariances: Tensor, k: int = 1,
     Starts from the PCA of the estimates with the mean error covariance subtracted.
     Direction signs: the largest component of each is positive."""
     m = estimates.detach().double()
-    c = 0.5 * (covariances.detach().double() + covariances.detach().double().transpose(1, 2))
+    c = covariances.detach().double()
+    c = 0.5 * (c + c.transpose(1, 2))
     n, dim = m.shape
     if not 1 <= k <= dim:
         raise ValueError(f"k must be 1..{dim}, got {k}")
@@ -93,7 +90,7 @@ def principal_directions(estimates: Tensor, covariances: Tensor, k: int = 1,
         return loss
 
     optimiser.step(closure)
-    iterations = optimiser.state[optimiser._params[0]]["n_iter"]
+    iterations = optimiser.state[factor]["n_iter"]
     with torch.no_grad():
         loss = float(_negative_log_likelihood(factor, centre, m, c))
         u, s, _ = torch.linalg.svd(factor, full_matrices=False)  # W = U S V^T
