@@ -71,6 +71,29 @@ def test_coordinates_match_prody(path, chain, count):
         assert len(atoms.residue_names) == len(atoms.residue_numbers) == len(expected)
 
 
+@pytest.mark.parametrize("path,chain", [(default_structure_path(), "A"), (UBQ, "A")])
+def test_residue_beads_are_heavy_atom_centres_of_mass_by_prody(path, chain):
+    """--beads residue: one bead per CA residue at the mass-weighted centre of its
+    non-hydrogen atoms, computed here with ProDy's own selection and masses."""
+    structure = prody.parsePDB(str(path)).select(f"chain {chain} and not hydrogen")
+    for stride in (1, 2):
+        atoms = load_pseudo_atoms(path, chain=chain, stride=stride, beads="residue")
+        expected = []
+        for residue in structure.getHierView().iterResidues():
+            if residue.select("name CA and element C") is None or residue.getResname() == "HOH":
+                continue
+            expected.append(prody.calcCenter(residue, weights=residue.getMasses()))
+        expected = np.array(expected)[::stride]
+        assert atoms.coords.shape == expected.shape
+        np.testing.assert_allclose(atoms.coords + atoms.centroid, expected, atol=1e-3)
+        ca = load_pseudo_atoms(path, chain=chain, stride=stride)
+        assert atoms.residue_numbers.tolist() == ca.residue_numbers.tolist()
+        # a bead is within a residue's reach of its CA (side chains are < 8 Å long)
+        distance = np.linalg.norm(atoms.coords + atoms.centroid - ca.coords - ca.centroid,
+                                  axis=1)
+        assert distance.max() < 8 and distance.mean() > 0.5
+
+
 def test_default_chain_is_first_protein_chain_and_bundled_file():
     path = default_structure_path()
     assert path.is_file() and path.name == "1ol5.pdb"
@@ -126,6 +149,7 @@ def test_errors_are_one_line(tmp_path):
         ((waters,), r"no protein chain .*chains: W"),
         ((default_structure_path(), "C"), r"chain 'C' not in .*available chains: A, B"),
         ((default_structure_path(), "A", 0), "stride"),
+        ((default_structure_path(), "A", 1, "all"), "beads must be one of ca, residue"),
     ]
     for arguments, pattern in cases:
         with pytest.raises(CryosviError, match=pattern) as error:

@@ -24,7 +24,8 @@ On the noise-free RELION projections of a realistic data set (``make_dataset.py
    hinge displacement.
 
     python benchmarks/realistic/make_dataset.py -o DATA --n 300 --save-clean --oracle 0
-    python benchmarks/realistic/model_match.py DATA [--stride 2] [--sigma 2] [--modes 4]
+    python benchmarks/realistic/model_match.py DATA [--stride 2] [--beads ca] [--sigma 2]
+        [--modes 4]
         [--learnt R.npz ...]
 """
 
@@ -78,16 +79,16 @@ def best_amplitudes(forward, rotation, ctf, shifts, images, n_modes, k, grid):
 
 def hinge_displacement(reference, settings: dict) -> np.ndarray:
     """(N, 3) Å: the pseudo-atoms' displacement at the largest hinge angle (each
-    pseudo-atom follows its nearest C-alpha atom)."""
+    pseudo-atom moves with the lobe of its nearest C-alpha atom's residue)."""
     structure = make_dataset.load_chain(settings["structure"], "A")
     positions, masses, residues, names = make_dataset.atom_arrays(structure)
     point, direction = make_dataset.hinge_axis(positions, masses, residues, names)
-    moved = make_dataset.hinge_conformation(positions, residues, point, direction,
-                                            settings["max_angle"])
     ca = names == "CA"
     original = reference.coords + reference.centroid
     nearest = np.argmin(np.linalg.norm(positions[ca][None] - original[:, None], axis=-1), 1)
-    return moved[ca][nearest] - positions[ca][nearest]
+    moved = make_dataset.hinge_conformation(original, residues[ca][nearest], point,
+                                            direction, settings["max_angle"])
+    return moved - original
 
 
 def fit_residual(model: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
@@ -103,6 +104,7 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data", type=Path, help="a make_dataset.py output with clean.mrcs")
     parser.add_argument("--stride", type=int, default=2, help="(default: 2)")
+    parser.add_argument("--beads", default="ca", help="ca or residue (default: ca)")
     parser.add_argument("--sigma", type=float, default=2.0, help="Å (default: 2)")
     parser.add_argument("--modes", type=int, default=4, help="modes scanned (default: 4)")
     parser.add_argument("--learnt", type=Path, nargs="*", default=[],
@@ -123,7 +125,7 @@ def main() -> None:
         reference = build_reference(
             settings.get("structure"), "A", args.stride,
             Optics(box=box, pixel_size=pixel), Imaging(sigma=args.sigma),
-            Priors(mode_std=(2.0,) * args.modes), Noise(snr=float("inf")))
+            Priors(mode_std=(2.0,) * args.modes), Noise(snr=float("inf")), beads=args.beads)
     forward = reference.forward_model(groups=optics_groups(particles))
     ctf = particle_ctf(particles)
     shifts = torch.tensor(frame[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy(),
@@ -142,7 +144,8 @@ def main() -> None:
     model = images_at(zero)
     correlation = [float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
                    for a, b in zip(model.numpy(), clean.numpy())]
-    out = {"data": str(args.data), "stride": args.stride, "sigma": args.sigma,
+    out = {"data": str(args.data), "stride": args.stride, "beads": args.beads,
+           "sigma": args.sigma,
            "particles": n, "model_correlation_median": float(np.median(correlation)),
            "model_correlation_p10": float(np.percentile(correlation, 10)),
            "hinge_overlap": hinge_overlaps(reference, settings).round(3).tolist(),

@@ -135,20 +135,22 @@ ARRAYS = ("coords", "centroid", "modes", "eigenvalues")
 
 def build_reference(structure: str | Path | None, chain: str | None, stride: int,
                     optics: Optics, imaging: Imaging, priors: Priors, noise: Noise,
-                    cutoff: float = 15.0, gamma: float = 1.0) -> Reference:
-    """Pseudo-atoms of ``structure`` (default: the bundled 1OL5) and their lowest
-    ``priors.n_modes`` ANM modes."""
+                    cutoff: float = 15.0, gamma: float = 1.0, beads: str = "ca") -> Reference:
+    """Pseudo-atoms of ``structure`` (default: the bundled 1OL5; ``beads`` and ``stride``
+    as ``cryosvi.structure.load_pseudo_atoms``) and their lowest ``priors.n_modes`` ANM
+    modes."""
     from cryosvi.anm import anm_modes
     from cryosvi.structure import default_structure_path, load_pseudo_atoms
 
     path = Path(structure) if structure else default_structure_path()
-    atoms = load_pseudo_atoms(path, chain=chain, stride=stride)
+    atoms = load_pseudo_atoms(path, chain=chain, stride=stride, beads=beads)
     modes = anm_modes(atoms.coords, n_modes=priors.n_modes, cutoff=cutoff, gamma=gamma)
     reference = Reference(
         coords=atoms.coords, centroid=atoms.centroid, modes=modes.vectors,
         eigenvalues=modes.eigenvalues, optics=optics, imaging=imaging, priors=priors,
         noise=noise,
         source={"structure": str(path), "chain": atoms.chain, "stride": stride,
+                "beads": beads,
                 "cutoff": cutoff, "gamma": gamma},
     )
     reference.check()

@@ -6,7 +6,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from cryosvi.cli.common import HelpFormatter, integer_between, number, positive_int
+from cryosvi.cli.common import (HelpFormatter, add_structure_arguments, integer_between,
+                                number)
 from cryosvi.errors import CryosviError
 from cryosvi.io.atomic import save_npz_atomically
 from cryosvi.io.outputs import (check_output_directory, check_output_file, mark_directory,
@@ -19,15 +20,15 @@ MOVIE_KIND = "mode movies"
 def register(subparsers, summary: str) -> None:
     parser = subparsers.add_parser(
         "modes", help=summary,
-        description="Compute the lowest ANM normal modes (Atilgan et al. 2001) of the CA "
-        "pseudo-atoms of one chain and write them to an .npz: coords (N, 3) Å centred on "
-        "their centroid, eigenvalues (K,) in units of gamma, modes (K, N, 3) orthonormal "
-        "as 3N-vectors (an amplitude a in Å RMS per pseudo-atom moves the atoms by "
-        "a * sqrt(N) * mode), plus centroid (3,) Å, residue_names, residue_numbers.",
+        description="Compute the lowest ANM normal modes (Atilgan et al. 2001) of the "
+        "pseudo-atoms (a bead per residue, see --beads) of one chain and write them to an "
+        ".npz: coords (N, 3) Å centred on their centroid, eigenvalues (K,) in units of "
+        "gamma, modes (K, N, 3) orthonormal as 3N-vectors (an amplitude a in Å RMS per "
+        "pseudo-atom moves the atoms by a * sqrt(N) * mode), plus centroid (3,) Å, "
+        "residue_names, residue_numbers.",
         formatter_class=HelpFormatter)
     parser.add_argument("--structure", help="PDB/mmCIF file (default: bundled 1OL5)")
-    parser.add_argument("--chain", help="chain ID (default: first protein chain)")
-    parser.add_argument("--stride", type=positive_int, default=1, help="keep every k-th CA")
+    add_structure_arguments(parser, stride=1)
     parser.add_argument("--cutoff", type=number(0.0, 1000.0, low_open=True), default=15.0,
                         help="spring cutoff, Å")
     parser.add_argument("--gamma", type=number(0.0, 1e6, low_open=True), default=1.0,
@@ -64,7 +65,7 @@ def run(args) -> None:
     if args.movie:
         check_output_directory(args.movie, MOVIE_KIND, args.force, inputs=[path, output],
                                option="--movie")
-    atoms = load_pseudo_atoms(path, chain=args.chain, stride=args.stride)
+    atoms = load_pseudo_atoms(path, chain=args.chain, stride=args.stride, beads=args.beads)
     limit = 3 * atoms.n_atoms - 6
     if args.n_modes >= limit:
         raise CryosviError(f"--n-modes must be < 3N - 6 = {limit} for the N = "
@@ -82,9 +83,10 @@ def run(args) -> None:
         centroid=atoms.centroid, residue_names=np.array(atoms.residue_names),
         residue_numbers=atoms.residue_numbers, chain=np.array(atoms.chain),
         structure=np.array(str(path)), stride=np.array(args.stride),
-        cutoff=np.array(args.cutoff), gamma=np.array(args.gamma),
+        beads=np.array(args.beads), cutoff=np.array(args.cutoff), gamma=np.array(args.gamma),
         cryosvi=provenance_array(MODES_KIND))
-    print(f"{atoms.n_atoms} pseudo-atoms (chain {atoms.chain}, stride {args.stride}), "
+    print(f"{atoms.n_atoms} pseudo-atoms (chain {atoms.chain}, stride {args.stride}, "
+          f"beads {args.beads}), "
           f"{modes.n_modes} modes, eigenvalues {modes.eigenvalues[0]:.4g} .. "
           f"{modes.eigenvalues[-1]:.4g} -> {output}")
     if args.movie:

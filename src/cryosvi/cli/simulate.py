@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 
 from cryosvi import config
-from cryosvi.cli.common import (HelpFormatter, check_device, check_disk, check_memory,
-                                device_name, integer_between, number, positive, positive_int,
-                                seed_int, validate_settings)
+from cryosvi.cli.common import (HelpFormatter, add_structure_arguments, check_device,
+                                check_disk, check_memory, device_name, integer_between,
+                                number, positive, positive_int, seed_int,
+                                validate_settings)
 from cryosvi.config import LIMITS, PAPER_PRESET, Imaging, Noise, Optics, Priors
 
 CHUNK = 256
@@ -25,8 +26,7 @@ def register(subparsers, summary: str) -> None:
         formatter_class=HelpFormatter)
     parser.add_argument("-o", "--output", required=True, help="output directory")
     parser.add_argument("--structure", help="PDB/mmCIF file (default: bundled 1OL5)")
-    parser.add_argument("--chain", help="chain ID (default: first protein chain)")
-    parser.add_argument("--stride", type=positive_int, default=2, help="keep every k-th CA")
+    add_structure_arguments(parser, stride=2)
     parser.add_argument("--preset", choices=["paper"], default="paper",
                         help="base settings (the paper's data set)")
     parser.add_argument("-n", "--n-particles", type=positive_int, default=10000,
@@ -120,7 +120,8 @@ def run(args) -> None:
     check_memory(min(CHUNK, args.n_particles), settings["optics"], settings["imaging"],
                  device, "use a smaller --box or --window")
     check_disk(args.output, args.n_particles * box * box * 4)
-    reference = build_reference(args.structure, args.chain, args.stride, **settings)
+    reference = build_reference(args.structure, args.chain, args.stride, **settings,
+                                beads=args.beads)
     acquisition = Acquisition(max_shift=args.max_shift, astigmatism=args.astigmatism,
                               groups=group_optics(settings["optics"], args.optics_groups)
                               if args.optics_groups > 1 else ())

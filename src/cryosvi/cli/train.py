@@ -5,9 +5,10 @@ from __future__ import annotations
 import sys
 
 from cryosvi.cli.common import (HelpFormatter, add_particle_source_arguments,
-                                add_threads_argument, check_device, check_memory,
-                                device_name, integer_between, number, positive,
-                                positive_int, seed_int)
+                                add_structure_arguments, add_threads_argument,
+                                check_device, check_memory, device_name,
+                                integer_between, number, positive, positive_int,
+                                seed_int)
 from cryosvi.config import LIMITS
 from cryosvi.errors import CryosviError
 from cryosvi.latents import BY_NAME, PAPER_SITES, names
@@ -44,17 +45,14 @@ def add_guide_arguments(parser) -> None:
 
 def add_reference_arguments(parser, required: bool = False) -> None:
     """--reference or --structure (one of them; ``required``: argparse insists) and how
-    a reference is built from a structure (--chain, --stride, --sigma), as
+    a reference is built from a structure (--chain, --stride, --beads, --sigma), as
     ``reference_from_args`` reads them."""
     source = parser.add_mutually_exclusive_group(required=required)
     source.add_argument("--reference", help="reference.npz (e.g. from 'cryosvi simulate'; "
                         "default: none, give it or --structure)")
     source.add_argument("--structure", help="PDB/mmCIF file to build the reference from "
                         "(default: none, give it or --reference)")
-    parser.add_argument("--chain", help="with --structure: chain ID (default: first "
-                        "protein chain)")
-    parser.add_argument("--stride", type=positive_int, default=2,
-                        help="with --structure: keep every k-th C-alpha")
+    add_structure_arguments(parser, stride=2)
     parser.add_argument("--sigma", type=positive, default=2.0,
                         help="with --structure: pseudo-atom Gaussian std, Å")
 
@@ -183,7 +181,7 @@ def reference_from_args(args, particles: str):
     imaging = Imaging(sigma=args.sigma, window=window, pad_factor=preset.pad_factor)
     priors = Priors(mode_std=(args.mode_std,) * args.n_modes)
     return build_reference(args.structure, args.chain, args.stride, optics, imaging, priors,
-                           Noise(snr=float("inf"), std=0.0))
+                           Noise(snr=float("inf"), std=0.0), beads=args.beads)
 
 
 def options_from_args(args):
