@@ -18,10 +18,11 @@ from cryosvi.structure import default_structure_path
 STRIDE = 3
 
 
-def reference_with(n_modes: int, snr: float = math.inf) -> Reference:
+def reference_with(n_modes: int, snr: float = math.inf, beads: str = "residue") -> Reference:
+    """Default: the pseudo-atoms learn-modes builds from --structure (residue beads)."""
     return build_reference(None, "A", STRIDE, PAPER_PRESET["optics"],
                            PAPER_PRESET["imaging"], Priors(mode_std=(2.0,) * n_modes),
-                           Noise(snr=snr))
+                           Noise(snr=snr), beads=beads)
 
 
 def truth_noise_std(data) -> float:
@@ -39,7 +40,7 @@ def test_fitting_basis_is_the_anm_modes_then_the_rigid_motions_orthonormal():
 
 
 def test_block_basis_spans_each_blocks_and_the_whole_molecules_rigid_motions():
-    reference = reference_with(1)
+    reference = reference_with(1, beads="ca")
     labels = rigid_blocks(reference.coords, 3)
     assert np.array_equal(labels, rigid_blocks(reference.coords, 3))  # deterministic
     assert set(labels) == {0, 1, 2}

@@ -1,8 +1,13 @@
 """The realistic experiments of issue 12, run through the cryosvi CLI as a user would.
 
-    python benchmarks/realistic/run_experiments.py -w WORKDIR [--n 2000] [--epochs 4]
-        [--threads 1] [--structure-options "--stride 2 --sigma 2 --n-modes 1"]
-        [--experiments poses-given,ctf-shifts-given] [--tag baseline]
+    python benchmarks/realistic/run_experiments.py -w WORKDIR [--n 2000] [--epochs 40]
+        [--threads 2] [--structure-options "--stride 1 --beads residue --sigma 2 --n-modes 1"]
+        [--learn-modes OPTIONS | --no-learn-modes] [--infer-options ""]
+        [--experiments poses-given,ctf-shifts-given] [--tag latest]
+
+The defaults are the measured best (benchmarks/realistic/README.md): the mode learnt
+from the particles (``cryosvi learn-modes``), residue beads, 40 epochs, the default
+``cryosvi infer``.
 
 For each experiment:
 1. the data set (``make_dataset.py -o WORKDIR/data-PRESET --preset PRESET --n N``; kept
@@ -71,23 +76,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--experiments", default=",".join(EXPERIMENTS),
                         help="comma-separated, from %(default)s")
     parser.add_argument("--n", type=int, default=2000, help="particles per data set")
-    parser.add_argument("--epochs", type=int, default=4, help="cryosvi train --epochs")
-    parser.add_argument("--threads", type=int, default=1, help="--threads of every command")
+    parser.add_argument("--epochs", type=int, default=40, help="cryosvi train --epochs")
+    parser.add_argument("--threads", type=int, default=2, help="--threads of every command")
     parser.add_argument("--device", default="cpu", help="cryosvi train/infer --device")
-    parser.add_argument("--structure-options", default="--stride 2 --sigma 2 --n-modes 1",
+    parser.add_argument("--structure-options",
+                        default="--stride 1 --beads residue --sigma 2 --n-modes 1",
                         help="options of cryosvi train that build the reference from "
                              "1ol5.pdb (default: %(default)s)")
     parser.add_argument("--train-options", default="",
                         help="more cryosvi train options, e.g. '--batch-size 64'")
-    parser.add_argument("--infer-options", default="--importance 0",
-                        help="cryosvi infer options (default: %(default)s, the guide alone)")
-    parser.add_argument("--learn-modes", metavar="OPTIONS",
-                        help="learn the mode from the particles first ('cryosvi "
-                             "learn-modes' with these options, '' for its defaults) and "
-                             "train with that reference instead of --structure-options' "
-                             "ANM modes; the particles' poses are the file's (poses-given) "
-                             "or those of a first pass with the ANM modes "
-                             "(ctf-shifts-given) (default: off)")
+    parser.add_argument("--infer-options", default="",
+                        help="cryosvi infer options (default: none, its defaults; "
+                             "'--importance 0': the guide alone)")
+    learn = parser.add_mutually_exclusive_group()
+    learn.add_argument("--learn-modes", metavar="OPTIONS", default="",
+                       help="options of 'cryosvi learn-modes', which learns the mode from "
+                            "the particles first; cryosvi train then gets that reference "
+                            "instead of --structure-options' ANM modes; the particles' "
+                            "poses are the file's (poses-given) or those of a first pass "
+                            "with the ANM modes (ctf-shifts-given) (default: '', its own "
+                            "defaults)")
+    learn.add_argument("--no-learn-modes", dest="learn_modes", action="store_const",
+                       const=None, help="train with the ANM modes of --structure-options")
     parser.add_argument("--tag", default="latest",
                         help="results go to results/experiments_TAG.json")
     parser.add_argument("--remake-data", action="store_true",

@@ -123,19 +123,18 @@ def add_threads_argument(parser) -> None:
                         help="CPU threads for torch (default: torch's own choice)")
 
 
-def add_structure_arguments(parser, stride: int) -> None:
-    """--chain, --stride (default ``stride``) and --beads: which pseudo-atoms a structure
-    gives (``cryosvi.structure.load_pseudo_atoms``)."""
+def add_structure_arguments(parser, stride: int, beads: str) -> None:
+    """--chain, --stride and --beads (defaults ``stride``, ``beads``): which pseudo-atoms
+    a structure gives (``cryosvi.structure.load_pseudo_atoms``)."""
     from cryosvi.structure import BEADS
 
     parser.add_argument("--chain", help="chain ID (default: first protein chain)")
     parser.add_argument("--stride", type=positive_int, default=stride,
                         help="keep every k-th residue")
-    parser.add_argument("--beads", choices=BEADS, default="ca",
+    parser.add_argument("--beads", choices=BEADS, default=beads,
                         help="where each residue's pseudo-atom sits: 'ca' on its C-alpha "
                         "(the paper's model), 'residue' on the centre of mass of its heavy "
-                        "atoms (closer to the all-atom density of real particles; use it "
-                        "with --stride 1)")
+                        "atoms (closer to the all-atom density of real particles)")
 
 
 def validate_settings(optics: Optics, imaging: Imaging, priors: Priors, noise=None) -> None:

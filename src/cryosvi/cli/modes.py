@@ -28,7 +28,7 @@ def register(subparsers, summary: str) -> None:
         "residue_names, residue_numbers.",
         formatter_class=HelpFormatter)
     parser.add_argument("--structure", help="PDB/mmCIF file (default: bundled 1OL5)")
-    add_structure_arguments(parser, stride=1)
+    add_structure_arguments(parser, stride=1, beads="ca")
     parser.add_argument("--cutoff", type=number(0.0, 1000.0, low_open=True), default=15.0,
                         help="spring cutoff, Å")
     parser.add_argument("--gamma", type=number(0.0, 1e6, low_open=True), default=1.0,

@@ -26,7 +26,7 @@ def register(subparsers, summary: str) -> None:
         formatter_class=HelpFormatter)
     parser.add_argument("-o", "--output", required=True, help="output directory")
     parser.add_argument("--structure", help="PDB/mmCIF file (default: bundled 1OL5)")
-    add_structure_arguments(parser, stride=2)
+    add_structure_arguments(parser, stride=2, beads="ca")  # the paper's model
     parser.add_argument("--preset", choices=["paper"], default="paper",
                         help="base settings (the paper's data set)")
     parser.add_argument("-n", "--n-particles", type=positive_int, default=10000,

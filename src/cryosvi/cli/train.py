@@ -52,7 +52,9 @@ def add_reference_arguments(parser, required: bool = False) -> None:
                         "default: none, give it or --structure)")
     source.add_argument("--structure", help="PDB/mmCIF file to build the reference from "
                         "(default: none, give it or --reference)")
-    add_structure_arguments(parser, stride=2)
+    # Real particles: a bead per residue at its centre of mass fits RELION's all-atom
+    # images better than every second C-alpha (benchmarks/realistic/README.md).
+    add_structure_arguments(parser, stride=1, beads="residue")
     parser.add_argument("--sigma", type=positive, default=2.0,
                         help="with --structure: pseudo-atom Gaussian std, Å")
 
