@@ -12,12 +12,17 @@ from the particles (``cryosvi learn-modes``), residue beads, 40 epochs, the defa
 For each experiment:
 1. the data set (``make_dataset.py -o WORKDIR/data-PRESET --preset PRESET --n N``; kept
    and reused when WORKDIR already holds one made with the same settings);
-2. ``cryosvi train --particles DATA/particles.star --structure src/cryosvi/data/1ol5.pdb
-   STRUCTURE_OPTIONS --latents LATENTS --epochs E -o RUN``;
-3. ``cryosvi infer --run RUN --particles DATA/particles.star -o WORKDIR/posterior-PRESET.star``;
-4. ``cryosvi evaluate --posterior WORKDIR/posterior-PRESET.star --truth DATA/truth.star
+2. unless --no-learn-modes, ``cryosvi learn-modes --particles P --structure
+   src/cryosvi/data/1ol5.pdb STRUCTURE_OPTIONS -o WORKDIR/learnt-PRESET.npz``, P being
+   DATA/particles.star when it has the poses (poses-given), else the posterior of a
+   first pass of steps 3-4 with the ANM modes (ctf-shifts-given);
+3. ``cryosvi train --particles DATA/particles.star (--reference LEARNT | --structure
+   src/cryosvi/data/1ol5.pdb STRUCTURE_OPTIONS) --latents LATENTS --epochs E -o RUN``;
+4. ``cryosvi infer --run RUN --particles DATA/particles.star -o
+   WORKDIR/posterior-PRESET.star``;
+5. ``cryosvi evaluate --posterior WORKDIR/posterior-PRESET.star --truth DATA/truth.star
    -o WORKDIR/evaluate-PRESET``;
-5. scores computed here from the STAR files (independently of ``cryosvi evaluate``):
+6. scores computed here from the STAR files (independently of ``cryosvi evaluate``):
    |Spearman| (scipy.stats.spearmanr) of cryosviModeAmplitude1 with
    cryosviTrueConformation (the mode's sign is arbitrary), the range of the inferred
    amplitudes, and the median geodesic pose error (deg) against the true angles.

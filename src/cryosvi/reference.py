@@ -150,8 +150,7 @@ def build_reference(structure: str | Path | None, chain: str | None, stride: int
         eigenvalues=modes.eigenvalues, optics=optics, imaging=imaging, priors=priors,
         noise=noise,
         source={"structure": str(path), "chain": atoms.chain, "stride": stride,
-                "beads": beads,
-                "cutoff": cutoff, "gamma": gamma},
+                "beads": beads, "cutoff": cutoff, "gamma": gamma},
     )
     reference.check()
     return reference
