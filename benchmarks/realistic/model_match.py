@@ -47,6 +47,7 @@ from cryosvi.dataset import optics_groups, particle_ctf
 from cryosvi.io.particles import read_particles
 from cryosvi.reference import build_reference
 from cryosvi.rotations import euler_to_matrix, matrix_to_quaternion
+from cryosvi.structure import BEADS
 
 sys.path.insert(0, str(Path(__file__).parent))
 import make_dataset  # noqa: E402  (the data set's own geometry: hinge axis, lobes)
@@ -104,7 +105,7 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data", type=Path, help="a make_dataset.py output with clean.mrcs")
     parser.add_argument("--stride", type=int, default=2, help="(default: 2)")
-    parser.add_argument("--beads", default="ca", help="ca or residue (default: ca)")
+    parser.add_argument("--beads", choices=BEADS, default="ca", help="(default: ca)")
     parser.add_argument("--sigma", type=float, default=2.0, help="Å (default: 2)")
     parser.add_argument("--modes", type=int, default=4, help="modes scanned (default: 4)")
     parser.add_argument("--learnt", type=Path, nargs="*", default=[],
@@ -145,8 +146,8 @@ def main() -> None:
     correlation = [float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
                    for a, b in zip(model.numpy(), clean.numpy())]
     out = {"data": str(args.data), "stride": args.stride, "beads": args.beads,
-           "sigma": args.sigma,
-           "particles": n, "model_correlation_median": float(np.median(correlation)),
+           "sigma": args.sigma, "particles": n,
+           "model_correlation_median": float(np.median(correlation)),
            "model_correlation_p10": float(np.percentile(correlation, 10)),
            "hinge_overlap": hinge_overlaps(reference, settings).round(3).tolist(),
            "modes": []}

@@ -156,15 +156,16 @@ def fit_amplitudes(forward: ForwardModel, images: Tensor, rotation: Tensor, ctf,
 
 
 def learn_modes(reference: Reference, basis: np.ndarray, images: Tensor, rotation: Tensor,
-                ctf, shifts: Tensor | None, groups, n_modes: int = 1, prior_std: float = 10.0, iterations: int = 10,
-                source: dict | None = None, progress=None) -> tuple[Reference, dict]:
+                ctf, shifts: Tensor | None, groups, n_modes: int = 1,
+                prior_std: float = 10.0, iterations: int = 10, source: dict | None = None,
+                progress=None) -> tuple[Reference, dict]:
     """The reference of ``n_modes`` modes learnt from particles of known pose.
 
     reference: at the images' box and pixel size; basis (D, N, 3): the fitting basis of
-    its pseudo-atoms (``fitting_basis``), D >= ``n_modes``. The reference's gray levels and noise
-    std are used when ``reference.noise.std`` > 0; else they are fitted by least squares
-    against the undeformed model at the given poses, then again at the fitted
-    conformations (a conformational spread across the data set biases the first fit's
+    its pseudo-atoms (``fitting_basis``), D >= ``n_modes``. The reference's gray levels
+    and noise std are used when ``reference.noise.std`` > 0; else they are fitted by
+    least squares against the undeformed model at the given poses, then again at the
+    fitted conformations (a conformational spread across the data set biases the first fit's
     scale low), and the amplitudes are fitted again if the scale moved by more than
     REFIT_TOLERANCE. images (n, L, L); rotation (n, 4); ctf a ``ParticleCTF`` of n;
     shifts (n, 2) Å or None; groups: the ``OpticsGroups`` of the CTFs. ``progress``: as
@@ -212,7 +213,8 @@ def learn_modes(reference: Reference, basis: np.ndarray, images: Tensor, rotatio
 
 
 def learnt_reference(reference: Reference, basis: np.ndarray, means: Tensor,
-                     covariances: Tensor, n_modes: int, source: dict) -> tuple[Reference, dict]:
+                     covariances: Tensor, n_modes: int,
+                     source: dict) -> tuple[Reference, dict]:
     """The reference of the ``n_modes`` directions along which the particles spread
     (``cryosvi.ppca.principal_directions`` of the fitted amplitudes ``means`` (n, D) and
     ``covariances`` in the fitting ``basis`` (D, N, 3)): pseudo-atoms moved to the

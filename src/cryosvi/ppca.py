@@ -46,7 +46,8 @@ class PrincipalDirections:
         total = factor @ factor.T + covariances  # (n, D, D)
         gain = torch.linalg.solve(total, factor.expand(len(estimates), *factor.shape))
         # a | m ~ N(W^T S^-1 (m - c), I - W^T S^-1 W)  (S = W W^T + C)
-        mean = (gain.transpose(1, 2) @ (estimates - self.centre.to(estimates))[..., None])[..., 0]
+        residual = (estimates - self.centre.to(estimates))[..., None]
+        mean = (gain.transpose(1, 2) @ residual)[..., 0]
         covariance = torch.eye(factor.shape[1], dtype=factor.dtype) - factor.T @ gain
         return mean, covariance
 
