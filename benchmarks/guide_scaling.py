@@ -30,13 +30,17 @@ from cryosvi.posterior import posterior_summary
 from cryosvi.reference import build_reference
 from cryosvi.rotations import quaternion_geodesic_angle
 from cryosvi.simulate import sample_prior
+from cryosvi.train import FROZEN_NORM_FRACTION
 
 
 VARIANTS = {
-    "demo": Architecture(channels=(16, 32, 64), hidden=256, n_components=4,
-                         shared_trunk=True),
+    # the default layout (BatchNorm, gated conditioning)
+    "default": Architecture(),
+    # the default before issue 13's second round, named "demo" in the H200 results
+    "additive": Architecture(batch_norm=False, gated_conditioning=False),
+    # the H200 results' wide guide (as measured there: no BatchNorm, additive conditioning)
     "wide8": Architecture(channels=(32, 64, 128), hidden=512, n_components=8,
-                          shared_trunk=True),
+                          batch_norm=False, gated_conditioning=False),
 }
 
 
@@ -119,6 +123,8 @@ def main() -> None:
                                                                                * fraction)))
             latents, images = draw(reference, forward, noise_std, args.batch_size)
             guide.train()
+            if fraction >= 1 - FROZEN_NORM_FRACTION:  # as cryosvi train does
+                guide.freeze_batch_norm()
             log_q = guide.log_prob(images, latents)
             loss = -sum(v.mean() for v in log_q.values())
             optimizer.zero_grad(set_to_none=True)

@@ -114,13 +114,37 @@ def test_paper_encoders_have_the_papers_size():
 
 
 def test_default_layout_is_the_measured_one():
-    """The defaults are the demo's guide: 1 066 380 parameters at the paper preset (README
-    "Demo"); a run.json from before a field existed gets that time's (paper) value."""
-    assert Guide(GuideConfig(box=32, n_modes=1)).parameter_count() == 1_066_380
-    saved = GuideConfig(box=32, n_modes=1).to_dict()
-    del saved["shared_trunk"], saved["phase_flip"]
-    old = GuideConfig.from_dict(saved)
-    assert old.shared_trunk is False and old.phase_flip is False and old.channels == (16, 32, 64)
+    """The defaults are the demo's guide: 1 333 100 parameters at the paper preset (README
+    "Demo"); without BatchNorm and the conditioning gate, the layout before issue 13's
+    second round: 1 066 380."""
+    assert Guide(GuideConfig(box=32, n_modes=1)).parameter_count() == 1_333_100
+    before = GuideConfig(box=32, n_modes=1, batch_norm=False, gated_conditioning=False)
+    assert Guide(before).parameter_count() == 1_066_380
+
+
+@pytest.mark.parametrize("missing", [("batch_norm", "gated_conditioning"),
+                                     ("shared_trunk", "phase_flip", "batch_norm",
+                                      "gated_conditioning")])
+def test_a_run_saved_before_a_field_existed_loads_unchanged(missing):
+    """A run.json from before a field existed gets that time's value, so the weights it
+    saved load strictly and give the same posterior."""
+    torch.manual_seed(0)
+    values = {"channels": (4, 8, 8), "hidden": 16, "n_components": 2, "shared_trunk": False,
+              "phase_flip": False, "batch_norm": False, "gated_conditioning": False}
+    saved_guide = Guide(tiny_config(**values))
+    for parameter in saved_guide.parameters():  # a trained guide: non-zero heads
+        torch.nn.init.normal_(parameter, std=0.1)
+    saved = saved_guide.config.to_dict()
+    for key in missing:
+        del saved[key]
+    loaded = Guide(GuideConfig.from_dict(saved))
+    loaded.load_state_dict(saved_guide.state_dict())  # strict: same modules
+    images = torch.randn(3, 16, 16)
+    values = {"defocus": torch.full((3,), 9000.0), "rotation": random_quaternions(3),
+              "enm_scale": torch.ones(3, 1)}
+    saved_guide.eval(), loaded.eval()
+    for site, log_q in saved_guide.log_prob(images, values).items():
+        torch.testing.assert_close(loaded.log_prob(images, values)[site], log_q)
 
 
 def test_pose_density_is_antipodal_and_finite_far_from_the_mean():

@@ -179,6 +179,29 @@ def test_resume_continues_exactly(dataset, tmp_path):
         [r["loss"] for r in read_log(tmp_path / "parts" / "log.jsonl")]
 
 
+def test_the_last_tenth_of_a_stage_keeps_the_batch_norm_statistics(dataset, tmp_path):
+    """Epoch 10 of 10 trains with BatchNorm frozen: its running statistics stay as epoch 9
+    left them while the weights move; epoch 9 still updated them."""
+    options = run_options(schedule=tiny_schedule(epochs=10))
+    reference = load_reference(dataset)
+    run = tmp_path / "run"
+    states = []
+    for epochs in (8, 9, 10):
+        if epochs == 8:
+            train(dataset / "particles.star", reference, run, options, progress=False,
+                  max_epochs=8)
+        else:
+            train(None, None, run, resume=True, progress=False, max_epochs=1)
+        states.append(torch.load(run / CHECKPOINT, weights_only=True)["guide"])
+    statistics = [k for k in states[0] if k.endswith(("running_mean", "running_var"))]
+    weights = [k for k in states[0] if k.startswith("trunk.") and k.endswith("weight")]
+    assert statistics and weights
+    assert any(not torch.equal(states[0][k], states[1][k]) for k in statistics)
+    for k in statistics:
+        torch.testing.assert_close(states[2][k], states[1][k], rtol=0, atol=0)
+    assert any(not torch.equal(states[1][k], states[2][k]) for k in weights)
+
+
 def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(dataset, tmp_path,
                                                                  monkeypatch):
     import cryosvi.train as training

@@ -28,6 +28,13 @@ Options (the paper's future work):
   the sign of the CTF at the conditioning defocus (CTF phase flipping).
 * ``shared_trunk``: one conv trunk for all encoders (each keeps its own MLP), which
   divides the convolution cost by the number of latents.
+* ``batch_norm``: BatchNorm2d after every convolution (batch statistics in training,
+  running ones at inference).
+* ``gated_conditioning``: the conditioning reaches each head multiplicatively too: the
+  image part of the first MLP layer is multiplied by 1 + g(condition), g an MLP of two
+  hidden layers (zero at initialisation). An additive term alone cannot represent a
+  read-out that changes with the pose, which the mode amplitude needs (measured: the
+  mode head learnt nothing in 0.7 M simulations without the gate, r 0.49 with it).
 
 Latents that are fixed to known values (``latents`` leaves them out) are not sites of the
 guide; the model is conditioned on them (``pyro.poutine.condition``).
@@ -53,10 +60,12 @@ default ``latents``; every latent's place is ``cryosvi.latents.ORDER``."""
 class Architecture:
     """The encoders' layout, as a user chooses it (``cryosvi train`` options): conv
     channels of the three modules, MLP width, pose mixture components, conditioning
-    defocus -> pose -> modes, CTF phase flip of the input, one conv trunk for all latents.
-    The defaults are the layout behind every measured result (the demo and
-    benchmarks/results: channels 16-32-64, MLP 256, one shared trunk; 1.07 M parameters for
-    three latents at 32 px); ``PAPER_ARCHITECTURE`` is the paper's encoders (4.8 M)."""
+    defocus -> pose -> modes, CTF phase flip of the input, one conv trunk for all latents,
+    BatchNorm in the trunk, conditioning gates. The defaults are the demo's layout
+    (channels 16-32-64, MLP 256, one shared trunk with BatchNorm, gated conditioning; 1.33 M
+    parameters for three latents at 32 px; benchmarks/results/ablations.md); results
+    recorded before the seventh session had neither BatchNorm nor gates (1.07 M).
+    ``PAPER_ARCHITECTURE`` is the paper's encoders (4.8 M)."""
 
     channels: tuple[int, ...] = (16, 32, 64)
     hidden: int = 256
@@ -64,9 +73,12 @@ class Architecture:
     conditioning: bool = True
     phase_flip: bool = False
     shared_trunk: bool = True
+    batch_norm: bool = True
+    gated_conditioning: bool = True
 
 
-PAPER_ARCHITECTURE = Architecture(channels=(32, 64, 128), hidden=512, shared_trunk=False)
+PAPER_ARCHITECTURE = Architecture(channels=(32, 64, 128), hidden=512, shared_trunk=False,
+                                  batch_norm=False, gated_conditioning=False)
 """The paper's encoders: one conv trunk of 32-64-128 channels and an MLP of 512 per latent
 (the default layout before issue 13, so also the layout of runs whose run.json predates a
 field)."""
@@ -141,12 +153,15 @@ def condition_width(sites, config: GuideConfig) -> int:
     return sum(REGISTRY[s].feature_width(config) for s in sites) + int(config.defocus_offset)
 
 
-def conv_trunk(channels) -> nn.Sequential:
-    """Three (or len(channels)) modules Conv2d-ReLU-Conv2d-ReLU-MaxPool2d, flattened."""
+def conv_trunk(channels, batch_norm: bool = False) -> nn.Sequential:
+    """Three (or len(channels)) modules Conv2d-ReLU-Conv2d-ReLU-MaxPool2d, flattened;
+    with ``batch_norm`` each convolution (then without bias) is followed by BatchNorm2d."""
     layers, width = [], 1
     for out in channels:
-        layers += [nn.Conv2d(width, out, 3, padding=1), nn.ReLU(),
-                   nn.Conv2d(out, out, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+        for inputs in (width, out):
+            layers.append(nn.Conv2d(inputs, out, 3, padding=1, bias=not batch_norm))
+            layers += [nn.BatchNorm2d(out), nn.ReLU()] if batch_norm else [nn.ReLU()]
+        layers.append(nn.MaxPool2d(2))
         width = out
     return nn.Sequential(*layers, nn.Flatten())
 
@@ -162,15 +177,23 @@ def trunk_features(box: int, channels) -> int:
 
 class Encoder(nn.Module):
     """Conv trunk + three-layer MLP; the first MLP layer is split in an image part and a
-    conditioning part so that many conditioning values can share one trunk pass."""
+    conditioning part so that many conditioning values can share one trunk pass. With
+    ``gate`` the image part is also multiplied by 1 + g(condition)."""
 
     def __init__(self, box: int, channels, hidden: int, n_condition: int, n_out: int,
-                 own_trunk: bool = True):
+                 own_trunk: bool = True, batch_norm: bool = False, gate: bool = False):
         super().__init__()
-        self.trunk = conv_trunk(channels) if own_trunk else None
+        self.trunk = conv_trunk(channels, batch_norm) if own_trunk else None
         self.n_features = trunk_features(box, channels)
         self.first = nn.Linear(self.n_features, hidden)
         self.first_condition = nn.Linear(n_condition, hidden, bias=False) if n_condition else None
+        self.gate = None
+        if gate and n_condition:
+            self.gate = nn.Sequential(nn.Linear(n_condition, hidden), nn.ReLU(),
+                                      nn.Linear(hidden, hidden), nn.ReLU(),
+                                      nn.Linear(hidden, hidden))
+            nn.init.zeros_(self.gate[-1].weight)  # no gating at initialisation
+            nn.init.zeros_(self.gate[-1].bias)
         self.rest = nn.Sequential(nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
                                   nn.Linear(hidden, n_out))
         # Start at the prior: zero final layer (outputs = bias = 0).
@@ -184,6 +207,8 @@ class Encoder(nn.Module):
 
     def head(self, features: Tensor, condition: Tensor | None) -> Tensor:
         """features (B, hidden), condition (..., B, c) or None -> outputs (..., B, n_out)."""
+        if self.gate is not None:
+            features = features * (1 + self.gate(condition))
         if self.first_condition is not None:
             features = features + self.first_condition(condition)
         return self.rest(features)
@@ -201,13 +226,16 @@ class Guide(nn.Module):
         if config.shared_trunk and config.phase_flip:
             raise CryosviError("a shared trunk sees one image, so it cannot be combined "
                                "with phase flipping (use separate encoders)")
-        self.trunk = conv_trunk(config.channels) if config.shared_trunk else None
+        self.trunk = (conv_trunk(config.channels, config.batch_norm) if config.shared_trunk
+                      else None)
         self.encoders = nn.ModuleDict()
         for site in config.latents:
             n_condition = condition_width(condition_sites(site, config), config)
             self.encoders[site] = Encoder(config.box, config.channels, config.hidden,
                                           n_condition, REGISTRY[site].head_size(config),
-                                          own_trunk=not config.shared_trunk)
+                                          own_trunk=not config.shared_trunk,
+                                          batch_norm=config.batch_norm,
+                                          gate=config.gated_conditioning)
             REGISTRY[site].initialise_head(self.encoders[site].rest[-1], config)
         self.register_buffer("prior_mode_std", torch.tensor(config.mode_std, dtype=torch.float32))
         # Convolutions run in channels-last layout (measured ~20% faster on CPU).
@@ -216,6 +244,15 @@ class Guide(nn.Module):
     # ------------------------------------------------------------------ pieces
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def freeze_batch_norm(self) -> None:
+        """BatchNorm layers to inference mode (running statistics, not updated) while the
+        rest trains: the heads' spreads are then fit to the features inference sees
+        (measured: trained with batch statistics to the end, the defocus intervals
+        covered 0.99-1.00 instead of 0.95)."""
+        for module in self.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.eval()
 
     def sampled_conditions(self, site: str) -> tuple[str, ...]:
         """The inferred latents the head of ``site`` is conditioned on."""

@@ -185,6 +185,9 @@ def load_schedule(path: str | Path, overrides: dict | None = None) -> list[Stage
 
 SIM_LR = 2e-3
 ELBO_LR = 1e-4
+FROZEN_NORM_FRACTION = 0.1
+"""The last tenth of each stage's epochs (none below 10) trains with the guide's
+BatchNorm statistics frozen (``Guide.freeze_batch_norm``)."""
 
 
 def default_schedule(objective: str, epochs: int, lr: float | None, batch_size: int | None,
@@ -522,6 +525,8 @@ def train(particles: str | Path, reference: Reference | None, output: str | Path
                 return finish(output, info, position, stopped=True)
             tic = time.perf_counter()
             guide.train()
+            if stage_epoch >= stage.epochs - int(FROZEN_NORM_FRACTION * stage.epochs):
+                guide.freeze_batch_norm()
             losses, terms_sum = [], {}
             order = np.random.default_rng([options.seed, position["epoch"]]).permutation(
                 n_particles)

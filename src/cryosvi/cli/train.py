@@ -33,6 +33,13 @@ def add_guide_arguments(parser) -> None:
     group.add_argument("--phase-flip", action="store_true", default=default.phase_flip,
                        help="phase-flip the images by the CTF at the defocus before the "
                        "pose and mode encoders (needs --separate-encoders)")
+    group.add_argument("--no-batch-norm", dest="batch_norm", action="store_false",
+                       default=default.batch_norm,
+                       help="no BatchNorm after the convolutions (the paper's trunk)")
+    group.add_argument("--additive-conditioning", dest="gated_conditioning",
+                       action="store_false", default=default.gated_conditioning,
+                       help="earlier latents enter each head additively only (the layout "
+                       "before issue 13; default: also multiplicatively, by a gate MLP)")
     trunk = group.add_mutually_exclusive_group()
     trunk.add_argument("--separate-encoders", dest="shared_trunk", action="store_false",
                        default=default.shared_trunk,
@@ -147,7 +154,9 @@ def architecture_from_args(args):
                            "image for all latents)")
     return Architecture(channels=parse_channels(args.channels), hidden=args.hidden,
                         n_components=args.components, conditioning=args.conditioning,
-                        phase_flip=args.phase_flip, shared_trunk=args.shared_trunk)
+                        phase_flip=args.phase_flip, shared_trunk=args.shared_trunk,
+                        batch_norm=args.batch_norm,
+                        gated_conditioning=args.gated_conditioning)
 
 
 def parse_channels(text: str) -> tuple[int, ...]:
