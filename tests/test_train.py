@@ -183,15 +183,12 @@ def test_the_last_tenth_of_a_stage_keeps_the_batch_norm_statistics(dataset, tmp_
     """Epoch 10 of 10 trains with BatchNorm frozen: its running statistics stay as epoch 9
     left them while the weights move; epoch 9 still updated them."""
     options = run_options(schedule=tiny_schedule(epochs=10))
-    reference = load_reference(dataset)
     run = tmp_path / "run"
-    states = []
-    for epochs in (8, 9, 10):
-        if epochs == 8:
-            train(dataset / "particles.star", reference, run, options, progress=False,
-                  max_epochs=8)
-        else:
-            train(None, None, run, resume=True, progress=False, max_epochs=1)
+    train(dataset / "particles.star", load_reference(dataset), run, options,
+          progress=False, max_epochs=8)
+    states = [torch.load(run / CHECKPOINT, weights_only=True)["guide"]]
+    for _ in (9, 10):
+        train(None, None, run, resume=True, progress=False, max_epochs=1)
         states.append(torch.load(run / CHECKPOINT, weights_only=True)["guide"])
     statistics = [k for k in states[0] if k.endswith(("running_mean", "running_var"))]
     weights = [k for k in states[0] if k.startswith("trunk.") and k.endswith("weight")]
