@@ -129,9 +129,9 @@ def test_a_run_saved_before_a_field_existed_loads_unchanged(missing):
     """A run.json from before a field existed gets that time's value, so the weights it
     saved load strictly and give the same posterior."""
     torch.manual_seed(0)
-    values = {"channels": (4, 8, 8), "hidden": 16, "n_components": 2, "shared_trunk": False,
+    layout = {"channels": (4, 8, 8), "hidden": 16, "n_components": 2, "shared_trunk": False,
               "phase_flip": False, "batch_norm": False, "gated_conditioning": False}
-    saved_guide = Guide(tiny_config(**values))
+    saved_guide = Guide(tiny_config(**layout))
     for parameter in saved_guide.parameters():  # a trained guide: non-zero heads
         torch.nn.init.normal_(parameter, std=0.1)
     saved = saved_guide.config.to_dict()

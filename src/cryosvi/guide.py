@@ -153,7 +153,7 @@ def condition_width(sites, config: GuideConfig) -> int:
     return sum(REGISTRY[s].feature_width(config) for s in sites) + int(config.defocus_offset)
 
 
-def conv_trunk(channels, batch_norm: bool = False) -> nn.Sequential:
+def conv_trunk(channels, batch_norm: bool) -> nn.Sequential:
     """Three (or len(channels)) modules Conv2d-ReLU-Conv2d-ReLU-MaxPool2d, flattened;
     with ``batch_norm`` each convolution (then without bias) is followed by BatchNorm2d."""
     layers, width = [], 1
@@ -181,7 +181,7 @@ class Encoder(nn.Module):
     ``gate`` the image part is also multiplied by 1 + g(condition)."""
 
     def __init__(self, box: int, channels, hidden: int, n_condition: int, n_out: int,
-                 own_trunk: bool = True, batch_norm: bool = False, gate: bool = False):
+                 *, own_trunk: bool, batch_norm: bool, gate: bool):
         super().__init__()
         self.trunk = conv_trunk(channels, batch_norm) if own_trunk else None
         self.n_features = trunk_features(box, channels)
