@@ -114,23 +114,32 @@ def test_paper_encoders_have_the_papers_size():
 
 
 def test_default_layout_is_the_measured_one():
-    """The defaults are the demo's guide: 1 333 100 parameters at the paper preset (README
-    "Demo"); without BatchNorm and the conditioning gate, the layout before issue 13's
-    second round: 1 066 380."""
-    assert Guide(GuideConfig(box=32, n_modes=1)).parameter_count() == 1_333_100
+    """The defaults are the demo's guide: 1 109 036 parameters at the paper preset (README
+    "Demo"); with the seventh session's gates (as wide as the MLP) 1 333 100; without
+    BatchNorm and the conditioning gate, the layout before issue 13's second round:
+    1 066 380."""
+    assert Guide(GuideConfig(box=32, n_modes=1)).parameter_count() == 1_109_036
+    seventh = GuideConfig(box=32, n_modes=1, gate_hidden=None)
+    assert Guide(seventh).parameter_count() == 1_333_100
     before = GuideConfig(box=32, n_modes=1, batch_norm=False, gated_conditioning=False)
     assert Guide(before).parameter_count() == 1_066_380
 
 
-@pytest.mark.parametrize("missing", [("batch_norm", "gated_conditioning"),
-                                     ("shared_trunk", "phase_flip", "batch_norm",
-                                      "gated_conditioning")])
-def test_a_run_saved_before_a_field_existed_loads_unchanged(missing):
+OLDER = {"batch_norm": False, "gated_conditioning": False}
+SEVENTH_SESSION = {"batch_norm": True, "gated_conditioning": True, "gate_hidden": None}
+
+
+@pytest.mark.parametrize("layout_then, missing", [
+    (OLDER, ("batch_norm", "gated_conditioning", "gate_hidden")),
+    (OLDER, ("shared_trunk", "phase_flip", "batch_norm", "gated_conditioning",
+             "gate_hidden")),
+    (SEVENTH_SESSION, ("gate_hidden",))])
+def test_a_run_saved_before_a_field_existed_loads_unchanged(layout_then, missing):
     """A run.json from before a field existed gets that time's value, so the weights it
     saved load strictly and give the same posterior."""
     torch.manual_seed(0)
     layout = {"channels": (4, 8, 8), "hidden": 16, "n_components": 2, "shared_trunk": False,
-              "phase_flip": False, "batch_norm": False, "gated_conditioning": False}
+              "phase_flip": False, **layout_then}
     saved_guide = Guide(tiny_config(**layout))
     for parameter in saved_guide.parameters():  # a trained guide: non-zero heads
         torch.nn.init.normal_(parameter, std=0.1)

@@ -86,7 +86,7 @@ def test_one_simulation_step_reduces_the_forward_kl():
     reference = reference.with_settings(noise=replace(reference.noise, std=0.3))
     forward = reference.forward_model()
     torch.manual_seed(0)
-    latents, images = simulation_batch(reference, forward, 0.3, 16)
+    latents, images, _ = simulation_batch(reference, forward, 0.3, 16)
     guide = Guide(tiny_config(input_scale=float(images.std())))
     optimizer = torch.optim.Adam(guide.parameters(), lr=1e-3)
     before, terms = simulation_loss(guide, latents, images, guide.config.latents)
@@ -99,6 +99,28 @@ def test_one_simulation_step_reduces_the_forward_kl():
 
 
 # ------------------------------------------------------------------------ schedules
+def test_antithetic_twins_differ_only_in_the_mode_amplitudes():
+    """The second half of an antithetic batch: the first half's particles with the mode
+    amplitudes negated and the same pose, defocus, conditions and noise; each image is
+    the forward model of its own latents plus that noise."""
+    from cryosvi.latents import forward_inputs
+
+    reference = tiny_reference()
+    forward = reference.forward_model()
+    torch.manual_seed(0)
+    values, images, conditions = simulation_batch(reference, forward, 0.3, 9,
+                                                  antithetic=True)
+    assert images.shape[0] == 9 and all(v.shape[0] == 9 for v in values.values())
+    drawn, twins = slice(0, 4), slice(5, 9)  # 5 drawn, the first 4 of them twinned
+    torch.testing.assert_close(values["enm_scale"][twins], -values["enm_scale"][drawn])
+    assert values["enm_scale"].abs().min() > 0
+    for site in ("rotation", "defocus"):
+        torch.testing.assert_close(values[site][twins], values[site][drawn])
+    noise = images - forward(**forward_inputs(values, conditions))
+    torch.testing.assert_close(noise[twins], noise[drawn])
+    assert 0.25 < float(noise.std()) < 0.35
+
+
 def test_paper_schedule_file():
     stages = load_schedule("paper")
     assert [s.train for s in stages] == [("modes",), ("defocus",), ("pose",)]

@@ -32,8 +32,8 @@ Options (the paper's future work):
   running ones at inference).
 * ``gated_conditioning``: the conditioning reaches each head multiplicatively too: the
   image part of the first MLP layer is multiplied by 1 + g(condition), g an MLP of two
-  hidden layers (zero at initialisation). An additive term alone cannot represent a
-  read-out that changes with the pose, which the mode amplitude needs (measured: the
+  hidden layers ``gate_hidden`` wide (zero at initialisation). An additive term alone
+  cannot represent a read-out that changes with the pose, which the mode amplitude needs (measured: the
   mode head learnt nothing in 0.7 M simulations without the gate, r 0.49 with it).
 
 Latents that are fixed to known values (``latents`` leaves them out) are not sites of the
@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from cryosvi.errors import CryosviError
 from cryosvi.latents import ORDER as SAMPLING_ORDER
 from cryosvi.latents import PAPER_SITES, REGISTRY, Conditions
+from cryosvi.rotations import quarter_turn_images
 
 ORDER = PAPER_SITES
 """The paper's latents in the sampling order (defocus -> pose -> conformation), the
@@ -75,10 +76,15 @@ class Architecture:
     shared_trunk: bool = True
     batch_norm: bool = True
     gated_conditioning: bool = True
+    gate_hidden: int | None = 64
+    """Width of the gates' hidden layers (None: ``hidden``, the seventh session's runs).
+    64 keeps the default guide under 5 M parameters at a 64 px working box with four
+    latents (issue 11)."""
 
 
 PAPER_ARCHITECTURE = Architecture(channels=(32, 64, 128), hidden=512, shared_trunk=False,
-                                  batch_norm=False, gated_conditioning=False)
+                                  batch_norm=False, gated_conditioning=False,
+                                  gate_hidden=None)
 """The paper's encoders: one conv trunk of 32-64-128 channels and an MLP of 512 per latent
 (the default layout before issue 13, so also the layout of runs whose run.json predates a
 field)."""
@@ -181,7 +187,7 @@ class Encoder(nn.Module):
     ``gate`` the image part is also multiplied by 1 + g(condition)."""
 
     def __init__(self, box: int, channels, hidden: int, n_condition: int, n_out: int,
-                 *, own_trunk: bool, batch_norm: bool, gate: bool):
+                 *, own_trunk: bool, batch_norm: bool, gate: bool, gate_hidden: int):
         super().__init__()
         self.trunk = conv_trunk(channels, batch_norm) if own_trunk else None
         self.n_features = trunk_features(box, channels)
@@ -189,9 +195,9 @@ class Encoder(nn.Module):
         self.first_condition = nn.Linear(n_condition, hidden, bias=False) if n_condition else None
         self.gate = None
         if gate and n_condition:
-            self.gate = nn.Sequential(nn.Linear(n_condition, hidden), nn.ReLU(),
-                                      nn.Linear(hidden, hidden), nn.ReLU(),
-                                      nn.Linear(hidden, hidden))
+            self.gate = nn.Sequential(nn.Linear(n_condition, gate_hidden), nn.ReLU(),
+                                      nn.Linear(gate_hidden, gate_hidden), nn.ReLU(),
+                                      nn.Linear(gate_hidden, hidden))
             nn.init.zeros_(self.gate[-1].weight)  # no gating at initialisation
             nn.init.zeros_(self.gate[-1].bias)
         self.rest = nn.Sequential(nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
@@ -218,7 +224,15 @@ class Guide(nn.Module):
     """The amortized posterior over the inferred sites of ``config.latents``.
 
     Every method takes the batch's ``conditions`` (``cryosvi.latents.Conditions``: the
-    particles' CTF estimates and known shifts; None: none)."""
+    particles' CTF estimates and known shifts; None: none).
+
+    ``turns`` (1, 2 or 4; set for inference, 1 in training): q is the equal mixture of
+    the network's posteriors for the image turned by 0 .. turns - 1 quarter turns, each
+    mapped back to the particle's frame. A quarter turn of the image is the image of the
+    pose turned about the viewing axis (``rotations.quarter_turn_images``), so every
+    term is a posterior of the same particle, and averaging them averages out part of
+    the network's error (measured: README, "Inference").
+    """
 
     def __init__(self, config: GuideConfig):
         super().__init__()
@@ -235,9 +249,11 @@ class Guide(nn.Module):
                                           n_condition, REGISTRY[site].head_size(config),
                                           own_trunk=not config.shared_trunk,
                                           batch_norm=config.batch_norm,
-                                          gate=config.gated_conditioning)
+                                          gate=config.gated_conditioning,
+                                          gate_hidden=config.gate_hidden or config.hidden)
             REGISTRY[site].initialise_head(self.encoders[site].rest[-1], config)
         self.register_buffer("prior_mode_std", torch.tensor(config.mode_std, dtype=torch.float32))
+        self.turns = 1
         # Convolutions run in channels-last layout (measured ~20% faster on CPU).
         self.to(memory_format=torch.channels_last)
 
@@ -301,15 +317,23 @@ class Guide(nn.Module):
 
     def site_features(self, site: str, images: Tensor, flip_defocus: Tensor | None,
                       cache: dict, conditions: Conditions | None = None) -> Tensor:
-        """The first MLP layer's image part for ``site``; ``cache`` keeps the shared
-        trunk's output between the sites of one call."""
+        """The first MLP layer's image part for ``site``, (T, B, hidden) for the
+        ``turns`` quarter turns of the images; ``cache`` keeps the shared trunk's output
+        between the sites of one call."""
         encoder = self.encoders[site]
         if self.trunk is None:
-            return encoder.features(self.encoder_input(site, images, flip_defocus,
-                                                       conditions))
+            inputs = self.turned(self.encoder_input(site, images, flip_defocus, conditions))
+            return encoder.features(inputs).unflatten(0, (self.turns, -1))
         if "trunk" not in cache:
-            cache["trunk"] = self.trunk(self.standardise(images))
-        return encoder.features(None, cache["trunk"])
+            cache["trunk"] = self.trunk(self.turned(self.standardise(images)))
+        return encoder.features(None, cache["trunk"]).unflatten(0, (self.turns, -1))
+
+    def turned(self, inputs: Tensor) -> Tensor:
+        """(B, 1, L, L) -> (T B, 1, L, L): the inputs turned by 0 .. T - 1 quarter turns."""
+        if self.turns == 1:
+            return inputs
+        stack = torch.cat([quarter_turn_images(inputs, k) for k in range(self.turns)])
+        return stack.contiguous(memory_format=torch.channels_last)
 
     def encoder_input(self, site: str, images: Tensor, flip_defocus: Tensor | None,
                       conditions: Conditions | None = None) -> Tensor:
@@ -317,11 +341,22 @@ class Guide(nn.Module):
             images = self.phase_flipped(images, flip_defocus, conditions)
         return self.standardise(images)
 
-    def distribution(self, site: str, features: Tensor, condition: Tensor | None,
+    def distribution(self, site: str, features: Tensor, values: dict[str, Tensor],
                      conditions: Conditions | None = None):
-        """q(site | x, condition) with batch shape (..., B)."""
-        out = self.encoders[site].head(features, condition)
-        return REGISTRY[site].head(out, self, conditions or Conditions())
+        """q(site | x, the conditioning latents in ``values``) with batch shape (..., B);
+        features (T, B, hidden) from ``site_features``. With T = ``turns`` > 1 the equal
+        mixture over the quarter turns k of q(site | turned x, turned values) mapped back
+        to the particle's frame (each latent's ``turned`` and ``turned_back``)."""
+        conditions = conditions or Conditions()
+        latent = REGISTRY[site]
+        parts = []
+        for k in range(self.turns):
+            turned_values = {s: REGISTRY[s].turned(v, k) for s, v in values.items()}
+            turned_conditions = conditions.quarter_turned(k)
+            out = self.encoders[site].head(
+                features[k], self.condition(site, turned_values, turned_conditions))
+            parts.append(latent.turned_back(latent.head(out, self, turned_conditions), k))
+        return parts[0] if self.turns == 1 else latent.mixture(parts)
 
     # ---------------------------------------------------------------- training
     def log_prob(self, images: Tensor, values: dict[str, Tensor],
@@ -332,8 +367,7 @@ class Guide(nn.Module):
         out, cache = {}, {}
         for site in self.config.latents:
             features = self.site_features(site, images, flip, cache, conditions)
-            q = self.distribution(site, features, self.condition(site, values, conditions),
-                                  conditions)
+            q = self.distribution(site, features, values, conditions)
             out[site] = q.log_prob(values[site])
         return out
 
@@ -360,8 +394,7 @@ class Guide(nn.Module):
         for site in self.config.latents:
             features = self.site_features(site, images, flip_defocus, cache, conditions)
             all_features[site] = features
-            q = self.distribution(site, features, self.condition(site, values, conditions),
-                                  conditions)
+            q = self.distribution(site, features, values, conditions)
             if tuple(q.batch_shape) != (n_samples, batch):
                 q = q.expand((n_samples, batch))
             dists[site] = q
@@ -380,8 +413,7 @@ class Guide(nn.Module):
         ``values`` holds every latent (known ones too) with leading (S, B)."""
         total = 0.0
         for site in self.config.latents:
-            q = self.distribution(site, features[site],
-                                  self.condition(site, values, conditions), conditions)
+            q = self.distribution(site, features[site], values, conditions)
             total = total + q.log_prob(values[site])
         return total
 
@@ -401,8 +433,7 @@ class Guide(nn.Module):
             with pyro.plate("particles", n_particles or batch, subsample_size=batch):
                 for site in self.config.latents:
                     features = self.site_features(site, images, flip, cache, conditions)
-                    q = self.distribution(site, features,
-                                          self.condition(site, values, conditions), conditions)
+                    q = self.distribution(site, features, values, conditions)
                     values[site] = pyro.sample(site, q)
                     if site == FLIP_SITE and flip is None:
                         flip = values[site]

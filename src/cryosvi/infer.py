@@ -324,7 +324,7 @@ def _from_guide(guide: Guide, forward, priors, noise_std: float, images: torch.T
 @preserved_rng()
 def infer(run: str | Path, particles: str | Path, output: str | Path, samples: int = 0,
           importance: int = 64, method: str = "auto", moves: int = 3,
-          batch_size: int = 256,
+          turns: int = 1, batch_size: int = 256,
           device: str = "cpu", summary_samples: int = 64,
           progress: bool = True, datadir: str | Path | None = None,
           invert: bool = False) -> pd.DataFrame:
@@ -338,8 +338,9 @@ def infer(run: str | Path, particles: str | Path, output: str | Path, samples: i
     .cs input also ``output`` with suffix .cs (the input's records, fields updated), and, with
     ``samples`` > 0, ``output`` with suffix .npz holding S posterior samples per particle
     (site -> (N, S, ...)). ``importance`` > 0 refines with that many samples per
-    particle: ``method`` 'auto', 'laplace', 'smc' or 'is'; see ``refine``.
-    Returns the particle table written.
+    particle: ``method`` 'auto', 'laplace', 'smc' or 'is'; see ``refine``. ``turns``:
+    the guide's posterior averaged over that many quarter turns of each image
+    (``Guide.turns``). Returns the particle table written.
     """
     from cryosvi.dataset import has_ctf_estimates, working_box, working_pixel_size
     from cryosvi.io.particles import read_particles, write_particles
@@ -347,6 +348,7 @@ def infer(run: str | Path, particles: str | Path, output: str | Path, samples: i
 
     select_device(device)
     info, reference, guide = load_trained(run, device)
+    guide.turns = turns
     table = read_particles(particles, datadir, invert)
     config = guide.config
     box = working_box(table, config.box)

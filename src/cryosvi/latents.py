@@ -85,6 +85,16 @@ class Conditions(NamedTuple):
         ctf = None if self.ctf is None else type(self.ctf)(*(tile(t) for t in self.ctf))
         return Conditions(ctf, tile(self.shifts))
 
+    def quarter_turned(self, turns: int) -> "Conditions":
+        """The conditions of the particles' images turned by ``turns`` quarter turns
+        (``rotations.quarter_turn_images``): the shifts turned with them. The CTF is kept:
+        the guide's heads see only its mean defocus, which a turn leaves alone."""
+        if not turns or self.shifts is None:
+            return self
+        from cryosvi.rotations import quarter_turn_shifts
+
+        return self._replace(shifts=quarter_turn_shifts(self.shifts, turns))
+
     def defocus_estimate(self) -> Tensor | None:
         """(B,) Å: each particle's mean defocus estimate (U + V) / 2, or None."""
         if self.ctf is None:
@@ -161,6 +171,12 @@ class Latent:
         """The ``ForwardModel.forward`` argument named ``site`` (None: not given)."""
         return values.get(self.site)
 
+    def reflected(self, value: Tensor) -> Tensor | None:
+        """The value mirrored through its prior's centre, which the prior makes as likely
+        (an antithetic twin for training by simulation), or None where the latent has no
+        such twin."""
+        return None
+
     # ---------------------------------------------------------------- guide head
     def head_size(self, config) -> int:
         raise NotImplementedError
@@ -178,6 +194,19 @@ class Latent:
 
     def initialise_head(self, last_layer, config) -> None:
         """Bias of the head's last layer at the start (zero: the prior)."""
+
+    def turned(self, value: Tensor, turns: int) -> Tensor:
+        """The value for the particle's image turned by ``turns`` quarter turns
+        (``rotations.quarter_turn_images``); most latents do not change."""
+        return value
+
+    def turned_back(self, q, turns: int):
+        """q of the value of the turned image -> q of the particle's own value."""
+        return q
+
+    def mixture(self, parts: list):
+        """The equal mixture of distributions of one family with batch shape (..., B)."""
+        raise NotImplementedError
 
     # --------------------------------------------------------------------- SMC
     def random_walk(self, config) -> RandomWalk:
@@ -280,6 +309,17 @@ class GaussianLatent(Latent):
         std = scale * (F.softplus(h1 + SOFTPLUS_ONE) + 1e-6)
         q = dist.Normal(mean, std)
         return q.to_event(1) if self.size(guide.config) else q
+
+    def mixture(self, parts):
+        """MixtureSameFamily of the parts' Normals (a component axis after the batch)."""
+        normals = [q.base_dist if isinstance(q, dist.Independent) else q for q in parts]
+        loc = torch.stack([q.loc for q in normals], -1 - (not self.scalar))
+        scale = torch.stack([q.scale for q in normals], -1 - (not self.scalar))
+        weights = dist.Categorical(logits=loc.new_zeros(loc.shape if self.scalar
+                                                        else loc.shape[:-1]))
+        components = dist.Normal(loc, scale)
+        return dist.MixtureSameFamily(weights, components if self.scalar
+                                      else components.to_event(1))
 
     def feature_width(self, config) -> int:
         return max(self.size(config), 1)
@@ -419,6 +459,19 @@ class Shifts(GaussianLatent):
     def forward_value(self, values, conditions):
         return values.get(self.site, conditions.shifts)
 
+    def turned(self, value, turns):
+        from cryosvi.rotations import quarter_turn_shifts
+
+        return quarter_turn_shifts(value, turns)
+
+    def turned_back(self, q, turns):
+        """The mean turned back, the per-axis stds swapped by an odd number of turns."""
+        from cryosvi.rotations import quarter_turn_shifts
+
+        normal = q.base_dist
+        scale = normal.scale.flip(-1) if turns % 2 else normal.scale
+        return dist.Normal(quarter_turn_shifts(normal.loc, -turns), scale).to_event(1)
+
     def validation(self, summary, truth):
         error = (summary[self.mean_key] - truth).square().sum(-1).mean().sqrt()
         return {"val_shifts_rmse": float(error)}
@@ -465,6 +518,9 @@ class Modes(GaussianLatent):
     def prior_loc_scale(self, priors, conditions, like):
         scale = torch.tensor(priors.mode_std, dtype=like.dtype, device=like.device)
         return torch.zeros_like(scale), scale
+
+    def reflected(self, value: Tensor) -> Tensor:
+        return -value  # the prior N(0, mode_std) is symmetric about 0
 
     def guide_loc_scale(self, guide, conditions):
         return None, guide.prior_mode_std
@@ -541,6 +597,33 @@ class Pose(Latent):
             last_layer.bias[: 4 * c] = torch.randn(4 * c, generator=generator)
             last_layer.bias[4 * c: 5 * c] = 0.0
 
+    def turned(self, value, turns):
+        from cryosvi.rotations import quarter_turn_quaternion, quaternion_product
+
+        return quaternion_product(quarter_turn_quaternion(turns, value), value)
+
+    def turned_back(self, q, turns):
+        """Each component's concentration left-multiplied by the inverse turn: if v ~
+        PN(c) then r v ~ PN(r c) for a unit quaternion r (an orthogonal map of R^4)."""
+        from cryosvi.distributions import ProjectedNormalMixture
+        from cryosvi.rotations import quarter_turn_quaternion, quaternion_product
+
+        if not turns % 4:
+            return q
+        concentration = q.component_distribution.concentration
+        back = quaternion_product(quarter_turn_quaternion(-turns, concentration),
+                                  concentration)
+        return ProjectedNormalMixture(q.logits, back, antipodal=q.antipodal)
+
+    def mixture(self, parts):
+        """One mixture of every part's components, each part weighing 1 / len(parts);
+        its components stay grouped by part (``guide_summary`` relies on it)."""
+        from cryosvi.distributions import ProjectedNormalMixture
+
+        logits = torch.cat([q.logits.log_softmax(-1) for q in parts], -1) - math.log(len(parts))
+        concentration = torch.cat([q.component_distribution.concentration for q in parts], -2)
+        return ProjectedNormalMixture(logits, concentration, antipodal=parts[0].antipodal)
+
     def feature_width(self, config) -> int:
         return 9
 
@@ -585,10 +668,8 @@ class Pose(Latent):
         latents), and the samples' isotropic angular std (degrees)."""
         from cryosvi.rotations import heaviest_component_mean, pose_std_deg
 
-        at_point = guide.distribution(self.site, features[self.site],
-                                      guide.condition(self.site, point, conditions),
-                                      conditions)
-        mean = heaviest_component_mean(at_point)
+        at_point = guide.distribution(self.site, features[self.site], point, conditions)
+        mean = heaviest_component_mean(at_point, groups=guide.turns)
         return mean, pose_std_deg(samples, mean)
 
     def weighted_summary(self, samples, weights):

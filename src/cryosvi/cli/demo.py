@@ -25,17 +25,17 @@ from cryosvi.cli.common import (HelpFormatter, add_threads_argument, check_devic
                                 check_disk, check_memory, device_name, integer_between,
                                 number, seed_int)
 from cryosvi.cli.train import add_guide_arguments, architecture_from_args
-from cryosvi.config import LIMITS
+from cryosvi.config import LIMITS, SIM_EPOCHS
 from cryosvi.io.atomic import write_atomically
 from cryosvi.io.outputs import check_output_directory, mark_directory, remove_directory
 
 MARKER = "demo.json"
 DEMO_KIND = "demo"
-DEMO_DEFAULTS = dict(n_train=10000, n_test=2000, epochs=40, batch_size=128, lr=2e-3,
+DEMO_DEFAULTS = dict(n_train=10000, n_test=2000, epochs=SIM_EPOCHS, batch_size=128, lr=2e-3,
                      importance=64, moves=3)
-"""Sized for a few minutes on a 2-core CPU (measured: 173 s, README "Demo"); the same
-guide (``guide.Architecture()``, the defaults of ``cryosvi train``) and refinement
-settings as the joint SNR 20 run of benchmarks/results."""
+"""The defaults of ``cryosvi train`` (guide ``guide.Architecture()``, epochs
+``SIM_EPOCHS``) and of ``cryosvi infer``, as in the joint SNR 20 run of benchmarks/results
+(measured: about 12 minutes on a 2-core CPU, README "Demo"; ``--epochs 40``: about 3)."""
 
 
 def register(subparsers, summary: str) -> None:
@@ -44,7 +44,8 @@ def register(subparsers, summary: str) -> None:
         description="Simulate the paper preset from the bundled 1OL5 (training and held-out "
         "sets with different seeds), train a guide for pose + defocus + mode by "
         "simulation, infer the held-out particles, evaluate and write a report. Sized to "
-        "finish in about 3 minutes on a 2-core CPU; uses CUDA when present.",
+        "finish in about 12 minutes on a 2-core CPU (--epochs 40: about 3); uses CUDA "
+        "when present.",
         formatter_class=HelpFormatter)
     parser.add_argument("-o", "--output", default="cryosvi-demo", help="output directory")
     parser.add_argument("--n-train", type=integer_between(2, 10**7),

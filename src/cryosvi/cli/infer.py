@@ -51,6 +51,11 @@ def register(subparsers, summary: str) -> None:
                         help="smc (and laplace's fallback): Metropolis moves per "
                         "tempering step ('auto' uses at least 12 for batches it hands "
                         "to the SMC whole)")
+    parser.add_argument("--turns", type=int, choices=[1, 2, 4], default=1,
+                        help="the guide's posterior as the mixture of its posteriors for "
+                        "this many quarter turns of each image: more accurate means, "
+                        "wider intervals (4: the guide alone's pose error -23 %%, its "
+                        "95 %% intervals cover 0.97-0.99)")
     parser.add_argument("--batch-size", type=integer_between(1, 10**6), default=256,
                         help="particles per network pass")
     parser.add_argument("--device", type=device_name, default="cpu",
@@ -72,7 +77,7 @@ def run(args) -> None:
     check_outputs(args)
     frame = infer(args.run, args.particles, args.output, samples=args.samples,
                   importance=args.importance, method=args.refine, moves=args.moves,
-                  batch_size=args.batch_size,
+                  turns=args.turns, batch_size=args.batch_size,
                   device=args.device, progress=not args.quiet, datadir=args.datadir,
                   invert=args.invert)
     extra = ""

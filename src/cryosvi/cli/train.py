@@ -9,7 +9,7 @@ from cryosvi.cli.common import (HelpFormatter, add_particle_source_arguments,
                                 check_device, check_memory, device_name,
                                 integer_between, number, positive, positive_int,
                                 seed_int)
-from cryosvi.config import LIMITS
+from cryosvi.config import LIMITS, SIM_EPOCHS
 from cryosvi.errors import CryosviError
 from cryosvi.latents import BY_NAME, PAPER_SITES, names
 
@@ -93,7 +93,7 @@ def register(subparsers, summary: str) -> None:
                         "are fixed to the particle file's values")
     parser.add_argument("--objective", choices=["sim", "elbo", "sim+elbo"],
                         default="sim", help="training objective")
-    parser.add_argument("--epochs", type=integer_between(1, 10**6), default=40,
+    parser.add_argument("--epochs", type=integer_between(1, 10**6), default=SIM_EPOCHS,
                         help="epochs of the (first) stage; a simulation epoch is as many "
                         "fresh particles as the STAR file has (see --epoch-size)")
     parser.add_argument("--finetune-epochs", type=integer_between(1, 10**6),
