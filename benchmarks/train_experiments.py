@@ -75,9 +75,10 @@ EXPERIMENTS = {
         infer=ALL_INFER, note="simulation-based, same data"),
     # --- joint pose + defocus + mode -------------------------------------------------
     "joint_sim_snr20": dict(
-        data="snr20", latents="pose,defocus,modes", train=SHARED + SIM + ["--epochs", "40"],
-        infer=ALL_INFER,
-        note="simulation-based, 40 epochs of 10 000 fresh particles (the target run)"),
+        data="snr20", latents="pose,defocus,modes", train=SHARED + SIM + ["--epochs", "160"],
+        infer={**ALL_INFER, "guide_turns4": ["--importance", "0", "--turns", "4"]},
+        note="simulation-based, 160 epochs of 10 000 fresh particles in antithetic pairs "
+             "(cryosvi train's defaults; the target run)"),
     "joint_elbo_snr20": dict(
         data="snr20", latents="pose,defocus,modes",
         train=SHARED + ["--objective", "elbo", "--epochs", "10", "--lr", "5e-4",
@@ -178,11 +179,11 @@ def experiment(name: str, work: Path, reuse: bool, threads: int | None,
         posterior = work / f"{name}_{variant}_posterior.star"
         command = ["cryosvi", "infer", "--run", str(run_dir), "--particles",
                    str(data["test"] / "particles.star"), "-o", str(posterior), *arguments,
-                   *threads_args, "--quiet"]
+                   *threads_args, "--quiet", "--force"]  # replaces this script's own outputs
         seconds = round(run(command, log), 1)
         report = work / f"{name}_{variant}_eval"
         evaluate = ["cryosvi", "evaluate", "--posterior", str(posterior), "--truth",
-                    str(data["test"] / "particles.star"), "-o", str(report)]
+                    str(data["test"] / "particles.star"), "-o", str(report), "--force"]
         run(evaluate, log)
         metrics = json.loads((report / "metrics.json").read_text())
         import starfile

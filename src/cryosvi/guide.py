@@ -33,8 +33,9 @@ Options (the paper's future work):
 * ``gated_conditioning``: the conditioning reaches each head multiplicatively too: the
   image part of the first MLP layer is multiplied by 1 + g(condition), g an MLP of two
   hidden layers ``gate_hidden`` wide (zero at initialisation). An additive term alone
-  cannot represent a read-out that changes with the pose, which the mode amplitude needs (measured: the
-  mode head learnt nothing in 0.7 M simulations without the gate, r 0.49 with it).
+  cannot represent a read-out that changes with the pose, which the mode amplitude
+  needs (measured: the mode head learnt nothing in 0.7 M simulations without the gate,
+  r 0.49 with it).
 
 Latents that are fixed to known values (``latents`` leaves them out) are not sites of the
 guide; the model is conditioned on them (``pyro.poutine.condition``).
@@ -230,8 +231,9 @@ class Guide(nn.Module):
     the network's posteriors for the image turned by 0 .. turns - 1 quarter turns, each
     mapped back to the particle's frame. A quarter turn of the image is the image of the
     pose turned about the viewing axis (``rotations.quarter_turn_images``), so every
-    term is a posterior of the same particle, and averaging them averages out part of
-    the network's error (measured: README, "Inference").
+    term is a posterior of the same particle, and mixing them averages out part of the
+    network's error, but widens the intervals beyond calibration (measured:
+    benchmarks/results/ablations.md).
     """
 
     def __init__(self, config: GuideConfig):

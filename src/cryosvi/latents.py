@@ -620,7 +620,8 @@ class Pose(Latent):
         its components stay grouped by part (``guide_summary`` relies on it)."""
         from cryosvi.distributions import ProjectedNormalMixture
 
-        logits = torch.cat([q.logits.log_softmax(-1) for q in parts], -1) - math.log(len(parts))
+        logits = torch.cat([q.logits.log_softmax(-1) for q in parts], -1)
+        logits = logits - math.log(len(parts))
         concentration = torch.cat([q.component_distribution.concentration for q in parts], -2)
         return ProjectedNormalMixture(logits, concentration, antipodal=parts[0].antipodal)
 
