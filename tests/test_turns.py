@@ -83,3 +83,11 @@ def test_the_turned_guide_scores_its_own_samples_and_averages_the_pose():
 
     summary = posterior_summary(guide, images, n_samples=8)
     assert torch.allclose(summary["rotation_mean"].norm(dim=-1), torch.ones(5))
+
+
+def test_infer_refuses_a_number_of_turns_it_cannot_make(tmp_path):
+    from cryosvi.errors import CryosviError
+    from cryosvi.infer import infer
+
+    with pytest.raises(CryosviError, match="turns must be 1 to 4"):
+        infer(tmp_path / "run", tmp_path / "p.star", tmp_path / "out.star", turns=0)

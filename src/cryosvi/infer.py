@@ -346,6 +346,8 @@ def infer(run: str | Path, particles: str | Path, output: str | Path, samples: i
     from cryosvi.io.particles import read_particles, write_particles
     from cryosvi.rundir import load_trained, select_device
 
+    if turns not in (1, 2, 3, 4):
+        raise CryosviError(f"turns must be 1 to 4, got {turns!r}")
     select_device(device)
     info, reference, guide = load_trained(run, device)
     guide.turns = turns
