@@ -138,8 +138,8 @@ def test_checkpoints_hold_only_tensors_and_plain_values(run):
 
 
 @pytest.mark.parametrize("damage", ["empty", "garbage", "truncated", "run.json {}",
-                                    "run.json garbage", "architecture", "no reference",
-                                    "reference garbage"])
+                                    "run.json garbage", "architecture", "bad width",
+                                    "bad gate", "no reference", "reference garbage"])
 def test_damaged_run_directories_give_one_line(run, tmp_path, damage):
     broken = copy_run(run, tmp_path / "broken")
     checkpoint = broken / CHECKPOINT
@@ -156,6 +156,11 @@ def test_damaged_run_directories_give_one_line(run, tmp_path, damage):
     elif damage == "architecture":
         info = json.loads((broken / "run.json").read_text())
         info["guide"]["hidden"] = 16
+        (broken / "run.json").write_text(json.dumps(info))
+    elif damage in ("bad width", "bad gate"):  # values no network can have
+        info = json.loads((broken / "run.json").read_text())
+        info["guide"].update({"hidden": -3} if damage == "bad width" else
+                             {"gated_conditioning": True, "gate_hidden": "x"})
         (broken / "run.json").write_text(json.dumps(info))
     elif damage == "no reference":
         (broken / "reference.npz").unlink()

@@ -82,6 +82,28 @@ class Architecture:
     64 keeps the default guide under 5 M parameters at a 64 px working box with four
     latents (issue 11)."""
 
+    def __post_init__(self):
+        """ValueError naming the field for a layout no network can have (a run.json
+        damaged by hand, a caller's typo), before any layer is built."""
+        def width(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+        if not (isinstance(self.channels, (tuple, list)) and self.channels
+                and all(width(c) for c in self.channels)):
+            raise ValueError(f"channels must be positive integers, got {self.channels!r}")
+        for name in ("hidden", "n_components"):
+            if not width(getattr(self, name)):
+                raise ValueError(f"{name} must be a positive integer, got "
+                                 f"{getattr(self, name)!r}")
+        if self.gate_hidden is not None and not width(self.gate_hidden):
+            raise ValueError(f"gate_hidden must be a positive integer or null, got "
+                             f"{self.gate_hidden!r}")
+        for name in ("conditioning", "phase_flip", "shared_trunk", "batch_norm",
+                     "gated_conditioning"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got "
+                                 f"{getattr(self, name)!r}")
+
 
 PAPER_ARCHITECTURE = Architecture(channels=(32, 64, 128), hidden=512, shared_trunk=False,
                                   batch_norm=False, gated_conditioning=False,
