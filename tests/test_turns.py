@@ -91,3 +91,13 @@ def test_infer_refuses_a_number_of_turns_it_cannot_make(tmp_path):
 
     with pytest.raises(CryosviError, match="turns must be 1 to 4"):
         infer(tmp_path / "run", tmp_path / "p.star", tmp_path / "out.star", turns=0)
+
+
+@pytest.mark.parametrize("turns", [0, 5, 2.5, True])
+def test_the_guide_refuses_a_number_of_turns_it_cannot_mix(turns):
+    from cryosvi.errors import CryosviError
+
+    guide = random_guide()
+    with pytest.raises(CryosviError, match="turns must be 1 to 4"):
+        guide.turns = turns
+    assert guide.turns == 1

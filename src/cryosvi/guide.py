@@ -54,6 +54,17 @@ from cryosvi.latents import ORDER as SAMPLING_ORDER
 from cryosvi.latents import PAPER_SITES, REGISTRY, Conditions
 from cryosvi.rotations import quarter_turn_images
 
+TURNS = (1, 2, 3, 4)
+"""The numbers of quarter turns ``Guide.turns`` can mix."""
+
+
+def check_turns(turns) -> int:
+    """``turns`` if it is one of ``TURNS``, else CryosviError."""
+    if turns not in TURNS or isinstance(turns, bool):
+        raise CryosviError(f"turns must be 1 to 4, got {turns!r}")
+    return int(turns)
+
+
 ORDER = PAPER_SITES
 """The paper's latents in the sampling order (defocus -> pose -> conformation), the
 default ``latents``; every latent's place is ``cryosvi.latents.ORDER``."""
@@ -277,11 +288,19 @@ class Guide(nn.Module):
                                           gate_hidden=config.gate_hidden or config.hidden)
             REGISTRY[site].initialise_head(self.encoders[site].rest[-1], config)
         self.register_buffer("prior_mode_std", torch.tensor(config.mode_std, dtype=torch.float32))
-        self.turns = 1
+        self._turns = 1
         # Convolutions run in channels-last layout (measured ~20% faster on CPU).
         self.to(memory_format=torch.channels_last)
 
     # ------------------------------------------------------------------ pieces
+    @property
+    def turns(self) -> int:
+        return self._turns
+
+    @turns.setter
+    def turns(self, value: int) -> None:
+        self._turns = check_turns(value)
+
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

@@ -27,7 +27,7 @@ import torch
 from pyro import poutine
 from tqdm.auto import tqdm
 
-from cryosvi.guide import Guide
+from cryosvi.guide import Guide, check_turns
 from cryosvi.io.atomic import save_npz_atomically
 from cryosvi.io.outputs import provenance_array
 from cryosvi.errors import CryosviError
@@ -346,8 +346,7 @@ def infer(run: str | Path, particles: str | Path, output: str | Path, samples: i
     from cryosvi.io.particles import read_particles, write_particles
     from cryosvi.rundir import load_trained, select_device
 
-    if turns not in (1, 2, 3, 4):
-        raise CryosviError(f"turns must be 1 to 4, got {turns!r}")
+    check_turns(turns)  # before the run is loaded
     select_device(device)
     info, reference, guide = load_trained(run, device)
     guide.turns = turns
