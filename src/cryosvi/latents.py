@@ -313,10 +313,10 @@ class GaussianLatent(Latent):
     def mixture(self, parts):
         """MixtureSameFamily of the parts' Normals (a component axis after the batch)."""
         normals = [q.base_dist if isinstance(q, dist.Independent) else q for q in parts]
-        loc = torch.stack([q.loc for q in normals], -1 - (not self.scalar))
-        scale = torch.stack([q.scale for q in normals], -1 - (not self.scalar))
-        weights = dist.Categorical(logits=loc.new_zeros(loc.shape if self.scalar
-                                                        else loc.shape[:-1]))
+        axis = -1 if self.scalar else -2  # after the batch, before a vector's components
+        loc = torch.stack([q.loc for q in normals], axis)
+        scale = torch.stack([q.scale for q in normals], axis)
+        weights = dist.Categorical(logits=loc.new_zeros(loc.shape[:loc.dim() + axis + 1]))
         components = dist.Normal(loc, scale)
         return dist.MixtureSameFamily(weights, components if self.scalar
                                       else components.to_event(1))

@@ -238,24 +238,27 @@ def simulation_batch(reference: Reference, forward, noise_std: float, batch_size
     """
     from cryosvi.simulate import sample_prior
 
+    conditions = conditions or Conditions()
     twins = batch_size // 2 if antithetic else 0
     drawn = batch_size - twins
-    conditions = conditions or Conditions()
+    if twins:  # the twins are imaged with their originals' conditions
+        conditions = conditions.take(torch.arange(batch_size) % drawn)
     with torch.no_grad():
-        first = conditions.take(torch.arange(drawn))
-        values, clean = sample_prior(reference, forward, drawn, first, latents)
+        values, clean = sample_prior(reference, forward, drawn,
+                                     conditions.take(torch.arange(drawn)) if twins
+                                     else conditions, latents)
         noise = noise_std * torch.randn_like(clean)
         if twins:
-            twin_conditions = first.take(torch.arange(twins))
             twin = {}
             for site, value in values.items():
                 mirror = REGISTRY[site].reflected(value[:twins])
                 twin[site] = value[:twins] if mirror is None else mirror
-            twin_clean = forward(**forward_inputs(twin, twin_conditions))
+            twin_clean = forward(**forward_inputs(twin, conditions.take(
+                torch.arange(drawn, batch_size))))
             values = {s: torch.cat([values[s], twin[s]]) for s in values}
             clean = torch.cat([clean, twin_clean])
             noise = torch.cat([noise, noise[:twins]])
-    return values, clean + noise, first.take(torch.arange(batch_size) % drawn)
+    return values, clean + noise, conditions
 
 
 def simulation_loss(guide: Guide, latents: dict, images, sites,
