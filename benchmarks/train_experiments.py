@@ -75,9 +75,9 @@ EXPERIMENTS = {
         infer=ALL_INFER, note="simulation-based, same data"),
     # --- joint pose + defocus + mode -------------------------------------------------
     "joint_sim_snr20": dict(
-        data="snr20", latents="pose,defocus,modes", train=SHARED + SIM + ["--epochs", "160"],
+        data="snr20", latents="pose,defocus,modes", train=SHARED + SIM + ["--epochs", "220"],
         infer={**ALL_INFER, "guide_turns4": ["--importance", "0", "--turns", "4"]},
-        note="simulation-based, 160 epochs of 10 000 fresh particles in antithetic pairs "
+        note="simulation-based, 220 epochs of 10 000 fresh particles in antithetic pairs "
              "(cryosvi train's defaults; the target run)"),
     "joint_elbo_snr20": dict(
         data="snr20", latents="pose,defocus,modes",
@@ -166,6 +166,7 @@ def experiment(name: str, work: Path, reuse: bool, threads: int | None,
     record["train_command"] = info.get("command")
     record["seconds"]["train"] = info.get("train_seconds")
     record["parameters"] = info["parameters"]
+    record["precision"] = info.get("precision", "fp32")
     lines = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     record["last_epoch"] = {k: v for k, v in lines[-1].items() if k != "loss_steps"}
     previous = RESULTS / f"{name}.json"
@@ -205,9 +206,12 @@ def experiment(name: str, work: Path, reuse: bool, threads: int | None,
 def machine() -> dict:
     import torch
 
+    from cryosvi.guide import native_bf16
+
     return {"platform": platform.platform(), "processor": platform.processor(),
             "cpus": os.cpu_count(), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(),
+            "cpu_native_bf16": native_bf16(torch.device("cpu")),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 

@@ -13,7 +13,7 @@ import torch
 
 from cryosvi.cli.main import main
 from cryosvi.errors import CryosviError
-from cryosvi.guide import Architecture, Guide
+from cryosvi.guide import Architecture, Guide, native_bf16
 from cryosvi.io.particles import read_particles
 from cryosvi.io.star import write_star
 from cryosvi.reference import Reference
@@ -161,7 +161,7 @@ def test_cosine_schedule_with_warmup():
 # --------------------------------------------------------------------- run directory
 def test_train_writes_a_run_directory(dataset, tmp_path):
     info = train(dataset / "particles.star", load_reference(dataset), tmp_path / "run",
-                 run_options(), progress=False)
+                 run_options(precision="bf16"), progress=False)
     run = tmp_path / "run"
     for name in ("run.json", "reference.npz", "checkpoint.pt", "log.jsonl", "loss.png"):
         assert (run / name).is_file(), name
@@ -174,6 +174,9 @@ def test_train_writes_a_run_directory(dataset, tmp_path):
     _, reference, guide = load_trained(run)
     assert reference.noise.std == pytest.approx(stored["noise_std"])
     assert not guide.training
+    # trained with a bf16 trunk; inferred so where the CPU has bf16 in hardware
+    assert stored["precision"] == "bf16"
+    assert guide.bf16 == native_bf16(torch.device("cpu"))
     with pytest.raises(CryosviError, match="already holds a run"):
         train(dataset / "particles.star", load_reference(dataset), run, run_options(),
               progress=False)

@@ -111,12 +111,13 @@ PAPER_PRESET = dict(
 5 px, one mode, SNR 20, defocus 10000 +- 2500 Å, uniform poses."""
 
 
-SIM_EPOCHS = 160
+SIM_EPOCHS = 220
 """Default epochs of simulation training (``cryosvi train``, ``cryosvi demo``): the most
 that finish 10 000 particles of the paper preset in well under 15 minutes on a 2-core CPU
-(measured: 11-12 min wall; about 36 min at a 64 px working box). The guide alone on
-held-out particles: pose median 2.35 deg, mode r 0.81, against 2.6 deg and -0.02 with the
-seventh session's 40 epochs (benchmarks/results/ablations.md)."""
+with bf16 arithmetic (measured: 615 s of training; 160 epochs took as long in fp32). The
+guide alone on held-out particles: pose median 2.18 deg, mode r 0.83, against 2.35 deg and
+0.81 after 160 fp32 epochs and 2.6 deg and -0.02 after the seventh session's 40
+(benchmarks/results/ablations.md)."""
 
 LIMITS = dict(voltage=(10.0, 3000.0), spherical_aberration=(0.0, 100.0),
               pixel_size=(0.01, 1000.0), box=(8, 4096), defocus=(1.0, 1e6),

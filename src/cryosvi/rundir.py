@@ -133,8 +133,9 @@ def _first_line(error: BaseException) -> str:
 
 
 def load_trained(directory: str | Path, device: str = "cpu"):
-    """(run info, reference, guide in eval mode) of a run directory."""
-    from cryosvi.guide import Guide
+    """(run info, reference, guide in eval mode) of a run directory; the guide's trunk
+    runs in the run's precision where ``device`` has it natively, else in fp32."""
+    from cryosvi.guide import Guide, native_bf16
     from cryosvi.reference import Reference
 
     directory = Path(directory)
@@ -146,6 +147,7 @@ def load_trained(directory: str | Path, device: str = "cpu"):
     reference = Reference.load(directory / REFERENCE_FILE)
     guide = Guide(guide_config(info, directory)).to(device)
     load_weights(guide, load_checkpoint(checkpoint, device)["guide"], checkpoint)
+    guide.bf16 = info.get("precision") == "bf16" and native_bf16(torch.device(device))
     guide.eval()
     return info, reference, guide
 

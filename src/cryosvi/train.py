@@ -45,7 +45,7 @@ from cryosvi import __version__
 from cryosvi.config import SIM_EPOCHS
 from cryosvi.errors import CryosviError
 from cryosvi.dataset import check_compatible, image_statistics, priors_from_particles
-from cryosvi.guide import Architecture, Guide, GuideConfig
+from cryosvi.guide import Architecture, Guide, GuideConfig, trunk_bf16
 from cryosvi.io.atomic import write_atomically
 from cryosvi.io.outputs import check_output_directory, directory_kind, mark_directory
 from cryosvi.io.particles import read_particles
@@ -331,6 +331,9 @@ class TrainOptions:
     defocus_prior: str = "auto"
     defocus_offset_std: float = 500.0
     shift_std: float = 2.0
+    precision: str = "auto"
+    """The conv trunk's arithmetic (``cryosvi.guide.PRECISIONS``): 'auto' is bf16 where
+    the device has it natively (``Guide.bf16``), else fp32."""
 
 
 DEFOCUS_PRIORS = ("auto", "particle", "dataset")
@@ -510,6 +513,7 @@ def train(particles: str | Path, reference: Reference | None, output: str | Path
 
     pyro.set_rng_seed(options.seed)
     guide = Guide(config).to(device)
+    guide.bf16 = trunk_bf16(options.precision, device)
     forward = reference.forward_model(data.groups).to(device)
     optimizer = ClippedAdam(guide.parameters(), lr=active[0].lr)
     start = {"stage": 0, "stage_epoch": 0, "epoch": 0, "step": 0, "seconds": 0.0}
@@ -533,6 +537,7 @@ def train(particles: str | Path, reference: Reference | None, output: str | Path
         "device": str(device), "noise_std": reference.noise.std,
         "fixed_from_star": names(s for s in config.sites if s not in config.latents),
         "validation_size": options.validation_size, "status": "training",
+        "precision": "bf16" if guide.bf16 else "fp32",
         "init_from": options.init_from,
         "command": (info["command"] if resume and "command" in info else command),
         "epochs_done": start["epoch"],
@@ -813,7 +818,8 @@ def options_from_info(info: dict, directory: str | Path = "") -> TrainOptions:
             defocus_prior="particle" if guide.get("defocus_offset") else "dataset",
             defocus_offset_std=float(guide["defocus_std"]) if guide.get("defocus_offset")
             else TrainOptions.defocus_offset_std,
-            shift_std=float(guide.get("shift_std", TrainOptions.shift_std)))
+            shift_std=float(guide.get("shift_std", TrainOptions.shift_std)),
+            precision=str(info.get("precision", "fp32")))  # fp32 before the field
     except (KeyError, TypeError, ValueError) as error:
         raise CryosviError(f"{Path(directory) / RUN_FILE} is damaged: missing or bad "
                            f"{error}") from None
