@@ -141,6 +141,13 @@ def make_data(name: str, work: Path, log: Path) -> dict:
     return {"train": train, "test": test, "commands": [shlex.join(c) for c in commands]}
 
 
+def trained_guide(record: dict) -> tuple:
+    """What identifies a record's guide: the training command and the final epoch's
+    validation (not its timing), so a re-training under changed defaults is a new guide."""
+    return record.get("train_command"), {k: v for k, v in record.get("last_epoch", {}).items()
+                                         if k != "seconds"}
+
+
 def experiment(name: str, work: Path, reuse: bool, threads: int | None,
                variants: list[str] | None = None) -> dict:
     spec = EXPERIMENTS[name]
@@ -170,9 +177,9 @@ def experiment(name: str, work: Path, reuse: bool, threads: int | None,
     lines = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     record["last_epoch"] = {k: v for k, v in lines[-1].items() if k != "loss_steps"}
     previous = RESULTS / f"{name}.json"
-    if previous.is_file():  # keep variants measured earlier on the same run
+    if previous.is_file():  # keep variants measured earlier on the same guide
         old = json.loads(previous.read_text())
-        if old.get("train_command") == record["train_command"]:
+        if trained_guide(old) == trained_guide(record):
             record["variants"].update(old.get("variants", {}))
     for variant, arguments in spec["infer"].items():
         if variants and variant not in variants:
