@@ -283,6 +283,9 @@ class Guide(nn.Module):
     Every method takes the batch's ``conditions`` (``cryosvi.latents.Conditions``: the
     particles' CTF estimates and known shifts; None: none).
 
+    ``bf16`` (default False): the conv trunk and the image part of each head's first
+    layer run under bf16 autocast; the heads, gates and densities stay float32.
+
     ``turns`` (1, 2 or 4; set for inference, 1 in training): q is the equal mixture of
     the network's posteriors for the image turned by 0 .. turns - 1 quarter turns, each
     mapped back to the particle's frame. A quarter turn of the image is the image of the
@@ -312,10 +315,7 @@ class Guide(nn.Module):
             REGISTRY[site].initialise_head(self.encoders[site].rest[-1], config)
         self.register_buffer("prior_mode_std", torch.tensor(config.mode_std, dtype=torch.float32))
         self._turns = 1
-        self.bf16 = False
-        """The conv trunk and the image part of each head's first layer run under bf16
-        autocast (set by ``cryosvi train`` and ``load_trained``; ``trunk_bf16``); the
-        heads, gates and densities stay float32."""
+        self.bf16 = False  # set by ``train`` and ``load_trained`` (``trunk_bf16``)
         # Convolutions run in channels-last layout (measured ~20% faster on CPU).
         self.to(memory_format=torch.channels_last)
 
