@@ -119,6 +119,10 @@ guide alone on held-out particles: pose median 2.18 deg, mode r 0.83, against 2.
 0.81 after 160 fp32 epochs and 2.6 deg and -0.02 after the seventh session's 40
 (benchmarks/results/ablations.md)."""
 
+PRECISIONS = ("auto", "bf16", "fp32")
+"""What the guide's conv trunk computes in (``cryosvi train --precision``; 'auto': bf16
+where the device has it in hardware, ``cryosvi.guide.trunk_bf16``)."""
+
 LIMITS = dict(voltage=(10.0, 3000.0), spherical_aberration=(0.0, 100.0),
               pixel_size=(0.01, 1000.0), box=(8, 4096), defocus=(1.0, 1e6),
               mode_std=(0.0, 1e3), snr=(1e-6, math.inf), pad_factor=(1, 8))

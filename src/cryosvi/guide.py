@@ -49,6 +49,7 @@ import pyro
 import torch
 from torch import Tensor, nn
 
+from cryosvi.config import PRECISIONS
 from cryosvi.errors import CryosviError
 from cryosvi.latents import ORDER as SAMPLING_ORDER
 from cryosvi.latents import PAPER_SITES, REGISTRY, Conditions
@@ -57,16 +58,13 @@ from cryosvi.rotations import quarter_turn_images
 TURNS = (1, 2, 3, 4)
 """The numbers of quarter turns ``Guide.turns`` can mix."""
 
-PRECISIONS = ("auto", "bf16", "fp32")
-"""What the conv trunk computes in (``Guide.bf16``; ``trunk_bf16`` resolves 'auto')."""
-
-
 def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` has bf16 arithmetic in hardware: a CUDA device that supports
     it, or a CPU with AVX512-BF16 or AMX (elsewhere oneDNN emulates bf16, slower than
     fp32)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
+    # torch has no public query for the CPU; a probe a torch release lacks counts as no.
     cpu = torch.cpu
     return any(getattr(cpu, name, lambda: False)()
                for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))

@@ -332,7 +332,7 @@ class TrainOptions:
     defocus_offset_std: float = 500.0
     shift_std: float = 2.0
     precision: str = "auto"
-    """The conv trunk's arithmetic (``cryosvi.guide.PRECISIONS``): 'auto' is bf16 where
+    """The conv trunk's arithmetic (``cryosvi.config.PRECISIONS``): 'auto' is bf16 where
     the device has it natively (``Guide.bf16``), else fp32."""
 
 

@@ -9,7 +9,7 @@ from cryosvi.cli.common import (HelpFormatter, add_particle_source_arguments,
                                 check_device, check_memory, device_name,
                                 integer_between, number, positive, positive_int,
                                 seed_int)
-from cryosvi.config import LIMITS, SIM_EPOCHS
+from cryosvi.config import LIMITS, PRECISIONS, SIM_EPOCHS
 from cryosvi.errors import CryosviError
 from cryosvi.latents import BY_NAME, PAPER_SITES, names
 
@@ -131,7 +131,7 @@ def register(subparsers, summary: str) -> None:
                         help="prior std of the defocus offset around the estimates, Å")
     parser.add_argument("--shift-std", type=number(0.0, 1e4, low_open=True), default=2.0,
                         help="prior std of inferred shifts around the file's, Å per axis")
-    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="arithmetic of the conv trunk: 'auto' is bf16 where the device "
                         "has it in hardware (CUDA, CPUs with AVX512-BF16 or AMX; measured "
                         "1.4x faster training on such a CPU), else fp32")
