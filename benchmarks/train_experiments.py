@@ -75,9 +75,10 @@ EXPERIMENTS = {
         infer=ALL_INFER, note="simulation-based, same data"),
     # --- joint pose + defocus + mode -------------------------------------------------
     "joint_sim_snr20": dict(
-        data="snr20", latents="pose,defocus,modes", train=SHARED + SIM + ["--epochs", "220"],
+        data="snr20", latents="pose,defocus,modes",
+        train=SHARED + SIM[:-1] + ["256", "--epochs", "265"],
         infer={**ALL_INFER, "guide_turns4": ["--importance", "0", "--turns", "4"]},
-        note="simulation-based, 220 epochs of 10 000 fresh particles in antithetic pairs "
+        note="simulation-based, 265 epochs of 10 000 fresh particles in antithetic pairs "
              "(cryosvi train's defaults; the target run)"),
     "joint_elbo_snr20": dict(
         data="snr20", latents="pose,defocus,modes",

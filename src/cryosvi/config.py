@@ -111,13 +111,19 @@ PAPER_PRESET = dict(
 5 px, one mode, SNR 20, defocus 10000 +- 2500 Å, uniform poses."""
 
 
-SIM_EPOCHS = 220
-"""Default epochs of simulation training (``cryosvi train``, ``cryosvi demo``): the most
-that finish 10 000 particles of the paper preset in well under 15 minutes on a 2-core CPU
-with bf16 arithmetic (measured: 615 s of training; 160 epochs took as long in fp32). The
-guide alone on held-out particles: pose median 2.18 deg, mode r 0.83, against 2.35 deg and
-0.81 after 160 fp32 epochs and 2.6 deg and -0.02 after the seventh session's 40
+SIM_EPOCHS = 265
+"""Default epochs of simulation training (``cryosvi train``, ``cryosvi demo``) with
+``SIM_BATCH`` particles per step: the most that finish 10 000 particles of the paper
+preset in well under 15 minutes on a 2-core CPU with bf16 arithmetic (measured: 624 s of
+training). The guide alone on held-out particles: pose median 2.05 deg, mode r 0.87,
+against 2.18 deg and 0.83 with 220 epochs of 128 in the same time, 2.35 deg and 0.81
+after 160 fp32 epochs of 128, 2.6 deg and -0.02 after the seventh session's 40
 (benchmarks/results/ablations.md)."""
+
+SIM_BATCH = 256
+"""Default particles per simulation step: per image the bf16 trunk is 1.2x faster at
+256 than at 128 on the 2-core CPU, and the mode head learnt faster per second (measured,
+benchmarks/results/ablations.md)."""
 
 PRECISIONS = ("auto", "bf16", "fp32")
 """What the guide's conv trunk computes in (``cryosvi train --precision``; 'auto': bf16

@@ -42,7 +42,7 @@ from pyro.optim.clipped_adam import ClippedAdam
 from tqdm.auto import tqdm
 
 from cryosvi import __version__
-from cryosvi.config import SIM_EPOCHS
+from cryosvi.config import SIM_BATCH, SIM_EPOCHS
 from cryosvi.errors import CryosviError
 from cryosvi.dataset import check_compatible, image_statistics, priors_from_particles
 from cryosvi.guide import Architecture, Guide, GuideConfig, trunk_bf16
@@ -206,7 +206,8 @@ def default_schedule(objective: str, epochs: int, lr: float | None, batch_size: 
     paper preset, 160 epochs: the mode head learns from the 10th epoch instead of the
     80th or never, guide-alone mode r 0.81 against 0 and 0.73 in two runs without;
     benchmarks/results/ablations.md)."""
-    sim = Stage(objective="sim", epochs=epochs, lr=lr or SIM_LR, batch_size=batch_size or 128,
+    sim = Stage(objective="sim", epochs=epochs, lr=lr or SIM_LR,
+                batch_size=batch_size or SIM_BATCH,
                 decay="cosine", warmup=50, epoch_size=epoch_size, name="simulation",
                 antithetic=True)
     elbo = Stage(objective="elbo", epochs=epochs, lr=lr or ELBO_LR, batch_size=batch_size or 128,

@@ -102,7 +102,7 @@ def register(subparsers, summary: str) -> None:
                         help="simulated particles per 'sim' epoch (default: the number of "
                         "particles)")
     parser.add_argument("--batch-size", type=integer_between(1, 10**6),
-                        help="particles per step (default: 128)")
+                        help="particles per step (default: 256 for sim, 128 for elbo)")
     parser.add_argument("--lr", type=number(0.0, 10.0, low_open=True),
                         help="peak learning rate (default: 2e-3 for sim, 1e-4 for elbo)")
     parser.add_argument("--schedule", help="staged schedule file (TOML/JSON), or 'paper' "
