@@ -134,7 +134,7 @@ def register(subparsers, summary: str) -> None:
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="arithmetic of the conv trunk: 'auto' is bf16 where the device "
                         "has it in hardware (CUDA, CPUs with AVX512-BF16 or AMX; measured "
-                        "1.4x faster training on such a CPU), else fp32")
+                        "1.4-1.9x faster training on such a CPU), else fp32")
     add_guide_arguments(parser)
     parser.add_argument("--device", type=device_name,
                         help="cpu, cuda, cuda:N or auto (default: cpu; on --resume the run's)")
