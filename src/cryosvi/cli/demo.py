@@ -34,8 +34,9 @@ DEMO_KIND = "demo"
 DEMO_DEFAULTS = dict(n_train=10000, n_test=2000, epochs=SIM_EPOCHS, batch_size=SIM_BATCH,
                      lr=2e-3, importance=64, moves=3)
 """The defaults of ``cryosvi train`` (guide ``guide.Architecture()``, epochs
-``SIM_EPOCHS`` of ``SIM_BATCH``) and of ``cryosvi infer``, as in the joint SNR 20 run of benchmarks/results
-(measured: about 12 minutes on a 2-core CPU, README "Demo"; ``--epochs 40``: about 3)."""
+``SIM_EPOCHS`` of ``SIM_BATCH``) and of ``cryosvi infer``, as in the joint SNR 20 run of
+benchmarks/results (measured: about 12 minutes on a 2-core CPU, README "Demo";
+``--epochs 40``: about 3)."""
 
 
 def register(subparsers, summary: str) -> None:
