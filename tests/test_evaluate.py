@@ -217,6 +217,20 @@ def test_evaluate_tables_numbers_and_row_matching():
     assert again["pose"]["mean_error_deg"] == pytest.approx(pose["mean_error_deg"])
 
 
+def test_pose_coverage_uses_the_credible_radius_columns():
+    # Every pose is 3 deg off; chi_3 x std (2 deg) would cover all at both levels.
+    posterior, truth = make_tables(n=100)
+    posterior["cryosviPoseRadius68Deg"] = np.where(np.arange(100) < 30, 3.5, 2.5)
+    posterior["cryosviPoseRadius95Deg"] = np.where(np.arange(100) < 80, 3.5, 2.5)
+    pose = evaluate_tables(as_table(posterior), as_table(truth))["pose"]
+    assert pose["coverage68"] == pytest.approx(0.30) and pose["coverage95"] == pytest.approx(0.80)
+    assert pose["coverage95_interval"] == "cryosviPoseRadius95Deg"
+    # without them: chi_3 x std, and the calibration curve always is
+    pose = evaluate_tables(as_table(posterior.drop(columns=["cryosviPoseRadius68Deg"])),
+                           as_table(truth))["pose"]
+    assert pose["coverage68"] == 1.0 and pose["coverage68_interval"] == "chi3 x cryosviPoseStdDeg"
+
+
 def test_missing_std_columns_skip_coverage():
     posterior, truth = make_tables(k=2)
     posterior = posterior.drop(columns=["cryosviModeAmplitudeStd2", "cryosviPoseStdDeg",

@@ -54,7 +54,8 @@ def test_star_output_round_trip(trained, tmp_path):
         list(truth.metadata["rlnImageName"])
     assert list(back.metadata["rlnMicrographName"]) == list(truth.metadata["rlnMicrographName"])
     expected = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnDefocusU", "rlnDefocusV",
-                "cryosviDefocusStd", "cryosviPoseStdDeg", MODE_COLUMN.format(1),
+                "cryosviDefocusStd", "cryosviPoseStdDeg", "cryosviPoseRadius68Deg",
+                "cryosviPoseRadius95Deg", MODE_COLUMN.format(1),
                 MODE_COLUMN.format(2), "cryosviModeAmplitudeStd1", "cryosviModeAmplitudeStd2"]
     for column in expected:
         values = back.metadata[column].to_numpy(float)
@@ -62,6 +63,8 @@ def test_star_output_round_trip(trained, tmp_path):
         np.testing.assert_allclose(values, frame[column].to_numpy(float), rtol=1e-5, atol=1e-4)
     assert (back.metadata["cryosviDefocusStd"] > 0).all()
     assert (back.metadata["cryosviPoseStdDeg"] > 0).all()
+    assert (back.metadata["cryosviPoseRadius95Deg"]
+            >= back.metadata["cryosviPoseRadius68Deg"]).all()
     assert back.metadata["rlnAngleTilt"].between(0, 180).all()
     assert len(back.optics) == 1
 

@@ -9,7 +9,8 @@ import scipy.stats
 import torch
 
 from cryosvi.rotations import (canonical_quaternion, euler_to_matrix, geodesic_angle,
-                               matrix_to_euler, matrix_to_quaternion, quaternion_geodesic_angle,
+                               matrix_to_euler, matrix_to_quaternion, pose_credible_radii_deg,
+                               quaternion_geodesic_angle,
                                quaternion_product, quaternion_to_matrix, random_quaternions,
                                rotate, rotation_vector_to_quaternion)
 
@@ -111,3 +112,28 @@ def test_quaternion_product_composes_rotations_and_rotation_vectors_match_the_ax
     expected = torch.cat([torch.cos(angle / 2)[:, None], torch.sin(angle / 2)[:, None] * axis], 1)
     torch.testing.assert_close(q, expected)
     assert torch.equal(canonical_quaternion(-q), q)
+
+
+def test_pose_credible_balls_cover_a_further_draw_as_order_statistics_do():
+    # For S exchangeable draws and one more, P(the further one lies within the k-th
+    # smallest distance) = k / (S + 1) exactly, whatever the distribution (here Haar
+    # rotations about the identity): k = ceil(p (S + 1)) = 45 and 62 of 65 for p = 0.68,
+    # 0.95.
+    generator = torch.Generator().manual_seed(5)
+    problems, draws = 20000, 64
+    q = random_quaternions(problems * (draws + 1), generator=generator, **F64)
+    q = q.view(draws + 1, problems, 4)
+    centre = torch.tensor([1.0, 0, 0, 0], **F64).expand(problems, 4)
+    radii = pose_credible_radii_deg(q[:draws], centre, (0.68, 0.95))
+    distance = quaternion_geodesic_angle(q[draws], centre)
+    for i, k in enumerate((45, 62)):
+        expected = k / (draws + 1)
+        observed = float((distance <= radii[:, i]).double().mean())
+        assert abs(observed - expected) < 4 * math.sqrt(expected * (1 - expected) / problems)
+    # Samples of zero weight change nothing: the weighted rule is the equal one on the rest.
+    weights = torch.cat([torch.full((draws, problems), 1.0 / draws, **F64),
+                         torch.zeros(draws, problems, **F64)])
+    noise = random_quaternions(draws * problems, generator=generator, **F64)
+    both = torch.cat([q[:draws], noise.view(draws, problems, 4)])
+    torch.testing.assert_close(pose_credible_radii_deg(both, centre, (0.68, 0.95), weights),
+                               radii)

@@ -7,10 +7,13 @@ Metrics
   summarised by median, mean and 90th percentile;
 * calibration: the fraction of particles whose truth lies in the central credible region
   of level ``p``. Defocus and modes: ``mean +- z std`` with ``z = Phi^-1((1 + p) / 2)``
-  (Gaussian posterior). Pose: geodesic error ``<= sigma * chi_3^-1(p)`` with sigma =
-  ``cryosviPoseStdDeg``, because a small isotropic Gaussian rotation error with per-axis
-  std sigma has a rotation angle distributed as sigma times a chi variable with 3 degrees
-  of freedom. A calibrated posterior gives coverage ~= p.
+  (Gaussian posterior). Pose: geodesic error ``<=`` the radius of the posterior's credible
+  ball at level p (``cryosviPoseRadius68Deg``, ``cryosviPoseRadius95Deg``: sample
+  quantiles of the distance to the posterior mean, ``cryosvi.latents.Pose``); at other
+  levels (the calibration curve), and in files without those columns, ``<= sigma *
+  chi_3^-1(p)`` with sigma = ``cryosviPoseStdDeg``, because a small isotropic Gaussian
+  rotation error with per-axis std sigma has a rotation angle distributed as sigma times
+  a chi variable with 3 degrees of freedom. A calibrated posterior gives coverage ~= p.
 
 Only the latents the truth has columns for are scored (a RELION refinement has angles
 and defocus but no mode amplitudes); the others are listed under ``skipped``. Rows are
@@ -33,13 +36,13 @@ from scipy import stats
 from cryosvi.errors import CryosviError
 from cryosvi.io.atomic import write_atomically
 from cryosvi.io.particles import ANGLES, ParticleSet, numeric_column
-from cryosvi.latents import REGISTRY
+from cryosvi.latents import CREDIBLE_LEVELS, REGISTRY, pose_radius_column
 from cryosvi.rotations import euler_to_matrix, geodesic_angle, quaternion_geodesic_angle
 
 POSE_STD_COLUMN = "cryosviPoseStdDeg"
 NAME_COLUMN = "rlnImageName"
 
-COVERAGE_LEVELS = {"coverage68": 0.68, "coverage95": 0.95}
+COVERAGE_LEVELS = {f"coverage{round(100 * p)}": p for p in CREDIBLE_LEVELS}
 """The two headline credible levels, by their key in the metrics."""
 CALIBRATION_LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 """Nominal levels of the calibration curve."""
@@ -134,7 +137,8 @@ def error_summary(error_deg: np.ndarray) -> dict:
 def _std_column(table: ParticleSet, column: str) -> np.ndarray:
     values = numeric_column(table, column)
     if (values < 0).any():
-        raise CryosviError(f"{table.path}: column {column} has negative standard deviations")
+        raise CryosviError(f"{table.path}: column {column} has negative values (a "
+                           "spread cannot be negative)")
     return values
 
 
@@ -274,7 +278,15 @@ def _pose_metrics(posterior: ParticleSet, truth: ParticleSet, truth_column, arra
         skipped.append(f"coverage of pose: no column {POSE_STD_COLUMN} in the posterior")
     pose = {"unit": "deg", **error_summary(error), "std_column": POSE_STD_COLUMN}
     for key, level in COVERAGE_LEVELS.items():
-        pose[key] = None if pose_std is None else pose_coverage(error, pose_std, level)
+        interval = pose_radius_column(level)
+        if interval in posterior.metadata.columns:
+            pose[key] = float(np.mean(error <= _std_column(posterior, interval)))
+        elif pose_std is not None:
+            interval = f"chi3 x {POSE_STD_COLUMN}"
+            pose[key] = pose_coverage(error, pose_std, level)
+        else:
+            interval = pose[key] = None
+        pose[f"{key}_interval"] = interval
     pose["median_posterior_std_deg"] = None if pose_std is None else float(np.median(pose_std))
     arrays["pose"] = {"error": error, "std": pose_std}
     return pose
@@ -436,7 +448,8 @@ def write_report(metrics: dict, posterior: ParticleSet, truth: ParticleSet,
                      "mean_posterior_std": float|null}},
          "pose": null (not scored) | {"unit": "deg", "median_error_deg", "mean_error_deg", "p90_error_deg",
                   "std_column": str, "coverage68": float|null, "coverage95": float|null,
-                  "median_posterior_std_deg": float|null},
+                  "coverage68_interval", "coverage95_interval": the radius column scored,
+                  "chi3 x cryosviPoseStdDeg" or null, "median_posterior_std_deg": float|null},
          "calibration": {"levels": [0.1, ..., 0.99], "<latent>" | "pose": [observed, ...]},
          "skipped": [str, ...]}
     """

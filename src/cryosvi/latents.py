@@ -52,6 +52,17 @@ gradient; measured: without a floor the simulation-trained pose encoder collapse
 c = 0 (uniform) within the first epoch."""
 
 MODE_STD_COLUMN = "cryosviModeAmplitudeStd{}"
+CREDIBLE_LEVELS = (0.68, 0.95)
+"""The credible levels of the pose's credible-ball radius columns (``Pose``), which are
+also ``cryosvi evaluate``'s headline coverages."""
+POSE_RADIUS_COLUMN = "cryosviPoseRadius{}Deg"
+"""STAR column of the pose's credible-ball radius at a level, by its percentage."""
+
+
+def pose_radius_column(level: float) -> str:
+    """The STAR column of the pose's credible radius at ``level`` (0.95 ->
+    cryosviPoseRadius95Deg)."""
+    return POSE_RADIUS_COLUMN.format(round(100 * level))
 
 
 class Conditions(NamedTuple):
@@ -240,6 +251,13 @@ class Latent:
 
     def weighted_summary(self, samples: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
         return weighted_moments(samples, weights)
+
+    def interval_summary(self, samples: Tensor, weights: Tensor | None,
+                         mean: Tensor) -> dict:
+        """Summary entries besides mean and std (credible regions that mean +- z std
+        would describe badly) of samples (S, B, ...) with normalised weights (S, B) or
+        None (equal), about the summary's ``mean``; none for most latents."""
+        return {}
 
     def validation(self, summary: dict, truth: Tensor) -> dict:
         """Validation metrics of a summary against simulated truth (training log)."""
@@ -567,6 +585,7 @@ class Pose(Latent):
     site, name = "rotation", "pose"
     model_rank, walk_rank = 1, 0
     mean_key, std_key = "rotation_mean", "pose_std_deg"
+    radius_key = "pose_radius_deg"
     headline = ("val_pose_median_deg", "pose median")
 
     def prior(self, priors, conditions, like):
@@ -677,6 +696,26 @@ class Pose(Latent):
         from cryosvi.rotations import weighted_pose
 
         return weighted_pose(samples, weights)
+
+    def interval_summary(self, samples, weights, mean):
+        """The radii (B, L) of the credible balls about the mean at ``CREDIBLE_LEVELS``
+        (``rotations.pose_credible_radii_deg``). Measured on 2 000 held-out particles
+        of the paper preset (64 samples): at SNR 0.1 after the SMC the 95 % ball
+        covered 0.915 of the true poses where chi_3^-1(0.95) std covered 0.888 (the
+        posteriors of low SNR have several modes and heavy tails); at SNR 20 both
+        cover 0.93-0.95."""
+        from cryosvi.rotations import pose_credible_radii_deg
+
+        return {self.radius_key: pose_credible_radii_deg(samples, mean, CREDIBLE_LEVELS,
+                                                         weights)}
+
+    def output_columns(self, summary, frame, config):
+        columns = super().output_columns(summary, frame, config)
+        if self.radius_key in summary:
+            radii = summary[self.radius_key].cpu().numpy()
+            for i, level in enumerate(CREDIBLE_LEVELS):
+                columns[pose_radius_column(level)] = radii[:, i]
+        return columns
 
     def validation(self, summary, truth):
         from cryosvi.rotations import quaternion_geodesic_angle

@@ -8,7 +8,9 @@ Each latent's summary is defined in ``cryosvi.latents``; the ones of the paper's
 * pose: the mean direction of the heaviest mixture component (w >= 0), or the weighted
   mean direction of samples, and an isotropic angular std: the RMS geodesic distance of
   the samples to that mean over sqrt(3) (the per-axis std of a 3-D isotropic rotation
-  error, so the error angle is ~ std * chi_3).
+  error, so the error angle is ~ std * chi_3), and the radii of the credible balls about
+  it at ``CREDIBLE_LEVELS`` (sample quantiles of the distance; what the coverage of the
+  pose is scored on).
 
 Used by training (validation metrics) and inference alike; imports neither.
 """
@@ -30,6 +32,7 @@ def weighted_summary(values: dict, weights: torch.Tensor) -> dict:
         if site in values:
             out[latent.mean_key], out[latent.std_key] = latent.weighted_summary(
                 values[site], weights)
+            out.update(latent.interval_summary(values[site], weights, out[latent.mean_key]))
     return out
 
 
@@ -55,6 +58,7 @@ def posterior_summary(guide: Guide, images: torch.Tensor, known: dict | None = N
         mean, std = latent.guide_summary(guide, dists[site], values[site], features, point,
                                          conditions)
         out[latent.mean_key], out[latent.std_key] = mean, std
+        out.update(latent.interval_summary(values[site], None, mean))
         point[site] = mean
     out["samples"] = {s: values[s] for s in latents}
     out["log_q"] = log_q
