@@ -76,9 +76,10 @@ EXPERIMENTS = {
     # --- joint pose + defocus + mode -------------------------------------------------
     "joint_sim_snr20": dict(
         data="snr20", latents="pose,defocus,modes",
-        train=SHARED + SIM[:-1] + ["256", "--epochs", "265"],
+        train=SHARED + ["--objective", "sim", "--lr", "1.5e-3", "--batch-size", "256",
+                        "--epochs", "320"],
         infer={**ALL_INFER, "guide_turns4": ["--importance", "0", "--turns", "4"]},
-        note="simulation-based, 265 epochs of 10 000 fresh particles in antithetic pairs "
+        note="simulation-based, 320 epochs of 10 000 fresh particles in antithetic pairs "
              "(cryosvi train's defaults; the target run)"),
     "joint_elbo_snr20": dict(
         data="snr20", latents="pose,defocus,modes",

@@ -16,6 +16,7 @@ from cryosvi.errors import CryosviError
 from cryosvi.guide import Architecture, Guide, native_bf16
 from cryosvi.io.particles import read_particles
 from cryosvi.io.star import write_star
+from cryosvi.latents import REGISTRY
 from cryosvi.reference import Reference
 from cryosvi.rundir import load_trained
 from cryosvi.simulate import simulate_dataset
@@ -91,6 +92,9 @@ def test_one_simulation_step_reduces_the_forward_kl():
     optimizer = torch.optim.Adam(guide.parameters(), lr=1e-3)
     before, terms = simulation_loss(guide, latents, images, guide.config.latents)
     assert set(terms) == {"defocus", "rotation", "enm_scale"}
+    # each latent's term counts with its weight (the mode's is not 1)
+    assert float(before.detach()) == pytest.approx(
+        sum(REGISTRY[s].simulation_weight * term for s, term in terms.items()), rel=1e-5)
     before.backward()
     optimizer.step()
     with torch.no_grad():

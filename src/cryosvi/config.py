@@ -111,19 +111,29 @@ PAPER_PRESET = dict(
 5 px, one mode, SNR 20, defocus 10000 +- 2500 Å, uniform poses."""
 
 
-SIM_EPOCHS = 265
+SIM_EPOCHS = 320
 """Default epochs of simulation training (``cryosvi train``, ``cryosvi demo``) with
-``SIM_BATCH`` particles per step: the most that finish 10 000 particles of the paper
-preset in well under 15 minutes on a 2-core CPU with bf16 arithmetic (measured: 624 s of
-training). The guide alone on held-out particles: pose median 2.05 deg, mode r 0.87,
-against 2.18 deg and 0.83 with 220 epochs of 128 in the same time, 2.35 deg and 0.81
-after 160 fp32 epochs of 128, 2.6 deg and -0.02 after the seventh session's 40
-(benchmarks/results/ablations.md)."""
+``SIM_BATCH`` particles per step: 10 000 particles of the paper preset train in about
+12.5 minutes on a 2-core CPU with bf16 arithmetic (under issue 13's 15). The guide
+alone on held-out particles (with ``SIM_LR`` and the mode's loss weight 4): pose median
+1.90 deg, mode r 0.905 after 320 epochs, against 2.01 deg and 0.894 after 265; the
+ninth session's 265 epochs at 2e-3 with weight 1 gave 2.05 deg and 0.871, 160 fp32
+epochs of 128 2.35 deg and 0.81 (benchmarks/results/ablations.md)."""
 
 SIM_BATCH = 256
 """Default particles per simulation step: per image the bf16 trunk is 1.2x faster at
 256 than at 128 on the 2-core CPU, and the mode head learnt faster per second (measured,
 benchmarks/results/ablations.md)."""
+
+SIM_LR = 1.5e-3
+"""Default peak learning rate of simulation training (cosine decay to 1 % after 50
+warm-up steps). Measured with 265 epochs of the default batch (benchmarks/results/
+ablations.md): 1.5e-3 gave the guide alone pose median 1.98 deg and mode r 0.878
+against 2.05 deg and 0.871 with 2e-3 (the default at batches of 128), while with 3e-3
+the mode head had learnt nothing after 107 epochs."""
+
+ELBO_LR = 1e-4
+"""Default peak learning rate of ELBO training (constant)."""
 
 PRECISIONS = ("auto", "bf16", "fp32")
 """What the guide's conv trunk computes in (``cryosvi train --precision``; 'auto': bf16

@@ -42,7 +42,7 @@ from pyro.optim.clipped_adam import ClippedAdam
 from tqdm.auto import tqdm
 
 from cryosvi import __version__
-from cryosvi.config import SIM_BATCH, SIM_EPOCHS
+from cryosvi.config import ELBO_LR, SIM_BATCH, SIM_EPOCHS, SIM_LR
 from cryosvi.errors import CryosviError
 from cryosvi.dataset import check_compatible, image_statistics, priors_from_particles
 from cryosvi.guide import Architecture, Guide, GuideConfig, trunk_bf16
@@ -191,8 +191,6 @@ def load_schedule(path: str | Path, overrides: dict | None = None) -> list[Stage
     return out
 
 
-SIM_LR = 2e-3
-ELBO_LR = 1e-4
 FROZEN_NORM_FRACTION = 0.1
 """The last tenth of each stage's epochs (none below 10) trains with the guide's
 BatchNorm statistics frozen (``Guide.freeze_batch_norm``)."""
@@ -201,10 +199,10 @@ BatchNorm statistics frozen (``Guide.freeze_batch_norm``)."""
 def default_schedule(objective: str, epochs: int, lr: float | None, batch_size: int | None,
                      finetune_epochs: int = 0, epoch_size: int | None = None) -> list[Stage]:
     """One stage per objective: 'sim', 'elbo' or 'sim+elbo'. Default peak learning
-    rates: 2e-3 for simulation (measured: benchmarks/results and the demo), 1e-4 for the
-    ELBO. Simulation batches are antithetic pairs (``simulation_batch``; measured on the
-    paper preset, 160 epochs: the mode head learns from the 10th epoch instead of the
-    80th or never, guide-alone mode r 0.81 against 0 and 0.73 in two runs without;
+    rates: ``SIM_LR`` for simulation, ``ELBO_LR`` for the ELBO (``cryosvi.config``).
+    Simulation batches are antithetic pairs (``simulation_batch``; measured on the paper
+    preset, 160 epochs: the mode head learns from the 10th epoch instead of the 80th or
+    never, guide-alone mode r 0.81 against 0 and 0.73 in two runs without;
     benchmarks/results/ablations.md)."""
     sim = Stage(objective="sim", epochs=epochs, lr=lr or SIM_LR,
                 batch_size=batch_size or SIM_BATCH,
@@ -264,10 +262,12 @@ def simulation_batch(reference: Reference, forward, noise_std: float, batch_size
 
 def simulation_loss(guide: Guide, latents: dict, images, sites,
                     conditions: Conditions | None = None) -> tuple[torch.Tensor, dict]:
-    """Forward-KL loss -E log q(z_true | x) over ``sites``; also the per-site terms."""
+    """Forward-KL loss -E log q(z_true | x) over ``sites``, each term times its latent's
+    ``simulation_weight``; also the per-site terms (unweighted)."""
     log_q = guide.log_prob(images, latents, conditions)
     terms = {s: -log_q[s].mean() for s in sites}
-    return sum(terms.values()), {s: float(v.detach()) for s, v in terms.items()}
+    loss = sum(REGISTRY[s].simulation_weight * term for s, term in terms.items())
+    return loss, {s: float(v.detach()) for s, v in terms.items()}
 
 
 def elbo_loss(guide: Guide, forward, priors, noise_std: float, images, known: dict,
@@ -611,7 +611,8 @@ def train(particles: str | Path, reference: Reference | None, output: str | Path
                     raise diverged(output, f"a gradient is {grad_norm}", step, position)
                 optimizer.step()
                 position["step"] = step
-                losses.append(value)
+                # logged unweighted (the forward KL), comparable with the validation's
+                losses.append(sum(terms.values()) if terms else value)
                 for k, v in terms.items():
                     terms_sum[k] = terms_sum.get(k, 0.0) + v
                 bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4g}",

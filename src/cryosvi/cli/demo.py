@@ -25,14 +25,14 @@ from cryosvi.cli.common import (HelpFormatter, add_threads_argument, check_devic
                                 check_disk, check_memory, device_name, integer_between,
                                 number, seed_int)
 from cryosvi.cli.train import add_guide_arguments, architecture_from_args
-from cryosvi.config import LIMITS, SIM_BATCH, SIM_EPOCHS
+from cryosvi.config import LIMITS, SIM_BATCH, SIM_EPOCHS, SIM_LR
 from cryosvi.io.atomic import write_atomically
 from cryosvi.io.outputs import check_output_directory, mark_directory, remove_directory
 
 MARKER = "demo.json"
 DEMO_KIND = "demo"
 DEMO_DEFAULTS = dict(n_train=10000, n_test=2000, epochs=SIM_EPOCHS, batch_size=SIM_BATCH,
-                     lr=2e-3, importance=64, moves=3)
+                     lr=SIM_LR, importance=64, moves=3)
 """The defaults of ``cryosvi train`` (guide ``guide.Architecture()``, epochs
 ``SIM_EPOCHS`` of ``SIM_BATCH``) and of ``cryosvi infer``, as in the joint SNR 20 run of
 benchmarks/results (measured: about 12 minutes on a 2-core CPU, README "Demo";

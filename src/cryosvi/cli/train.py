@@ -9,7 +9,7 @@ from cryosvi.cli.common import (HelpFormatter, add_particle_source_arguments,
                                 check_device, check_memory, device_name,
                                 integer_between, number, positive, positive_int,
                                 seed_int)
-from cryosvi.config import LIMITS, PRECISIONS, SIM_EPOCHS
+from cryosvi.config import ELBO_LR, LIMITS, PRECISIONS, SIM_EPOCHS, SIM_LR
 from cryosvi.errors import CryosviError
 from cryosvi.latents import BY_NAME, PAPER_SITES, names
 
@@ -104,7 +104,8 @@ def register(subparsers, summary: str) -> None:
     parser.add_argument("--batch-size", type=integer_between(1, 10**6),
                         help="particles per step (default: 256 for sim, 128 for elbo)")
     parser.add_argument("--lr", type=number(0.0, 10.0, low_open=True),
-                        help="peak learning rate (default: 2e-3 for sim, 1e-4 for elbo)")
+                        help=f"peak learning rate (default: {SIM_LR:g} for sim, "
+                        f"{ELBO_LR:g} for elbo)")
     parser.add_argument("--schedule", help="staged schedule file (TOML/JSON), or 'paper' "
                         "for the bundled paper schedule; replaces --objective/--epochs "
                         "(default: one stage of --objective)")
