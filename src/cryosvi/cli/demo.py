@@ -35,7 +35,7 @@ DEMO_DEFAULTS = dict(n_train=10000, n_test=2000, epochs=SIM_EPOCHS, batch_size=S
                      lr=SIM_LR, importance=64, moves=3)
 """The defaults of ``cryosvi train`` (guide ``guide.Architecture()``, epochs
 ``SIM_EPOCHS`` of ``SIM_BATCH``) and of ``cryosvi infer``, as in the joint SNR 20 run of
-benchmarks/results (measured: about 12 minutes on a 2-core CPU, README "Demo";
+benchmarks/results (measured: about 15 minutes on a 2-core CPU, README "Demo";
 ``--epochs 40``: about 3)."""
 
 
@@ -45,7 +45,7 @@ def register(subparsers, summary: str) -> None:
         description="Simulate the paper preset from the bundled 1OL5 (training and held-out "
         "sets with different seeds), train a guide for pose + defocus + mode by "
         "simulation, infer the held-out particles, evaluate and write a report. Sized to "
-        "finish in about 12 minutes on a 2-core CPU (--epochs 40: about 3); uses CUDA "
+        "finish in about 15 minutes on a 2-core CPU (--epochs 40: about 3); uses CUDA "
         "when present.",
         formatter_class=HelpFormatter)
     parser.add_argument("-o", "--output", default="cryosvi-demo", help="output directory")
