@@ -712,9 +712,9 @@ class Pose(Latent):
         """The radii (B, L) of the credible balls about the mean at ``CREDIBLE_LEVELS``
         (``rotations.pose_credible_radii_deg``). Measured on 2 000 held-out particles
         of the paper preset (64 samples): at SNR 0.1 after the SMC the 95 % ball
-        covered 0.915 of the true poses where chi_3^-1(0.95) std covered 0.888 (the
-        posteriors of low SNR have several modes and heavy tails); at SNR 20 both
-        cover 0.93-0.95."""
+        covered 0.916 of the true poses where chi_3^-1(0.95) std covered 0.888 (the
+        posteriors of low SNR have several modes and heavy tails); at SNR 20 0.945-0.953
+        against 0.933-0.939 (benchmarks/results/ablations.md)."""
         from cryosvi.rotations import pose_credible_radii_deg
 
         return {self.radius_key: pose_credible_radii_deg(samples, mean, CREDIBLE_LEVELS,
