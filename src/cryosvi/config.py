@@ -113,8 +113,9 @@ PAPER_PRESET = dict(
 
 SIM_EPOCHS = 320
 """Default epochs of simulation training (``cryosvi train``, ``cryosvi demo``) with
-``SIM_BATCH`` particles per step: 10 000 particles of the paper preset train in about
-12.5 minutes on a 2-core CPU with bf16 arithmetic (under issue 13's 15). The guide
+``SIM_BATCH`` particles per step: 10 000 particles of the paper preset train in 746 s
+(843 s wall for ``cryosvi train``) on a 2-core CPU with bf16 arithmetic (issue 13 asks
+<= 15 minutes; about 21 without bf16 hardware). The guide
 alone on held-out particles (with ``SIM_LR`` and the mode's loss weight 4): pose median
 1.90 deg, mode r 0.905 after 320 epochs, against 2.01 deg and 0.894 after 265; the
 ninth session's 265 epochs at 2e-3 with weight 1 gave 2.05 deg and 0.871, 160 fp32

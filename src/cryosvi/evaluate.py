@@ -197,7 +197,7 @@ def evaluate_tables(posterior: ParticleSet, truth: ParticleSet,
     Scored: pose (rlnAngleRot/Tilt/Psi), defocus (rlnDefocusU) and each
     ``cryosviModeAmplitude{k}`` wherever both files have the columns; at least one latent
     must be in common. Optional (coverage): cryosviDefocusStd,
-    cryosviModeAmplitudeStd{k}, cryosviPoseStdDeg. Undefined numbers (e.g. r of a
+    cryosviModeAmplitudeStd{k}, cryosviPoseStdDeg, cryosviPoseRadius68Deg/95Deg. Undefined numbers (e.g. r of a
     constant column, a skipped coverage) are None; ``pose`` is None when not scored.
     Schema: see ``write_report``; the per-particle arrays are under the private key
     ``"_arrays"`` (removed before writing JSON). ``match_by_order``: see ``match_rows``.
