@@ -85,10 +85,10 @@ import torch  # noqa: E402
 
 from cryosvi import bench  # noqa: E402
 from cryosvi.config import Optics  # noqa: E402
-from cryosvi.ctf import apply_ctf  # noqa: E402
+from cryosvi.physics.ctf import apply_ctf  # noqa: E402
 from cryosvi.io.atomic import write_atomically  # noqa: E402
-from cryosvi.projection import project  # noqa: E402
-from cryosvi.rotations import quaternion_to_matrix, random_quaternions, rotate  # noqa: E402
+from cryosvi.physics.projection import project  # noqa: E402
+from cryosvi.physics.rotations import quaternion_to_matrix, random_quaternions, rotate  # noqa: E402
 
 SIGMA, PIXEL, WINDOW, PAD = 2.0, 1.0, 12, 2
 VOLTAGE, CS, AMPLITUDE_CONTRAST = 300.0, 2.7, 0.1

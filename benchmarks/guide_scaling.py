@@ -26,11 +26,12 @@ from scipy import stats
 
 from cryosvi.config import PAPER_PRESET
 from cryosvi.guide import ORDER, Architecture, Guide, GuideConfig
+from cryosvi.latents import guide_priors
 from cryosvi.posterior import posterior_summary
 from cryosvi.reference import build_reference
-from cryosvi.rotations import quaternion_geodesic_angle
-from cryosvi.simulate import sample_prior
-from cryosvi.train import FROZEN_NORM_FRACTION
+from cryosvi.physics.rotations import quaternion_geodesic_angle
+from cryosvi.model import sample_prior
+from cryosvi.training.schedule import FROZEN_NORM_FRACTION
 
 
 VARIANTS = {
@@ -51,7 +52,7 @@ def draw(reference, forward, noise_std, n, generator_seed=None):
             torch.manual_seed(generator_seed)
             return draw(reference, forward, noise_std, n)
     with torch.no_grad():
-        latents, clean = sample_prior(reference, forward, n)
+        latents, clean = sample_prior(forward, reference.priors, n)
         return latents, clean + noise_std * torch.randn_like(clean)
 
 
@@ -108,9 +109,9 @@ def main() -> None:
     for name in args.variants.split(","):
         torch.manual_seed(1)
         config = GuideConfig(**asdict(VARIANTS[name]), box=reference.optics.box, n_modes=1,
-                             latents=ORDER, defocus_mean=reference.priors.defocus_mean,
-                             defocus_std=reference.priors.defocus_std,
-                             mode_std=reference.priors.mode_std, input_scale=input_scale,
+                             latents=ORDER,
+                             latent_priors=guide_priors(reference.priors, False),
+                             input_scale=input_scale,
                              optics=asdict(reference.optics))
         guide = Guide(config).to(device)
         optimizer = torch.optim.Adam(guide.parameters(), lr=args.lr)

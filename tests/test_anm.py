@@ -14,10 +14,10 @@ import pytest
 import scipy.sparse
 import torch
 
-from cryosvi.anm import (DENSE_MAX_ATOMS, anm_hessian, anm_modes, rigid_basis,
+from cryosvi.physics.anm import (DENSE_MAX_ATOMS, anm_hessian, anm_modes, rigid_basis,
                          write_mode_movie)
 from cryosvi.errors import CryosviError
-from cryosvi.structure import default_structure_path, load_pseudo_atoms
+from cryosvi.physics.structure import default_structure_path, load_pseudo_atoms
 
 prody.confProDy(verbosity="none")
 UBQ = "/work/shared/data/1ubq.pdb"
@@ -218,7 +218,7 @@ SLOW_SCRIPT = textwrap.dedent("""
     import numpy as np
     sys.path.insert(0, sys.argv[1])
     from test_anm import globule
-    from cryosvi.anm import anm_hessian, anm_modes
+    from cryosvi.physics.anm import anm_hessian, anm_modes
     coords = globule(10_000)
     warnings.simplefilter("error")
     start = time.perf_counter()

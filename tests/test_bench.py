@@ -12,8 +12,8 @@ import torch
 from cryosvi import bench
 from cryosvi.cli.main import main
 from cryosvi.config import Optics
-from cryosvi.ctf import apply_ctf
-from cryosvi.projection import project
+from cryosvi.physics.ctf import apply_ctf
+from cryosvi.physics.projection import project
 
 F64 = dict(dtype=torch.float64)
 

@@ -8,9 +8,9 @@ import numpy as np
 import prody
 import pytest
 
-from cryosvi.anm import anm_modes
+from cryosvi.physics.anm import anm_modes
 from cryosvi.cli.main import main
-from cryosvi.structure import default_structure_path, load_pseudo_atoms
+from cryosvi.physics.structure import default_structure_path, load_pseudo_atoms
 
 prody.confProDy(verbosity="none")
 UBQ = "/work/shared/data/1ubq.pdb"

@@ -10,7 +10,7 @@ from scipy.spatial.transform import Rotation
 
 from cryosvi.io.cryosparc import euler_to_pose, pose_to_euler
 from cryosvi.io.particles import CryosviWarning, read_particles, write_particles
-from cryosvi.rotations import euler_to_matrix
+from cryosvi.physics.rotations import euler_to_matrix
 from particle_files import CS_DTYPE, cs_array, write_cs
 
 

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-import cryosvi.ctf as ctf_module
+import cryosvi.physics.ctf as ctf_module
 from cryosvi.config import Optics
 from cryosvi.config import Imaging
-from cryosvi.ctf import (OpticsGroups, ParticleCTF, apply_ctf, apply_particle_ctf, ctf_rfft,
-                         electron_wavelength, particle_ctf_rfft)
-from cryosvi.forward import ForwardModel
+from cryosvi.physics.optics import OpticsGroups, ParticleCTF, electron_wavelength
+from cryosvi.physics.ctf import apply_ctf, apply_particle_ctf, ctf_rfft, particle_ctf_rfft
+from cryosvi.physics.forward import ForwardModel
 
 F64 = dict(dtype=torch.float64)
 

@@ -1,7 +1,7 @@
 """cryosvi.dataset's data -> physics adapters: optics groups, per-particle CTF, shifts,
 working box. References: the hand-written particle files of tests/particle_files.py
 (the values are read off their text), closed forms (a band-limited cosine under Fourier
-cropping, white noise's std), and cryosvi.ctf.ctf_rfft evaluated per group."""
+cropping, white noise's std), and cryosvi.physics.ctf.ctf_rfft evaluated per group."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 
 from cryosvi import dataset
 from cryosvi.config import Optics
-from cryosvi.ctf import ctf_rfft, particle_ctf_rfft
+from cryosvi.physics.ctf import ctf_rfft, particle_ctf_rfft
 from cryosvi.errors import CryosviError
 from cryosvi.io.particles import read_particles
 from particle_files import quiet, write_cs, write_relion30, write_relion31
@@ -160,9 +160,9 @@ def test_known_shifts_in_angstrom(tmp_path):
     assert shifts.dtype == torch.float32 and shifts.shape == (4, 2)
     np.testing.assert_allclose(shifts, expected)
     np.testing.assert_allclose(dataset.known_shifts(ps, [3, 0]), expected[[3, 0]])
-    assert dataset.has_shifts(ps)
+    assert ps.has_shifts
     zero = read_particles(write_relion31(tmp_path))
-    assert not dataset.has_shifts(zero)
+    assert not zero.has_shifts
     np.testing.assert_array_equal(dataset.known_shifts(zero), np.zeros((3, 2)))
 
 

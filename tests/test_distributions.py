@@ -27,18 +27,18 @@ from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.reparam import ProjectedNormalReparam
 
-from cryosvi import distributions
 from cryosvi.distributions import (AntipodalProjectedNormal, ProjectedNormal,
-                                   ProjectedNormalMixture, _log_density_autograd,
-                                   log_projected_normal_normaliser, pose_distribution,
-                                   projected_normal_log_density)
+                                   ProjectedNormalMixture, log_projected_normal_normaliser,
+                                   pose_distribution, projected_normal_log_density)
+from cryosvi.distributions import normaliser, projected_normal
+from cryosvi.distributions.projected_normal import _log_density_autograd
 
 DIMS = (2, 3, 4)
 ALL_DIMS = (2, 3, 4, 5, 6, 8)
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 FAMILIES = {"plain": ProjectedNormal, "antipodal": AntipodalProjectedNormal}
 F32, F64 = torch.float32, torch.float64
-# Accuracy required by the issue (relative to max(1, |exact|)) ...
+# Accuracy required (relative to max(1, |exact|)) ...
 SPEC_TOL = {F32: 1e-5, F64: 1e-10}
 # ... and what the implementation achieves, with a safety factor of a few, so that a
 # loss of digits is noticed long before the specification is violated.  float32 is
@@ -243,7 +243,7 @@ def test_tail_recurrence_against_mpmath(d):
             ref.append([float(log_r), float(g), float(g - si)])  # t + g, in 50 digits
     ref = np.array(ref)
     for single, tol in [(False, 1.5e-15), (True, 2e-7)]:
-        out = distributions._tail(torch.tensor(s, dtype=F64), d, 1, single=single)
+        out = normaliser._tail(torch.tensor(s, dtype=F64), d, 1, single=single)
         for j, o in enumerate(out):
             err = np.abs(o.numpy() - ref[:, j]) / np.maximum(1.0 if j == 0 else 0.0,
                                                              np.abs(ref[:, j]))
@@ -388,7 +388,7 @@ def test_gradients_through_broadcast_and_expanded_concentrations(family, monkeyp
     # The same numbers reached three ways: a (d,) concentration broadcast against the
     # values, an expanded (n, d) view of it (stride 0, as Pyro's plates make), and an
     # explicit copy; with a non-uniform upstream gradient, over several CPU blocks.
-    monkeypatch.setattr(distributions, "_CPU_BLOCK", 1000)
+    monkeypatch.setattr(projected_normal, "_CPU_BLOCK", 1000)
     cls = FAMILIES[family]
     g = torch.Generator().manual_seed(7)
     c0 = (6 * torch.randn(4, generator=g, dtype=F64)).requires_grad_()
@@ -456,11 +456,11 @@ def test_no_nan_up_to_concentration_1e4_float32(family):
                 assert rel_err(lp.detach(), np.array(ref)) < SPEC_TOL[F32]
 
 
-def test_issue_values_and_pyro_clamp():
-    # The issue: at t = <c, v> = -8 and -20 with v = -c/|c| (no perpendicular part),
+def test_far_tail_values_and_pyro_clamp():
+    # At t = <c, v> = -8 and -20 with v = -c/|c| (no perpendicular part),
     # d = 4, float32, Pyro 1.9.2 returns the clamp value -18.70 for both.  The exact
     # values (mpmath; the parabolic-cylinder check above) are -42.3463 and -213.8916
-    # (the issue quotes -214.04 for the latter, which mpmath does not reproduce).
+    # (-214.04 has been quoted for the latter, which mpmath does not reproduce).
     mu = torch.tensor([0.5, 0.5, 0.5, 0.5])
     for kappa, exact in [(8.0, -42.3463), (20.0, -213.8916)]:
         c = (kappa * mu).requires_grad_()

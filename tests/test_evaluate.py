@@ -15,12 +15,12 @@ from scipy.spatial.transform import Rotation
 from cryosvi.cli.main import main
 from cryosvi.config import Optics
 from cryosvi.errors import CryosviError
-from cryosvi.evaluate import (PLOT_FILES, euler_geodesic_error, evaluate_tables,
-                              gaussian_coverage, pearson_r, pose_coverage,
-                              quaternion_geodesic_error, rmse)
+from cryosvi.evaluate import PLOT_FILES, evaluate_tables, gaussian_coverage, pearson_r, rmse
+from cryosvi.physics.rotations import euler_geodesic_error, quaternion_geodesic_error
+from cryosvi.latents.pose import pose_coverage
 from cryosvi.io.particles import ParticleSet, read_particles
 from cryosvi.io.star import optics_table, write_star
-from cryosvi.rotations import euler_to_matrix, matrix_to_euler
+from cryosvi.physics.rotations import euler_to_matrix, matrix_to_euler
 
 
 def numpy_geodesic_deg(first, second):

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from cryosvi.config import Optics
-from cryosvi.ctf import apply_ctf
-from cryosvi.fourier import cropped_pixel_size, fourier_crop
+from cryosvi.physics.ctf import apply_ctf
+from cryosvi.physics.fourier import cropped_pixel_size, fourier_crop
 
 F64 = dict(dtype=torch.float64)
 

@@ -1,4 +1,4 @@
-"""cryosvi.graylevels: the scale, offset and noise of particle images, without poses
+"""cryosvi.physics.graylevels: the scale, offset and noise of particle images, without poses
 (``estimate_gray_levels``) and with them (``fit_scale_with_poses``).
 
 References: synthetic particles made here with known gray levels (cryosvi's forward
@@ -20,10 +20,10 @@ import torch
 
 from cryosvi import dataset
 from cryosvi.config import Imaging, Noise, Optics, Priors
-from cryosvi.ctf import OpticsGroups, ParticleCTF
+from cryosvi.physics.optics import OpticsGroups, ParticleCTF
 from cryosvi.errors import CryosviError
-from cryosvi.forward import ForwardModel
-from cryosvi.graylevels import (circular_mask, estimate_gray_levels, fit_scale_with_poses,
+from cryosvi.physics.forward import ForwardModel
+from cryosvi.physics.graylevels import (circular_mask, estimate_gray_levels, fit_scale_with_poses,
                                 mask_radius, prior_model_images)
 from cryosvi.reference import build_reference
 

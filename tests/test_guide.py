@@ -11,10 +11,10 @@ from pyro import poutine
 
 from cryosvi.config import Imaging, Noise, Optics, Priors
 from cryosvi.guide import ORDER, PAPER_ARCHITECTURE, Guide, GuideConfig, condition_sites
-from cryosvi.latents import parse_latents
+from cryosvi.latents import guide_priors, legacy_guide_priors, parse_latents
 from cryosvi.model import SITES, model
 from cryosvi.reference import Reference
-from cryosvi.rotations import random_quaternions
+from cryosvi.physics.rotations import random_quaternions
 
 
 def tiny_reference(n_modes: int = 1, snr: float = 20.0, box: int = 16) -> Reference:
@@ -35,10 +35,18 @@ def tiny_reference(n_modes: int = 1, snr: float = 20.0, box: int = 16) -> Refere
         noise=Noise(snr=snr), source={"test": True})
 
 
+PRIOR_KEYWORDS = ("defocus_mean", "defocus_std", "mode_std", "shift_std")
+
+
 def tiny_config(**changes) -> GuideConfig:
+    """A small guide's config; the prior keywords (``PRIOR_KEYWORDS``) set the numbers of
+    ``latent_priors`` that the heads are relative to."""
+    priors = {k: changes.pop(k) for k in PRIOR_KEYWORDS if k in changes}
     values = dict(box=16, n_modes=1, channels=(4, 8, 8), hidden=32, n_components=2,
                   input_scale=1.0, optics=Optics(box=16, pixel_size=5.0).__dict__)
     values.update(changes)
+    values["latent_priors"] = {**guide_priors(Priors(), values.get("ctf_estimates", False)),
+                               **legacy_guide_priors(priors)}
     return GuideConfig(**values)
 
 
@@ -115,25 +123,24 @@ def test_paper_encoders_have_the_papers_size():
 
 def test_default_layout_is_the_measured_one():
     """The defaults are the demo's guide: 1 109 036 parameters at the paper preset (README
-    "Demo"); with the seventh session's gates (as wide as the MLP) 1 333 100; without
-    BatchNorm and the conditioning gate, the layout before issue 13's second round:
-    1 066 380."""
+    "Demo"); with gates as wide as the MLP 1 333 100; without BatchNorm and the
+    conditioning gate: 1 066 380."""
     assert Guide(GuideConfig(box=32, n_modes=1)).parameter_count() == 1_109_036
-    seventh = GuideConfig(box=32, n_modes=1, gate_hidden=None)
-    assert Guide(seventh).parameter_count() == 1_333_100
+    wide_gates = GuideConfig(box=32, n_modes=1, gate_hidden=None)
+    assert Guide(wide_gates).parameter_count() == 1_333_100
     before = GuideConfig(box=32, n_modes=1, batch_norm=False, gated_conditioning=False)
     assert Guide(before).parameter_count() == 1_066_380
 
 
 OLDER = {"batch_norm": False, "gated_conditioning": False}
-SEVENTH_SESSION = {"batch_norm": True, "gated_conditioning": True, "gate_hidden": None}
+WIDE_GATES = {"batch_norm": True, "gated_conditioning": True, "gate_hidden": None}
 
 
 @pytest.mark.parametrize("layout_then, missing", [
     (OLDER, ("batch_norm", "gated_conditioning", "gate_hidden")),
     (OLDER, ("shared_trunk", "phase_flip", "batch_norm", "gated_conditioning",
              "gate_hidden")),
-    (SEVENTH_SESSION, ("gate_hidden",))])
+    (WIDE_GATES, ("gate_hidden",))])
 def test_a_run_saved_before_a_field_existed_loads_unchanged(layout_then, missing):
     """A run.json from before a field existed gets that time's value, so the weights it
     saved load strictly and give the same posterior."""

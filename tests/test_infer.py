@@ -10,15 +10,17 @@ from scipy import stats
 
 from cryosvi.cli.main import main
 from cryosvi.distributions import ProjectedNormalMixture
-from cryosvi.infer import infer, refine
+from cryosvi.inference.driver import infer
+from cryosvi.inference.refine import refine
 from cryosvi.io.particles import MODE_COLUMN, read_particles
 from cryosvi.io.star import write_star
-from cryosvi.rotations import heaviest_component_mean, pose_std_deg, weighted_mean_direction
+from cryosvi.physics.rotations import heaviest_component_mean, pose_std_deg, weighted_mean_direction
 from cryosvi.reference import Reference
-from cryosvi.rotations import quaternion_geodesic_angle, random_quaternions
+from cryosvi.physics.rotations import quaternion_geodesic_angle, random_quaternions
 from cryosvi.rundir import load_trained
 from cryosvi.simulate import simulate_dataset
-from cryosvi.train import TrainOptions, train
+from cryosvi.training.setup import TrainOptions
+from cryosvi.training.loop import train
 
 from test_guide import tiny_reference
 from test_train import TINY, tiny_schedule
@@ -194,7 +196,7 @@ def test_cli_infer_errors(trained, tmp_path, capsys):
 
 def test_rotation_perturbations_have_the_requested_spread():
     """The Metropolis moves rotate by omega ~ N(0, width^2 I_3): RMS angle sqrt(3) width."""
-    from cryosvi.rotations import quaternion_product, rotation_vector_to_quaternion
+    from cryosvi.physics.rotations import quaternion_product, rotation_vector_to_quaternion
 
     torch.manual_seed(0)
     centre = random_quaternions(1).expand(20000, 4)
@@ -235,7 +237,7 @@ def test_laplace_refinement_agrees_with_a_long_smc(trained):
 
 
 def test_laplace_hands_local_modes_and_low_ess_to_the_smc():
-    from cryosvi.infer import _stuck
+    from cryosvi.inference.refine import _stuck
 
     objective = 1000.0 + torch.randn(64, generator=torch.Generator().manual_seed(0)) * 30
     objective[5] += 400.0  # a local mode: the image fits far worse than its peers'
@@ -253,7 +255,7 @@ def test_laplace_hands_local_modes_and_low_ess_to_the_smc():
 def test_auto_refinement_picks_laplace_only_for_high_snr_batches(trained):
     """batch_snr is the paper's SNR (clean variance / noise variance) of the batch; 'auto'
     hands a batch below LAPLACE_MIN_SNR to the SMC as a whole."""
-    from cryosvi.infer import LAPLACE_MIN_SNR, batch_snr
+    from cryosvi.inference.refine import LAPLACE_MIN_SNR, batch_snr
 
     generator = torch.Generator().manual_seed(0)
     clean = torch.randn(64, 16, 16, generator=generator) * 3.0  # variance 9

@@ -1,4 +1,4 @@
-"""Gauss-Newton and the Laplace proposal (cryosvi.laplace) against closed forms: a linear
+"""Gauss-Newton and the Laplace proposal (cryosvi.inference.laplace) against closed forms: a linear
 Gaussian model (exact posterior), torch's MultivariateNormal, quadrature of a non-Gaussian
 posterior, and the uniform density on S^3 for the pose chart."""
 
@@ -7,9 +7,10 @@ import math
 import numpy as np
 import torch
 
-from cryosvi.laplace import gauss_newton, laplace_log_evidence, laplace_proposal
+from cryosvi.inference.laplace import gauss_newton, laplace_log_evidence, laplace_proposal
 from cryosvi.latents import REGISTRY, Chart
-from cryosvi.smc import importance_weights, weighted_moments
+from cryosvi.inference.importance import importance_weights
+from cryosvi.distributions import weighted_moments
 
 
 def select(mask, first, second):

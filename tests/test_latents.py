@@ -11,12 +11,13 @@ import torch
 from pyro import poutine
 
 from cryosvi.config import Priors
-from cryosvi.ctf import ParticleCTF
+from cryosvi.physics.optics import ParticleCTF
 from cryosvi.guide import Guide
-from cryosvi.latents import (BY_NAME, ORDER, PAPER_SITES, REGISTRY, Conditions,
-                             known_values, model_sites, parse_latents, random_walks)
+from cryosvi.latents import (BY_NAME, ORDER, PAPER_SITES, REGISTRY, known_values,
+                             model_sites, parse_latents, random_walks)
+from cryosvi.physics.conditions import Conditions
 from cryosvi.model import SITES, model
-from cryosvi.rotations import quaternion_geodesic_angle, random_quaternions
+from cryosvi.physics.rotations import quaternion_geodesic_angle, random_quaternions
 
 from test_guide import tiny_config, tiny_reference
 
@@ -127,7 +128,7 @@ def test_known_values_and_output_columns_round_trip():
     torch.testing.assert_close(known["shifts"], torch.tensor([[1.5, -2.5]]).expand(6, 2))
     torch.testing.assert_close(known["enm_scale"][:, 0], torch.arange(6.0))
     # An offset: the estimate as it is (dz = 0), output U + dz, V + dz, angle kept.
-    offset = tiny_config(defocus_offset=True, defocus_mean=0.0, defocus_std=500.0)
+    offset = tiny_config(ctf_estimates=True, defocus_mean=0.0, defocus_std=500.0)
     assert (known_values(Table(frame), ["defocus"], offset)["defocus"] == 0).all()
     columns = REGISTRY["defocus"].value_columns(torch.full((6,), 100.0), frame, offset)
     np.testing.assert_allclose(columns["rlnDefocusU"], 11100.0)
@@ -162,9 +163,10 @@ def test_gray_levels_recovered_from_the_particles(tmp_path):
     """Particles a * image + b (noise a * s): the run's scale, offset and noise std."""
     from dataclasses import replace
 
-    from cryosvi.latents import ParticleData
+    from cryosvi.dataset import ParticleData
     from cryosvi.simulate import simulate_dataset
-    from cryosvi.train import TrainOptions, estimate_levels, prepare
+    from cryosvi.training.setup import TrainOptions, prepare
+    from cryosvi.dataset import estimate_levels
     from cryosvi.io.particles import read_particles
 
     reference = tiny_reference(snr=2.0, box=32)
@@ -183,12 +185,12 @@ def test_gray_levels_recovered_from_the_particles(tmp_path):
                                         TrainOptions())
     assert prepared.imaging.scale == pytest.approx(1.0, rel=0.05)
     assert prepared.noise.std == pytest.approx(made.noise.std, rel=0.05)
-    assert not config.defocus_offset  # a paper-model simulation's defocus is a latent
+    assert not config.ctf_estimates  # a paper-model simulation's defocus is a latent
 
 
 def test_working_box_crops_the_particles(tmp_path):
     from cryosvi.simulate import simulate_dataset
-    from cryosvi.train import TrainOptions, prepare
+    from cryosvi.training.setup import TrainOptions, prepare
 
     reference = tiny_reference(box=32)
     simulate_dataset(reference, 20, tmp_path / "data", seed=0)
@@ -223,8 +225,8 @@ def test_default_guide_stays_small_at_any_data_box(data_box):
 
     box = working_box(Sized(data_box))
     assert box == 64
-    config = GuideConfig(box=box, n_modes=1, latents=ALL, defocus_offset=True)
-    # 4.63 M (issue 11: under 5 M); at the data box it would be 70 M+
+    config = GuideConfig(box=box, n_modes=1, latents=ALL, ctf_estimates=True)
+    # 4.63 M (under 5 M); at the data box it would be 70 M+
     assert Guide(config).parameter_count() < 5_000_000
 
 

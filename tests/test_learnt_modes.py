@@ -1,4 +1,4 @@
-"""``cryosvi learn-modes`` (cryosvi.learnt_modes): the fitting basis, and the recovery of
+"""``cryosvi learn-modes`` (cryosvi.inference.learnt_modes): the fitting basis, and the recovery of
 a conformational change that is no ANM mode and moves the molecule rigidly, from
 particles of known pose; the command's refusals."""
 
@@ -7,13 +7,13 @@ import math
 import numpy as np
 import pytest
 
-from cryosvi.anm import rigid_basis
+from cryosvi.physics.anm import rigid_basis
 from cryosvi.cli.main import main
 from cryosvi.config import PAPER_PRESET, Noise, Priors
-from cryosvi.learnt_modes import fitting_basis, rigid_blocks
+from cryosvi.inference.learnt_modes import fitting_basis, rigid_blocks
 from cryosvi.reference import Reference, build_reference
 from cryosvi.simulate import Acquisition, simulate_dataset
-from cryosvi.structure import default_structure_path
+from cryosvi.physics.structure import default_structure_path
 
 STRIDE = 3
 

@@ -9,9 +9,9 @@ import torch
 from pyro import poutine
 
 from cryosvi.config import Imaging, Optics, Priors
-from cryosvi.forward import ForwardModel, deform
+from cryosvi.physics.forward import ForwardModel, deform
 from cryosvi.model import SITES, model
-from cryosvi.rotations import euler_to_matrix, matrix_to_quaternion
+from cryosvi.physics.rotations import euler_to_matrix, matrix_to_quaternion
 
 
 def one_atom_model(position, box=32, pixel_size=2.5):

@@ -1,4 +1,4 @@
-"""cryosvi.ppca against closed forms: Tipping & Bishop's ML solution for isotropic noise,
+"""cryosvi.inference.ppca against closed forms: Tipping & Bishop's ML solution for isotropic noise,
 Gaussian conditioning in information form, and recovery under unequal noise where a
 plain PCA of the estimates fails."""
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from cryosvi.ppca import principal_directions
+from cryosvi.inference.ppca import principal_directions
 
 
 def test_isotropic_noise_matches_tipping_bishop_closed_form():

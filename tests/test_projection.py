@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cryosvi.config import default_window
-from cryosvi.projection import METHODS, choose_method, project
+from cryosvi.physics.projection import METHODS, choose_method, project
 
 F64 = dict(dtype=torch.float64)
 
@@ -193,7 +193,7 @@ def test_float32_gradient_agrees_with_float64(method):
 
 def test_methods_agree_through_chunking(monkeypatch):
     """Tiny chunks force the batch and the atoms to be split; results must not change."""
-    import cryosvi.projection as projection
+    import cryosvi.physics.projection as projection
 
     coords = random_coords(5, 40, radius=14.0, seed=7).requires_grad_(True)
     weights = torch.randn(5, 30, 30, **F64, generator=torch.Generator().manual_seed(4))

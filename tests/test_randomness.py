@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from cryosvi.infer import infer
+from cryosvi.inference.driver import infer
 from cryosvi.randomness import preserved_rng, rng_state, set_rng_state
 from cryosvi.simulate import simulate_dataset
-from cryosvi.train import train
+from cryosvi.training.loop import train
 from test_train import load_reference, run_options, tiny_reference
 
 

@@ -24,7 +24,7 @@ import scipy.ndimage
 import starfile
 import torch
 
-from cryosvi.rotations import euler_to_matrix, geodesic_angle
+from cryosvi.physics.rotations import euler_to_matrix, geodesic_angle
 
 pytestmark = pytest.mark.skipif(shutil.which("relion_project") is None,
                                 reason="RELION's relion_project is not installed")

@@ -28,9 +28,9 @@ import starfile
 import torch
 
 from cryosvi.config import Imaging, Optics
-from cryosvi.ctf import OpticsGroups, ParticleCTF
-from cryosvi.forward import ForwardModel
-from cryosvi.shifts import shift_images
+from cryosvi.physics.optics import OpticsGroups, ParticleCTF
+from cryosvi.physics.forward import ForwardModel
+from cryosvi.physics.shifts import shift_images
 
 pytestmark = pytest.mark.skipif(shutil.which("relion_project") is None,
                                 reason="RELION's relion_project is not installed")

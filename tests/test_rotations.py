@@ -8,7 +8,7 @@ import pytest
 import scipy.stats
 import torch
 
-from cryosvi.rotations import (canonical_quaternion, euler_to_matrix, geodesic_angle,
+from cryosvi.physics.rotations import (canonical_quaternion, euler_to_matrix, geodesic_angle,
                                matrix_to_euler, matrix_to_quaternion, pose_credible_radii_deg,
                                quaternion_geodesic_angle,
                                quaternion_product, quaternion_to_matrix, random_quaternions,

@@ -1,4 +1,4 @@
-"""Safe by default (issue 14): loading a run never runs code, no output replaces an input or
+"""Safe by default: loading a run never runs code, no output replaces an input or
 a file cryosvi did not make, numbers are validated before any work, damaged files and
 nonsense values end in one ``error:`` line (exit code 2), never a traceback or NaN data.
 
@@ -31,8 +31,10 @@ from cryosvi.io.outputs import MARKER, file_kind
 from cryosvi.reference import Reference
 from cryosvi.rundir import CHECKPOINT, load_checkpoint, load_trained
 from cryosvi.simulate import simulate_dataset
-from cryosvi.structure import default_structure_path, load_pseudo_atoms
-from cryosvi.train import Stage, TrainOptions, train
+from cryosvi.physics.structure import default_structure_path, load_pseudo_atoms
+from cryosvi.training.schedule import Stage
+from cryosvi.training.setup import TrainOptions
+from cryosvi.training.loop import train
 
 from test_guide import tiny_reference
 

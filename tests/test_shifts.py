@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-import cryosvi.ctf as ctf_module
+import cryosvi.physics.ctf as ctf_module
 from cryosvi.config import Imaging, Optics
-from cryosvi.ctf import OpticsGroups, ParticleCTF, apply_ctf, apply_particle_ctf, ctf_rfft
-from cryosvi.forward import ForwardModel
-from cryosvi.shifts import phase_ramp, shift_images
+from cryosvi.physics.optics import OpticsGroups, ParticleCTF
+from cryosvi.physics.ctf import apply_ctf, apply_particle_ctf, ctf_rfft
+from cryosvi.physics.forward import ForwardModel
+from cryosvi.physics.shifts import phase_ramp, shift_images
 
 F64 = dict(dtype=torch.float64)
 

@@ -13,7 +13,7 @@ import torch
 
 from cryosvi.cli.main import main
 from cryosvi.reference import Reference
-from cryosvi.rotations import euler_to_matrix
+from cryosvi.physics.rotations import euler_to_matrix
 
 SMALL = ["-n", "40", "--seed", "3"]
 
@@ -67,7 +67,7 @@ def test_star_angles_reproduce_the_simulated_image(noisy_and_clean):
     particles = starfile.read(clean / "particles.star", always_dict=True)["particles"]
     angles = [torch.tensor(particles[c].to_numpy()) for c in
               ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")]
-    from cryosvi.rotations import matrix_to_quaternion
+    from cryosvi.physics.rotations import matrix_to_quaternion
 
     quaternion = matrix_to_quaternion(euler_to_matrix(*angles)).float()
     defocus = torch.tensor(particles["rlnDefocusU"].to_numpy(), dtype=torch.float32)

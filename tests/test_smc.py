@@ -1,4 +1,4 @@
-"""``cryosvi.smc`` against posteriors known in closed form.
+"""``cryosvi.inference.smc`` against posteriors known in closed form.
 
 The conjugate Gaussian model: per problem b (B independent ones, handled in parallel),
 latents z (2 coordinates) and c (a scalar), each coordinate with prior N(m0, s0^2) and n
@@ -15,9 +15,10 @@ import pytest
 import torch
 from scipy import stats
 
-from cryosvi.smc import (RandomWalk, effective_sample_size, importance_weights,
-                         log_importance_weights, systematic_resample, tempered_smc,
-                         weighted_moments)
+from cryosvi.distributions import RandomWalk, weighted_moments
+from cryosvi.inference.importance import (effective_sample_size, importance_weights,
+                                          log_importance_weights)
+from cryosvi.inference.smc import systematic_resample, tempered_smc
 
 M0, S0, SIGMA = 1.0, 2.0, 1.0
 SHAPES = {"z": (2,), "c": ()}

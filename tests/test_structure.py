@@ -7,7 +7,7 @@ import prody
 import pytest
 
 from cryosvi.errors import CryosviError
-from cryosvi.structure import default_structure_path, load_pseudo_atoms
+from cryosvi.physics.structure import default_structure_path, load_pseudo_atoms
 
 prody.confProDy(verbosity="none")
 UBQ = "/work/shared/data/1ubq.pdb"

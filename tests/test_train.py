@@ -20,9 +20,12 @@ from cryosvi.latents import REGISTRY
 from cryosvi.reference import Reference
 from cryosvi.rundir import load_trained
 from cryosvi.simulate import simulate_dataset
-from cryosvi.train import (CHECKPOINT, Stage, TrainingDiverged, TrainOptions,
-                           default_schedule, elbo_loss, known_values, load_schedule,
-                           read_log, simulation_batch, simulation_loss, train)
+from cryosvi.training.loop import CHECKPOINT, TrainingDiverged, train
+from cryosvi.training.schedule import Stage, default_schedule, load_schedule
+from cryosvi.training.setup import TrainOptions
+from cryosvi.training.objectives import elbo_loss, simulation_batch, simulation_loss
+from cryosvi.latents import known_values
+from cryosvi.training.log import read_log
 
 from test_guide import tiny_config, tiny_reference
 
@@ -230,7 +233,7 @@ def test_the_last_tenth_of_a_stage_keeps_the_batch_norm_statistics(dataset, tmp_
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(dataset, tmp_path,
                                                                  monkeypatch):
-    import cryosvi.train as training
+    import cryosvi.training.loop as training
 
     calls = {"n": 0}
     original = training.simulation_loss
@@ -310,8 +313,8 @@ def test_cli_train_and_resume(dataset, tmp_path, capsys):
 
 def test_noise_std_is_estimated_from_the_images(dataset):
     """Without a noise std in the reference (e.g. built from --structure), prepare()
-    measures the gray levels and noise in the particles (cryosvi.graylevels)."""
-    from cryosvi.train import prepare
+    measures the gray levels and noise in the particles (cryosvi.physics.graylevels)."""
+    from cryosvi.training.setup import prepare
 
     reference = load_reference(dataset)
     unknown = reference.with_settings(noise=replace(reference.noise, std=0.0))
@@ -322,7 +325,7 @@ def test_noise_std_is_estimated_from_the_images(dataset):
 
 def test_init_from_another_run(dataset, tmp_path):
     from cryosvi.guide import GuideConfig
-    from cryosvi.train import initialise_from
+    from cryosvi.training.setup import initialise_from
 
     train(dataset / "particles.star", load_reference(dataset), tmp_path / "pre",
           run_options(), progress=False)
@@ -340,11 +343,11 @@ def test_init_from_another_run(dataset, tmp_path):
 def test_joint_training_reaches_the_targets_at_reduced_size(tmp_path):
     """Paper preset (1OL5, 32 px, SNR 20): a small simulation-trained guide (30 000
     samples: defocus learnt, pose still near uniform) plus tempered SMC (64 samples, 6
-    moves) on 150 held-out particles meets the issue's targets (defocus and mode r >= 0.95,
+    moves) on 150 held-out particles meets the targets (defocus and mode r >= 0.95,
     pose median <= 5 deg, 95 % intervals covering 85-99 % at this size)."""
     from cryosvi.config import PAPER_PRESET
     from cryosvi.evaluate import evaluate_tables
-    from cryosvi.infer import infer
+    from cryosvi.inference.driver import infer
     from cryosvi.reference import build_reference
 
     reference = build_reference(None, None, 2, **PAPER_PRESET)

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from cryosvi.guide import Guide
-from cryosvi.latents import ORDER, Conditions
-from cryosvi.rotations import (quarter_turn_images, quarter_turn_quaternion,
+from cryosvi.latents import ORDER
+from cryosvi.physics.conditions import Conditions
+from cryosvi.physics.rotations import (quarter_turn_images, quarter_turn_quaternion,
                                quarter_turn_shifts, quaternion_product, random_quaternions)
 
 from test_guide import tiny_config, tiny_reference
@@ -87,7 +88,7 @@ def test_the_turned_guide_scores_its_own_samples_and_averages_the_pose():
 
 def test_infer_refuses_a_number_of_turns_it_cannot_make(tmp_path):
     from cryosvi.errors import CryosviError
-    from cryosvi.infer import infer
+    from cryosvi.inference.driver import infer
 
     with pytest.raises(CryosviError, match="turns must be 1 to 4"):
         infer(tmp_path / "run", tmp_path / "p.star", tmp_path / "out.star", turns=0)

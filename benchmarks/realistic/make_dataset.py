@@ -54,9 +54,9 @@ import starfile
 import torch
 
 from cryosvi.io.atomic import write_atomically
-from cryosvi.rotations import (geodesic_angle, matrix_to_euler, quaternion_to_matrix,
+from cryosvi.physics.rotations import (geodesic_angle, matrix_to_euler, quaternion_to_matrix,
                                random_quaternions, rotation_vector_to_quaternion)
-from cryosvi.structure import default_structure_path, read_structure
+from cryosvi.physics.structure import default_structure_path, read_structure
 
 # The targets of issue 12: poses from a consensus refinement (~2 deg off) at SNR 0.1, or
 # CTF estimates and shifts given (pose, defocus and mode inferred) at SNR 1.

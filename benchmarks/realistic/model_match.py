@@ -46,8 +46,8 @@ from cryosvi.config import Imaging, Noise, Optics, Priors
 from cryosvi.dataset import optics_groups, particle_ctf
 from cryosvi.io.particles import read_particles
 from cryosvi.reference import build_reference
-from cryosvi.rotations import euler_to_matrix, matrix_to_quaternion
-from cryosvi.structure import BEADS
+from cryosvi.physics.rotations import euler_to_matrix, matrix_to_quaternion
+from cryosvi.physics.structure import BEADS
 
 sys.path.insert(0, str(Path(__file__).parent))
 import make_dataset  # noqa: E402  (the data set's own geometry: hinge axis, lobes)
@@ -159,8 +159,8 @@ def main() -> None:
                              "amplitude_range": [float(best.min()), float(best.max())]})
 
     # 3. The exact direction, with and without its rigid-body part.
-    from cryosvi.anm import rigid_basis
-    from cryosvi.forward import ForwardModel
+    from cryosvi.physics.anm import rigid_basis
+    from cryosvi.physics.forward import ForwardModel
 
     displacement = hinge_displacement(reference, settings).ravel()
     rigid = rigid_basis(reference.coords)

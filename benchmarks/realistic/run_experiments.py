@@ -60,7 +60,7 @@ import starfile
 import torch
 
 from cryosvi.io.atomic import write_atomically
-from cryosvi.rotations import euler_to_matrix, geodesic_angle
+from cryosvi.physics.rotations import euler_to_matrix, geodesic_angle
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]

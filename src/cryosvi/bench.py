@@ -39,12 +39,14 @@ from pyro.optim.clipped_adam import ClippedAdam
 from torch import Tensor
 
 from cryosvi.config import PAPER_PRESET, Imaging, Optics
-from cryosvi.ctf import apply_ctf, electron_wavelength
-from cryosvi.forward import ForwardModel, deform
+from cryosvi.physics.ctf import apply_ctf
+from cryosvi.physics.optics import electron_wavelength
+from cryosvi.physics.forward import ForwardModel, deform
 from cryosvi.guide import PAPER_ARCHITECTURE, GuideConfig, build_guide
-from cryosvi.projection import choose_method, project
-from cryosvi.rotations import quaternion_to_matrix, rotate
-from cryosvi.structure import default_structure_path, load_pseudo_atoms
+from cryosvi.latents import guide_priors
+from cryosvi.physics.projection import choose_method, project
+from cryosvi.physics.rotations import quaternion_to_matrix, rotate
+from cryosvi.physics.structure import default_structure_path, load_pseudo_atoms
 
 
 @dataclass(frozen=True)
@@ -361,7 +363,7 @@ def run_setting(setting: Setting, device: torch.device, rounds: int = 3,
     for name, (baseline, _) in BASELINES.items():
         if baseline in per_image:
             speedups[name] = per_image[baseline] / per_image[name]
-    # The issue's yardstick for the whole model: baseline projection + FFT CTF + noise.
+    # The yardstick for the whole model: baseline projection + FFT CTF + noise.
     baseline_model = per_image["project_baseline"] + per_image["ctf_baseline"] + per_image["noise"]
     per_image["forward_baseline"] = baseline_model
     speedups["forward"] = baseline_model / per_image["forward"]
@@ -376,7 +378,7 @@ def time_svi_step(device: torch.device, batch: int = 500, steps: int = 3,
     backward, ClippedAdam update) at the paper's preset (1OL5 stride 2, box 32, sigma 2 Å,
     window 5 px, one mode; batch 500 as in the paper's schedule) with the paper's encoders
     (``cryosvi.guide.PAPER_ARCHITECTURE``)."""
-    from cryosvi.train import elbo_loss  # (training is heavy: only this function needs it)
+    from cryosvi.training.objectives import elbo_loss
 
     preset = PAPER_PRESET
     optics, imaging, priors = preset["optics"], preset["imaging"], preset["priors"]
@@ -397,8 +399,8 @@ def time_svi_step(device: torch.device, batch: int = 500, steps: int = 3,
         noise_std = float(clean.std()) / math.sqrt(preset["noise"].snr)
         images = clean + noise_std * torch.randn_like(clean)
     config = GuideConfig(**asdict(PAPER_ARCHITECTURE), box=optics.box, n_modes=priors.n_modes,
-                         defocus_mean=priors.defocus_mean, defocus_std=priors.defocus_std,
-                         mode_std=priors.mode_std, input_scale=float(images.std()),
+                         latent_priors=guide_priors(priors, False),
+                         input_scale=float(images.std()),
                          optics=asdict(optics))
     guide = build_guide(config).to(device)
     optimizer = ClippedAdam(guide.parameters(), lr=5e-4)

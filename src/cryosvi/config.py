@@ -39,7 +39,7 @@ class Imaging:
     pad_factor: zero-padding factor of the box before the CTF is applied by FFT.
     scale, offset: the data set's gray levels: images are scale * (CTF-filtered
     projection of unit-peak Gaussians) + offset (1 and 0 for the project's own
-    simulations; estimated from real particles, ``cryosvi.graylevels``).
+    simulations; estimated from real particles, ``cryosvi.physics.graylevels``).
     """
 
     sigma: float = 2.0
@@ -114,11 +114,10 @@ PAPER_PRESET = dict(
 SIM_EPOCHS = 320
 """Default epochs of simulation training (``cryosvi train``, ``cryosvi demo``) with
 ``SIM_BATCH`` particles per step: 10 000 particles of the paper preset train in 746 s
-(843 s wall for ``cryosvi train``) on a 2-core CPU with bf16 arithmetic (issue 13 asks
-<= 15 minutes; about 21 without bf16 hardware). The guide
-alone on held-out particles (with ``SIM_LR`` and the mode's loss weight 4): pose median
-1.90 deg, mode r 0.905 after 320 epochs, against 2.01 deg and 0.894 after 265; the
-ninth session's 265 epochs at 2e-3 with weight 1 gave 2.05 deg and 0.871, 160 fp32
+(843 s wall for ``cryosvi train``) on a 2-core CPU with bf16 arithmetic (sized for <= 15 minutes; about 21 without bf16
+hardware). The guide alone on held-out particles (with ``SIM_LR`` and the mode's loss
+weight 4): pose median 1.90 deg, mode r 0.905 after 320 epochs, against 2.01 deg and
+0.894 after 265; 265 epochs at 2e-3 with weight 1 gave 2.05 deg and 0.871, 160 fp32
 epochs of 128 2.35 deg and 0.81 (benchmarks/results/ablations.md)."""
 
 SIM_BATCH = 256

@@ -4,11 +4,11 @@ check against the reference.
 
 Data -> physics adapters (pure functions of a ParticleSet):
 
-* ``optics_groups`` / ``group_index``: every optics group as a ``cryosvi.ctf.OpticsGroups``
+* ``optics_groups`` / ``group_index``: every optics group as a ``cryosvi.physics.optics.OpticsGroups``
   table (voltage kV, Cs mm, amplitude contrast, pixel size Å), indexed 0..G-1 in the
   order of the sorted rlnOpticsGroup values of the particles.
 * ``particle_ctf``: per-particle U, V (Å), angle (deg), phase shift (deg), B-factor (Å^2)
-  and group index as a ``cryosvi.ctf.ParticleCTF``; ``has_ctf_estimates``.
+  and group index as a ``cryosvi.physics.optics.ParticleCTF``; ``has_ctf_estimates``.
 * ``known_shifts``: (N, 2) Å, RELION's (rlnOriginXAngst, rlnOriginYAngst); ``has_shifts``.
 * ``working_box``, ``working_pixel_size``, ``working_images``: the particles Fourier-cropped
   to an even working box n <= L (default min(64, L)), so that the guide's size does not
@@ -28,10 +28,14 @@ import numpy as np
 import torch
 
 from cryosvi.config import Optics
-from cryosvi.ctf import OpticsGroups, ParticleCTF
 from cryosvi.errors import CryosviError
-from cryosvi.fourier import cropped_pixel_size, fourier_crop
-from cryosvi.io.particles import ORIGINS, ParticleSet, numeric_column
+from cryosvi.io.particles import ParticleSet, mean_defocus, origins
+from cryosvi.latents import known_values
+from cryosvi.model import sample_prior
+from cryosvi.physics.conditions import Conditions
+from cryosvi.physics.optics import OpticsGroups, ParticleCTF
+from cryosvi.physics.fourier import cropped_pixel_size, fourier_crop
+from cryosvi.physics.graylevels import estimate_gray_levels, mask_radius
 from cryosvi.reference import Reference
 
 MODEL_OPTICS = {"rlnImageSize": "box", "rlnImagePixelSize": "pixel_size",
@@ -124,6 +128,12 @@ def _column(particles: ParticleSet, column: str, rows: np.ndarray) -> torch.Tens
     return torch.from_numpy(particles.metadata[column].to_numpy(np.float32)[rows])
 
 
+def known_shifts(particles: ParticleSet, rows=None) -> torch.Tensor:
+    """(k, 2) float32 Å: the shifts (``io.particles.origins``) of the particles ``rows``
+    (indices; None = all) as a tensor."""
+    return torch.from_numpy(origins(particles, _rows(particles, rows)))
+
+
 def particle_ctf(particles: ParticleSet, rows=None) -> ParticleCTF:
     """The file's CTF of the particles ``rows`` (indices; None = all), each field (k,):
     defocus_u, defocus_v (Å, rlnDefocusU/V), angle (deg, rlnDefocusAngle), phase_shift
@@ -146,28 +156,6 @@ def has_ctf_estimates(particles: ParticleSet) -> bool:
         return False
     u = particles.metadata["rlnDefocusU"].to_numpy(float)
     return bool(u[0] != 0) if u.size == 1 else bool((u != u[0]).any())
-
-
-def known_shifts(particles: ParticleSet, rows=None) -> torch.Tensor:
-    """(k, 2) float32 Å: RELION's (rlnOriginXAngst, rlnOriginYAngst) of the particles
-    ``rows`` (None = all; 0 where the file has none). The forward model translates the
-    centred projection by -origin (``cryosvi.shifts``), as relion_project does."""
-    rows = _rows(particles, rows)
-    return torch.stack([_column(particles, c, rows) for c in ORIGINS], dim=1)
-
-
-def mean_defocus(particles: ParticleSet) -> np.ndarray:
-    """(N,) float64 Å: each particle's mean defocus (U + V) / 2 (U alone without
-    rlnDefocusV)."""
-    u = numeric_column(particles, "rlnDefocusU")
-    if "rlnDefocusV" not in particles.metadata:
-        return u
-    return (u + numeric_column(particles, "rlnDefocusV")) / 2
-
-
-def has_shifts(particles: ParticleSet) -> bool:
-    """Whether the file gives in-plane shifts that are not all zero."""
-    return particles.has_shifts
 
 
 # ------------------------------------------------------------------ working box
@@ -197,7 +185,7 @@ def working_pixel_size(particles: ParticleSet, box: int) -> float:
 
 def working_images(particles: ParticleSet, indices, box: int) -> torch.Tensor:
     """float32 (k, box, box): the particles ``indices`` read by ``ParticleSet.images``
-    (``invert`` honoured) and Fourier-cropped to ``box`` (``cryosvi.fourier``): the centre
+    (``invert`` honoured) and Fourier-cropped to ``box`` (``cryosvi.physics.fourier``): the centre
     stays at pixel (box//2, box//2), gray levels are kept (a constant stays the same
     constant), and white noise of std s becomes white noise of std s (box - 1) / L for an
     even box < L (the zeroed Nyquist row and column take (2 box - 1) / box^2 of its
@@ -256,3 +244,120 @@ def priors_from_particles(particles: ParticleSet, reference: Reference) -> Refer
             priors = replace(priors, defocus_mean=float(defocus.mean()),
                              defocus_std=float(defocus.std(ddof=1)))
     return reference.with_settings(optics=optics, priors=priors)
+
+
+# ------------------------------------------------------------------ the particles of a run
+class ParticleData:
+    """The particles as the model sees them: images Fourier-cropped to the working box
+    ``box`` (``working_images``) and every particle's ``Conditions``:
+    the file's CTF estimates when ``ctf_estimates`` (else None: the data-set defocus
+    prior) and the file's shifts when it has any. ``groups``: the ``OpticsGroups`` at
+    the working pixel size (None without CTF estimates)."""
+
+    def __init__(self, particles: ParticleSet, box: int, ctf_estimates: bool):
+        self.particles, self.box = particles, int(box)
+        ctf, self.groups = None, None
+        if ctf_estimates:
+            ctf = particle_ctf(particles)
+            self.groups = optics_groups(particles, working_pixel_size(particles, self.box))
+        shifts = known_shifts(particles) if particles.has_shifts else None
+        self.conditions = Conditions(ctf, shifts)
+
+    def __len__(self) -> int:
+        return len(self.particles)
+
+    def images(self, indices) -> np.ndarray:
+        """float32 (k, box, box) images of the rows ``indices`` at the working box."""
+        return working_images(self.particles, indices, self.box).numpy()
+
+    @property
+    def has_conditions(self) -> bool:
+        return self.conditions.ctf is not None or self.conditions.shifts is not None
+
+    def draw_conditions(self, count: int, device, generator=None) -> Conditions | None:
+        """The conditions of ``count`` particles drawn with replacement (the empirical
+        distribution of the file's CTFs, optics groups and shifts), or None when the
+        particles have none (no random number is drawn then)."""
+        if not self.has_conditions:
+            return None
+        rows = torch.randint(len(self), (count,), generator=generator)
+        return self.conditions.take(rows).to(device)
+
+
+DEFOCUS_PRIORS = ("auto", "particle", "dataset")
+"""'particle': the defocus latent is an offset dz ~ N(0, defocus_offset_std) around each
+particle's CTF estimate (U + dz, V + dz, angle kept) with every optics group's own
+optics; 'dataset': one defocus per particle (U = V) with the data set's prior, the
+paper's model; 'auto': 'particle' when the file has per-particle estimates and the
+reference does not say they are a simulation's truth (``source['ctf_estimates']``
+False: ``cryosvi simulate`` of the paper's model)."""
+GRAY_LEVEL_IMAGES = 1000
+"""Particles (and as many prior model images) the gray levels are estimated from."""
+
+
+def uses_ctf_estimates(table, reference: Reference, defocus_prior: str) -> bool:
+    """Whether a run uses the particles' CTF estimates (see ``DEFOCUS_PRIORS``)."""
+    if defocus_prior not in DEFOCUS_PRIORS:
+        raise CryosviError(f"unknown defocus prior {defocus_prior!r} (choose from "
+                           f"{', '.join(DEFOCUS_PRIORS)})")
+    if defocus_prior == "dataset":
+        return False
+    has = has_ctf_estimates(table)
+    if defocus_prior == "particle" and not has:
+        raise CryosviError(f"{table.path}: no per-particle CTF estimates (rlnDefocusU); "
+                           "use --defocus-prior dataset")
+    return has and (defocus_prior == "particle"
+                    or bool(reference.source.get("ctf_estimates", True)))
+
+
+def working_reference(table, reference: Reference, box: int | None) -> Reference:
+    """The reference at the working box (``dataset.working_box``) and the cropped pixel
+    size; a reference already there (a run's) is checked, one at the particles' own box
+    and pixel size (``dataset.check_compatible``) is cropped."""
+    box = working_box(table, box)
+    pixel = working_pixel_size(table, box)
+    if reference.optics.box == data_box(table) or reference.optics.box != box:
+        check_compatible(table, reference)
+    elif not math.isclose(reference.optics.pixel_size, pixel, rel_tol=1e-3):
+        raise CryosviError(f"{table.path}: {pixel:.4g} Å pixels at the {box} px working box, "
+                           f"but the run's are {reference.optics.pixel_size:.4g} Å")
+    return reference.at_box(box, pixel)
+
+
+def estimate_levels(data, reference: Reference, seed: int, device):
+    """``cryosvi.physics.graylevels.GrayLevels`` (scale, offset, noise std) of the particles (``cryosvi.physics.graylevels``):
+    up to GRAY_LEVEL_IMAGES particles against as many clean model images drawn from the
+    prior with the conditions (CTF estimates, optics groups, shifts) of random particles
+    of the data. No global random state is touched."""
+    unit = reference.with_settings(imaging=replace(reference.imaging, scale=1.0, offset=0.0))
+    forward = unit.forward_model(data.groups).to(device)
+    n = min(len(data), GRAY_LEVEL_IMAGES)
+    generator = torch.Generator().manual_seed(seed + 104_729)
+    rows = np.sort(torch.randperm(len(data), generator=generator)[:n].numpy())
+    images = torch.from_numpy(data.images(rows))
+    devices = [forward.coords.device] if forward.coords.is_cuda else []
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed + 104_729)
+        conditions = data.draw_conditions(max(n, 2), device, generator)
+        _, clean = sample_prior(forward, unit.priors, max(n, 2), conditions)
+    radius = mask_radius(reference.coords, reference.optics.pixel_size, data.box)
+    return estimate_gray_levels(images, clean.cpu(), radius)
+
+
+def run_particles(table: ParticleSet, config, reference: Reference):
+    """(ParticleData, known values) of ``table`` for a trained run (its ``GuideConfig``
+    and reference): the run's working box, checked to give the run's pixel size, the
+    CTF estimates when the run uses them (a CryosviError when the file has none), and
+    the values of the latents the run does not infer, from the metadata."""
+    box = working_box(table, config.box)
+    if not math.isclose(working_pixel_size(table, box), reference.optics.pixel_size,
+                        rel_tol=1e-3):
+        raise CryosviError(f"{table.path}: {working_pixel_size(table, box):.4g} Å pixels at "
+                           f"the run's {box} px working box, but the run was trained at "
+                           f"{reference.optics.pixel_size:.4g} Å")
+    if config.ctf_estimates and not has_ctf_estimates(table):
+        raise CryosviError(f"{table.path}: the run uses per-particle CTF estimates "
+                           "(rlnDefocusU/V/Angle) and this file has none")
+    data = ParticleData(table, box, config.ctf_estimates)
+    fixed = [s for s in config.sites if s not in config.latents]
+    return data, known_values(table, fixed, config)

@@ -30,16 +30,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from scipy import stats
 
 from cryosvi.errors import CryosviError
 from cryosvi.io.atomic import write_atomically
-from cryosvi.io.particles import ANGLES, ParticleSet, numeric_column
-from cryosvi.latents import CREDIBLE_LEVELS, REGISTRY, pose_radius_column
-from cryosvi.rotations import euler_to_matrix, geodesic_angle, quaternion_geodesic_angle
+from cryosvi.io.particles import ParticleSet, numeric_column
+from cryosvi.latents import CREDIBLE_LEVELS, REGISTRY
 
-POSE_STD_COLUMN = "cryosviPoseStdDeg"
 NAME_COLUMN = "rlnImageName"
 
 COVERAGE_LEVELS = {f"coverage{round(100 * p)}": p for p in CREDIBLE_LEVELS}
@@ -78,49 +75,12 @@ def gaussian_radius(level: float) -> float:
     return float(stats.norm.ppf(0.5 + level / 2))
 
 
-def pose_radius(level: float) -> float:
-    """r with P(|w| <= r) = level for w ~ N(0, I_3): chi_3 quantile (1.872 for 0.68)."""
-    return float(stats.chi(3).ppf(level))
-
-
 def gaussian_coverage(truth: np.ndarray, mean: np.ndarray, std: np.ndarray,
                       level: float) -> float:
     """Fraction of (N,) truths inside ``mean +- z(level) * std`` (any common unit)."""
     inside = np.abs(np.asarray(truth, float) - np.asarray(mean, float)) \
         <= gaussian_radius(level) * np.asarray(std, float)
     return float(np.mean(inside))
-
-
-def pose_coverage(error_deg: np.ndarray, std_deg: np.ndarray, level: float) -> float:
-    """Fraction of (N,) geodesic errors within ``chi_3^-1(level) * std`` (both degrees)."""
-    inside = np.asarray(error_deg, float) <= pose_radius(level) * np.asarray(std_deg, float)
-    return float(np.mean(inside))
-
-
-def euler_geodesic_error(truth_deg: np.ndarray, predicted_deg: np.ndarray) -> np.ndarray:
-    """Rotation angle (degrees, in [0, 180]) between RELION ZYZ Euler triples.
-
-    truth_deg, predicted_deg: (N, 3) (rot, tilt, psi) in degrees -> (N,). Computed on the
-    rotation matrices, so equivalent Euler triples (e.g. rot + a, psi - a at tilt 0) give 0.
-    """
-    truth, predicted = (torch.as_tensor(np.asarray(a, float), dtype=torch.float64)
-                        for a in (truth_deg, predicted_deg))
-    # float64: roma's asin form loses ~sqrt(eps) near 180 deg; 1e-6 deg in float64.
-    first = euler_to_matrix(truth[:, 0], truth[:, 1], truth[:, 2])
-    second = euler_to_matrix(predicted[:, 0], predicted[:, 1], predicted[:, 2])
-    return geodesic_angle(first, second).numpy()
-
-
-def quaternion_geodesic_error(truth: np.ndarray, predicted: np.ndarray) -> np.ndarray:
-    """Rotation angle (degrees) between (N, 4) unit quaternions (w, x, y, z) -> (N,).
-
-    q and -q are the same rotation and give 0. Inputs are renormalised.
-    """
-    first, second = (torch.as_tensor(np.asarray(q, float), dtype=torch.float64)
-                     for q in (truth, predicted))
-    first = first / first.norm(dim=-1, keepdim=True)
-    second = second / second.norm(dim=-1, keepdim=True)
-    return quaternion_geodesic_angle(first, second).numpy()
 
 
 def error_summary(error_deg: np.ndarray) -> dict:
@@ -203,33 +163,31 @@ def evaluate_tables(posterior: ParticleSet, truth: ParticleSet,
     ``"_arrays"`` (removed before writing JSON). ``match_by_order``: see ``match_rows``.
     """
     skipped: list[str] = []
-    both = (posterior, truth)
-    score_pose = all(all(c in t.metadata.columns for c in ANGLES) for t in both)
-    # Scalar latents, each as its latent defines them (cryosvi.latents).
+    # Scalar latents and those scored by the size of their error, each as its latent
+    # defines them (cryosvi.latents).
     columns = [entry for latent in REGISTRY.values()
                for entry in latent.truth_columns(posterior, truth)]
-    score_defocus = any(name == "defocus" for name, _, _ in columns)
+    errors = [score for latent in REGISTRY.values()
+              if (score := latent.truth_error(posterior, truth)) is not None]
+    scored = {name for name, _, _ in columns} | {score.name for score in errors}
+    for latent in REGISTRY.values():
+        if latent.truth_label and latent.name not in scored:
+            skipped.append(f"{latent.name}: no {latent.truth_label} in both files")
     truth_modes = set(truth.mode_columns())
-    for name, scored, column in (("pose", score_pose, "rlnAngleRot/Tilt/Psi"),
-                                 ("defocus", score_defocus, "rlnDefocusU")):
-        if not scored:
-            skipped.append(f"{name}: no {column} in both files")
     missing_modes = [c for c in posterior.mode_columns() if c not in truth_modes]
     if missing_modes:
         skipped.append(f"{', '.join(missing_modes)}: not in the truth")
-    if not (score_pose or columns):
+    if not (errors or columns):
+        labels = [latent.truth_label for latent in REGISTRY.values() if latent.truth_label]
         raise CryosviError(f"nothing to score: {posterior.path} and {truth.path} have no "
-                           "latent in common (rlnAngleRot/Tilt/Psi, rlnDefocusU, "
+                           f"latent in common ({', '.join(labels)}, "
                            "cryosviModeAmplitude1..K)")
     order, matched_by = match_rows(posterior, truth, match_by_order)
-
-    def truth_column(values: np.ndarray) -> np.ndarray:
-        return values[order]
 
     latents: dict[str, dict] = {}
     arrays: dict[str, dict] = {}
     for name, read, std_column in columns:
-        true_values, mean = truth_column(read(truth)), read(posterior)
+        true_values, mean = read(truth)[order], read(posterior)
         std = None
         if std_column in posterior.metadata.columns:
             std = _std_column(posterior, std_column)
@@ -240,15 +198,15 @@ def evaluate_tables(posterior: ParticleSet, truth: ParticleSet,
     extra = [c for c in truth.mode_columns() if c not in posterior.mode_columns()]
     if extra:
         skipped.append(f"{len(extra)} truth mode(s) not in the posterior: {', '.join(extra)}")
-    pose = _pose_metrics(posterior, truth, truth_column, arrays, skipped) if score_pose \
-        else None
+    by_error = {score.name: _error_metrics(score, posterior, truth, order, arrays, skipped)
+                for score in errors}
 
     calibration = {"levels": list(CALIBRATION_LEVELS)}
     for name, latent in arrays.items():
         if latent["std"] is None:
             continue
-        if name == "pose":
-            observed = [pose_coverage(latent["error"], latent["std"], p)
+        if "error" in latent:
+            observed = [latent["coverage"](latent["error"], latent["std"], p)
                         for p in CALIBRATION_LEVELS]
         else:
             observed = [gaussian_coverage(latent["truth"], latent["mean"], latent["std"], p)
@@ -259,37 +217,38 @@ def evaluate_tables(posterior: ParticleSet, truth: ParticleSet,
         "n_particles": len(posterior), "posterior": str(posterior.path),
         "truth": str(truth.path), "matched_by": matched_by,
         "coverage_levels": dict(COVERAGE_LEVELS),
-        "latents": latents, "pose": pose, "calibration": calibration, "skipped": skipped,
-        "_arrays": arrays,
+        "latents": latents,
+        **{latent.name: None for latent in REGISTRY.values() if latent.scored_by_error},
+        **by_error, "calibration": calibration,
+        "skipped": skipped, "_arrays": arrays,
     }
 
 
-def _pose_metrics(posterior: ParticleSet, truth: ParticleSet, truth_column, arrays: dict,
-                  skipped: list[str]) -> dict:
-    """Geodesic pose error (degrees) and its coverage; fills ``arrays['pose']``."""
-    true_angles = np.stack([truth_column(numeric_column(truth, c)) for c in ANGLES],
-                           -1)
-    mean_angles = np.stack([numeric_column(posterior, c) for c in ANGLES], -1)
-    error = euler_geodesic_error(true_angles, mean_angles)
-    pose_std = None
-    if POSE_STD_COLUMN in posterior.metadata.columns:
-        pose_std = _std_column(posterior, POSE_STD_COLUMN)
+def _error_metrics(score, posterior: ParticleSet, truth: ParticleSet, order: np.ndarray,
+                   arrays: dict, skipped: list[str]) -> dict:
+    """A latent scored by the size of its error (``latents.ErrorScore``, e.g. the pose's
+    geodesic angle): its summary and coverage; fills ``arrays[score.name]``."""
+    error = score.error(posterior, truth, order)
+    std = None
+    if score.std_column in posterior.metadata.columns:
+        std = _std_column(posterior, score.std_column)
     else:
-        skipped.append(f"coverage of pose: no column {POSE_STD_COLUMN} in the posterior")
-    pose = {"unit": "deg", **error_summary(error), "std_column": POSE_STD_COLUMN}
+        skipped.append(f"coverage of {score.name}: no column {score.std_column} in the "
+                       "posterior")
+    metrics = {"unit": score.unit, **error_summary(error), "std_column": score.std_column}
     for key, level in COVERAGE_LEVELS.items():
-        interval = pose_radius_column(level)
+        interval = score.intervals.get(level)
         if interval in posterior.metadata.columns:
-            pose[key] = float(np.mean(error <= _std_column(posterior, interval)))
-        elif pose_std is not None:
-            interval = f"chi3 x {POSE_STD_COLUMN}"
-            pose[key] = pose_coverage(error, pose_std, level)
+            metrics[key] = float(np.mean(error <= _std_column(posterior, interval)))
+        elif std is not None:
+            interval = score.std_label
+            metrics[key] = score.std_coverage(error, std, level)
         else:
-            interval = pose[key] = None
-        pose[f"{key}_interval"] = interval
-    pose["median_posterior_std_deg"] = None if pose_std is None else float(np.median(pose_std))
-    arrays["pose"] = {"error": error, "std": pose_std}
-    return pose
+            interval = metrics[key] = None
+        metrics[f"{key}_interval"] = interval
+    metrics[f"median_posterior_std_{score.unit}"] = None if std is None else float(np.median(std))
+    arrays[score.name] = {"error": error, "std": std, "coverage": score.std_coverage}
+    return metrics
 
 
 # ----------------------------------------------------------------------------- output

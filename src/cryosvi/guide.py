@@ -49,11 +49,14 @@ import pyro
 import torch
 from torch import Tensor, nn
 
-from cryosvi.config import PRECISIONS
+from cryosvi.config import PRECISIONS, Optics, Priors
 from cryosvi.errors import CryosviError
 from cryosvi.latents import ORDER as SAMPLING_ORDER
-from cryosvi.latents import PAPER_SITES, REGISTRY, Conditions
-from cryosvi.rotations import quarter_turn_images
+from cryosvi.latents import PAPER_SITES, REGISTRY, guide_priors, legacy_guide_priors
+from cryosvi.physics.conditions import Conditions
+from cryosvi.physics.optics import OpticsGroups
+from cryosvi.physics.ctf import ctf_rfft, particle_ctf_rfft
+from cryosvi.physics.rotations import quarter_turn_images
 
 TURNS = (1, 2, 3, 4)
 """The numbers of quarter turns ``Guide.turns`` can mix."""
@@ -98,7 +101,7 @@ class Architecture:
     BatchNorm in the trunk, conditioning gates. The defaults are the demo's layout
     (channels 16-32-64, MLP 256, one shared trunk with BatchNorm, gated conditioning; 1.33 M
     parameters for three latents at 32 px; benchmarks/results/ablations.md); results
-    recorded before the seventh session had neither BatchNorm nor gates (1.07 M).
+    recorded before version 0.1.0 had neither BatchNorm nor gates (1.07 M).
     ``PAPER_ARCHITECTURE`` is the paper's encoders (4.8 M)."""
 
     channels: tuple[int, ...] = (16, 32, 64)
@@ -110,9 +113,9 @@ class Architecture:
     batch_norm: bool = True
     gated_conditioning: bool = True
     gate_hidden: int | None = 64
-    """Width of the gates' hidden layers (None: ``hidden``, the seventh session's runs).
-    64 keeps the default guide under 5 M parameters at a 64 px working box with four
-    latents (issue 11)."""
+    """Width of the gates' hidden layers (None: ``hidden``, as run.json files without the
+    field mean). 64 keeps the default guide under 5 M parameters at a 64 px working box
+    with four latents."""
 
     def __post_init__(self):
         """ValueError naming the field for a layout no network can have (a run.json
@@ -141,7 +144,7 @@ PAPER_ARCHITECTURE = Architecture(channels=(32, 64, 128), hidden=512, shared_tru
                                   batch_norm=False, gated_conditioning=False,
                                   gate_hidden=None)
 """The paper's encoders: one conv trunk of 32-64-128 channels and an MLP of 512 per latent
-(the default layout before issue 13, so also the layout of runs whose run.json predates a
+(the first default layout, so also the layout of runs whose run.json predates a
 field)."""
 
 
@@ -150,27 +153,24 @@ class GuideConfig(Architecture):
     """Everything needed to rebuild a guide (stored in ``run.json``): the architecture
     plus what the data set fixes.
 
-    latents: inferred sites (the others are fixed to known values). defocus_mean/std and
-    mode_std: the prior the outputs are expressed relative to. defocus_offset: the
-    particles' CTF estimates are used; the defocus latent is an offset dz around each
-    one (defocus_mean/std are its prior, 0 and s) and every head also receives the
-    particle's mean defocus estimate, standardised by estimate_mean/std (Å).
-    shift_std: Å, the prior std of inferred shifts around the file's. input_scale:
-    images are divided by it before encoding (the std of the particle images). optics:
-    dict of :class:`cryosvi.config.Optics`, and groups: the ``OpticsGroups`` fields (as
-    lists; per-particle CTFs), needed by ``phase_flip``. box: the working box, px.
+    latents: inferred sites (the others are fixed to known values). latent_priors: site
+    -> the numbers of its prior that the head's outputs are relative to (each latent's
+    ``guide_prior``, ``cryosvi.latents``). ctf_estimates: the particles' CTF estimates
+    are used (the defocus latent is then an offset around each one), and every head also
+    receives the particle's mean defocus estimate, standardised by estimate_mean/std
+    (Å). input_scale: images are divided by it before encoding (the std of the particle
+    images). optics: dict of :class:`cryosvi.config.Optics`, and groups: the
+    ``OpticsGroups`` fields (as lists; per-particle CTFs), needed by ``phase_flip``.
+    box: the working box, px.
     """
 
     box: int
     n_modes: int
     latents: tuple[str, ...] = ORDER
-    defocus_mean: float = 10000.0
-    defocus_std: float = 2500.0
-    defocus_offset: bool = False
+    latent_priors: dict = field(default_factory=lambda: guide_priors(Priors(), False))
+    ctf_estimates: bool = False
     estimate_mean: float = 0.0
     estimate_std: float = 1.0
-    mode_std: tuple[float, ...] = (2.0,)
-    shift_std: float = 2.0
     input_scale: float = 1.0
     optics: dict = field(default_factory=dict)
     groups: dict = field(default_factory=dict)
@@ -181,9 +181,16 @@ class GuideConfig(Architecture):
     @classmethod
     def from_dict(cls, values: dict) -> "GuideConfig":
         """From ``to_dict``'s output; architecture fields a run.json lacks (written before
-        the field existed) take the values of that time, the paper's layout."""
+        the field existed) take the values of that time, the paper's layout, and the
+        per-latent fields of such a run.json become ``latent_priors``."""
         values = {**asdict(PAPER_ARCHITECTURE), **values}
-        for key in ("latents", "channels", "mode_std"):
+        if "latent_priors" not in values:
+            values["latent_priors"] = legacy_guide_priors(values)
+        if "defocus_offset" in values:
+            values.setdefault("ctf_estimates", values["defocus_offset"])
+        names = {f.name for f in fields(cls)}
+        values = {k: v for k, v in values.items() if k in names}
+        for key in ("latents", "channels"):
             if key in values:
                 values[key] = tuple(values[key])
         return cls(**values)
@@ -210,8 +217,8 @@ def condition_sites(site: str, config: GuideConfig) -> tuple[str, ...]:
 
 def condition_width(sites, config: GuideConfig) -> int:
     """Conditioning inputs of a head: the latents' features, and the particle's defocus
-    estimate with ``defocus_offset``."""
-    return sum(REGISTRY[s].feature_width(config) for s in sites) + int(config.defocus_offset)
+    estimate with ``ctf_estimates``."""
+    return sum(REGISTRY[s].feature_width(config) for s in sites) + int(config.ctf_estimates)
 
 
 def conv_trunk(channels, batch_norm: bool) -> nn.Sequential:
@@ -311,7 +318,6 @@ class Guide(nn.Module):
                                           gate=config.gated_conditioning,
                                           gate_hidden=config.gate_hidden or config.hidden)
             REGISTRY[site].initialise_head(self.encoders[site].rest[-1], config)
-        self.register_buffer("prior_mode_std", torch.tensor(config.mode_std, dtype=torch.float32))
         self._turns = 1
         self.bf16 = False  # set by ``train`` and ``load_trained`` (``trunk_bf16``)
         # Convolutions run in channels-last layout (measured ~20% faster on CPU).
@@ -325,6 +331,10 @@ class Guide(nn.Module):
     @turns.setter
     def turns(self, value: int) -> None:
         self._turns = check_turns(value)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
 
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -352,9 +362,6 @@ class Guide(nn.Module):
         """Images (B, L, L) times sign(CTF) in Fourier space: the CTF at ``defocus`` (B,)
         Å, or with the particles' CTF estimates (``conditions.ctf``) each particle's own
         CTF offset by ``defocus``."""
-        from cryosvi.config import Optics
-        from cryosvi.ctf import OpticsGroups, ctf_rfft, particle_ctf_rfft
-
         box = images.shape[-1]
         defocus = defocus.detach().to(images.dtype)
         if conditions is not None and conditions.ctf is not None:
@@ -374,7 +381,7 @@ class Guide(nn.Module):
         conditions = conditions or Conditions()
         parts = [REGISTRY[other].features(values[other], self, conditions)
                  for other in condition_sites(site, self.config)]
-        if self.config.defocus_offset:
+        if self.config.ctf_estimates:
             estimate = conditions.defocus_estimate()
             parts.append(((estimate - self.config.estimate_mean)
                           / self.config.estimate_std).unsqueeze(-1))

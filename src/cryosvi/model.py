@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import pyro
 import pyro.distributions as dist
+from pyro import poutine
 from torch import Tensor
 
 from cryosvi.config import Priors
-from cryosvi.forward import ForwardModel
-from cryosvi.latents import PAPER_SITES, Conditions, forward_inputs, model_sites
+from cryosvi.latents import PAPER_SITES, forward_inputs, model_sites
+from cryosvi.physics.conditions import Conditions
+from cryosvi.physics.forward import ForwardModel
 
 SITES = tuple(latent.site for latent in model_sites())
 """The sites of every model (the paper's latents), in the model's sampling order."""
@@ -58,3 +60,18 @@ def model(forward: ForwardModel, priors: Priors, noise_std: float,
         if noise_std > 0:
             pyro.sample("measurement", dist.Normal(clean, noise_std).to_event(2), obs=images)
     return clean
+
+
+def sample_prior(forward: ForwardModel, priors: Priors, batch_size: int,
+                 conditions: Conditions | None = None, latents=PAPER_SITES,
+                 given: dict | None = None) -> tuple[dict, Tensor]:
+    """One noise-free draw of ``batch_size`` particles imaged with ``conditions``:
+    (latents by site (B, ...), clean images (B, L, L)); ``latents``: the inferred sites
+    (see ``model``). ``given``: values (B, ...) of some sites to use instead of prior
+    draws (e.g. each latent's ``implied_value``)."""
+    program = poutine.condition(model, given) if given else model
+    trace = poutine.trace(program).get_trace(forward, priors, 0.0, batch_size=batch_size,
+                                             conditions=conditions, latents=latents)
+    values = {latent.site: trace.nodes[latent.site]["value"]
+              for latent in model_sites(latents)}
+    return values, trace.nodes["_RETURN"]["value"]

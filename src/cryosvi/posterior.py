@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 
 from cryosvi.guide import Guide
-from cryosvi.latents import REGISTRY, Conditions
+from cryosvi.latents import REGISTRY
+from cryosvi.physics.conditions import Conditions
 
 
 def weighted_summary(values: dict, weights: torch.Tensor) -> dict:

@@ -23,7 +23,7 @@ from cryosvi.io.outputs import provenance_array
 class Reference:
     """coords (N, 3) Å centred; centroid (3,) Å of the original structure; modes (K, N, 3)
     orthonormal; eigenvalues (K,) of the ANM Hessian (gamma units / Å^2), or for modes
-    learnt from particles (``cryosvi.learnt_modes``, ``source['modes'] == 'learnt'``) the
+    learnt from particles (``cryosvi.inference.learnt_modes``, ``source['modes'] == 'learnt'``) the
     particles' variance along each (Å^2)."""
 
     coords: np.ndarray
@@ -50,7 +50,7 @@ class Reference:
     def forward_model(self, groups=None):
         """The ForwardModel of these settings; ``groups``: the ``OpticsGroups`` of
         per-particle CTFs (default: ``optics`` as the only group)."""
-        from cryosvi.forward import ForwardModel
+        from cryosvi.physics.forward import ForwardModel
 
         return ForwardModel(self.coords, self.modes, self.optics, self.imaging, groups)
 
@@ -137,10 +137,10 @@ def build_reference(structure: str | Path | None, chain: str | None, stride: int
                     optics: Optics, imaging: Imaging, priors: Priors, noise: Noise,
                     cutoff: float = 15.0, gamma: float = 1.0, beads: str = "ca") -> Reference:
     """Pseudo-atoms of ``structure`` (default: the bundled 1OL5; ``beads`` and ``stride``
-    as ``cryosvi.structure.load_pseudo_atoms``) and their lowest ``priors.n_modes`` ANM
+    as ``cryosvi.physics.structure.load_pseudo_atoms``) and their lowest ``priors.n_modes`` ANM
     modes."""
-    from cryosvi.anm import anm_modes
-    from cryosvi.structure import default_structure_path, load_pseudo_atoms
+    from cryosvi.physics.anm import anm_modes
+    from cryosvi.physics.structure import default_structure_path, load_pseudo_atoms
 
     path = Path(structure) if structure else default_structure_path()
     atoms = load_pseudo_atoms(path, chain=chain, stride=stride, beads=beads)

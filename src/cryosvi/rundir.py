@@ -118,8 +118,13 @@ def load_checkpoint(path: str | Path, device="cpu") -> dict:
     return state
 
 
+LEGACY_BUFFERS = ("prior_mode_std",)
+"""Buffers of older guides whose values now live in run.json (``latent_priors``)."""
+
+
 def load_weights(module: torch.nn.Module, weights: dict, path: str | Path) -> None:
     """``module.load_state_dict(weights)``, with one line for a mismatch."""
+    weights = {k: v for k, v in weights.items() if k not in LEGACY_BUFFERS}
     try:
         module.load_state_dict(weights)
     except (RuntimeError, KeyError, TypeError) as error:

@@ -23,7 +23,6 @@ import numpy as np
 import pandas as pd
 import pyro
 import torch
-from pyro import poutine
 from tqdm.auto import tqdm
 
 from cryosvi.errors import CryosviError
@@ -32,31 +31,16 @@ from cryosvi.io.outputs import (check_output_directory, make_staging, mark_direc
                                 remove_directory, remove_stale_staging)
 from cryosvi.io.star import optics_table, write_star
 from cryosvi.config import Optics
-from cryosvi.ctf import OpticsGroups, ParticleCTF
-from cryosvi.latents import PAPER_SITES, REGISTRY, Conditions, model_sites
-from cryosvi.model import model
+from cryosvi.physics.optics import OpticsGroups, ParticleCTF
+from cryosvi.latents import REGISTRY, model_sites
+from cryosvi.model import sample_prior
+from cryosvi.physics.conditions import Conditions
 from cryosvi.randomness import preserved_rng
-from cryosvi.noise import RunningMoments, noise_std_for_snr
+from cryosvi.physics.noise import RunningMoments, noise_std_for_snr
 from cryosvi.reference import Reference
 
 STACK_NAME = "particles.mrcs"
 DATASET_KIND = "dataset"
-
-
-def sample_prior(reference: Reference, forward, batch_size: int,
-                 conditions: Conditions | None = None, latents=PAPER_SITES,
-                 offset: torch.Tensor | None = None) -> tuple[dict, torch.Tensor]:
-    """One noise-free draw of ``batch_size`` particles imaged with ``conditions``:
-    (latents by site, clean images); ``latents``: the inferred sites (see ``model``).
-    ``offset``: the defocus offsets (B,) Å to use instead of prior draws (with CTFs in
-    ``conditions``)."""
-    program = model if offset is None else poutine.condition(model, {"defocus": offset})
-    trace = poutine.trace(program).get_trace(forward, reference.priors, 0.0,
-                                           batch_size=batch_size, conditions=conditions,
-                                           latents=latents)
-    values = {latent.site: trace.nodes[latent.site]["value"]
-              for latent in model_sites(latents)}
-    return values, trace.nodes["_RETURN"]["value"]
 
 
 def check_fits_in_box(reference: Reference) -> None:
@@ -197,9 +181,7 @@ def _simulate_into(reference: Reference, n: int, directory: Path, seed: int,
     forward = reference.forward_model(OpticsGroups.from_optics(groups)).to(device)
     pyro.set_rng_seed(seed)
     moments = RunningMoments()
-    latents = {latent.site: [] for latent in model_sites()}
-    if not paper:  # the defocus is in the CTF drawn per particle: the offset is 0
-        del latents["defocus"]
+    latents: dict[str, list] = {}
     metadata: dict[str, list] = {}
     stack = StackWriter(directory / STACK_NAME, n, box, reference.optics.pixel_size)
     statistics = (np.nan,) * 4
@@ -209,21 +191,25 @@ def _simulate_into(reference: Reference, n: int, directory: Path, seed: int,
             for start in tqdm(starts, desc="simulating", unit="chunk", leave=False,
                               disable=not progress):
                 stop = min(start + chunk_size, n)
-                if paper:
-                    chunk_latents, clean = sample_prior(reference, forward, stop - start)
-                else:
-                    conditions, columns = draw_acquisition(reference, acquisition,
-                                                           stop - start, device)
+                count = stop - start
+                conditions, given = None, None
+                if not paper:
+                    conditions, columns = draw_acquisition(reference, acquisition, count,
+                                                           device)
                     for column, values in columns.items():
                         metadata.setdefault(column, []).append(values)
-                    zero = torch.zeros(stop - start, device=device)
-                    chunk_latents, clean = sample_prior(reference, forward, stop - start,
-                                                        conditions, offset=zero)
-                    del chunk_latents["defocus"]
+                    like = torch.zeros((), device=device)
+                    given = {latent.site: value for latent in model_sites()
+                             if (value := latent.implied_value(conditions, count, like))
+                             is not None}
+                chunk_latents, clean = sample_prior(forward, reference.priors, count,
+                                                    conditions, given=given)
+                for site in given or ():  # the acquisition's values, not latents
+                    del chunk_latents[site]
                 moments.update(clean)
                 stack.write(start, clean.cpu().numpy())
                 for site, value in chunk_latents.items():
-                    latents[site].append(value.cpu().numpy())
+                    latents.setdefault(site, []).append(value.cpu().numpy())
             if not (moments.variance > 0 and math.isfinite(moments.variance)):
                 raise CryosviError(
                     f"the clean images have pixel variance {moments.variance:g}: the "

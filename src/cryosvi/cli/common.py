@@ -125,8 +125,8 @@ def add_threads_argument(parser) -> None:
 
 def add_structure_arguments(parser, stride: int, beads: str) -> None:
     """--chain, --stride and --beads (defaults ``stride``, ``beads``): which pseudo-atoms
-    a structure gives (``cryosvi.structure.load_pseudo_atoms``)."""
-    from cryosvi.structure import BEADS
+    a structure gives (``cryosvi.physics.structure.load_pseudo_atoms``)."""
+    from cryosvi.physics.structure import BEADS
 
     parser.add_argument("--chain", help="chain ID (default: first protein chain)")
     parser.add_argument("--stride", type=positive_int, default=stride,

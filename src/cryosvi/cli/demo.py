@@ -94,11 +94,13 @@ def prepare_output(output: Path, force: bool) -> None:
 def run(args) -> None:
     from cryosvi.config import PAPER_PRESET, Noise
     from cryosvi.evaluate import evaluate_tables, format_table, write_report
-    from cryosvi.infer import infer
+    from cryosvi.inference.driver import infer
     from cryosvi.io.particles import read_particles
     from cryosvi.reference import Reference, build_reference
     from cryosvi.simulate import simulate_dataset
-    from cryosvi.train import TrainOptions, default_schedule, train
+    from cryosvi.training.setup import TrainOptions
+    from cryosvi.training.schedule import default_schedule
+    from cryosvi.training.loop import train
 
     architecture = architecture_from_args(args)  # bad --channels fail here, not after simulating
     device = check_device(args.device)

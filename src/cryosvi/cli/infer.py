@@ -73,7 +73,7 @@ def register(subparsers, summary: str) -> None:
 def run(args) -> None:
     import numpy as np
 
-    from cryosvi.infer import infer
+    from cryosvi.inference.driver import infer
 
     args.device = check_device(args.device)
     check_outputs(args)

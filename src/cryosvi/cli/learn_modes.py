@@ -23,7 +23,7 @@ def register(subparsers, summary: str) -> None:
         "compact blocks of the structure (or the reference's lowest ANM modes and the 6 "
         "rigid motions) is fitted (Gauss-Newton, Laplace covariance), "
         "and the directions along which the particles spread are found by probabilistic "
-        "PCA that weighs each particle by its own uncertainty (cryosvi.learnt_modes). "
+        "PCA that weighs each particle by its own uncertainty (cryosvi.inference.learnt_modes). "
         "Writes a reference.npz whose pseudo-atoms sit at the particles' mean "
         "conformation and whose modes are the learnt directions (prior std: the "
         "particles' spread along each), with the estimated gray levels and noise; give "
@@ -70,18 +70,11 @@ def register(subparsers, summary: str) -> None:
 
 
 def run(args) -> None:
-    from dataclasses import replace
-
-    import numpy as np
-    import torch
     from tqdm.auto import tqdm
 
-    from cryosvi.dataset import has_ctf_estimates, priors_from_particles
+    from cryosvi.inference.learnt_modes import learn_modes_from_particles
     from cryosvi.io.outputs import check_output_file, directory_kind
-    from cryosvi.io.particles import ANGLES, read_particles
-    from cryosvi.latents import BY_NAME, ParticleData
-    from cryosvi.learnt_modes import fitting_basis, learn_modes
-    from cryosvi.train import working_reference
+    from cryosvi.io.particles import read_particles
 
     output = Path(args.output)
     if output.suffix.lower() != ".npz":
@@ -95,53 +88,22 @@ def run(args) -> None:
                            "belong to it; write the learnt reference elsewhere")
     device = check_device(args.device)
     table = read_particles(args.particles, args.datadir, args.invert)
-    missing = [c for c in (*ANGLES, "rlnDefocusU") if c not in table.metadata]
-    if missing or not has_ctf_estimates(table):
-        raise CryosviError(f"{table.path}: learning modes needs every particle's pose and "
-                           f"CTF estimate (a consensus refinement); missing: "
-                           f"{', '.join(missing) or 'per-particle rlnDefocusU values'}")
-    table.require("rlnImageName")
     if args.basis == "blocks" and args.structure:
         args.n_modes = 1  # the reference's ANM modes are not used
     reference = reference_from_args(args, args.particles)
-    reference = priors_from_particles(table, working_reference(table, reference, args.box))
-    blocks = args.blocks if args.basis == "blocks" else None
-    try:
-        fitting = fitting_basis(reference, blocks)
-    except ValueError as error:  # more blocks than the pseudo-atoms allow
-        raise CryosviError(f"--blocks {error}") from None
-    basis = (f"rigid motions of {blocks} blocks" if blocks else
-             f"{reference.n_modes} modes of {args.reference or 'ANM'} + 6 rigid motions")
-    if args.learnt_modes > len(fitting):
-        raise CryosviError(f"--n-modes {args.learnt_modes}: the fitting basis ({basis}) has "
-                           f"{len(fitting)} dimensions")
-    data = ParticleData(table, reference.optics.box, ctf_estimates=True)
-    rows = np.arange(len(table))
-    if len(rows) > args.max_particles:
-        rows = np.sort(np.random.default_rng(args.seed).choice(len(rows), args.max_particles,
-                                                               replace=False))
-    rows_t = torch.from_numpy(rows)
-    images = torch.from_numpy(data.images(rows))
-    rotation = BY_NAME["pose"].known(table, None)[rows_t]
-    ctf = data.conditions.ctf.take(rows_t)
-    shifts = None if data.conditions.shifts is None else data.conditions.shifts[rows_t]
-
-    if args.noise_std:
-        reference = reference.with_settings(noise=replace(reference.noise,
-                                                          std=float(args.noise_std)))
-    with tqdm(total=len(rows), desc="fitting", unit="particle", disable=args.quiet,
+    count = min(len(table), args.max_particles)
+    with tqdm(total=count, desc="fitting", unit="particle", disable=args.quiet,
               file=sys.stderr) as bar:
-        def progress(count: int) -> None:
-            if bar.n + count > bar.total:  # a second pass with refitted gray levels
+        def progress(done: int) -> None:
+            if bar.n + done > bar.total:  # a second pass with refitted gray levels
                 bar.reset()
-            bar.update(count)
+            bar.update(done)
 
-        learnt, summary = learn_modes(
-            reference, fitting, images, rotation.to(device), ctf.to(device),
-            None if shifts is None else shifts.to(device), data.groups, args.learnt_modes,
-            args.prior_std, args.iterations,
-            {"particles": str(table.path), "fitted_particles": int(len(rows)),
-             "fitting_basis": basis}, progress)
+        learnt, summary = learn_modes_from_particles(
+            table, reference, args.learnt_modes,
+            args.blocks if args.basis == "blocks" else None, args.box, args.max_particles,
+            args.seed, args.noise_std, args.prior_std, args.iterations, device, progress,
+            args.reference or "ANM")
     output.parent.mkdir(parents=True, exist_ok=True)
     learnt.save(output)
     print(f"gray levels: scale {summary['scale']:.4g}, offset {summary['offset']:.4g}, "
@@ -150,7 +112,7 @@ def run(args) -> None:
     for k, (std, rigid) in enumerate(zip(summary["mode_std"], summary["rigid_fraction"])):
         print(f"learnt mode {k + 1}: particles' std {std:.3g} Å RMS, rigid part "
               f"{100 * rigid ** 2:.0f} % of its square norm")
-    print(f"{len(rows)} particles, {basis} -> "
+    print(f"{summary['fitted_particles']} particles, {summary['basis']} -> "
           f"{output} ({learnt.n_modes} learnt mode{'s' * (learnt.n_modes > 1)}; "
           f"cryosvi train --reference {output})")
     if not summary["converged"]:

@@ -53,8 +53,8 @@ def register(subparsers, summary: str) -> None:
 def run(args) -> None:
     import numpy as np
 
-    from cryosvi.anm import anm_modes, write_mode_movie
-    from cryosvi.structure import default_structure_path, load_pseudo_atoms
+    from cryosvi.physics.anm import anm_modes, write_mode_movie
+    from cryosvi.physics.structure import default_structure_path, load_pseudo_atoms
 
     output = Path(args.output)
     if output.suffix.lower() != ".npz":

@@ -38,8 +38,8 @@ def add_guide_arguments(parser) -> None:
                        help="no BatchNorm after the convolutions (the paper's trunk)")
     group.add_argument("--additive-conditioning", dest="gated_conditioning",
                        action="store_false", default=default.gated_conditioning,
-                       help="earlier latents enter each head additively only (the layout "
-                       "before issue 13; default: also multiplicatively, by a gate MLP)")
+                       help="earlier latents enter each head additively only (the paper's "
+                       "layout; default: also multiplicatively, by a gate MLP)")
     trunk = group.add_mutually_exclusive_group()
     trunk.add_argument("--separate-encoders", dest="shared_trunk", action="store_false",
                        default=default.shared_trunk,
@@ -202,7 +202,8 @@ def reference_from_args(args, particles: str):
 
 def options_from_args(args):
     from cryosvi.latents import parse_latents
-    from cryosvi.train import TrainOptions, default_schedule, load_schedule
+    from cryosvi.training.setup import TrainOptions
+    from cryosvi.training.schedule import default_schedule, load_schedule
 
     try:
         latents = parse_latents(args.latents)
@@ -219,8 +220,8 @@ def options_from_args(args):
                         architecture=architecture_from_args(args), seed=args.seed,
                         device=args.device or "cpu", noise_std=args.noise_std,
                         init_from=args.init, box=args.box, defocus_prior=args.defocus_prior,
-                        defocus_offset_std=args.defocus_offset_std,
-                        shift_std=args.shift_std, precision=args.precision)
+                        priors={"defocus_offset_std": args.defocus_offset_std,
+                                "shift_std": args.shift_std}, precision=args.precision)
 
 
 def run(args) -> None:
@@ -228,7 +229,8 @@ def run(args) -> None:
 
     from pathlib import Path
 
-    from cryosvi.train import check_run_output, train
+    from cryosvi.training.setup import check_run_output
+    from cryosvi.training.loop import train
 
     command = shlex.join(["cryosvi", *sys.argv[1:]]) if sys.argv[1:2] == ["train"] else None
     if args.device:

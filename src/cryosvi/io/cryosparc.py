@@ -46,7 +46,7 @@ import torch
 
 from cryosvi.errors import CryosviError
 from cryosvi.io.atomic import write_atomically
-from cryosvi.rotations import euler_to_matrix, matrix_to_euler
+from cryosvi.physics.rotations import euler_to_matrix, matrix_to_euler
 
 REQUIRED = ("blob/path", "blob/idx", "blob/psize_A", "ctf/accel_kv", "ctf/cs_mm")
 SCALARS = {"ctf/accel_kv": "rlnVoltage", "ctf/cs_mm": "rlnSphericalAberration",

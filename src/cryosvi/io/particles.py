@@ -370,6 +370,24 @@ def numeric_column(table: "ParticleSet", column: str) -> np.ndarray:
     return values
 
 
+def origins(table: "ParticleSet", rows=None) -> np.ndarray:
+    """(k, 2) float32 Å: RELION's (rlnOriginXAngst, rlnOriginYAngst) of the particles
+    ``rows`` (indices; None = all; 0 where the file has none). The forward model
+    translates the centred projection by -origin (``cryosvi.physics.shifts``), as
+    relion_project does."""
+    values = table.metadata[list(ORIGINS)].to_numpy(np.float32)
+    return np.ascontiguousarray(values if rows is None else values[np.asarray(rows)])
+
+
+def mean_defocus(table: "ParticleSet") -> np.ndarray:
+    """(N,) float64 Å: each particle's mean defocus (U + V) / 2 (U alone without
+    rlnDefocusV)."""
+    u = numeric_column(table, "rlnDefocusU")
+    if "rlnDefocusV" not in table.metadata:
+        return u
+    return (u + numeric_column(table, "rlnDefocusV")) / 2
+
+
 def _check_numeric(frame: pd.DataFrame, where) -> None:
     """Known numeric columns as float/int, every value finite; else one error naming
     the column and the first bad row."""

@@ -23,9 +23,10 @@ import torch
 from torch import Tensor, nn
 
 from cryosvi.config import Imaging, Optics, default_window
-from cryosvi.ctf import OpticsGroups, ParticleCTF, apply_ctf, apply_particle_ctf
-from cryosvi.projection import project
-from cryosvi.rotations import quaternion_to_matrix, rotate
+from cryosvi.physics.optics import OpticsGroups, ParticleCTF
+from cryosvi.physics.ctf import apply_ctf, apply_particle_ctf
+from cryosvi.physics.projection import project
+from cryosvi.physics.rotations import quaternion_to_matrix, rotate
 
 
 def deform(coords: Tensor, modes: Tensor, amplitudes: Tensor) -> Tensor:
@@ -55,7 +56,7 @@ class ForwardModel(nn.Module):
       (dz = ``defocus``, or None for no offset), angle, phase shift and B-factor, with
       its group's optics; each particle is projected at its group's pixel size.
     * ``shifts`` (B, 2) Å: RELION's (rlnOriginXAngst, rlnOriginYAngst); the image is
-      translated by -shifts (a phase ramp in the CTF's FFT; ``cryosvi.shifts``).
+      translated by -shifts (a phase ramp in the CTF's FFT; ``cryosvi.physics.shifts``).
 
     The result is in the data's gray levels: ``imaging.scale`` times the image plus
     ``imaging.offset``.

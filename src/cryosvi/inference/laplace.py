@@ -22,7 +22,7 @@ at the mode.
 ``laplace_proposal``: S draws from that Gaussian (the covariance optionally inflated),
 with their log density per unit of the chart's volume. The caller turns it into a density
 of its own measure (``log_volume``), weighs the draws by p(x, z) / q(z) and so corrects
-whatever the Gaussian gets wrong (``cryosvi.smc.importance_weights``).
+whatever the Gaussian gets wrong (``cryosvi.inference.smc.importance_weights``).
 """
 
 from __future__ import annotations

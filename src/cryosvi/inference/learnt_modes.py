@@ -1,4 +1,4 @@
-"""Conformational modes learnt from particles of known pose (issue 12).
+"""Conformational modes learnt from particles of known pose.
 
 The lowest ANM mode is a guess from elasticity; a real change (a hinge, a morph) is in
 general none of the ANM modes, and in the frame of consensus poses it also moves the
@@ -13,9 +13,9 @@ So the particles choose the direction. With every particle's pose, CTF and shift
 the rigid motions of 3 compact blocks of pseudo-atoms, or the reference's K lowest ANM
 modes and the 6 rigid motions; orthonormal 3N-vectors, the amplitude units of the modes
 (Å RMS per pseudo-atom) -- is fitted by Gauss-Newton to its
-posterior mode with a Laplace covariance (``cryosvi.laplace``, a weak N(0, prior_std^2)
+posterior mode with a Laplace covariance (``cryosvi.inference.laplace``, a weak N(0, prior_std^2)
 prior), and the directions along which the particles spread are the maximum-likelihood
-subspace of these noisy estimates (``cryosvi.ppca``: each particle's own covariance
+subspace of these noisy estimates (``cryosvi.inference.ppca``: each particle's own covariance
 weighs what it says about each direction, e.g. nothing about a translation along its
 line of sight). The result is a reference whose pseudo-atoms sit at the particles' mean
 conformation and whose modes are the learnt directions, with prior stds equal to the
@@ -31,11 +31,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cryosvi.anm import rigid_basis
-from cryosvi.forward import ForwardModel
-from cryosvi.graylevels import fit_scale_with_poses
-from cryosvi.laplace import gauss_newton
-from cryosvi.ppca import principal_directions
+from cryosvi.dataset import (ParticleData, has_ctf_estimates, priors_from_particles,
+                             working_reference)
+from cryosvi.errors import CryosviError
+from cryosvi.io.particles import ANGLES, ParticleSet
+from cryosvi.latents import BY_NAME
+from cryosvi.physics.anm import rigid_basis
+from cryosvi.physics.forward import ForwardModel
+from cryosvi.physics.graylevels import fit_scale_with_poses
+from cryosvi.inference.laplace import gauss_newton
+from cryosvi.inference.ppca import principal_directions
 from cryosvi.reference import Reference
 
 FIT_STEP = 0.05
@@ -113,7 +118,7 @@ def fit_amplitudes(forward: ForwardModel, images: Tensor, rotation: Tensor, ctf,
                    progress=None) -> tuple[Tensor, Tensor]:
     """Each particle's posterior mode (n, D) and Laplace covariance (n, D, D) float64 of
     the amplitudes of ``forward``'s D modes under a N(0, prior_std^2) prior (Å RMS), by
-    Levenberg-Marquardt from 0 (``cryosvi.laplace.gauss_newton``).
+    Levenberg-Marquardt from 0 (``cryosvi.inference.laplace.gauss_newton``).
 
     images (n, L, L) in the forward model's gray levels, noise std ``noise_std``;
     rotation (n, 4) quaternions; ctf a ``ParticleCTF`` of n; shifts (n, 2) Å or None.
@@ -216,7 +221,7 @@ def learnt_reference(reference: Reference, basis: np.ndarray, means: Tensor,
                      covariances: Tensor, n_modes: int,
                      source: dict) -> tuple[Reference, dict]:
     """The reference of the ``n_modes`` directions along which the particles spread
-    (``cryosvi.ppca.principal_directions`` of the fitted amplitudes ``means`` (n, D) and
+    (``cryosvi.inference.ppca.principal_directions`` of the fitted amplitudes ``means`` (n, D) and
     ``covariances`` in the fitting ``basis`` (D, N, 3)): pseudo-atoms moved to the
     particles' mean conformation, modes (n_modes, N, 3) orthonormal, mode stds (Å RMS)
     the spread along each, eigenvalues the variances (Å^2). Also returns a summary:
@@ -242,4 +247,60 @@ def learnt_reference(reference: Reference, basis: np.ndarray, means: Tensor,
         priors=replace(reference.priors, mode_std=tuple(float(s) for s in std)),
         source={**reference.source, **source, "modes": "learnt", "learnt": summary})
     learnt.check("learnt reference: ")
+    return learnt, summary
+
+
+def learn_modes_from_particles(table: ParticleSet, reference: Reference, n_modes: int = 1,
+                               blocks: int | None = 3, box: int | None = None,
+                               max_particles: int = 20000, seed: int = 0,
+                               noise_std: float | None = None, prior_std: float = 10.0,
+                               iterations: int = 10, device="cpu", progress=None,
+                               reference_name: str = "ANM") -> tuple[Reference, dict]:
+    """``cryosvi learn-modes``: the reference of ``n_modes`` modes learnt from the
+    particles of ``table`` (a consensus refinement: poses and CTF estimates; CryosviError
+    without them) and ``reference`` (at the particles' box and pixel size).
+
+    The particles are Fourier-cropped to the working box ``box`` (``dataset.working_box``),
+    at most ``max_particles`` of them (a random subset drawn with ``seed``) are fitted in
+    the basis of ``blocks`` rigid blocks (None: the reference's modes and the rigid
+    motions; ``fitting_basis``), with the gray levels and noise std fitted unless
+    ``noise_std`` is given (``reference_name``: how the basis names the reference's
+    modes). Returns the learnt reference and ``learn_modes``'s summary,
+    with 'basis' (what the basis is) and 'fitted_particles'.
+    """
+    missing = [c for c in (*ANGLES, "rlnDefocusU") if c not in table.metadata]
+    if missing or not has_ctf_estimates(table):
+        raise CryosviError(f"{table.path}: learning modes needs every particle's pose and "
+                           f"CTF estimate (a consensus refinement); missing: "
+                           f"{', '.join(missing) or 'per-particle rlnDefocusU values'}")
+    table.require("rlnImageName")
+    reference = priors_from_particles(table, working_reference(table, reference, box))
+    try:
+        fitting = fitting_basis(reference, blocks)
+    except ValueError as error:  # more blocks than the pseudo-atoms allow
+        raise CryosviError(f"--blocks {error}") from None
+    basis = (f"rigid motions of {blocks} blocks" if blocks else
+             f"{reference.n_modes} modes of {reference_name} + 6 rigid motions")
+    if n_modes > len(fitting):
+        raise CryosviError(f"--n-modes {n_modes}: the fitting basis ({basis}) has "
+                           f"{len(fitting)} dimensions")
+    data = ParticleData(table, reference.optics.box, ctf_estimates=True)
+    rows = np.arange(len(table))
+    if len(rows) > max_particles:
+        rows = np.sort(np.random.default_rng(seed).choice(len(rows), max_particles,
+                                                          replace=False))
+    rows_t = torch.from_numpy(rows)
+    images = torch.from_numpy(data.images(rows))
+    rotation = BY_NAME["pose"].known(table, None)[rows_t]
+    ctf = data.conditions.ctf.take(rows_t)
+    shifts = None if data.conditions.shifts is None else data.conditions.shifts[rows_t]
+    if noise_std:
+        reference = reference.with_settings(noise=replace(reference.noise,
+                                                          std=float(noise_std)))
+    learnt, summary = learn_modes(
+        reference, fitting, images, rotation.to(device), ctf.to(device),
+        None if shifts is None else shifts.to(device), data.groups, n_modes, prior_std,
+        iterations, {"particles": str(table.path), "fitted_particles": int(len(rows)),
+                     "fitting_basis": basis}, progress)
+    summary.update(basis=basis, fitted_particles=int(len(rows)))
     return learnt, summary

@@ -1,14 +1,10 @@
-"""Self-normalised importance sampling and adaptive tempered SMC, for a batch of
-independent posteriors at once. Nothing here knows about cryo-EM.
+"""Adaptive tempered SMC for a batch of independent posteriors at once. Nothing here
+knows about cryo-EM.
 
 Latents are a dict name -> tensor (S, B, ...): S samples ("particles" in the SMC sense)
 for each of B independent problems. The caller supplies the log target log p(x, z) (the
 unnormalised posterior), the proposal log density log q(z) it drew the samples from, and
 a symmetric random walk per latent (:class:`RandomWalk`).
-
-Importance sampling: weights w = p(x, z) / q(z), self-normalised; the effective sample
-size (sum w)^2 / sum w^2 (Kong 1992; Liu 2001, sec. 2.5.3) says how many independent
-posterior samples they are worth.
 
 Tempered SMC (Del Moral, Doucet & Jasra 2006; the adaptive temperature of Jasra et al.
 2011): a path pi_b(z) ~ q(z)^(1 - b) p(x, z)^b from the proposal (b = 0) to the
@@ -29,34 +25,10 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from cryosvi.distributions.random_walk import RandomWalk
+from cryosvi.inference.importance import effective_sample_size, log_importance_weights
+
 Latents = dict[str, Tensor]
-
-
-def weighted_moments(values: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
-    """Mean and std over samples: values (S, B, ...), weights (S, B) normalised ->
-    two tensors (B, ...)."""
-    w = weights.view(*weights.shape, *([1] * (values.dim() - 2)))
-    mean = (w * values).sum(0)
-    return mean, (w * (values - mean).square()).sum(0).sqrt()
-
-
-def log_importance_weights(log_target: Tensor, log_proposal: Tensor) -> Tensor:
-    """Unnormalised log weights log p - log q (S, B); NaN and +inf (a sample the proposal
-    cannot have drawn, or a broken likelihood) become -inf, i.e. weight 0."""
-    return torch.nan_to_num(log_target - log_proposal, nan=-math.inf, posinf=-math.inf)
-
-
-def effective_sample_size(log_weights: Tensor) -> Tensor:
-    """(S, B) unnormalised log weights -> (B,) ESS = (sum w)^2 / sum w^2, in [1, S]."""
-    weights = torch.softmax(log_weights, dim=0)
-    return 1.0 / weights.square().sum(0)
-
-
-def importance_weights(log_target: Tensor, log_proposal: Tensor) -> tuple[Tensor, Tensor]:
-    """Self-normalised importance sampling: samples (S, B) drawn from q, their log q and
-    log p(x, z) -> normalised weights (S, B) and the ESS (B,)."""
-    log_weights = log_importance_weights(log_target, log_proposal)
-    return torch.softmax(log_weights, dim=0), effective_sample_size(log_weights)
 
 
 def next_temperature_step(increment: Tensor, room: Tensor, target: float,
@@ -89,34 +61,6 @@ def systematic_resample(weights: Tensor) -> Tensor:
     offset = torch.rand(1, batch, dtype=torch.float64, device=weights.device)
     points = (torch.arange(n, dtype=torch.float64, device=weights.device)[:, None] + offset) / n
     return torch.searchsorted(cumulative.T.contiguous(), points.T.contiguous()).T.clamp(max=n - 1)
-
-
-def gaussian_step(value: Tensor, width: Tensor) -> Tensor:
-    """A Gaussian random-walk proposal: value (S, B, ...) + width (B, ...) * N(0, 1)."""
-    return value + width[None] * torch.randn_like(value)
-
-
-@dataclass(frozen=True)
-class RandomWalk:
-    """A symmetric random-walk Metropolis proposal for one latent.
-
-    step(value (S, B, ...), width (B, ...)) -> proposal (S, B, ...), symmetric in
-    (value, proposal). dim: the latent's degrees of freedom (they set the common scale
-    2.38 / sqrt(total dim)). spread(values (S, B, ...), weights (S, B)) -> (B, ...): the
-    population's spread, in the units of ``width`` (default: the weighted std). The width
-    used is scale * spread clamped to [floor, cap].
-    """
-
-    dim: int
-    step: Callable[[Tensor, Tensor], Tensor] = gaussian_step
-    spread: Callable[[Tensor, Tensor], Tensor] | None = None
-    floor: float = 0.0
-    cap: float = math.inf
-
-    def width(self, values: Tensor, weights: Tensor, scale: float) -> Tensor:
-        spread = (weighted_moments(values, weights)[1] if self.spread is None
-                  else self.spread(values, weights))
-        return (scale * spread).clamp(min=self.floor, max=self.cap)
 
 
 @dataclass

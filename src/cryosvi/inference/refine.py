@@ -2,7 +2,7 @@
 the physics likelihood, as STAR/npz.
 
 Summaries per particle: ``cryosvi.posterior``. Refinement with the physics likelihood
-(``refine``), by the generic samplers of ``cryosvi.laplace`` and ``cryosvi.smc``:
+(``refine``), by the generic samplers of ``cryosvi.inference.laplace`` and ``cryosvi.inference.smc``:
 
 * 'laplace': Gauss-Newton from the guide's best draws to the posterior mode, importance
   sampling from the Laplace approximation there, and tempered SMC for the particles
@@ -19,25 +19,18 @@ Summaries per particle: ``cryosvi.posterior``. Refinement with the physics likel
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import torch
 from pyro import poutine
-from tqdm.auto import tqdm
 
-from cryosvi.guide import Guide, check_turns
-from cryosvi.io.atomic import save_npz_atomically
-from cryosvi.io.outputs import provenance_array
-from cryosvi.errors import CryosviError
-from cryosvi.laplace import gauss_newton, laplace_log_evidence, laplace_proposal
-from cryosvi.latents import (PAPER_SITES, REGISTRY, Chart, Conditions, ParticleData,
-                             forward_inputs, known_values, random_walks, summary_columns)
+from cryosvi.guide import Guide
+from cryosvi.inference.laplace import gauss_newton, laplace_log_evidence, laplace_proposal
+from cryosvi.latents import PAPER_SITES, REGISTRY, Chart, forward_inputs, random_walks
+from cryosvi.physics.conditions import Conditions
 from cryosvi.model import model
 from cryosvi.posterior import posterior_summary, weighted_summary
-from cryosvi.randomness import preserved_rng
-from cryosvi.smc import importance_weights, tempered_smc
+from cryosvi.inference.importance import importance_weights
+from cryosvi.inference.smc import tempered_smc
 
 
 @torch.no_grad()
@@ -70,7 +63,7 @@ def laplace_refine(guide: Guide, forward, priors, noise_std: float, images: torc
                    coarse: int = 4, iterations: int = 4, blur: float = 0.1,
                    chunk: int = 16, conditions: Conditions | None = None) -> dict:
     """Gauss-Newton from the guide's best draws to the posterior mode, then importance
-    sampling from the Laplace approximation there (``cryosvi.laplace``).
+    sampling from the Laplace approximation there (``cryosvi.inference.laplace``).
 
     The guide draws ``pool`` samples per particle; the ``starts`` of highest p(x, z)
     take Levenberg-Marquardt steps in the latents' charts (``latents.Chart``: rotation
@@ -215,7 +208,7 @@ def refine(guide: Guide, forward, priors, noise_std: float, images: torch.Tensor
            known: dict | None, n_samples: int, method: str = "smc", moves: int = 2,
            max_steps: int = 40, ess_target: float = 0.5, chunk: int = 16,
            conditions: Conditions | None = None) -> dict:
-    """Refine the guide's posterior with the physics likelihood (``cryosvi.smc``).
+    """Refine the guide's posterior with the physics likelihood (``cryosvi.inference.smc``).
 
     method 'is': self-normalised importance sampling, S proposals per particle from the
     guide, weights p(x, z) / q(z | x).
@@ -319,91 +312,3 @@ def _from_guide(guide: Guide, forward, priors, noise_std: float, images: torch.T
     out["weights"] = weights
     out.update(weighted_summary(values, weights))
     return out
-
-
-@preserved_rng()
-def infer(run: str | Path, particles: str | Path, output: str | Path, samples: int = 0,
-          importance: int = 64, method: str = "auto", moves: int = 3,
-          turns: int = 1, batch_size: int = 256,
-          device: str = "cpu", summary_samples: int = 64,
-          progress: bool = True, datadir: str | Path | None = None,
-          invert: bool = False) -> pd.DataFrame:
-    """Posterior of every particle of ``particles`` (STAR or cryoSPARC .cs, read by
-    ``cryosvi.io.read_particles`` with ``datadir`` and ``invert``) under the trained run
-    ``run``.
-
-    Writes the STAR file ``output`` (RELION 3.1: the input's optics table, columns and row
-    order, inferred columns replaced or added; an inferred defocus m keeps each particle's
-    astigmatism: U = m + (U_in - V_in) / 2, V = m - (U_in - V_in) / 2, angle kept), from a
-    .cs input also ``output`` with suffix .cs (the input's records, fields updated), and, with
-    ``samples`` > 0, ``output`` with suffix .npz holding S posterior samples per particle
-    (site -> (N, S, ...)). ``importance`` > 0 refines with that many samples per
-    particle: ``method`` 'auto', 'laplace', 'smc' or 'is'; see ``refine``. ``turns``:
-    the guide's posterior averaged over that many quarter turns of each image
-    (``Guide.turns``). Returns the particle table written.
-    """
-    from cryosvi.dataset import has_ctf_estimates, working_box, working_pixel_size
-    from cryosvi.io.particles import read_particles, write_particles
-    from cryosvi.rundir import load_trained, select_device
-
-    check_turns(turns)  # before the run is loaded
-    select_device(device)
-    info, reference, guide = load_trained(run, device)
-    guide.turns = turns
-    table = read_particles(particles, datadir, invert)
-    config = guide.config
-    box = working_box(table, config.box)
-    if not math.isclose(working_pixel_size(table, box), reference.optics.pixel_size,
-                        rel_tol=1e-3):
-        raise CryosviError(f"{table.path}: {working_pixel_size(table, box):.4g} Å pixels at "
-                           f"the run's {box} px working box, but the run was trained at "
-                           f"{reference.optics.pixel_size:.4g} Å")
-    if config.defocus_offset and not has_ctf_estimates(table):
-        raise CryosviError(f"{table.path}: the run uses per-particle CTF estimates "
-                           "(rlnDefocusU/V/Angle) and this file has none")
-    data = ParticleData(table, box, config.defocus_offset)
-    fixed = [s for s in config.sites if s not in config.latents]
-    known = known_values(table, fixed, config)
-    forward = reference.forward_model(data.groups).to(device) if importance else None
-    n = len(table)
-    collected: dict[str, list] = {}
-    sample_store: dict[str, list] = {s: [] for s in config.latents}
-    if samples:
-        sample_store["weights"] = [] if importance else None
-    draws = max(summary_samples, samples, importance)
-    torch.manual_seed(0)
-    for start in tqdm(range(0, n, batch_size), desc="inferring", unit="batch",
-                      disable=not progress, leave=False):
-        index = np.arange(start, min(start + batch_size, n))
-        batch = torch.from_numpy(data.images(index)).to(device)
-        batch_known = {s: v[index].to(device) for s, v in known.items()}
-        conditions = data.conditions.take(index).to(device)
-        if importance:
-            summary = refine(guide, forward, reference.priors, reference.noise.std, batch,
-                             batch_known, importance, method=method, moves=moves,
-                             conditions=conditions)
-        else:
-            summary = posterior_summary(guide, batch, batch_known, draws,
-                                        conditions=conditions)
-        rows = table.metadata.iloc[index]
-        for key, value in summary_columns(summary, config.latents, rows, config).items():
-            collected.setdefault(key, []).append(value)
-        if samples:
-            for site in config.latents:
-                sample_store[site].append(
-                    summary["samples"][site][:samples].transpose(0, 1).cpu().numpy())
-            if importance:
-                sample_store["weights"].append(
-                    summary["weights"][:samples].T.cpu().numpy())
-    frame = table.metadata.copy()
-    for key, parts in collected.items():
-        frame[key] = np.concatenate(parts)
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    write_particles(output, table, frame, list(collected))
-    if samples:
-        arrays = {s: np.concatenate(v) for s, v in sample_store.items() if v}
-        save_npz_atomically(output.with_suffix(".npz"), **arrays,
-                            cryosvi=provenance_array("samples"))
-    table.close()
-    return frame

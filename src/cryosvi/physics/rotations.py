@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import roma
 import torch
 from torch import Tensor
@@ -216,3 +217,29 @@ def weighted_pose(rotation: Tensor, weights: Tensor):
     batch = torch.arange(rotation.shape[1], device=rotation.device)
     mean = weighted_mean_direction(rotation, weights, rotation[weights.argmax(0), batch])
     return mean, pose_std_deg(rotation, mean, weights)
+
+
+def euler_geodesic_error(truth_deg: np.ndarray, predicted_deg: np.ndarray) -> np.ndarray:
+    """Rotation angle (degrees, in [0, 180]) between RELION ZYZ Euler triples.
+
+    truth_deg, predicted_deg: (N, 3) (rot, tilt, psi) in degrees -> (N,). Computed on the
+    rotation matrices, so equivalent Euler triples (e.g. rot + a, psi - a at tilt 0) give 0.
+    """
+    truth, predicted = (torch.as_tensor(np.asarray(a, float), dtype=torch.float64)
+                        for a in (truth_deg, predicted_deg))
+    # float64: roma's asin form loses ~sqrt(eps) near 180 deg; 1e-6 deg in float64.
+    first = euler_to_matrix(truth[:, 0], truth[:, 1], truth[:, 2])
+    second = euler_to_matrix(predicted[:, 0], predicted[:, 1], predicted[:, 2])
+    return geodesic_angle(first, second).numpy()
+
+
+def quaternion_geodesic_error(truth: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+    """Rotation angle (degrees) between (N, 4) unit quaternions (w, x, y, z) -> (N,).
+
+    q and -q are the same rotation and give 0. Inputs are renormalised.
+    """
+    first, second = (torch.as_tensor(np.asarray(q, float), dtype=torch.float64)
+                     for q in (truth, predicted))
+    first = first / first.norm(dim=-1, keepdim=True)
+    second = second / second.norm(dim=-1, keepdim=True)
+    return quaternion_geodesic_angle(first, second).numpy()

@@ -178,11 +178,11 @@ def prior_model_images(forward, ctf, shifts: Tensor | None, count: int,
     Å, or None) of a particle of the data: every particle's as often as ``count``
     allows (random order).
 
-    forward: a ``cryosvi.forward.ForwardModel`` whose ``groups`` serve ``ctf.group``;
+    forward: a ``cryosvi.physics.forward.ForwardModel`` whose ``groups`` serve ``ctf.group``;
     ctf: a ``ParticleCTF`` of the data's particles (N,); shifts: (N, 2) Å or None.
     No gradient; the draws come from ``generator`` (no global seed is touched).
     """
-    from cryosvi.rotations import random_quaternions
+    from cryosvi.physics.rotations import random_quaternions
 
     device = forward.coords.device
     n_data = ctf.defocus_u.shape[0]
