@@ -302,5 +302,5 @@ def learn_modes_from_particles(table: ParticleSet, reference: Reference, n_modes
         None if shifts is None else shifts.to(device), data.groups, n_modes, prior_std,
         iterations, {"particles": str(table.path), "fitted_particles": int(len(rows)),
                      "fitting_basis": basis}, progress)
-    summary.update(basis=basis, fitted_particles=int(len(rows)))
-    return learnt, summary
+    # (a copy: the learnt reference's source holds ``summary`` itself)
+    return learnt, {**summary, "basis": basis, "fitted_particles": int(len(rows))}
