@@ -227,6 +227,20 @@ def contrast_prior(estimates: Tensor, stds: Tensor,
     return float(mu), float(var.clamp_min(0).sqrt())
 
 
+CONTRAST_FLOOR_SIGMAS = 2.0
+"""The contrast prior's lower bound sits this many prior stds below its mean (and at or
+above 0): particles have a contrast, and a prior that reaches 0 lets the physics model
+explain an empty image at a small Occam cost, so the junk probability ranks but is too
+low. Measured on a toy with a closed-form truth (benchmarks/noise/junk_calibration.py;
+27 settings of junk fraction, particle SNR and contrast spread): see the README of
+benchmarks/noise."""
+
+
+def contrast_floor(mean: float, std: float) -> float:
+    """The contrast prior's lower bound: max(0, mean - CONTRAST_FLOOR_SIGMAS std)."""
+    return max(0.0, mean - CONTRAST_FLOOR_SIGMAS * std)
+
+
 def truncated_normal(shape, mean: float, std: float, floor: float,
                      generator: torch.Generator | None = None) -> Tensor:
     """float64 draws of N(mean, std^2) truncated to [floor, inf) by inverting the CDF
@@ -262,9 +276,9 @@ class NoiseModel:
 
     box: int
     pixel_size: float
-    noise: Tensor
-    error: Tensor | None = None
-    signal_power: Tensor | None = None
+    noise: Tensor = dataclasses.field(repr=False)
+    error: Tensor | None = dataclasses.field(default=None, repr=False)
+    signal_power: Tensor | None = dataclasses.field(default=None, repr=False)
     error_weight: float = ERROR_WEIGHT
     contrast_mean: float = 1.0
     contrast_std: float = 0.0
