@@ -90,7 +90,7 @@ class JunkMixture(NamedTuple):
 
 
 def fit_junk_mixture(log_evidence: Tensor, initial=(0.9, 0.05, 0.05),
-                     iterations: int = 1000, tol: float = 1e-10,
+                     iterations: int = 1000, tol: float = 1e-9,
                      min_weight: float = 1e-8) -> JunkMixture:
     """The mixture weights of the three models by EM from the images' log evidences
     (N, 3) (``MODELS`` order; float64 in the computation): the E-step's
