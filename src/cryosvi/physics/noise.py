@@ -231,9 +231,13 @@ CONTRAST_FLOOR_SIGMAS = 2.0
 """The contrast prior's lower bound sits this many prior stds below its mean (and at or
 above 0): particles have a contrast, and a prior that reaches 0 lets the physics model
 explain an empty image at a small Occam cost, so the junk probability ranks but is too
-low. Measured on a toy with a closed-form truth (benchmarks/noise/junk_calibration.py;
-27 settings of junk fraction, particle SNR and contrast spread): see the README of
-benchmarks/noise."""
+low. Measured on a toy whose true posterior is known (benchmarks/noise/
+junk_calibration.py, 27 settings: junk fraction 0.05-0.35, whitened particle SNR 2-5,
+lognormal contrast log-std 0.15-0.4; benchmarks/results/noise/junk_calibration.txt):
+the fitted junk fraction's error median 0.005 (max 0.043) and the junk probability's
+calibration error median 0.012 (max 0.046) with this floor, against 0.047 (0.20) and
+0.047 (0.20) for a Gaussian reaching 0, 0.022 (0.074) and 0.024 (0.074) truncated at 0
+or at 3 stds, and 0.001 (0.004) and 0.007 (0.015) for the true lognormal prior."""
 
 
 def contrast_floor(mean: float, std: float) -> float:
