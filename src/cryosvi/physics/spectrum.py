@@ -52,9 +52,16 @@ def frequency_radius(box: int, device=None) -> Tensor:
     return _radius(int(box), torch.device(device or "cpu"))
 
 
+@functools.lru_cache(maxsize=32)
+def _shell_index(box: int, device: torch.device) -> Tensor:
+    with torch.inference_mode(False), torch.no_grad():
+        return torch.round(_radius(box, device)).long()
+
+
 def shell_index(box: int, device=None) -> Tensor:
-    """(L, L//2 + 1) int64: the shell round(|k|) of each rfft2 coefficient."""
-    return torch.round(frequency_radius(box, device)).long()
+    """(L, L//2 + 1) int64: the shell round(|k|) of each rfft2 coefficient (cached: do
+    not modify)."""
+    return _shell_index(int(box), torch.device(device or "cpu"))
 
 
 def n_shells(box: int) -> int:
@@ -63,22 +70,30 @@ def n_shells(box: int) -> int:
     return int(round(math.hypot(box // 2, box // 2))) + 1
 
 
+@functools.lru_cache(maxsize=64)
+def _weights(box: int, drop_dc: bool, drop_nyquist: bool, device: torch.device,
+             dtype: torch.dtype) -> Tensor:
+    with torch.inference_mode(False), torch.no_grad():
+        w = torch.full((box, box // 2 + 1), 2.0, dtype=dtype)
+        w[:, 0] = 1.0
+        if box % 2 == 0:
+            w[:, -1] = 1.0
+            if drop_nyquist:
+                w[box // 2, :] = 0.0
+                w[:, -1] = 0.0
+        if drop_dc:
+            w[0, 0] = 0.0
+        return w.to(device)
+
+
 def coefficient_weights(box: int, drop_dc: bool = True, drop_nyquist: bool = False,
                         device=None, dtype=torch.float64) -> Tensor:
     """(L, L//2 + 1): how many coefficients of the full L x L spectrum each rfft2
     coefficient stands for, 0 for those left out: the DC term with ``drop_dc``, and the
     Nyquist row and column of an even L with ``drop_nyquist`` (the 2L - 1 coefficients
-    that Fourier cropping zeroes)."""
-    w = torch.full((box, box // 2 + 1), 2.0, device=device, dtype=dtype)
-    w[:, 0] = 1.0
-    if box % 2 == 0:
-        w[:, -1] = 1.0
-        if drop_nyquist:
-            w[box // 2, :] = 0.0
-            w[:, -1] = 0.0
-    if drop_dc:
-        w[0, 0] = 0.0
-    return w
+    that Fourier cropping zeroes). Cached: do not modify."""
+    return _weights(int(box), bool(drop_dc), bool(drop_nyquist) and box % 2 == 0,
+                    torch.device(device or "cpu"), dtype)
 
 
 def counted_dimensions(box: int, drop_dc: bool = True, drop_nyquist: bool = False) -> int:
