@@ -474,7 +474,8 @@ def refine_noise_model(noise: NoiseModel, data: ParticleData, reference: Referen
     rows: the particles (indices, k of them); model_images (k, n, n): their clean model
     images as the likelihood sees them (the forward model at the latents, e.g. the
     consensus poses or the posterior means, with ``noise``'s envelope applied), at the
-    working box; weights (k,), e.g. 1 - p_junk. In the metric of ``noise``'s T:
+    working box; weights (k,), e.g. 1 - p_junk (a particle whose model image is 0 gets
+    weight 0). In the metric of ``noise``'s T:
 
     1. B (``fit_bfactor``): the per-shell gain of the model images against the data
        (``shell_gain``, linear in the data), a Guinier line from BFACTOR_LOW to Nyquist
@@ -484,8 +485,9 @@ def refine_noise_model(noise: NoiseModel, data: ParticleData, reference: Referen
        the method of moments (``contrast_prior``), its floor ``contrast_floor``;
     3. R, the spectrum of the residuals x_i - a_i m_i (``spectrum_from_residuals``);
     4. S, the background estimate corrected by the fitted signal a_i m_i, capped at R
-       (R estimates S + D, D >= 0, without the background's bias at high SNR), and
-       D = R - S smoothed (``model_error_spectrum``), so T = S + k D >= R;
+       (R estimates S + D, D >= 0, without the background's bias at high SNR) and R
+       itself beyond Nyquist, and D = R - S smoothed (``model_error_spectrum``), so
+       T = S + k D >= R;
     5. P, the particles' power beyond the new T.
     """
     rows = _rows(data.particles, rows)
@@ -510,13 +512,25 @@ def refine_noise_model(noise: NoiseModel, data: ParticleData, reference: Referen
         else:
             used = 0
     contrast, contrast_std = noise.fit_contrast(images, model, group)
+    usable = torch.isfinite(contrast) & torch.isfinite(contrast_std)  # a model image of 0
+    contrast, contrast_std = contrast.nan_to_num(0.0), contrast_std.nan_to_num(0.0, 0.0)
+    contrast_std = torch.where(usable, contrast_std, 0.0)
+    w = usable.double() if w is None else w * usable
+    if not float(w.sum()) > 0:
+        raise CryosviError("no particle has a model image to refine the noise model against")
     mean, std = contrast_prior(contrast, contrast_std, w)
     signal = contrast[:, None, None] * model
     residual = spectrum_from_residuals(images - signal, group, n_groups, w, noise.cropped)
+    if not bool((residual[:, 1:] > 0).all()):
+        raise CryosviError("an optics group has no particle with weight to refine the noise "
+                           "model from")
     radius = mask_radius(reference.coords, reference.optics.pixel_size, data.box)
     background = spectrum_from_background(images, background_mask(data.box, radius), group,
                                           n_groups, w, signal=signal)
     floor_noise = torch.minimum(background, residual)
+    # Beyond Nyquist the background estimate rests on few long lags (35 % off on pure
+    # noise): the corners' residual power is taken as noise.
+    floor_noise[:, data.box // 2 + 1:] = residual[:, data.box // 2 + 1:]
     error = model_error_spectrum(residual, floor_noise)
     refined = noise.replace(noise=floor_noise, error=error, contrast_mean=mean,
                             contrast_std=std, contrast_floor=contrast_floor(mean, std),
