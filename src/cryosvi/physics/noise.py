@@ -162,27 +162,33 @@ class ContrastMarginal(NamedTuple):
     std: Tensor
 
 
-def whitened_products(residual: Tensor, model: Tensor, spectrum: Tensor,
-                      drop_nyquist: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+def whitened_products(data: Tensor, model: Tensor, spectrum: Tensor,
+                      drop_nyquist: bool = False,
+                      mean: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
     """(<r, r>, <u, r>, <u, u>) (each (...,)): inner products of the whitened residual
-    r and model image u in the metric C^-1 of per-shell spectrum S (DC left out):
-    sum_k w_k Re(conj(A_k) B_k) / (N S_k). residual, model (..., L, L)."""
+    r = data - mean * model and model image u in the metric C^-1 of per-shell spectrum
+    S (DC left out): sum_k w_k Re(conj(A_k) B_k) / (N S_k). data, model (..., L, L),
+    broadcast. The residual is formed in Fourier space, so gradients flow through one
+    transform of the model."""
     box = model.shape[-1]
     metric = _filter(spectrum, box, -1.0, True, drop_nyquist, model) * \
         coefficient_weights(box, True, drop_nyquist, model.device, model.dtype) / box**2
-    fr, fm = torch.fft.rfft2(residual), torch.fft.rfft2(model)
-    return ((metric * fr.abs().square()).sum((-2, -1)),
-            (metric * (fm.conj() * fr).real).sum((-2, -1)),
-            (metric * fm.abs().square()).sum((-2, -1)))
+    fm = torch.fft.rfft2(model)
+    fr = torch.fft.rfft2(data)
+    if mean:
+        fr = fr - mean * fm
+    return ((metric * (fr.real.square() + fr.imag.square())).sum((-2, -1)),
+            (metric * (fm.real * fr.real + fm.imag * fr.imag)).sum((-2, -1)),
+            (metric * (fm.real.square() + fm.imag.square())).sum((-2, -1)))
 
 
 def contrast_marginal(rr: Tensor, ur: Tensor, uu: Tensor, log_det_c: Tensor | float,
                       dims: int, mean: float, std: float,
                       floor: float = -math.inf) -> ContrastMarginal:
     """Closed-form marginal likelihood of x = a m + n, n ~ N(0, C), over the contrast
-    a ~ N(mu, tau^2) truncated to [floor, inf), from the whitened products of r = x - mu m
-    and m (``whitened_products``): with y and u the whitened x and m, y ~ N(mu u,
-    I + tau^2 u u^T), and Sherman-Morrison, (I + b b^T)^-1 = I - b b^T / (1 + b^T b), with
+    a ~ N(mu, tau^2) truncated to [floor, inf), from the whitened products of
+    r = x - mu m and m (``whitened_products`` with ``mean`` mu): with y and u the
+    whitened x and m, y ~ N(mu u, I + tau^2 u u^T), and Sherman-Morrison, (I + b b^T)^-1 = I - b b^T / (1 + b^T b), with
     the matrix determinant lemma, det(I + b b^T) = 1 + b^T b (Sherman & Morrison 1950;
     Harville, Matrix Algebra From a Statistician's Perspective, 18.1), give, with
     D = 1 + tau^2 <u, u>,
@@ -421,8 +427,8 @@ class NoiseModel:
         self._check_box(images)
         like = clean
         spectra = self.spectra(group, like)
-        rr, ur, uu = whitened_products(images - self.contrast_mean * clean, clean, spectra,
-                                       self.cropped)
+        rr, ur, uu = whitened_products(images, clean, spectra, self.cropped,
+                                       self.contrast_mean)
         return contrast_marginal(rr, ur, uu, self._log_det_of(group, like).double(),
                                  self.dimensions, self.contrast_mean, self.contrast_std,
                                  self.contrast_floor)
