@@ -188,10 +188,10 @@ def contrast_marginal(rr: Tensor, ur: Tensor, uu: Tensor, log_det_c: Tensor | fl
     """Closed-form marginal likelihood of x = a m + n, n ~ N(0, C), over the contrast
     a ~ N(mu, tau^2) truncated to [floor, inf), from the whitened products of
     r = x - mu m and m (``whitened_products`` with ``mean`` mu): with y and u the
-    whitened x and m, y ~ N(mu u, I + tau^2 u u^T), and Sherman-Morrison, (I + b b^T)^-1 = I - b b^T / (1 + b^T b), with
-    the matrix determinant lemma, det(I + b b^T) = 1 + b^T b (Sherman & Morrison 1950;
-    Harville, Matrix Algebra From a Statistician's Perspective, 18.1), give, with
-    D = 1 + tau^2 <u, u>,
+    whitened x and m, y ~ N(mu u, I + tau^2 u u^T), and Sherman-Morrison,
+    (I + b b^T)^-1 = I - b b^T / (1 + b^T b), with the matrix determinant lemma,
+    det(I + b b^T) = 1 + b^T b (Sherman & Morrison 1950; Harville, Matrix Algebra From a
+    Statistician's Perspective, 18.1), give, with D = 1 + tau^2 <u, u>,
 
         log p = -dims/2 log 2 pi - 1/2 log det C - 1/2 log D - <r, r>/2
                 + tau^2 <u, r>^2 / (2 D).
