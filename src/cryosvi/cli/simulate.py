@@ -21,8 +21,9 @@ def register(subparsers, summary: str) -> None:
     parser = subparsers.add_parser(
         "simulate", help=summary,
         description="Simulate particles (RELION .mrcs + .star) from the Pyro forward model: "
-        "ANM-deformed Gaussian pseudo-atoms, uniform poses, CTF, white noise. Options not "
-        "given take the preset's value. The data set is written whole or not at all.",
+        "ANM-deformed Gaussian pseudo-atoms, uniform poses, CTF, white or coloured noise. "
+        "Options not given take the preset's value. The data set is written whole or not "
+        "at all.",
         formatter_class=HelpFormatter)
     parser.add_argument("-o", "--output", required=True, help="output directory")
     parser.add_argument("--structure", help="PDB/mmCIF file (default: bundled 1OL5)")

@@ -24,8 +24,11 @@ Calibration needs the physics model's contrast prior to say that particles have 
 contrast well above 0 (``NoiseModel.contrast_floor``, a truncated prior; ``dataset.
 refine_noise_model`` sets it): with a Gaussian prior reaching 0, an empty image is
 explained by the physics model at a contrast near 0 at an Occam cost of only a few nats,
-and the junk probability ranks the images but is too low (measured on RELION-projected
-data: AUC 0.999, junk fraction 0.07 fitted for 0.11 true).
+and the junk probability ranks the images but is too low (a research prototype on
+RELION-projected data, 2 000 particles at SNR 0.1 with 11 % junk: AUC 0.999, but a junk
+fraction of 0.07 fitted; on a toy with a known posterior, benchmarks/noise/
+junk_calibration.py, the floor brings the fitted fraction within 0.005 of the truth,
+median over 27 settings, against 0.047 without it).
 """
 
 from __future__ import annotations
