@@ -192,3 +192,50 @@ def test_maps_centred_and_hinge_recorded(dataset):
     last = mrcfile.read(output / "maps" / f"conformation_{BINS - 1:03d}.mrc")
     assert np.abs(last - reference).max() > 0.1 * reference.max()
     assert truth["relion_shift_check"]["sign"] == -1
+
+
+@pytest.fixture(scope="module")
+def realistic(tmp_path_factory):
+    output = tmp_path_factory.mktemp("micrograph_effects")
+    _load_script().main(["-o", str(output), "--n", "60", "--bins", str(BINS), "--snr", "0.5",
+                         "--oracle", "0", "--save-clean", "--seed", "4", "--realistic",
+                         "--junk-fraction", "0.3"])
+    star = starfile.read(output / "particles.star", always_dict=True)["particles"]
+    return output, star, json.loads((output / "truth.json").read_text())
+
+
+def test_micrograph_effects_are_what_truth_json_says(realistic):
+    """--realistic: the noise (normalised image minus the normalised signal) times each
+    image's normalisation over its noise level is the recorded coloured spectrum of its
+    optics group (whitened by it: flat to 15 % per shell, from numpy's FFT), with excess
+    power at low frequency; empty junk has no signal; the truth columns are there."""
+    output, particles, truth = realistic
+    assert truth["noise"]["spectrum"] == "coloured" and truth["bfactor"] == 100.0
+    images = mrcfile.read(output / "particles.mrcs").astype(np.float64)
+    signal = mrcfile.read(output / "clean.mrcs").astype(np.float64)
+    mean = particles["cryosviNormMean"].to_numpy()[:, None, None]
+    std = particles["cryosviNormStd"].to_numpy()[:, None, None]
+    noise = (images - (signal - mean) / std) / particles["cryosviNoiseStd"].to_numpy()[:, None,
+                                                                                        None]
+    k = np.fft.fftfreq(BOX, 1 / BOX)
+    shell = np.round(np.hypot(k[:, None], k[None, :])).astype(int)
+    power = np.abs(np.fft.fft2(noise)) ** 2 / BOX**2
+    group = particles["rlnOpticsGroup"].to_numpy()
+    for g in (1, 2):
+        spectrum = np.array(truth["noise"]["shells"][str(g)])
+        whitened = power[group == g] / spectrum[shell]
+        per_shell = np.bincount(shell.ravel(), whitened.mean(0).ravel()) / np.bincount(
+            shell.ravel())
+        assert np.abs(per_shell[2:BOX // 2] - 1).max() < 0.15, per_shell
+        assert spectrum[1] > 2 * spectrum[BOX // 4] > 2 * spectrum[BOX // 2]
+    kind = particles["cryosviTrueJunkKind"].to_numpy()
+    assert (kind == 1).any() and (kind == 2).any() and (kind == 0).sum() > 30
+    assert np.abs(signal[kind == 1]).max() == 0 and np.abs(signal[kind == 2]).max() > 0
+    assert (particles["cryosviTrueJunk"] == (kind > 0)).all()
+    assert truth["junk"]["empty"] == (kind == 1).sum()
+    contrast = particles["cryosviTrueContrast"].to_numpy()
+    assert 0.1 < np.log(contrast).std() < 0.4
+    np.testing.assert_allclose(particles["cryosviTrueSignalScale"], contrast / std[:, 0, 0],
+                               rtol=1e-5)
+    truth_star = starfile.read(output / "truth.star", always_dict=True)["particles"]
+    assert (truth_star["cryosviTrueJunk"] == particles["cryosviTrueJunk"]).all()

@@ -141,3 +141,138 @@ def test_large_simulation_streams_in_bounded_memory(tmp_path):
     assert peak_kib < 1024 * 1024, f"peak RSS {peak_kib / 1024:.0f} MiB"
     assert math.isclose((tmp_path / "big" / "particles.mrcs").stat().st_size,
                         1024 + 100000 * 128 * 128 * 4, rel_tol=1e-3)
+
+
+# ------------------------------------------------------------ micrograph effects
+
+EFFECTS = ["-n", "40", "--seed", "3", "--optics-groups", "2", "--max-shift", "3"]
+
+
+def _stack(directory):
+    with mrcfile.open(directory / "particles.mrcs") as mrc:
+        return mrc.data.astype(np.float64)
+
+
+def test_default_noise_is_todays_recipe(noisy_and_clean):
+    """The defaults add white noise exactly as before coloured noise existed: the clean
+    stack plus noise_std times torch.randn from a generator seeded seed + 1, one chunk
+    of 256 images at a time, in float32 (so the same seed gives the same stack)."""
+    noisy, clean = noisy_and_clean
+    std = Reference.load(noisy / "reference.npz").noise.std
+    white = torch.randn((40, 32, 32), generator=torch.Generator().manual_seed(3 + 1))
+    with mrcfile.open(clean / "particles.mrcs") as mrc:
+        expected = mrc.data + std * white.numpy()
+    with mrcfile.open(noisy / "particles.mrcs") as mrc:
+        np.testing.assert_array_equal(mrc.data, expected)
+    assert Reference.load(noisy / "reference.npz").noise_model is None
+    star = starfile.read(noisy / "particles.star", always_dict=True)["particles"]
+    assert "cryosviTrueContrast" not in star
+
+
+def _coloured_shape(box, excess, width, nyquist):
+    """The spectrum per shell (round(|k|)), mean 1 over the full grid, from the formula."""
+    k = np.fft.fftfreq(box, 1 / box)
+    radius = np.hypot(k[:, None], k[None, :])
+    nu = radius / box
+    shape = (1 + excess * np.exp(-nu**2 / (2 * width**2))) * nyquist ** ((nu / 0.5) ** 2)
+    shell = np.round(radius).astype(int)
+    per_shell = np.bincount(shell.ravel(), shape.ravel()) / np.bincount(shell.ravel())
+    return per_shell / shape.mean()
+
+
+@pytest.fixture(scope="module")
+def effects(tmp_path_factory):
+    root = tmp_path_factory.mktemp("effects")
+    runs = {"white": [], "coloured": ["--noise-spectrum", "coloured"],
+            "clean": ["--snr", "inf"],
+            "clean_effects": ["--snr", "inf", "--contrast-spread", "0.3", "--bfactor", "120"],
+            "all": ["--noise-spectrum", "coloured", "--spectrum-excess", "2.5",
+                    "--spectrum-nyquist", "0.5", "0.3", "--contrast-spread", "0.3",
+                    "--bfactor", "120"]}
+    for name, options in runs.items():
+        assert main(["simulate", "-o", str(root / name), "--quiet", *EFFECTS, *options]) == 0
+    return root
+
+
+def test_coloured_noise_filters_the_same_white_draws(effects):
+    """Coloured noise is the white run's noise (same seed) filtered per optics group by
+    the square root of the group's spectrum; the recorded NoiseModel holds std^2 times
+    the spectra written out here from the formula (defaults 3, 0.05, 0.4 and 2, 0.08,
+    0.25), and the SNR keeps its meaning."""
+    clean = _stack(effects / "clean")
+    white = _stack(effects / "white") - clean
+    coloured = _stack(effects / "coloured") - clean
+    reference = Reference.load(effects / "coloured" / "reference.npz")
+    std = reference.noise.std
+    assert std == pytest.approx(Reference.load(effects / "white" / "reference.npz").noise.std)
+    noise = reference.noise_model
+    shapes = np.stack([_coloured_shape(32, 3.0, 0.05, 0.4), _coloured_shape(32, 2.0, 0.08, 0.25)])
+    np.testing.assert_allclose(noise.noise.numpy(), std**2 * shapes, rtol=1e-10)
+    group = starfile.read(effects / "coloured" / "particles.star",
+                          always_dict=True)["particles"]["rlnOpticsGroup"].to_numpy() - 1
+    k = np.fft.fftfreq(32, 1 / 32)
+    shell = np.round(np.hypot(k[:, None], k[None, :])).astype(int)
+    filters = np.sqrt(shapes[:, shell])[group]  # full-grid filters per particle
+    expected = np.fft.ifft2(np.fft.fft2(white) * filters).real
+    np.testing.assert_allclose(coloured, expected, atol=1e-5 * std)
+    assert clean.var() / std**2 == pytest.approx(20.0, rel=1e-4)
+    assert noise.contrast_mean == 1 and noise.contrast_std == 0 and noise.bfactor == 0
+    assert float(noise.signal_power[:, 1:4].min()) > 0
+
+
+def test_contrast_and_envelope_on_the_clean_images(effects):
+    """Each particle's clean image is the plain one (same seed) under the envelope
+    exp(-B s^2 / 4) times its recorded lognormal contrast."""
+    plain = _stack(effects / "clean")
+    changed = _stack(effects / "clean_effects")
+    contrast = starfile.read(effects / "clean_effects" / "particles.star",
+                             always_dict=True)["particles"]["cryosviTrueContrast"].to_numpy()
+    s = np.hypot(*np.meshgrid(np.fft.fftfreq(32, 2.5), np.fft.fftfreq(32, 2.5)))
+    expected = np.fft.ifft2(np.fft.fft2(plain) * np.exp(-120 * s**2 / 4)).real
+    expected *= contrast[:, None, None]
+    np.testing.assert_allclose(changed, expected, atol=1e-5 * np.abs(plain).max())
+    assert 0.5 < contrast.min() and contrast.max() < 2.5
+    assert abs(np.log(contrast).std() - 0.3) < 0.1
+
+
+def test_every_effect_recorded(effects):
+    reference = Reference.load(effects / "all" / "reference.npz")
+    noise = reference.noise_model
+    shapes = np.stack([_coloured_shape(32, 2.5, 0.05, 0.5), _coloured_shape(32, 2.5, 0.08, 0.3)])
+    np.testing.assert_allclose(noise.noise.numpy(), reference.noise.std**2 * shapes,
+                               rtol=1e-10)
+    assert noise.bfactor == 120 and noise.contrast_mean == 1
+    assert noise.contrast_std == pytest.approx(math.sqrt(math.expm1(0.09)))
+    assert noise.box == 32 and noise.pixel_size == 2.5 and noise.n_groups == 2
+    # the SNR is the signal's variance after the effects over the noise's
+    signal = _stack(effects / "clean_effects")
+    assert signal.var() / reference.noise.std**2 == pytest.approx(20.0, rel=1e-4)
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--spectrum-excess", "2"], "--noise-spectrum coloured"),
+    (["--noise-spectrum", "coloured", "--spectrum-width", "0.1", "0.1", "0.1"],
+     "3 values for 2 optics group"),
+    (["--contrast-spread", "-1"], "--contrast-spread"),
+    (["--noise-spectrum", "coloured", "--spectrum-width", "0"], "--spectrum-width"),
+])
+def test_effect_options_refuse_nonsense(tmp_path, capsys, arguments, message):
+    try:
+        code = main(["simulate", "-o", str(tmp_path / "x"), "-n", "2", "--optics-groups", "2",
+                     *arguments])
+    except SystemExit as exit_:
+        code = exit_.code
+    assert code == 2
+    error = capsys.readouterr().err
+    assert message in error.strip().splitlines()[-1] and "Traceback" not in error
+    assert not (tmp_path / "x").exists()
+
+
+def test_help_states_the_default_spectra(capsys):
+    from cryosvi.simulate import COLOURED
+
+    with pytest.raises(SystemExit):
+        main(["simulate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for k, name in enumerate(("excess", "width", "nyquist")):
+        assert f"{', '.join(str(c[k]) for c in COLOURED)} in turn" in text, name

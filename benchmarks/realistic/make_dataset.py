@@ -22,6 +22,31 @@ What it makes (see benchmarks/realistic/README.md):
 5. White Gaussian noise at the data-set SNR (variance of all clean pixels / noise
    variance), then each image normalised as relion_preprocess --norm --no_ramp does:
    the background (pixels farther than ``--bg-radius`` px from the centre) to mean 0, std 1.
+   Micrograph effects (all off by default; ``--realistic`` turns every one on with the
+   values of REALISTIC, explicit options win) change step 5, in this order:
+   a. ``--bfactor B``: the clean images times the envelope exp(-B s^2 / 4) (RELION's
+      CTF B convention), by rfft2 on the L x L grid;
+   b. ``--junk-fraction f``: a random fraction f of the images is junk (cryosviTrueJunk
+      1), of which ``--scrambled-share`` are phase-scrambled (the particle's own clean
+      image with its Fourier phases replaced by those of white noise: the same power
+      spectrum, no structure; cryosviTrueJunkKind 2) and the rest empty (kind 1);
+   c. ``--contrast-spread c``: each image's signal times a lognormal contrast of mean 1,
+      log-std c (ice thickness, dose; cryosviTrueContrast);
+   d. the noise std from the SNR: the signal variance over the real particles' pixels
+      (after a-c) / SNR;
+   e. ``--noise-spectrum coloured``: the same white draws filtered by sqrt(S_g(k)) of
+      each image's optics group g, S_g = (1 + A_g exp(-nu^2 / (2 w_g^2))) r_g^((nu /
+      0.5)^2) at nu = |k| / L cycles/px (excess A_g at low frequency, power r_g at
+      Nyquist relative to the flat part), scaled to a mean of 1 over the L x L grid (the
+      pixel variance stays noise_std^2 and the SNR keeps its meaning);
+      ``--spectrum-excess/-width/-nyquist`` give A, w, r per group;
+   f. ``--noise-spread l``: each image's noise times a lognormal level lambda_i with
+      E[lambda_i^2] = 1, log-std l (cryosviTrueNoiseScale);
+   then the normalisation. The effects draw from their own random stream, so the
+   defaults give the stack of the script without them, bit for bit, and every effect's
+   draws happen whether it is on or not (``--junk-fraction`` changes nothing else).
+   truth.json["noise"] holds the spectrum per group and shell (shell = round(|k|)); a
+   particle's noise spectrum after normalisation is cryosviNoiseStd^2 S_g.
 6. particles.star (RELION 3.1: optics + particles) with the "given" columns a user has
    after consensus refinement (poses ~2 deg off, CTF estimates, shifts) and the truth in
    cryosviTrue* columns; truth.star, the truth under RELION's labels (for
@@ -70,6 +95,15 @@ PRESETS = {
 N_LOBE_LAST = 210
 HINGE_RESIDUES = (211, 212, 213)
 
+# Micrograph effects (``--realistic``): values typical of particles picked from micrographs.
+REALISTIC = {"noise_spectrum": "coloured", "bfactor": 100.0, "contrast_spread": 0.25,
+             "noise_spread": 0.15, "junk_fraction": 0.1}
+# The coloured spectrum per optics group (300 kV, 200 kV): excess power at low frequency
+# (x(1 + A) at zero frequency, a Gaussian of width w cycles/px: ice, beam-induced motion)
+# and a fall-off to r x the flat level at Nyquist (a detector's MTF^2 / DQE), r^2 in the
+# corners.
+COLOURED = {"excess": (3.0, 2.0), "width": (0.05, 0.08), "nyquist": (0.4, 0.25)}
+
 # Two optics groups of one data set: same pixel size and box, different microscopes.
 OPTICS = [
     {"rlnOpticsGroup": 1, "rlnOpticsGroupName": "opticsGroup1", "rlnVoltage": 300.0,
@@ -115,7 +149,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="particles for the oracle check (0: skip)")
     parser.add_argument("--save-clean", action="store_true",
                         help="also write clean.mrcs, the noise-free RELION images")
+    add_effect_arguments(parser)
     args = parser.parse_args(argv)
+    resolve_effects(args, parser)
     if args.snr is None:
         args.snr = PRESETS[args.preset]["snr"] if args.preset else 0.1
     if args.bg_radius is None:
@@ -123,6 +159,60 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.n < 1 or args.bins < 1 or not args.snr > 0:
         parser.error("--n and --bins must be >= 1 and --snr > 0")
     return args
+
+
+def add_effect_arguments(parser: argparse.ArgumentParser) -> None:
+    """The micrograph effects' options (module notes, step 5 a-f)."""
+    real = parser.add_argument_group("micrograph effects (default off; --realistic: all on)")
+    real.add_argument("--realistic", action="store_true",
+                      help="turn every effect below on with the values of REALISTIC "
+                           f"({', '.join(f'{k} {v}' for k, v in REALISTIC.items())}); "
+                           "explicit options win")
+    real.add_argument("--noise-spectrum", choices=("white", "coloured"), default=None,
+                      help="noise power spectrum (default white)")
+    real.add_argument("--spectrum-excess", type=float, nargs=2, default=None,
+                      help="A per optics group: power excess at zero frequency over the "
+                           f"flat part (default {COLOURED['excess']})")
+    real.add_argument("--spectrum-width", type=float, nargs=2, default=None,
+                      help="w per group: width (cycles/px) of the low-frequency excess "
+                           f"(default {COLOURED['width']})")
+    real.add_argument("--spectrum-nyquist", type=float, nargs=2, default=None,
+                      help="r per group: power at Nyquist relative to the flat part "
+                           f"(default {COLOURED['nyquist']})")
+    real.add_argument("--bfactor", type=float, default=None,
+                      help="B (Å^2) of an envelope exp(-B s^2/4) on the signal (default 0)")
+    real.add_argument("--contrast-spread", type=float, default=None,
+                      help="log-std of the per-particle contrast (default 0)")
+    real.add_argument("--noise-spread", type=float, default=None,
+                      help="log-std of the per-particle noise level (default 0)")
+    real.add_argument("--junk-fraction", type=float, default=None,
+                      help="fraction of junk images (default 0)")
+    real.add_argument("--scrambled-share", type=float, default=0.5,
+                      help="share of the junk that is phase-scrambled, the rest empty")
+
+
+def resolve_effects(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Fill the effects' defaults (REALISTIC's with --realistic) and check them."""
+    defaults = {"noise_spectrum": "white", "bfactor": 0.0, "contrast_spread": 0.0,
+                "noise_spread": 0.0, "junk_fraction": 0.0}
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, REALISTIC[key] if args.realistic else value)
+    for key in ("excess", "width", "nyquist"):
+        if getattr(args, f"spectrum_{key}") is None:
+            setattr(args, f"spectrum_{key}", list(COLOURED[key]))
+    if not 0 <= args.junk_fraction < 1 or not 0 <= args.scrambled_share <= 1:
+        parser.error("--junk-fraction must be in [0, 1) and --scrambled-share in [0, 1]")
+    if min(args.bfactor, args.contrast_spread, args.noise_spread) < 0:
+        parser.error("--bfactor, --contrast-spread and --noise-spread must be >= 0")
+    if min(args.spectrum_width + args.spectrum_nyquist) <= 0 or min(args.spectrum_excess) < 0:
+        parser.error("--spectrum-width and --spectrum-nyquist must be > 0, "
+                     "--spectrum-excess >= 0")
+
+
+def effects_on(args: argparse.Namespace) -> bool:
+    return (args.noise_spectrum != "white" or bool(args.bfactor) or bool(args.contrast_spread)
+            or bool(args.noise_spread) or bool(args.junk_fraction))
 
 
 # ---------------------------------------------------------------- structure and hinge
@@ -395,6 +485,138 @@ def correlation(images: np.ndarray, references: np.ndarray) -> np.ndarray:
     return (a * b).sum(-1) / np.sqrt((a * a).sum(-1) * (b * b).sum(-1))
 
 
+# ------------------------------------------------------------- micrograph effects
+# numpy on purpose: the data are made outside cryosvi, whose estimators they test.
+
+def shell_radius(box: int) -> np.ndarray:
+    """(L, L//2 + 1) |k| in cycles per box of each rfft2 coefficient."""
+    ky = np.fft.fftfreq(box, 1.0 / box)
+    kx = np.fft.rfftfreq(box, 1.0 / box)
+    return np.hypot(ky[:, None], kx[None, :])
+
+
+def half_plane_weights(box: int) -> np.ndarray:
+    """(L, L//2 + 1) how many full-grid coefficients each rfft2 coefficient stands for."""
+    w = np.full((box, box // 2 + 1), 2.0)
+    w[:, 0] = 1.0
+    if box % 2 == 0:
+        w[:, -1] = 1.0
+    return w
+
+
+def noise_shape(box: int, excess: float, width: float, nyquist: float) -> np.ndarray:
+    """(L, L//2 + 1) the coloured spectrum at each rfft2 coefficient, scaled to a mean of
+    1 over the L x L grid (pixel variance 1)."""
+    nu = shell_radius(box) / box  # cycles per pixel
+    shape = (1 + excess * np.exp(-nu**2 / (2 * width**2))) * nyquist ** ((nu / 0.5) ** 2)
+    return shape / ((half_plane_weights(box) * shape).sum() / box**2)
+
+
+def per_shell(values: np.ndarray) -> np.ndarray:
+    """(L, L//2 + 1) -> (n_shells,): the mean over each shell round(|k|) of the full
+    grid."""
+    box = values.shape[0]
+    index = np.round(shell_radius(box)).astype(int).ravel()
+    w = half_plane_weights(box).ravel()
+    return np.bincount(index, w * values.ravel()) / np.bincount(index, w)
+
+
+def filter_images(images: np.ndarray, filt: np.ndarray) -> np.ndarray:
+    """(n, L, L) images times ``filt`` ((L, L//2+1) or (n, L, L//2+1)) in rfft2 space."""
+    box = images.shape[-1]
+    return np.fft.irfft2(np.fft.rfft2(images) * filt, s=(box, box))
+
+
+def phase_scrambled(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Each image with its Fourier amplitudes kept and its phases those of a white-noise
+    image (Hermitian symmetry kept, so the result is real; DC kept): the same power
+    spectrum, no structure."""
+    box = images.shape[-1]
+    phases = np.fft.rfft2(rng.normal(size=images.shape))
+    phases = phases / np.maximum(np.abs(phases), 1e-30)
+    phases[:, 0, 0] = 1.0
+    return np.fft.irfft2(np.abs(np.fft.rfft2(images)) * phases, s=(box, box))
+
+
+def signal_effects(clean: np.ndarray, args, effects: np.random.Generator) -> dict:
+    """Steps a-c of the module notes on the clean images (in place): the envelope, the
+    junk, the contrast. Returns the per-image truth: contrast, noise level (drawn here,
+    used by ``noise_with_effects``) and junk kind (0 particle, 1 empty, 2 scrambled)."""
+    n = len(clean)
+    if args.bfactor:
+        envelope = np.exp(-args.bfactor * (shell_radius(args.box) / (args.box * args.pixel))
+                          ** 2 / 4)
+        clean[:] = filter_images(clean.astype(np.float64), envelope)
+    contrast = np.exp(args.contrast_spread * effects.normal(size=n) - args.contrast_spread**2 / 2)
+    level = np.exp(args.noise_spread * effects.normal(size=n) - args.noise_spread**2)
+    kind = np.zeros(n, int)
+    if args.junk_fraction:
+        junk = effects.random(n) < args.junk_fraction
+        scrambled = junk & (effects.random(n) < args.scrambled_share)
+        kind[junk] = 1
+        kind[scrambled] = 2
+        if scrambled.any():
+            clean[scrambled] = phase_scrambled(clean[scrambled].astype(np.float64), effects)
+        clean[kind == 1] = 0.0
+    if args.contrast_spread:
+        clean *= contrast[:, None, None].astype(np.float32)
+    return {"contrast": contrast, "level": level, "kind": kind}
+
+
+def noise_with_effects(shape, noise_std: float, group: np.ndarray, level: np.ndarray,
+                       args, rng: np.random.Generator) -> tuple[np.ndarray, list]:
+    """Steps e-f: (noise (n, L, L) float32, each group's spectrum shape (L, L//2+1)).
+    The white draws are the script's own (``rng``), whatever is switched on."""
+    white = rng.normal(0.0, noise_std, size=shape)
+    shapes = [np.ones((args.box, args.box // 2 + 1))] * len(OPTICS)
+    if args.noise_spectrum == "coloured":
+        shapes = [noise_shape(args.box, args.spectrum_excess[g], args.spectrum_width[g],
+                              args.spectrum_nyquist[g]) for g in range(len(OPTICS))]
+        white = filter_images(white, np.sqrt(np.stack(shapes))[group])
+    if args.noise_spread:
+        white = white * level[:, None, None]
+    return white.astype(np.float32), shapes
+
+
+def effect_columns(particles: pd.DataFrame, truth: dict, stds: np.ndarray, args) -> None:
+    """The effects' truth columns of the switched-on effects."""
+    if args.junk_fraction:
+        particles["cryosviTrueJunk"] = (truth["kind"] > 0).astype(int)
+        particles["cryosviTrueJunkKind"] = truth["kind"]
+    if args.contrast_spread:
+        particles["cryosviTrueContrast"] = truth["contrast"]
+    if args.noise_spread:
+        particles["cryosviTrueNoiseScale"] = truth["level"]
+    # the signal's scale in the normalised image, per unit of RELION's projection
+    particles["cryosviTrueSignalScale"] = truth["contrast"] / stds
+
+
+def effects_truth(args, shapes: list, kind: np.ndarray) -> dict:
+    """truth.json's record of the effects."""
+    return {
+        "noise": {
+            "spectrum": args.noise_spectrum,
+            "definition": "per optics group g, S_g per shell (shell = round(|k|), |k| in "
+                          "cycles per box; mean of S over the shell's coefficients), in "
+                          "units of the pixel variance (mean of S over the L x L grid = "
+                          "1); a particle's noise spectrum is noise_std^2 * lambda_i^2 * "
+                          "S_g before normalisation, cryosviNoiseStd^2 * S_g after",
+            "shell_frequency_per_angstrom": (per_shell(shell_radius(args.box))
+                                             / (args.box * args.pixel)).tolist(),
+            "shells": {str(g + 1): per_shell(shapes[g]).tolist() for g in range(len(OPTICS))},
+            "parameters": {"excess": args.spectrum_excess,
+                           "width_cycles_per_px": args.spectrum_width,
+                           "nyquist": args.spectrum_nyquist}
+            if args.noise_spectrum == "coloured" else None,
+            "noise_spread": args.noise_spread,
+        },
+        "bfactor": args.bfactor,
+        "contrast_spread": args.contrast_spread,
+        "junk": {"fraction": args.junk_fraction, "scrambled_share": args.scrambled_share,
+                 "empty": int((kind == 1).sum()), "scrambled": int((kind == 2).sum())},
+    }
+
+
 def given_for_relion(particles: pd.DataFrame) -> pd.DataFrame:
     """The columns relion_project reads, holding the given values (consensus poses, CTF
     estimates, shifts)."""
@@ -506,16 +728,26 @@ def make_dataset(args) -> dict:
         timings["relion_project_s"] = time.perf_counter() - tick
         shift = shift_sign(maps[0], optics, workdir, args.pixel, args.max_shift)
 
-        signal_variance = float(clean.astype(np.float64).var())
+        # The micrograph effects draw from their own stream (module notes, step 5).
+        effects = signal_effects(clean, args, np.random.default_rng([args.seed, 1]))
+        real = effects["kind"] == 0
+        signal_variance = float(clean[real].astype(np.float64).var())
         noise_std = math.sqrt(signal_variance / args.snr)
-        noisy = clean + rng.normal(0.0, noise_std, size=clean.shape).astype(np.float32)
+        group = particles["cryosviTrueOpticsGroup"].to_numpy() - 1
+        noise, shapes = noise_with_effects(clean.shape, noise_std, group, effects["level"],
+                                           args, rng)
+        noisy = clean + noise
         images, means, stds = normalise(noisy, background_mask(args.box, args.bg_radius))
         particles["cryosviNormMean"] = means
         particles["cryosviNormStd"] = stds
-        particles["cryosviNoiseStd"] = noise_std / stds   # noise std after normalisation
+        # the noise pixel std after normalisation
+        particles["cryosviNoiseStd"] = noise_std / stds * effects["level"]
+        if effects_on(args):
+            effect_columns(particles, effects, stds, args)
 
         tick = time.perf_counter()
-        chosen = np.sort(rng.choice(args.n, size=min(args.oracle, args.n), replace=False))
+        chosen = np.sort(rng.choice(np.flatnonzero(real), size=min(args.oracle, int(real.sum())),
+                                    replace=False))
         oracle_result = {kind: oracle(particles, images, maps, angles, optics, workdir,
                                       args.pixel, chosen, given=kind == "given")
                          for kind in ("true", "given")} if args.oracle else None
@@ -529,6 +761,8 @@ def make_dataset(args) -> dict:
     truth_table = truth_for_relion(particles)
     truth_table.insert(0, "rlnImageName", particles["rlnImageName"])
     truth_table["cryosviTrueConformation"] = particles["cryosviTrueConformation"]
+    if args.junk_fraction:
+        truth_table["cryosviTrueJunk"] = particles["cryosviTrueJunk"]
     write_star(output / "truth.star", optics, truth_table)
     timings["total_s"] = time.perf_counter() - start
 
@@ -557,6 +791,7 @@ def make_dataset(args) -> dict:
         "pose_error_deg": {"rms": float(np.sqrt((particles["cryosviPoseError"] ** 2).mean())),
                            "median": float(particles["cryosviPoseError"].median())},
         "relion_shift_check": shift,
+        **effects_truth(args, shapes, effects["kind"]),
         "oracle": oracle_result,
         "timings_s": timings,
         "relion_project": subprocess.run(["relion_project", "--version"], capture_output=True,

@@ -10,11 +10,15 @@ For each particle i, inside ``pyro.plate("particles")``, one site per latent of
                          an offset dz ~ Normal(0, defocus_offset_std) around U and V
     shifts     s_i     ~ Normal(file's or 0, shift_std)      (B, 2) Å, only when inferred
     measurement Y_i    ~ Normal(scale * forward(...) + offset, noise_std)   (B, L, L)
+                         or, given a NoiseModel, Measurement(forward(...), group, noise)
 
 ``scale`` and ``offset`` are the data set's gray levels (``Imaging``, applied by the
-forward model). Simulation runs this same program from its prior (``noise_std = 0``
-makes the measurement the clean image, so noise can be scaled to a data-set SNR
-afterwards).
+forward model). With a ``cryosvi.physics.noise.NoiseModel`` instead of a noise std, the
+measurement is coloured Gaussian noise of each particle's optics group (its CTF's
+``group``, else 0) with the offset and a per-particle contrast integrated out
+(``cryosvi.distributions.Measurement``). Simulation runs this same program from its
+prior (``noise_std = 0`` makes the measurement the clean image, so noise can be scaled to
+a data-set SNR afterwards).
 """
 
 from __future__ import annotations
@@ -25,15 +29,17 @@ from pyro import poutine
 from torch import Tensor
 
 from cryosvi.config import Priors
+from cryosvi.distributions.measurement import Measurement
 from cryosvi.latents import PAPER_SITES, forward_inputs, model_sites
 from cryosvi.physics.conditions import Conditions
 from cryosvi.physics.forward import ForwardModel
+from cryosvi.physics.noise import NoiseModel
 
 SITES = tuple(latent.site for latent in model_sites())
 """The sites of every model (the paper's latents), in the model's sampling order."""
 
 
-def model(forward: ForwardModel, priors: Priors, noise_std: float,
+def model(forward: ForwardModel, priors: Priors, noise_std: float | NoiseModel,
           images: Tensor | None = None, batch_size: int | None = None,
           n_particles: int | None = None, conditions: Conditions | None = None,
           latents=PAPER_SITES) -> Tensor:
@@ -43,7 +49,8 @@ def model(forward: ForwardModel, priors: Priors, noise_std: float,
     n_particles: size of the whole data set when ``images`` is a mini-batch, so the
     ELBO is scaled to the full data set (Pyro's plate subsampling).
     noise_std: std of the white Gaussian noise; 0 leaves out the measurement site (the
-    simulator adds noise afterwards, scaled to the data set's signal variance).
+    simulator adds noise afterwards, scaled to the data set's signal variance); or a
+    ``NoiseModel`` at the images' box (see the module notes).
     conditions: the batch's per-particle CTF estimates and known shifts (None: the
     paper's model). latents: the inferred sites; latents that are not ``always`` sites
     (shifts) are sites only when listed.
@@ -57,7 +64,10 @@ def model(forward: ForwardModel, priors: Priors, noise_std: float,
             values[latent.site] = pyro.sample(latent.site,
                                               latent.prior(priors, conditions, like))
         clean = forward(**forward_inputs(values, conditions))
-        if noise_std > 0:
+        if isinstance(noise_std, NoiseModel):
+            group = None if conditions.ctf is None else conditions.ctf.group
+            pyro.sample("measurement", Measurement(clean, group, noise_std), obs=images)
+        elif noise_std > 0:
             pyro.sample("measurement", dist.Normal(clean, noise_std).to_event(2), obs=images)
     return clean
 

@@ -1,7 +1,9 @@
 """A reference: pseudo-atoms, their normal modes and every setting of the forward model.
 
 It travels from ``simulate`` to ``train`` to ``infer`` as ``reference.npz``, so a data
-set or a run records everything needed to rebuild its forward model.
+set or a run records everything needed to rebuild its forward model, and, when one is
+known, the noise model of the images (``cryosvi.physics.noise.NoiseModel``: its spectra
+as the arrays ``noise_model_<name>``, its numbers under ``noise_model`` in the settings).
 """
 
 from __future__ import annotations
@@ -11,12 +13,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from cryosvi import config
 from cryosvi.config import Imaging, Noise, Optics, Priors
 from cryosvi.errors import CryosviError
 from cryosvi.io.atomic import save_npz_atomically
 from cryosvi.io.outputs import provenance_array
+from cryosvi.physics.noise import NoiseModel
 
 
 @dataclass(frozen=True)
@@ -24,7 +28,8 @@ class Reference:
     """coords (N, 3) Å centred; centroid (3,) Å of the original structure; modes (K, N, 3)
     orthonormal; eigenvalues (K,) of the ANM Hessian (gamma units / Å^2), or for modes
     learnt from particles (``cryosvi.inference.learnt_modes``, ``source['modes'] == 'learnt'``) the
-    particles' variance along each (Å^2)."""
+    particles' variance along each (Å^2). noise_model: the images' noise, or None (white
+    noise of ``noise.std``)."""
 
     coords: np.ndarray
     centroid: np.ndarray
@@ -35,6 +40,7 @@ class Reference:
     priors: Priors
     noise: Noise
     source: dict = field(default_factory=dict)
+    noise_model: NoiseModel | None = None
 
     @property
     def n_atoms(self) -> int:
@@ -63,9 +69,10 @@ class Reference:
         imaging = self.imaging
         if pixel_size != self.optics.pixel_size:
             imaging = replace(imaging, window=None)
+        noise_model = self.noise_model and self.noise_model.at_box(box)  # cropped
         return replace(self, optics=replace(self.optics, box=int(box),
                                             pixel_size=float(pixel_size)),
-                       imaging=imaging)
+                       imaging=imaging, noise_model=noise_model)
 
     def save(self, path: str | Path) -> None:
         """Write ``path`` (.npz) atomically."""
@@ -75,10 +82,13 @@ class Reference:
             "priors": config.asdict(self.priors), "noise": config.asdict(self.noise),
             "source": self.source,
         }
+        noise_arrays = {}
+        if self.noise_model is not None:
+            settings["noise_model"], noise_arrays = _noise_model_entries(self.noise_model)
         save_npz_atomically(path, coords=self.coords, centroid=self.centroid,
                             modes=self.modes, eigenvalues=self.eigenvalues,
                             settings=json.dumps(settings),
-                            cryosvi=provenance_array("reference"))
+                            cryosvi=provenance_array("reference"), **noise_arrays)
 
     @classmethod
     def load(cls, path: str | Path) -> "Reference":
@@ -91,6 +101,8 @@ class Reference:
             with np.load(path, allow_pickle=False) as data:
                 settings = json.loads(str(data["settings"]))
                 arrays = {k: data[k] for k in ARRAYS}
+                noise_arrays = {k: data[f"noise_model_{k}"] for k in NOISE_MODEL_ARRAYS
+                                if "noise_model" in settings}
         except Exception as error:  # zip, key, JSON, dtype and pickle refusals alike
             text = str(error).strip().splitlines()[0] if str(error).strip() else \
                 type(error).__name__
@@ -101,7 +113,9 @@ class Reference:
                             imaging=config.from_dict(Imaging, settings["imaging"]),
                             priors=config.from_dict(Priors, settings["priors"]),
                             noise=config.from_dict(Noise, settings["noise"]),
-                            source=dict(settings.get("source") or {}))
+                            source=dict(settings.get("source") or {}),
+                            noise_model=_noise_model(settings.get("noise_model"),
+                                                     noise_arrays, f"{path}: "))
         except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise CryosviError(f"{path} is damaged: bad settings ({error!r})") from None
         reference.check(f"{path}: ")
@@ -131,6 +145,33 @@ class Reference:
 
 
 ARRAYS = ("coords", "centroid", "modes", "eigenvalues")
+NOISE_MODEL_ARRAYS = ("noise", "error", "signal_power")
+"""The NoiseModel's spectra, saved as ``noise_model_<name>`` (G, shells) float64."""
+NOISE_MODEL_NUMBERS = ("box", "pixel_size", "error_weight", "contrast_mean", "contrast_std",
+                       "contrast_floor", "bfactor", "cropped", "origin")
+
+
+def _noise_model_entries(noise: NoiseModel) -> tuple[dict, dict]:
+    """(settings entry, arrays) of a NoiseModel for ``Reference.save``."""
+    numbers = {name: getattr(noise, name) for name in NOISE_MODEL_NUMBERS}
+    arrays = {f"noise_model_{name}": getattr(noise, name).cpu().numpy()
+              for name in NOISE_MODEL_ARRAYS}
+    return numbers, arrays
+
+
+def _noise_model(numbers: dict | None, arrays: dict, where: str) -> NoiseModel | None:
+    """The NoiseModel of a saved reference (``_noise_model_entries``), checked."""
+    if numbers is None:
+        return None
+    for name, value in arrays.items():
+        if value.dtype.kind != "f":
+            raise CryosviError(f"{where}noise_model_{name} is not floating-point")
+    try:
+        return NoiseModel(**{k: numbers[k] for k in NOISE_MODEL_NUMBERS},
+                          **{k: torch.from_numpy(np.array(v, dtype=np.float64))
+                             for k, v in arrays.items()})
+    except CryosviError as error:
+        raise CryosviError(f"{where}{error}") from None
 
 
 def build_reference(structure: str | Path | None, chain: str | None, stride: int,

@@ -2,9 +2,13 @@
 
 Two streamed passes keep memory at one chunk of images whatever the data-set size:
 1. the model (noise-free) draws latents and clean images chunk by chunk into a
-   memory-mapped ``.mrcs`` while the signal variance is accumulated;
-2. white noise with std = sqrt(signal variance / SNR) (the paper's data-set SNR) is added
-   in place.
+   memory-mapped ``.mrcs`` while the signal variance is accumulated; with
+   ``ImageEffects``, each clean image first gets the B envelope and its particle's
+   contrast (their own random stream);
+2. noise with std = sqrt(signal variance / SNR) (the paper's data-set SNR) is added in
+   place: white, or the same white draws filtered to each optics group's coloured
+   spectrum (pixel variance kept). The defaults make the paper's data, bit for bit as
+   before these effects existed.
 Everything is written to a marked staging directory that is renamed at the end, so an
 interrupted run leaves no half-written data set behind (and the next run removes the
 staging directory a killed one left).
@@ -36,7 +40,9 @@ from cryosvi.latents import REGISTRY, model_sites
 from cryosvi.model import sample_prior
 from cryosvi.physics.conditions import Conditions
 from cryosvi.randomness import preserved_rng
-from cryosvi.physics.noise import RunningMoments, noise_std_for_snr
+from cryosvi.physics.noise import NoiseModel, RunningMoments, coloured_noise, noise_std_for_snr
+from cryosvi.physics.spectrum import (apply_envelope, coloured_spectrum, group_sums, n_shells,
+                                      power_spectrum, shell_average)
 from cryosvi.reference import Reference
 
 STACK_NAME = "particles.mrcs"
@@ -91,6 +97,59 @@ class Acquisition:
         return self.max_shift == 0 and self.astigmatism == 0 and len(self.groups) <= 1
 
 
+COLOURED = ((3.0, 0.05, 0.4), (2.0, 0.08, 0.25))
+"""(excess A, width w cycles/px, power r at Nyquist) of ``coloured_spectrum`` for the
+optics groups in turn (4x and 3x the flat power at zero frequency, 0.4 and 0.25 at
+Nyquist: a 300 kV and a 200 kV detector, as benchmarks/realistic/make_dataset.py)."""
+
+
+@dataclass(frozen=True)
+class ImageEffects:
+    """What micrographs add to the model's images, for ``simulate_dataset``.
+
+    noise_spectrum: () for white noise, else one (excess, width, nyquist) per optics group
+    (``physics.spectrum.coloured_spectrum``; a single entry serves every group), pixel
+    variance that of the white noise; contrast_spread: c, each particle's signal times a
+    lognormal contrast of mean 1 and log-std c (cryosviTrueContrast); bfactor: Å^2, every
+    clean image times the envelope exp(-B s^2 / 4). The defaults add nothing."""
+
+    noise_spectrum: tuple = ()
+    contrast_spread: float = 0.0
+    bfactor: float = 0.0
+
+    @property
+    def is_default(self) -> bool:
+        return not self.noise_spectrum and not self.contrast_spread and not self.bfactor
+
+    def check(self, n_groups: int) -> None:
+        """A CryosviError for values out of range or spectra that do not fit the groups."""
+        if len(self.noise_spectrum) not in (0, 1, n_groups):
+            raise CryosviError(f"{len(self.noise_spectrum)} coloured spectra for {n_groups} "
+                               "optics groups: give one for all or one per group")
+        for excess, width, nyquist in self.noise_spectrum:
+            if not (0 <= excess < 1e3 and 0 < width <= 1 and 0 < nyquist <= 1e3):
+                raise CryosviError(f"coloured spectrum (excess {excess}, width {width}, "
+                                   f"Nyquist {nyquist}): need excess >= 0, 0 < width <= 1 "
+                                   "cycle/px and Nyquist > 0")
+        if not 0 <= self.contrast_spread <= 2:
+            raise CryosviError(f"contrast spread must be in [0, 2], got {self.contrast_spread}")
+        if not 0 <= self.bfactor <= 1e4:
+            raise CryosviError(f"B-factor must be in [0, 1e4] Å^2, got {self.bfactor}")
+
+    def shapes(self, box: int, n_groups: int) -> torch.Tensor:
+        """(G, n_shells) float64 each group's noise spectrum at pixel variance 1."""
+        if not self.noise_spectrum:
+            return torch.ones(n_groups, n_shells(box), dtype=torch.float64)
+        spectra = self.noise_spectrum * n_groups if len(self.noise_spectrum) == 1 \
+            else self.noise_spectrum
+        return torch.stack([coloured_spectrum(box, *values) for values in spectra[:n_groups]])
+
+
+def default_spectra(n_groups: int) -> tuple:
+    """``COLOURED`` in turn for ``n_groups`` optics groups."""
+    return tuple(COLOURED[k % len(COLOURED)] for k in range(n_groups))
+
+
 def group_optics(optics: Optics, n_groups: int) -> tuple[Optics, ...]:
     """``n_groups`` optics groups for a simulation: the reference's optics first, then
     alternately 200 kV / Cs 2.0 mm and the reference's voltage and Cs with Cs + 0.3 mm
@@ -137,10 +196,15 @@ def simulate_dataset(reference: Reference, n_particles: int, output: str | Path,
                      seed: int = 0, force: bool = False, chunk_size: int = 256,
                      device: str = "cpu",
                      acquisition: Acquisition = Acquisition(),
-                     progress: bool = True) -> Reference:
+                     progress: bool = True,
+                     effects: ImageEffects = ImageEffects()) -> Reference:
     """Write ``output/particles.mrcs``, ``particles.star``, ``reference.npz`` and the
     ``.cryosvi`` marker. ``acquisition``: shifts, astigmatism and optics groups
-    (default: the paper's data). ``progress``: tqdm bars on stderr.
+    (default: the paper's data). ``effects``: coloured noise, contrast spread, B envelope
+    (default: none), recorded as the reference's ``noise_model`` (the truth: the noise
+    spectra per optics group, the contrast's mean 1 and std sqrt(exp(c^2) - 1) of the
+    lognormal, the B-factor, the signal's power per shell) unless the images are
+    noise-free. ``progress``: tqdm bars on stderr.
 
     The data set is built in a hidden staging folder beside ``output`` (marked with this
     process id) and renamed into place only when complete and finite; staging folders
@@ -154,12 +218,13 @@ def simulate_dataset(reference: Reference, n_particles: int, output: str | Path,
     replace = check_output_directory(output, DATASET_KIND, force)
     reference.check()
     check_fits_in_box(reference)
+    effects.check(max(len(acquisition.groups), 1))
     for stale in remove_stale_staging(output):
         print(f"note: removed {stale}, left by an interrupted simulate", file=sys.stderr)
     staging = make_staging(output)
     try:
         reference = _simulate_into(reference, n_particles, staging, seed, chunk_size, device,
-                                   acquisition, progress)
+                                   acquisition, progress, effects)
         mark_directory(staging, DATASET_KIND)
         if replace:
             remove_directory(output)
@@ -172,9 +237,24 @@ def simulate_dataset(reference: Reference, n_particles: int, output: str | Path,
     return reference
 
 
+def _apply_effects(clean: torch.Tensor, effects: ImageEffects, pixel_size: float,
+                   generator: torch.Generator, metadata: dict) -> torch.Tensor:
+    """The clean images (B, L, L) with the B envelope and each particle's contrast (drawn
+    from ``generator``, recorded in ``metadata``); the same tensor without effects."""
+    if effects.bfactor:
+        clean = apply_envelope(clean, pixel_size, effects.bfactor)
+    if effects.contrast_spread:
+        spread = effects.contrast_spread
+        contrast = torch.exp(spread * torch.randn(clean.shape[0], generator=generator,
+                                                  dtype=torch.float64) - spread**2 / 2)
+        metadata.setdefault("cryosviTrueContrast", []).append(contrast.numpy())
+        clean = clean * contrast.to(clean.device, clean.dtype)[:, None, None]
+    return clean
+
+
 def _simulate_into(reference: Reference, n: int, directory: Path, seed: int,
                    chunk_size: int, device: str, acquisition: Acquisition,
-                   progress: bool = True) -> Reference:
+                   progress: bool = True, effects: ImageEffects = ImageEffects()) -> Reference:
     box = reference.optics.box
     paper = acquisition.is_paper
     groups = acquisition.groups or (reference.optics,)
@@ -185,6 +265,8 @@ def _simulate_into(reference: Reference, n: int, directory: Path, seed: int,
     metadata: dict[str, list] = {}
     stack = StackWriter(directory / STACK_NAME, n, box, reference.optics.pixel_size)
     statistics = (np.nan,) * 4
+    effects_generator = torch.Generator().manual_seed(seed + 2)  # draws nothing else moves
+    truth: dict[str, list] = {}
     starts = range(0, n, chunk_size)
     try:
         with torch.no_grad():
@@ -206,6 +288,8 @@ def _simulate_into(reference: Reference, n: int, directory: Path, seed: int,
                                                     conditions, given=given)
                 for site in given or ():  # the acquisition's values, not latents
                     del chunk_latents[site]
+                clean = _apply_effects(clean, effects, reference.optics.pixel_size,
+                                       effects_generator, truth)
                 moments.update(clean)
                 stack.write(start, clean.cpu().numpy())
                 for site, value in chunk_latents.items():
@@ -219,11 +303,22 @@ def _simulate_into(reference: Reference, n: int, directory: Path, seed: int,
             noise_std = noise_std_for_snr(moments.variance, reference.noise.snr)
             generator = torch.Generator().manual_seed(seed + 1)
             noisy_moments, low, high = RunningMoments(), np.inf, -np.inf
+            group = (np.concatenate(metadata["rlnOpticsGroup"]) - 1 if "rlnOpticsGroup"
+                     in metadata else np.zeros(n, dtype=np.int64))
+            shapes = effects.shapes(box, len(groups))
+            power = torch.zeros(len(groups), n_shells(box), dtype=torch.float64)
             for start in tqdm(starts, desc="adding noise", unit="chunk", leave=False,
                               disable=not progress):
                 stop = min(start + chunk_size, n)
                 noise = torch.randn((stop - start, box, box), generator=generator)
-                noisy = stack.read(start, stop) + noise_std * noise.numpy()
+                clean = stack.read(start, stop)
+                rows = torch.from_numpy(group[start:stop]).long()
+                if not effects.is_default:
+                    power += group_sums(shell_average(power_spectrum(
+                        torch.from_numpy(clean).double())), rows, len(groups))[0]
+                if effects.noise_spectrum:
+                    noise = coloured_noise(shapes[rows], box, white=noise.double()).float()
+                noisy = clean + noise_std * noise.numpy()
                 stack.write(start, noisy)
                 if not np.isfinite(noisy).all():
                     raise CryosviError(f"non-finite pixel values in particles {start + 1}.."
@@ -238,7 +333,7 @@ def _simulate_into(reference: Reference, n: int, directory: Path, seed: int,
         stack.close(*statistics)
     latents = {site: np.concatenate(values) for site, values in latents.items()}
     table = particles_table(latents)
-    for column, parts in metadata.items():
+    for column, parts in {**metadata, **truth}.items():
         table[column] = np.concatenate(parts)
     write_star(directory / "particles.star", table, optics_groups_table(groups))
     noise = type(reference.noise)(snr=reference.noise.snr, std=noise_std)
@@ -246,5 +341,13 @@ def _simulate_into(reference: Reference, n: int, directory: Path, seed: int,
     # latent that it must infer with the data set's prior (``train.DEFOCUS_PRIORS``).
     source = {**reference.source, "ctf_estimates": not paper}
     reference = reference.with_settings(noise=noise, source=source)
+    if not effects.is_default and noise_std > 0:
+        count = np.bincount(group, minlength=len(groups)).clip(1)[:, None]
+        spread = effects.contrast_spread
+        reference = reference.with_settings(noise_model=NoiseModel(
+            box, reference.optics.pixel_size, noise_std**2 * shapes,
+            signal_power=power / torch.from_numpy(count), contrast_mean=1.0,
+            contrast_std=float(np.sqrt(np.expm1(spread**2))), contrast_floor=0.0,
+            bfactor=effects.bfactor, origin="cryosvi simulate (the truth)"))
     reference.save(directory / "reference.npz")
     return reference

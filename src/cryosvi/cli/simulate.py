@@ -21,8 +21,9 @@ def register(subparsers, summary: str) -> None:
     parser = subparsers.add_parser(
         "simulate", help=summary,
         description="Simulate particles (RELION .mrcs + .star) from the Pyro forward model: "
-        "ANM-deformed Gaussian pseudo-atoms, uniform poses, CTF, white noise. Options not "
-        "given take the preset's value. The data set is written whole or not at all.",
+        "ANM-deformed Gaussian pseudo-atoms, uniform poses, CTF, white or coloured noise. "
+        "Options not given take the preset's value. The data set is written whole or not "
+        "at all.",
         formatter_class=HelpFormatter)
     parser.add_argument("-o", "--output", required=True, help="output directory")
     parser.add_argument("--structure", help="PDB/mmCIF file (default: bundled 1OL5)")
@@ -72,6 +73,27 @@ def register(subparsers, summary: str) -> None:
                         help="optics groups (RELION 3.1 data_optics): the first with the "
                         "preset's voltage and Cs, then alternately 200 kV / Cs 2.0 mm and "
                         "the preset's, Cs + 0.3 mm per further pair")
+    real = parser.add_argument_group(
+        "micrograph effects (default: none, the paper's data; recorded as the truth in "
+        "reference.npz's noise model and the STAR's cryosviTrueContrast)")
+    real.add_argument("--noise-spectrum", choices=("white", "coloured"), default="white",
+                      help="the noise's power spectrum: flat, or per optics group "
+                      "(1 + A exp(-nu^2 / 2w^2)) r^((nu / 0.5)^2) at nu cycles/px, scaled "
+                      "to the white noise's pixel variance (the SNR keeps its meaning)")
+    real.add_argument("--spectrum-excess", type=number(0.0, 1e3), nargs="+", metavar="A",
+                      help="A per optics group (one value: every group): power at zero "
+                      "frequency over the flat part, 1 + A (default: 3.0, 2.0 in turn)")
+    real.add_argument("--spectrum-width", type=number(0.0, 1.0, low_open=True), nargs="+",
+                      metavar="W", help="w per optics group: width of the excess, cycles/px "
+                      "(default: 0.05, 0.08 in turn)")
+    real.add_argument("--spectrum-nyquist", type=number(0.0, 1e3, low_open=True), nargs="+",
+                      metavar="R", help="r per optics group: power at Nyquist over the flat "
+                      "part (default: 0.4, 0.25 in turn)")
+    real.add_argument("--contrast-spread", type=number(0.0, 2.0), default=0.0,
+                      help="log-std of each particle's contrast (lognormal, mean 1: ice "
+                      "thickness, dose)")
+    real.add_argument("--bfactor", type=number(0.0, 1e4), default=0.0,
+                      help="Å^2: the clean images times the envelope exp(-B s^2 / 4)")
     parser.add_argument("--seed", type=seed_int, default=0, help="random seed")
     parser.add_argument("--device", type=device_name, default="cpu",
                         help="cpu, cuda, cuda:N or auto")
@@ -107,6 +129,30 @@ def settings_from_args(args) -> dict:
     return dict(optics=optics, imaging=imaging, priors=priors, noise=noise)
 
 
+def effects_from_args(args):
+    """The ``ImageEffects`` of the options; a CryosviError for spectrum options without
+    --noise-spectrum coloured or with a count other than 1 or the optics groups'."""
+    from cryosvi.errors import CryosviError
+    from cryosvi.simulate import ImageEffects, default_spectra
+
+    groups = args.optics_groups
+    given = {name: getattr(args, f"spectrum_{name}") for name in ("excess", "width", "nyquist")}
+    spectra = ()
+    if args.noise_spectrum == "coloured":
+        columns = list(zip(*default_spectra(groups)))
+        for k, (name, values) in enumerate(given.items()):
+            if values is not None:
+                if len(values) not in (1, groups):
+                    raise CryosviError(f"--spectrum-{name}: {len(values)} values for "
+                                       f"{groups} optics group(s); give 1 or {groups}")
+                columns[k] = tuple(values) * (groups if len(values) == 1 else 1)
+        spectra = tuple(zip(*columns))
+    elif any(values is not None for values in given.values()):
+        raise CryosviError("--spectrum-excess/-width/-nyquist need --noise-spectrum coloured")
+    return ImageEffects(noise_spectrum=spectra, contrast_spread=args.contrast_spread,
+                        bfactor=args.bfactor)
+
+
 def run(args) -> None:
     from cryosvi.io.outputs import check_output_directory
     from cryosvi.reference import build_reference
@@ -114,6 +160,7 @@ def run(args) -> None:
                                   simulate_dataset)
 
     settings = settings_from_args(args)
+    effects = effects_from_args(args)
     device = check_device(args.device)
     check_output_directory(args.output, DATASET_KIND, args.force)
     box = settings["optics"].box
@@ -127,8 +174,13 @@ def run(args) -> None:
                               if args.optics_groups > 1 else ())
     reference = simulate_dataset(reference, args.n_particles, args.output, seed=args.seed,
                                  force=args.force, device=device, chunk_size=CHUNK,
-                                 acquisition=acquisition, progress=not args.quiet)
+                                 acquisition=acquisition, progress=not args.quiet,
+                                 effects=effects)
     snr = "inf" if math.isinf(reference.noise.snr) else f"{reference.noise.snr:g}"
+    extra = "".join([", coloured noise" if effects.noise_spectrum else "",
+                     f", contrast spread {effects.contrast_spread:g}"
+                     if effects.contrast_spread else "",
+                     f", B {effects.bfactor:g} Å^2" if effects.bfactor else ""])
     print(f"wrote {args.n_particles} particles of {reference.optics.box} px "
           f"({reference.n_atoms} pseudo-atoms, {reference.n_modes} mode(s), SNR {snr}, "
-          f"noise std {reference.noise.std:.4g}) to {args.output}/")
+          f"noise std {reference.noise.std:.4g}{extra}) to {args.output}/")

@@ -1,7 +1,9 @@
 """Distributions and Markov kernels on the latents' spaces, torch and Pyro only (nothing
 here knows about cryo-EM): the projected normal family on spheres (the pose), weighted
-samples' moments, and symmetric random-walk proposals (the SMC's moves)."""
+samples' moments, and symmetric random-walk proposals (the SMC's moves); and the
+measurement of images through a ``cryosvi.physics.noise.NoiseModel``."""
 
+from cryosvi.distributions.measurement import Measurement
 from cryosvi.distributions.normaliser import log_projected_normal_normaliser
 from cryosvi.distributions.projected_normal import (AntipodalProjectedNormal, ProjectedNormal,
                                                     ProjectedNormalMixture, pose_distribution,
@@ -9,6 +11,7 @@ from cryosvi.distributions.projected_normal import (AntipodalProjectedNormal, Pr
 from cryosvi.distributions.random_walk import RandomWalk, gaussian_step, weighted_moments
 
 __all__ = [
+    "Measurement",
     "ProjectedNormal",
     "AntipodalProjectedNormal",
     "ProjectedNormalMixture",

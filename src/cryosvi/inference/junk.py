@@ -1,0 +1,122 @@
+"""Junk: images that hold no particle (empty ice, aggregates, contamination), told from
+particles by their evidence under three models of an image x of optics group g:
+
+* particle: the physics model, its evidence Z_0 = p(x | particle) with every latent
+  integrated out (a Laplace or SMC estimate; the caller's);
+* noise (empty ice): x ~ N(0, T_g), the noise alone;
+* structureless (aggregates, contamination, phase-scrambled particles): x ~ N(0, T_g +
+  P_g), a stationary Gaussian with the noise's spectrum plus the particles' mean signal
+  power P_g (``NoiseModel.signal_power``): the particles' power without their structure.
+
+Both nulls are closed form (``physics.noise.gaussian_log_likelihood``) with the offset
+integrated out as in the physics model (the DC term left out, and the Nyquist row and
+column of cropped images), so the three evidences are densities on the same space. An
+image is then a draw from the mixture
+
+    p(x) = w_0 Z_0 + w_1 Z_1 + w_2 Z_2,    w_0 + w_1 + w_2 = 1,
+
+the junk fraction pi = w_1 + w_2, and Bayes' rule gives each image's junk probability
+(``junk_probability``). The weights are fitted by EM over a data set's (N, 3) log
+evidences (``fit_junk_mixture``, Dempster, Laird & Rubin 1977), which is all it needs:
+the evidences can be computed batch by batch and the EM run once at the end.
+
+Calibration needs the physics model's contrast prior to say that particles have a
+contrast well above 0 (``NoiseModel.contrast_floor``, a truncated prior; ``dataset.
+refine_noise_model`` sets it): with a Gaussian prior reaching 0, an empty image is
+explained by the physics model at a contrast near 0 at an Occam cost of only a few nats,
+and the junk probability ranks the images but is too low (a research prototype on
+RELION-projected data, 2 000 particles at SNR 0.1 with 11 % junk: AUC 0.999, but a junk
+fraction of 0.07 fitted; on a toy with a known posterior, benchmarks/noise/
+junk_calibration.py, the floor brings the fitted fraction within 0.005 of the truth,
+median over 27 settings, against 0.047 without it).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from cryosvi.physics.noise import NoiseModel, gaussian_log_likelihood
+
+MODELS = ("particle", "noise", "structureless")
+"""The columns of the (N, 3) log evidences and the mixture weights."""
+
+
+def null_log_evidence(images: Tensor, noise: NoiseModel,
+                      group: Tensor | None = None) -> Tensor:
+    """(..., 2) float64: log p(x | noise) and log p(x | structureless) of images (..., L,
+    L) of optics groups ``group`` (...) (None: group 0)."""
+    x = images.double()
+    total = noise.spectra(group, x)
+    power = noise.signal_power.to(x.device)
+    power = power[0] if group is None else power[group.to(x.device).long()]
+    return torch.stack([gaussian_log_likelihood(x, total, True, noise.cropped),
+                        gaussian_log_likelihood(x, total + power, True, noise.cropped)], -1)
+
+
+def _log_posteriors(log_evidence: Tensor, weights: Tensor) -> Tensor:
+    """(N, 3) log posterior probabilities of the three models."""
+    joint = log_evidence.double() + weights.double().log().to(log_evidence.device)
+    return joint - torch.logsumexp(joint, -1, keepdim=True)
+
+
+def junk_probability(log_evidence: Tensor, weights) -> Tensor:
+    """(N,) the posterior probability that each image is junk, 1 - p(particle | x), from
+    its log evidences (N, 3) (``MODELS`` order) and the mixture weights (3,)."""
+    weights = torch.as_tensor(weights, dtype=torch.float64)
+    return -torch.expm1(_log_posteriors(torch.as_tensor(log_evidence), weights)[:, 0])
+
+
+def log_bayes_factor(log_evidence: Tensor, weights) -> Tensor:
+    """(N,) log of p(x | junk) / p(x | particle), p(x | junk) the nulls' mixture with
+    their relative weights w_1 / pi, w_2 / pi: the evidence for junk, independent of the
+    junk fraction (a user may threshold it)."""
+    log_evidence = torch.as_tensor(log_evidence).double()
+    weights = torch.as_tensor(weights, dtype=torch.float64)
+    nulls = weights[1:] / weights[1:].sum()
+    junk = torch.logsumexp(log_evidence[:, 1:] + nulls.log(), -1)
+    return junk - log_evidence[:, 0]
+
+
+class JunkMixture(NamedTuple):
+    """weights (3,): the mixture weights (``MODELS`` order); junk_fraction: w_1 + w_2;
+    p_junk (N,): each image's junk probability; iterations: EM steps taken;
+    log_likelihood: the mixture's log-likelihood of the data set at the weights."""
+
+    weights: Tensor
+    junk_fraction: float
+    p_junk: Tensor
+    iterations: int
+    log_likelihood: float
+
+
+def fit_junk_mixture(log_evidence: Tensor, initial=(0.9, 0.05, 0.05),
+                     iterations: int = 1000, tol: float = 1e-9,
+                     min_weight: float = 1e-8) -> JunkMixture:
+    """The mixture weights of the three models by EM from the images' log evidences
+    (N, 3) (``MODELS`` order; float64 in the computation): the E-step's
+    responsibilities are the models' posterior probabilities, the M-step's weights their
+    means over the images (Dempster, Laird & Rubin 1977), until no weight moves by more
+    than ``tol``. The likelihood never decreases. Weights are kept >= ``min_weight`` so
+    that a model can come back."""
+    log_evidence = torch.as_tensor(log_evidence).double()
+    if log_evidence.dim() != 2 or log_evidence.shape[1] != len(MODELS) or \
+            not torch.isfinite(log_evidence).all():
+        raise ValueError(f"log evidences must be finite (N, {len(MODELS)}), got "
+                         f"{tuple(log_evidence.shape)}")
+    weights = torch.as_tensor(initial, dtype=torch.float64).to(log_evidence.device)
+    weights = weights / weights.sum()
+    step = 0
+    for step in range(1, iterations + 1):
+        new = _log_posteriors(log_evidence, weights).exp().mean(0).clamp_min(min_weight)
+        new = new / new.sum()
+        done = bool((new - weights).abs().max() < tol)
+        weights = new
+        if done:
+            break
+    log_joint = log_evidence + weights.log()
+    p_junk = -torch.expm1(log_joint[:, 0] - torch.logsumexp(log_joint, -1))
+    return JunkMixture(weights, float(weights[1:].sum()), p_junk, step,
+                       float(torch.logsumexp(log_joint, -1).sum()))
