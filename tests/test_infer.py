@@ -216,11 +216,12 @@ def test_infer_writes_angstrom_origins_from_a_file_with_pixel_origins(trained, t
                  "--quiet"]) == 0, capsys.readouterr().err
     written = starfile.read(output, always_dict=True)
     assert list(written) == ["optics", "particles"]
-    assert "rlnOriginX" not in written["particles"] and "rlnOriginY" not in written["particles"]
-    np.testing.assert_allclose(written["particles"]["rlnOriginXAngst"], shifts[:, 0] * pixel,
-                               rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(written["particles"]["rlnOriginYAngst"], shifts[:, 1] * pixel,
-                               rtol=1e-5, atol=1e-6)
+    rows = written["particles"]
+    assert "rlnOriginX" not in rows and "rlnOriginY" not in rows
+    np.testing.assert_allclose(rows["rlnOriginXAngst"], shifts[:, 0] * pixel, rtol=1e-5,
+                               atol=1e-6)
+    np.testing.assert_allclose(rows["rlnOriginYAngst"], shifts[:, 1] * pixel, rtol=1e-5,
+                               atol=1e-6)
 
 
 def test_rotation_perturbations_have_the_requested_spread():

@@ -209,3 +209,42 @@ def test_folders_without_permission_are_refused_in_a_user_namespace(inputs, tmp_
         timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "1 passed" in result.stdout, result.stdout[-4000:]
+
+
+@functools.cache
+def mount_namespace_works() -> bool:
+    """Whether ``unshare --user --map-root-user --mount`` may mount a tmpfs here."""
+    if shutil.which("unshare") is None:
+        return False
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            return subprocess.run(["unshare", "-rm", "mount", "-t", "tmpfs", "-o", "ro",
+                                   "none", folder], capture_output=True,
+                                  timeout=60).returncode == 0
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+
+
+@pytest.mark.skipif(not mount_namespace_works(), reason="no user and mount namespaces")
+def test_a_read_only_file_system_is_refused(tmp_path):
+    """A read-only tmpfs, mounted in a user and mount namespace of its own: the output's
+    folder, and one to be made in it, are refused by name."""
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    script = (
+        "import sys; from cryosvi.cli.main import main; "
+        f"codes = [main(['modes', '--n-modes', '2', '-o', r'{mount / 'm.npz'}']), "
+        f"main(['simulate', '-n', '2', '-o', r'{mount / 'sub' / 'data'}'])]; "
+        "sys.exit(0 if codes == [2, 2] else 1)")
+    paths = [str(Path(__file__).resolve().parents[1] / "src"), os.environ.get("PYTHONPATH")]
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+    mount_then_run = 'mount -t tmpfs -o ro none "$0" && exec "$1" -c "$2"'
+    result = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", mount_then_run, str(mount), sys.executable, script],
+        capture_output=True, text=True, env=environment, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    lines = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 2 and "Traceback" not in result.stderr, result.stderr[-4000:]
+    for line in lines:
+        assert f"{mount} is on a read-only file system" in line, line
+    assert list(mount.iterdir()) == []

@@ -198,12 +198,6 @@ def check_writable(path: str | os.PathLike, option: str = "-o",
     return path
 
 
-def check_writable_parent(path: str | os.PathLike, option: str = "-o") -> None:
-    """The folder of ``path`` exists and is writable, or can be made
-    (``check_writable``)."""
-    check_writable(path, option)
-
-
 def _shorter(text: str, limit: int = 120) -> str:
     """``text`` with its middle left out when longer than ``limit`` characters."""
     return text if len(text) <= limit else f"{text[:limit // 2]}...{text[-limit // 4:]}"
@@ -218,12 +212,13 @@ def _check_access(folder: Path, mode: int, where: str) -> None:
     a read-only file system, a folder that may not be entered, listed or written."""
     if os.access(folder, mode):
         return
-    if mode & os.W_OK:
+    if mode & os.W_OK and hasattr(os, "statvfs"):  # POSIX
         try:
-            if os.statvfs(folder).f_flag & os.ST_RDONLY:
-                raise CryosviError(f"{where}: {folder} is on a read-only file system")
+            read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
         except OSError:
-            pass
+            read_only = False
+        if read_only:
+            raise CryosviError(f"{where}: {folder} is on a read-only file system")
     if not os.access(folder, os.X_OK):
         why = "may not be entered"
     elif mode & os.R_OK and not os.access(folder, os.R_OK):
@@ -239,7 +234,7 @@ def _check_names(path: Path, ancestor: Path, where: str) -> None:
     try:
         name_max = os.pathconf(ancestor, "PC_NAME_MAX")
         path_max = os.pathconf(ancestor, "PC_PATH_MAX")
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):  # no pathconf: Windows
         name_max, path_max = 255, 4096
     parts = path.relative_to(ancestor).parts
     for i, name in enumerate(parts):
