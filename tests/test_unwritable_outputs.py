@@ -159,6 +159,23 @@ def test_an_output_name_too_long_for_the_file_system_is_refused(capsys, inputs, 
                       "bytes long")
 
 
+def test_infer_refuses_a_cs_or_samples_file_that_cannot_be_written(capsys, inputs,
+                                                                   tmp_path):
+    """infer's outputs beside the STAR (OUTPUT.cs from a .cs input, OUTPUT.npz with
+    --samples) are checked like the STAR: a folder in their place is refused."""
+    from particle_files import write_cs
+
+    particles, _, _ = write_cs(tmp_path)
+    (tmp_path / "post.cs").mkdir()
+    (tmp_path / "post.npz").mkdir()
+    base = ["infer", "--run", inputs / "run", "--importance", "0", "--quiet", "-o",
+            tmp_path / "post.star"]
+    assert_refused(capsys, [*base, "--particles", particles], "post.cs", "directory")
+    assert_refused(capsys, [*base, "--particles", inputs / "data" / "particles.star",
+                            "--samples", "2"], "post.npz", "directory")
+    assert not (tmp_path / "post.star").exists()
+
+
 def check_folders_without_permission(capsys, inputs, tmp_path):
     locked = tmp_path / "locked"  # read-only
     locked.mkdir(mode=0o500)
