@@ -1,4 +1,4 @@
-"""Projection + CTF in cryosvi and in cryojax 0.6, timed in one run (issue 13).
+"""Projection + CTF in cryosvi and in cryojax 0.6, timed in one run.
 
 The paper's Table 1 setting: 1OL5 chain A at stride 2 (133 Gaussian pseudo-atoms, sigma
 2 Å), 128 px of 1 Å, batch 1 000, zero-padding to 256 px for the CTF (pad factor 2 in

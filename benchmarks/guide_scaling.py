@@ -1,4 +1,4 @@
-"""Does the amortized guide carry the pose when it sees more simulations? (issue #13)
+"""Does the amortized guide carry the pose when it sees more simulations?
 
 Trains guides by simulation (the ``sim`` objective: -log q(z_true | x) on fresh draws from
 the model, paper preset, SNR 20, pose + defocus + mode) for a fixed wall-time budget per
@@ -37,7 +37,7 @@ from cryosvi.training.schedule import FROZEN_NORM_FRACTION
 VARIANTS = {
     # the default layout (BatchNorm, gated conditioning)
     "default": Architecture(),
-    # the default before issue 13's second round, named "demo" in the H200 results
+    # the default before commit f292fb5 (2026-11-30), named "demo" in the H200 results
     "additive": Architecture(batch_norm=False, gated_conditioning=False),
     # the H200 results' wide guide (as measured there: no BatchNorm, additive conditioning)
     "wide8": Architecture(channels=(32, 64, 128), hidden=512, n_components=8,

@@ -1,4 +1,4 @@
-"""The training experiments of issue #4, as documented ``cryosvi`` commands.
+"""The training experiments, as documented ``cryosvi`` commands.
 
 Each experiment simulates (or reuses) a data set, trains a run, infers a held-out set
 and evaluates it, with the exact commands and wall times recorded:
@@ -42,9 +42,9 @@ SEPARATE = ["--channels", "16,32,64", "--hidden", "256"]
 SIM = ["--objective", "sim", "--lr", "2e-3", "--batch-size", "128"]
 # Inference variants evaluated for every run: the guide alone (one network pass), plain
 # importance sampling from the guide, tempered SMC (64 samples, 3 moves; the default until
-# issue #13) and Gauss-Newton + Laplace importance sampling (64 samples, SMC for the
-# particles where that fails). `default` is `cryosvi infer` as it comes ('auto': laplace64
-# for batches of SNR >= 15, the SMC with 12 moves below).
+# commit ede3bae, 2026-11-30) and Gauss-Newton + Laplace importance sampling (64 samples,
+# SMC for the particles where that fails). `default` is `cryosvi infer` as it comes
+# ('auto': laplace64 for batches of SNR >= 15, the SMC with 12 moves below).
 GUIDE_ONLY = {"guide": ["--importance", "0"]}
 ALL_INFER = {"guide": ["--importance", "0"], "is64": ["--importance", "64", "--refine", "is"],
              "smc64": ["--refine", "smc"], "laplace64": ["--refine", "laplace"],

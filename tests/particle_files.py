@@ -74,6 +74,56 @@ def write_relion31(directory: Path, voltage2: float = 300.0, pixel2: float = 1.5
     return path
 
 
+PIXEL_ORIGINS31 = """# version 30001
+
+data_optics
+
+loop_
+_rlnOpticsGroupName #1
+_rlnOpticsGroup #2
+_rlnVoltage #3
+_rlnSphericalAberration #4
+_rlnAmplitudeContrast #5
+_rlnImagePixelSize #6
+_rlnImageSize #7
+_rlnImageDimensionality #8
+opticsGroup1 1 300.0 2.7 0.1 1.5 8 2
+opticsGroup2 2 300.0 2.7 0.1 2.0 8 2
+
+# version 30001
+
+data_particles
+
+loop_
+_rlnImageName #1
+_rlnDefocusU #2
+_rlnDefocusV #3
+_rlnDefocusAngle #4
+_rlnOriginX #5
+_rlnOriginY #6
+_rlnOpticsGroup #7{angst_label}
+000001@a.mrcs 10000.0 9000.0 30.0 1.0 -2.0 1{angst1}
+000002@a.mrcs 11000.0 10500.0 40.0 3.0 4.0 2{angst2}
+000003@b.mrcs 12000.0 12000.0 0.0 -0.5 0.25 2{angst3}
+"""
+PIXEL_ORIGINS31_ANGST_X = (7.0, -8.0, 9.5)
+"""rlnOriginXAngst of the mixed file of ``write_pixel_origins31``."""
+
+
+def write_pixel_origins31(directory: Path, mixed: bool = False) -> Path:
+    """RELION 3.1 file (optics table) with origins in pixels, rlnOriginX/Y, as ASPIRE
+    writes them, over stacks a.mrcs and b.mrcs; two optics groups of 1.5 and 2.0 Å
+    pixels. ``mixed``: also an rlnOriginXAngst column (``PIXEL_ORIGINS31_ANGST_X``)."""
+    write_stack(directory / "a.mrcs", n=2, seed=1)
+    write_stack(directory / "b.mrcs", n=3, seed=2)
+    values = {f"angst{i + 1}": f" {x}" if mixed else ""
+              for i, x in enumerate(PIXEL_ORIGINS31_ANGST_X)}
+    path = directory / "pixel_origins.star"
+    path.write_text(PIXEL_ORIGINS31.format(
+        angst_label="\n_rlnOriginXAngst #8" if mixed else "", **values))
+    return path
+
+
 RELION30 = """data_images
 
 loop_

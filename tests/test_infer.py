@@ -194,6 +194,36 @@ def test_cli_infer_errors(trained, tmp_path, capsys):
     assert "wrote the posterior of 20 particles" in capsys.readouterr().out
 
 
+def test_infer_writes_angstrom_origins_from_a_file_with_pixel_origins(trained, tmp_path,
+                                                                       capsys):
+    """A RELION 3.1 file with origins in pixels (rlnOriginX/Y, as ASPIRE writes) in,
+    RELION 3.1 out: rlnOriginXAngst/YAngst = pixels * pixel size (the run does not infer
+    shifts, so they are the file's), no pixel columns. Written and read by starfile."""
+    import starfile
+
+    blocks = starfile.read(trained / "test" / "particles.star", always_dict=True)
+    particles, optics = blocks["particles"], blocks["optics"]
+    pixel = float(optics["rlnImagePixelSize"].iloc[0])
+    shifts = np.random.default_rng(3).uniform(-2, 2, (len(particles), 2))
+    particles = particles.drop(columns=["rlnOriginXAngst", "rlnOriginYAngst"],
+                               errors="ignore")
+    particles["rlnOriginX"], particles["rlnOriginY"] = shifts[:, 0], shifts[:, 1]
+    starfile.write({"optics": optics, "particles": particles}, tmp_path / "aspire.star")
+    (tmp_path / "particles.mrcs").symlink_to(trained / "test" / "particles.mrcs")
+    output = tmp_path / "posterior.star"
+    assert main(["infer", "--run", str(trained / "run"), "--particles",
+                 str(tmp_path / "aspire.star"), "-o", str(output), "--importance", "0",
+                 "--quiet"]) == 0, capsys.readouterr().err
+    written = starfile.read(output, always_dict=True)
+    assert list(written) == ["optics", "particles"]
+    rows = written["particles"]
+    assert "rlnOriginX" not in rows and "rlnOriginY" not in rows
+    np.testing.assert_allclose(rows["rlnOriginXAngst"], shifts[:, 0] * pixel, rtol=1e-5,
+                               atol=1e-6)
+    np.testing.assert_allclose(rows["rlnOriginYAngst"], shifts[:, 1] * pixel, rtol=1e-5,
+                               atol=1e-6)
+
+
 def test_rotation_perturbations_have_the_requested_spread():
     """The Metropolis moves rotate by omega ~ N(0, width^2 I_3): RMS angle sqrt(3) width."""
     from cryosvi.physics.rotations import quaternion_product, rotation_vector_to_quaternion

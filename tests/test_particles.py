@@ -19,7 +19,8 @@ from cryosvi.config import Optics
 from cryosvi.dataset import check_compatible, model_optics
 from cryosvi.errors import CryosviError
 from cryosvi.io.particles import CryosviWarning, read_particles, write_particles
-from particle_files import quiet, write_relion30, write_relion31, write_stack
+from particle_files import (PIXEL_ORIGINS31_ANGST_X, quiet, write_pixel_origins31,
+                            write_relion30, write_relion31, write_stack)
 
 
 # ------------------------------------------------------------------- RELION 3.1 and later
@@ -80,6 +81,78 @@ def test_single_2d_image_and_datadir(tmp_path):
     starfile.write({"optics": optics, "particles": frame}, tmp_path / "p.star")
     ps = read_particles(tmp_path / "p.star", datadir=stacks)
     np.testing.assert_array_equal(ps.images([0, 1]), np.concatenate([image, image]))
+
+
+# Origins in pixels, pixel sizes 1.5 and 2.0 Å (groups 1, 2, 2): by hand, Å = px * pixel.
+PIXEL_ORIGINS_ANGST = {"rlnOriginXAngst": [1.0 * 1.5, 3.0 * 2.0, -0.5 * 2.0],
+                       "rlnOriginYAngst": [-2.0 * 1.5, 4.0 * 2.0, 0.25 * 2.0]}
+
+
+def test_relion31_origins_in_pixels_become_angstrom_per_optics_group(tmp_path):
+    """A RELION 3.1 file with rlnOriginX/Y (pixels, as ASPIRE writes): each particle's
+    shift times its optics group's pixel size, silently (nothing is mixed)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CryosviWarning)
+        ps = read_particles(write_pixel_origins31(tmp_path))
+    frame = ps.metadata
+    assert ps.source == "relion3.1" and frame["rlnOpticsGroup"].tolist() == [1, 2, 2]
+    for column, expected in PIXEL_ORIGINS_ANGST.items():
+        np.testing.assert_allclose(frame[column], expected, rtol=1e-12)
+    assert "rlnOriginX" not in frame and "rlnOriginY" not in frame
+    assert ps.has_shifts
+    # written back: RELION 3.1 Å columns in the pixel columns' places, read by starfile
+    write_particles(tmp_path / "out.star", ps, frame, [])
+    raw = starfile.read(tmp_path / "out.star", always_dict=True)["particles"]
+    assert list(raw.columns)[4:6] == ["rlnOriginXAngst", "rlnOriginYAngst"]
+    assert "rlnOriginX" not in raw and "rlnOriginY" not in raw
+    for column, expected in PIXEL_ORIGINS_ANGST.items():
+        np.testing.assert_allclose(raw[column], expected, rtol=1e-6)
+
+
+def test_a_file_with_origins_in_pixels_and_angstrom_warns_and_angstrom_wins(tmp_path):
+    """rlnOriginX (px) and rlnOriginXAngst both given: the Å column (7, -8, 9.5 Å) is
+    used, not the pixel one (1.5, 6, -1 Å: up to 14 Å apart), with one warning that says
+    so; rlnOriginY (px only) is converted."""
+    with pytest.warns(CryosviWarning) as caught:
+        ps = read_particles(write_pixel_origins31(tmp_path, mixed=True))
+    messages = [str(w.message) for w in caught if issubclass(w.category, CryosviWarning)]
+    assert len(messages) == 1, messages
+    assert re.search(r"rlnOriginX and rlnOriginXAngst .*differ by up to 14 Å.*the Å "
+                     r"column is used; rlnOriginY converted", messages[0]), messages[0]
+    np.testing.assert_allclose(ps.metadata["rlnOriginXAngst"], PIXEL_ORIGINS31_ANGST_X)
+    np.testing.assert_allclose(ps.metadata["rlnOriginYAngst"],
+                               PIXEL_ORIGINS_ANGST["rlnOriginYAngst"])
+    assert "rlnOriginX" not in ps.metadata and "rlnOriginX" not in ps.output_columns
+    assert ps.output_columns.count("rlnOriginXAngst") == 1
+
+
+def test_relion30_file_with_angstrom_origins_too_keeps_them(tmp_path):
+    """The RELION 3.0 reader takes the same path: an Å column is not overwritten by the
+    converted pixel one."""
+    path = write_relion30(tmp_path, n=3)
+    text = path.read_text().replace("_rlnAnglePsi #13\n", "_rlnAnglePsi #13\n"
+                                    "_rlnOriginYAngst #14\n")
+    rows = text.splitlines()
+    path.write_text("\n".join(rows[:-3] + [f"{row} {7.0 + i}" for i, row in
+                                           enumerate(rows[-3:])]) + "\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ps = read_particles(path)
+    assert any("rlnOriginY and rlnOriginYAngst" in str(w.message) for w in caught)
+    np.testing.assert_allclose(ps.metadata["rlnOriginYAngst"], [7.0, 8.0, 9.0])
+    np.testing.assert_allclose(ps.metadata["rlnOriginXAngst"], 5.0 * (np.arange(3) - 1.5))
+
+
+def test_relion30_origins_as_relion_converts_them_or_skip(tmp_path):
+    """RELION's own conversion of a 3.0 file (relion_star_handler writes it as 3.1 with
+    rlnOriginXAngst/YAngst) gives the same Å origins as read_particles."""
+    if not shutil.which("relion_star_handler"):
+        pytest.skip("relion_star_handler not on PATH")
+    path = write_relion30(tmp_path)
+    relion = relion_reads(path, tmp_path)["particles"]
+    ps = quiet(read_particles, path)
+    for column in ("rlnOriginXAngst", "rlnOriginYAngst"):
+        np.testing.assert_allclose(ps.metadata[column], relion[column], rtol=1e-6)
 
 
 # ------------------------------------------------------------------------- RELION 3.0

@@ -83,8 +83,8 @@ from cryosvi.physics.rotations import (geodesic_angle, matrix_to_euler, quaterni
                                random_quaternions, rotation_vector_to_quaternion)
 from cryosvi.physics.structure import default_structure_path, read_structure
 
-# The targets of issue 12: poses from a consensus refinement (~2 deg off) at SNR 0.1, or
-# CTF estimates and shifts given (pose, defocus and mode inferred) at SNR 1.
+# The two experiments' settings: poses from a consensus refinement (~2 deg off) at SNR
+# 0.1, or CTF estimates and shifts given (pose, defocus and mode inferred) at SNR 1.
 PRESETS = {
     "poses-given": {"snr": 0.1},
     "ctf-shifts-given": {"snr": 1.0},
@@ -118,7 +118,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("-o", "--output", required=True, help="output directory (created)")
     parser.add_argument("--preset", choices=sorted(PRESETS),
-                        help="issue 12's targets: sets --snr (explicit options win)")
+                        help="one of the two experiments' settings: sets --snr "
+                        "(explicit options win)")
     parser.add_argument("--n", type=int, default=2000, help="number of particles")
     parser.add_argument("--snr", type=float, default=None,
                         help="data-set SNR (default 0.1, or the preset's)")

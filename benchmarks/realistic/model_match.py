@@ -1,4 +1,5 @@
-"""How close can cryosvi's model get to RELION's all-atom images? (issue 12 diagnostics)
+"""How close can cryosvi's model get to RELION's all-atom images? (diagnostics of the
+realistic benchmark)
 
 On the noise-free RELION projections of a realistic data set (``make_dataset.py
 --save-clean``), with every particle's TRUE pose, CTF, optics group and shift given:

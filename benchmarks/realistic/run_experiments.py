@@ -1,4 +1,4 @@
-"""The realistic experiments of issue 12, run through the cryosvi CLI as a user would.
+"""The realistic experiments, run through the cryosvi CLI as a user would.
 
     python benchmarks/realistic/run_experiments.py -w WORKDIR [--n 2000] [--epochs 40]
         [--threads 2] [--structure-options "--stride 1 --beads residue --sigma 2 --n-modes 1"]
@@ -27,7 +27,7 @@ For each experiment:
    cryosviTrueConformation (the mode's sign is arbitrary), the range of the inferred
    amplitudes, and the median geodesic pose error (deg) against the true angles.
 
-Experiments (issue 12's targets):
+Experiments and their targets:
 - ``poses-given``: SNR 0.1, the rlnAngle columns are the consensus poses (~2 deg off),
   CTF estimates and shifts given; only the mode is inferred (``--latents modes``).
   Target |Spearman| >= 0.9.
@@ -104,7 +104,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     learn.add_argument("--no-learn-modes", dest="learn_modes", action="store_const",
                        const=None, help="train with the ANM modes of --structure-options")
     parser.add_argument("--tag", default="latest",
-                        help="results go to results/experiments_TAG.json")
+                        help="results go to results/experiments_TAG.json; name a kept "
+                        "result by the commit it measures and the experiment, e.g. "
+                        "--snapshot --tag cacc39f_poses_given")
     parser.add_argument("--remake-data", action="store_true",
                         help="make the data sets again even when WORKDIR has them")
     parser.add_argument("--snapshot", action="store_true",

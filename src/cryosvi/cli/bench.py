@@ -9,7 +9,7 @@ from cryosvi.cli.common import (HelpFormatter, add_threads_argument, check_devic
                                 device_name, integer_between, number)
 from cryosvi.errors import CryosviError
 from cryosvi.io.atomic import write_atomically
-from cryosvi.io.outputs import check_output_file, provenance
+from cryosvi.io.outputs import check_output_file, output_path, provenance
 
 BENCH_KIND = "bench"
 
@@ -56,7 +56,8 @@ def run(args) -> int:
     if args.device == "auto":
         raise CryosviError("--device: bench times one device; give cpu or cuda")
     device = check_device(args.device)
-    if args.json:
+    if args.json is not None:
+        output_path(args.json, "--json")
         if not args.json.lower().endswith(".json"):
             raise CryosviError(f"--json {args.json}: give a file name ending in .json")
         check_output_file(args.json, BENCH_KIND, args.force, option="--json")
@@ -64,7 +65,7 @@ def run(args) -> int:
                        svi_batch=args.svi_batch, stage_seconds=args.stage_seconds,
                        progress=lambda text: print(text, file=sys.stderr, flush=True))
     print(bench.format_report(report))
-    if args.json:
+    if args.json is not None:
         text = json.dumps({**provenance(BENCH_KIND), **report}, indent=2) + "\n"
         try:
             write_atomically(args.json, lambda temporary: temporary.write_text(text))

@@ -108,6 +108,7 @@ def run(args) -> None:
     check_memory(max(256, args.batch_size, 512, 256 * max(args.importance, 1)), optics,
                  imaging, device, "use a smaller --batch-size or --importance")
     output = Path(args.output)
+    check_output_directory(args.output, DEMO_KIND, args.force)  # check_disk looks there
     check_disk(output, (args.n_train + args.n_test) * optics.box**2 * 4)
     prepare_output(output, args.force)
     times: dict[str, float] = {}

@@ -107,11 +107,11 @@ def check_outputs(args) -> None:
     """Before any work: the posterior STAR (and the samples .npz) may be written, replace
     no input and nothing cryosvi did not write (``cryosvi.io.outputs``), and the
     refinement's images in flight fit in memory."""
-    from cryosvi.io.outputs import check_output_file
+    from cryosvi.io.outputs import check_output_file, output_path
     from cryosvi.reference import Reference
     from cryosvi.rundir import REFERENCE_FILE, read_run, run_files
 
-    output = Path(args.output)
+    output = output_path(args.output)
     if output.suffix.lower() != ".star":
         raise CryosviError(f"-o {output}: the posterior is a STAR file; give a name "
                            "ending in .star")

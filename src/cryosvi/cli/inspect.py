@@ -37,9 +37,9 @@ def register(subparsers, summary: str) -> None:
 def run(args) -> None:
     from cryosvi.io.particles import read_particles
 
-    output = Path(args.output) if args.output else None
+    output = Path(args.output) if args.output is not None else None
     if output is not None:
-        check_output(output, args.force)
+        check_output(args.output, args.force)
     particles = read_particles(args.file, args.datadir, args.invert)
     for line in describe(particles):
         print(line)
@@ -94,15 +94,27 @@ def describe(particles) -> list[str]:
     return lines
 
 
-def check_output(path: Path, force: bool) -> None:
-    """Refuse to replace a file that this command did not write, unless --force."""
+def check_output(path: str | Path, force: bool) -> None:
+    """Refuse a place that cannot be written (``cryosvi.io.outputs.check_writable``), a
+    missing folder, and a file that this command did not write, unless --force."""
+    from cryosvi.io.outputs import check_writable
+
+    path = check_writable(path)
     if path.is_dir():
         raise CryosviError(f"-o {path} is a directory")
-    if path.exists() and not force and SOFTWARE.encode() not in path.read_bytes()[:4096]:
-        raise CryosviError(f"{path} exists and was not written by cryosvi inspect; choose "
-                           "another -o or use --force")
     if not path.parent.is_dir():
         raise CryosviError(f"-o {path}: folder {path.parent} does not exist")
+    if path.exists() and not force and not _written_here(path):
+        raise CryosviError(f"{path} exists and was not written by cryosvi inspect; choose "
+                           "another -o or use --force")
+
+
+def _written_here(path: Path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            return SOFTWARE.encode() in handle.read(4096)
+    except OSError:
+        return False
 
 
 def write_png(particles, n: int, path: Path) -> None:

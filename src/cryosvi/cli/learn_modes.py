@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from cryosvi.cli.common import (HelpFormatter, add_particle_source_arguments,
                                 add_threads_argument, check_device, device_name,
@@ -73,10 +72,10 @@ def run(args) -> None:
     from tqdm.auto import tqdm
 
     from cryosvi.inference.learnt_modes import learn_modes_from_particles
-    from cryosvi.io.outputs import check_output_file, directory_kind
+    from cryosvi.io.outputs import check_output_file, directory_kind, output_path
     from cryosvi.io.particles import read_particles
 
-    output = Path(args.output)
+    output = output_path(args.output)
     if output.suffix.lower() != ".npz":
         raise CryosviError(f"-o {output}: a reference is an .npz file; give a name ending "
                            "in .npz")

@@ -11,7 +11,7 @@ from cryosvi.cli.common import (HelpFormatter, add_structure_arguments, integer_
 from cryosvi.errors import CryosviError
 from cryosvi.io.atomic import save_npz_atomically
 from cryosvi.io.outputs import (check_output_directory, check_output_file, mark_directory,
-                                provenance_array)
+                                output_path, provenance_array)
 
 MODES_KIND = "modes"
 MOVIE_KIND = "mode movies"
@@ -56,13 +56,13 @@ def run(args) -> None:
     from cryosvi.physics.anm import anm_modes, write_mode_movie
     from cryosvi.physics.structure import default_structure_path, load_pseudo_atoms
 
-    output = Path(args.output)
+    output = output_path(args.output)
     if output.suffix.lower() != ".npz":
         raise CryosviError(f"-o {output}: the modes are an .npz file; give a name ending "
                            "in .npz")
     path = Path(args.structure) if args.structure else default_structure_path()
     check_output_file(output, MODES_KIND, args.force, inputs=[path])
-    if args.movie:
+    if args.movie is not None:
         check_output_directory(args.movie, MOVIE_KIND, args.force, inputs=[path, output],
                                option="--movie")
     atoms = load_pseudo_atoms(path, chain=args.chain, stride=args.stride, beads=args.beads)
@@ -89,7 +89,7 @@ def run(args) -> None:
           f"beads {args.beads}), "
           f"{modes.n_modes} modes, eigenvalues {modes.eigenvalues[0]:.4g} .. "
           f"{modes.eigenvalues[-1]:.4g} -> {output}")
-    if args.movie:
+    if args.movie is not None:
         Path(args.movie).mkdir(parents=True, exist_ok=True)
         mark_directory(args.movie, MOVIE_KIND)  # first: a killed run leaves it marked
         paths = write_mode_movie(atoms.coords + atoms.centroid, modes.vectors, args.movie,

@@ -229,12 +229,14 @@ def run(args) -> None:
 
     from pathlib import Path
 
+    from cryosvi.io.outputs import check_writable
     from cryosvi.training.setup import check_run_output
     from cryosvi.training.loop import train
 
     command = shlex.join(["cryosvi", *sys.argv[1:]]) if sys.argv[1:2] == ["train"] else None
     if args.device:
         args.device = check_device(args.device)
+    check_writable(args.output, directory=True)  # the run is written, resumed or not
     if args.resume:
         info = train(args.particles, None, args.output, resume=True,
                      progress=not args.quiet, device=args.device, command=command,

@@ -23,9 +23,11 @@ An output is never an input of the same command, with or without ``--force``.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -136,34 +138,133 @@ def same_path(a: str | Path, b: str | Path) -> bool:
     return a.resolve() == b.resolve()
 
 
-def check_writable_parent(path: Path) -> None:
-    """The folder of ``path`` exists and is writable, or can be made."""
-    parent = path.resolve().parent
-    ancestor = parent
-    while not ancestor.exists():
+NAME_MARGIN = 32
+"""Bytes of an output's name kept free for the temporary names written beside it
+(``.NAME.cryosvi-staging.XXXXXXXX``, ``.STEM.partial.SUFFIX``)."""
+
+
+def output_path(value: str | os.PathLike, option: str = "-o") -> Path:
+    """The path an output option names; an empty name is refused (``Path('')`` would be
+    the current folder)."""
+    if os.fspath(value) == "":
+        raise CryosviError(f"{option} '': an empty name; give the output's name")
+    return Path(value)
+
+
+def check_writable(path: str | os.PathLike, option: str = "-o",
+                   directory: bool = False) -> Path:
+    """Refuse, before any work, an output that cannot be written, with one line that
+    says what, where and why.
+
+    The folders above ``path`` that exist must be folders that may be entered, the
+    nearest of them must be writable on a writable file system (the output, its missing
+    folders and its temporary files are made there), and every name must fit the file
+    system with room for the temporary names (``NAME_MARGIN``). With ``directory``, an
+    existing ``path`` must moreover be a folder that may be listed and written into.
+    Whether an existing output may be replaced is not decided here
+    (``check_output_file``, ``check_output_directory``). Returns ``path`` as a Path.
+    """
+    path = output_path(path, option)
+    where = f"cannot write {option} {_shorter(str(path))}"
+    absolute = Path(os.path.abspath(path))
+    # The nearest existing folder above the output: stat each ancestor, treating what
+    # is missing or unreachable as absent; the first one found says why.
+    ancestor = absolute.parent
+    while True:
+        try:
+            status = os.stat(ancestor)
+            break
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            pass
+        except OSError as error:
+            if error.errno != errno.ENAMETOOLONG:
+                raise CryosviError(f"{where}: {_reason(error)} ({ancestor})") from None
+        if ancestor.parent == ancestor:
+            raise CryosviError(f"{where}: no folder above it can be read")
         ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise CryosviError(f"cannot write {path}: {ancestor} is not a directory")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise CryosviError(f"cannot write {path}: {ancestor} is not writable")
+    if not stat.S_ISDIR(status.st_mode):
+        raise CryosviError(f"{where}: {ancestor} is a file, not a directory")
+    _check_names(absolute, ancestor, where)
+    _check_access(ancestor, os.W_OK | os.X_OK, where)
+    if directory:
+        try:
+            status = os.stat(absolute)
+        except (FileNotFoundError, NotADirectoryError):
+            return path
+        except OSError as error:
+            raise CryosviError(f"{where}: {_reason(error)}") from None
+        if stat.S_ISDIR(status.st_mode):
+            _check_access(absolute, os.R_OK | os.W_OK | os.X_OK, where)
+    return path
+
+
+def _shorter(text: str, limit: int = 120) -> str:
+    """``text`` with its middle left out when longer than ``limit`` characters."""
+    return text if len(text) <= limit else f"{text[:limit // 2]}...{text[-limit // 4:]}"
+
+
+def _reason(error: OSError) -> str:
+    return (error.strerror or str(error)).lower()
+
+
+def _check_access(folder: Path, mode: int, where: str) -> None:
+    """``folder`` allows ``mode`` (os.R_OK, W_OK, X_OK) to this process, else one line:
+    a read-only file system, a folder that may not be entered, listed or written."""
+    if os.access(folder, mode):
+        return
+    if mode & os.W_OK and hasattr(os, "statvfs"):  # POSIX
+        try:
+            read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+        except OSError:
+            read_only = False
+        if read_only:
+            raise CryosviError(f"{where}: {folder} is on a read-only file system")
+    if not os.access(folder, os.X_OK):
+        why = "may not be entered"
+    elif mode & os.R_OK and not os.access(folder, os.R_OK):
+        why = "may not be listed"
+    else:
+        why = "is not writable"
+    raise CryosviError(f"{where}: permission denied ({folder} {why})")
+
+
+def _check_names(path: Path, ancestor: Path, where: str) -> None:
+    """The names below ``ancestor`` fit its file system (NAME_MAX, PATH_MAX), the last
+    one with ``NAME_MARGIN`` bytes to spare."""
+    try:
+        name_max = os.pathconf(ancestor, "PC_NAME_MAX")
+        path_max = os.pathconf(ancestor, "PC_PATH_MAX")
+    except (OSError, ValueError, AttributeError):  # no pathconf: Windows
+        name_max, path_max = 255, 4096
+    parts = path.relative_to(ancestor).parts
+    for i, name in enumerate(parts):
+        size = len(os.fsencode(name))
+        room = name_max - (NAME_MARGIN if i == len(parts) - 1 else 0)
+        if size > room:
+            raise CryosviError(f"{where}: the name {name[:16]}... is {size} bytes long; "
+                               f"the file system allows {room} here")
+    if len(os.fsencode(path)) + NAME_MARGIN > path_max:
+        raise CryosviError(f"{where}: the path is longer than the "
+                           f"{path_max - NAME_MARGIN} bytes the file system allows here")
 
 
 def check_output_file(path: str | Path, kind: str, force: bool = False,
                       inputs=(), option: str = "-o") -> Path:
     """Refuse, before any work, an output file that cannot or may not be written.
 
-    Refused always: an input of the command (``inputs``), a directory, a folder that
-    cannot be made or written. Refused without ``force``: an existing file. Refused even
-    with ``force``: an existing file that is not a cryosvi output of this ``kind``.
+    Refused always: an empty name, an input of the command (``inputs``), a directory, a
+    place that cannot be written (``check_writable``). Refused without ``force``: an
+    existing file. Refused even with ``force``: an existing file that is not a cryosvi
+    output of this ``kind``.
     """
-    path = Path(path)
+    path = output_path(path, option)
     for source in inputs:
         if source is not None and same_path(path, source):
             raise CryosviError(f"{option} {path} is also an input of this command; choose "
                                "another output name")
+    check_writable(path, option)
     if path.is_dir():
         raise CryosviError(f"{option} {path} is a directory; give a file name")
-    check_writable_parent(path)
     if path.exists() or path.is_symlink():
         if not force:
             raise CryosviError(f"{path} exists; use --force to replace it")
@@ -183,13 +284,10 @@ def check_output_directory(path: str | Path, kind: str, force: bool = False,
     with this ``kind``). An empty existing directory is used as it is. ``inputs`` may not
     lie inside a directory that would be replaced.
     """
-    path = Path(path)
+    path = check_writable(path, option, directory=True)
     if path.exists() and not path.is_dir():
         raise CryosviError(f"{option} {path} exists and is not a directory")
-    check_writable_parent(path)
     if not path.is_dir() or not any(path.iterdir()):
-        if path.is_dir() and not os.access(path, os.W_OK | os.X_OK):
-            raise CryosviError(f"cannot write into {path}: not writable")
         return False
     found = directory_kind(path)
     if found is None:
@@ -205,8 +303,6 @@ def check_output_directory(path: str | Path, kind: str, force: bool = False,
         if source is not None and Path(source).resolve().is_relative_to(path.resolve()):
             raise CryosviError(f"input {source} lies inside {path}, which --force would "
                                "replace; choose another output")
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise CryosviError(f"cannot write into {path}: not writable")
     return True
 
 

@@ -33,9 +33,11 @@ DEFAULTS = {"rlnPhaseShift": 0.0, "rlnCtfBfactor": 0.0, "rlnOriginXAngst": 0.0,
 DEFAULT_AMPLITUDE_CONTRAST = 0.1
 ANGLES = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
 ORIGINS = ("rlnOriginXAngst", "rlnOriginYAngst")
+PIXEL_ORIGINS = ("rlnOriginX", "rlnOriginY")
+"""RELION 3.0's origins in pixels (read as ``ORIGINS``, Å)."""
 NUMERIC = (*PER_ROW_OPTICS, "rlnOpticsGroup", "rlnDefocusU", "rlnDefocusV",
            "rlnDefocusAngle", "rlnPhaseShift", "rlnCtfBfactor", "rlnCtfScalefactor",
-           *ORIGINS, "rlnOriginX", "rlnOriginY", *ANGLES)
+           *ORIGINS, *PIXEL_ORIGINS, *ANGLES)
 """Columns that must hold finite numbers (with every ``cryosvi*`` column)."""
 MODE_COLUMN = "cryosviModeAmplitude{}"
 DATADIR_HINT = "give --datadir DIR with the folder that holds the stacks"
@@ -273,12 +275,39 @@ def _from_star(blocks: dict, path: Path) -> ParticleSet:
             raise CryosviError(f"{path}: no pixel size: rlnImagePixelSize, or "
                                "rlnDetectorPixelSize and rlnMagnification, are needed")
     columns = [c for c in block.table.columns if c not in PER_ROW_OPTICS]
-    for axis in ("X", "Y"):
-        if f"rlnOrigin{axis}" in frame:  # pixels (RELION 3.0) -> Å (RELION 3.1)
-            frame[f"rlnOrigin{axis}Angst"] = (frame.pop(f"rlnOrigin{axis}").to_numpy(float)
-                                              * frame["rlnImagePixelSize"].to_numpy(float))
-            columns[columns.index(f"rlnOrigin{axis}")] = f"rlnOrigin{axis}Angst"
+    _origins_in_angstrom(frame, columns, path)
     return _per_row_optics(frame, path, "relion3.0", columns, where, checked=True)
+
+
+def _origins_in_angstrom(frame: pd.DataFrame, columns: list[str], path: Path) -> None:
+    """Origins in pixels (``rlnOriginX/Y``: RELION 3.0, and RELION 3.1+ files some
+    programs write, e.g. ASPIRE's) as RELION 3.1's Å (``rlnOriginXAngst/YAngst``), in
+    place: times each particle's pixel size (``rlnImagePixelSize``, its optics group's;
+    RELION 3.0: detector pixel / magnification), as RELION converts them on reading
+    (``ObservationModel::loadSafely``). An axis that has both keeps its Å column, with a
+    warning. The pixel columns leave ``frame`` and ``columns`` (the columns written
+    back), so a written file holds Å origins only."""
+    pixel = frame["rlnImagePixelSize"].to_numpy(float)
+    both, converted = [], []
+    for pixels, angst in zip(PIXEL_ORIGINS, ORIGINS):
+        if pixels not in frame:
+            continue
+        shift = frame.pop(pixels).to_numpy(float) * pixel
+        if angst in frame:
+            both.append((pixels, angst, float(np.abs(shift - frame[angst]).max())))
+            columns.remove(pixels)
+        else:
+            frame[angst] = shift
+            columns[columns.index(pixels)] = angst
+            converted.append(pixels)
+    if both:
+        pairs = ", ".join(f"{pixels} and {angst} (which differ by up to {gap:.3g} Å)"
+                          for pixels, angst, gap in both)
+        rest = (f"; {', '.join(converted)} converted with each particle's pixel size"
+                if converted else "")
+        warn(f"{path.name} gives origins both in pixels and in Å: {pairs}; the Å "
+             f"column{'s' * (len(both) > 1)} {'are' if len(both) > 1 else 'is'} used"
+             f"{rest}")
 
 
 def _line_of(block, path: Path):
@@ -321,6 +350,7 @@ def _with_optics_table(block, optics_block, path: Path) -> ParticleSet:
     for column in OPTICS_VALUES:
         if column in optics and column not in frame:
             frame[column] = optics[column].to_numpy()[row_of]
+    _origins_in_angstrom(frame, columns, path)
     if "rlnAmplitudeContrast" not in optics:
         optics["rlnAmplitudeContrast"] = frame["rlnAmplitudeContrast"].iloc[0] \
             if "rlnAmplitudeContrast" in frame else DEFAULT_AMPLITUDE_CONTRAST
