@@ -32,7 +32,8 @@ def register(subparsers, summary: str) -> None:
         "--batch-size, the device (up to rounding) or the number of processes. "
         "Finished chunks of particles are kept in OUTPUT.partial/ until the STAR is "
         "written, so a stopped run continues with --resume. Several processes: "
-        "'torchrun --standalone --nproc-per-node N -m cryosvi infer ...' (each takes a "
+        "'torchrun --standalone --nproc-per-node N -m -- cryosvi infer ...' (the '--' "
+        "keeps torchrun from reading --run as its --run-path; each process takes a "
         "block of the chunks and a GPU of its own where there are GPUs; rank 0 writes "
         "the result and shows the whole run's progress).",
         formatter_class=HelpFormatter)
