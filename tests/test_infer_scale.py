@@ -200,12 +200,18 @@ def test_kill_9_then_resume_gives_the_uninterrupted_posterior(scale_run, tmp_pat
     assert not work.path.exists()
 
 
-def test_the_progress_bar_counts_particles(scale_run, tmp_path, capsys):
-    from cryosvi.inference.driver import infer
+def test_one_process_shows_particles_and_starts_no_process_group(scale_run, tmp_path,
+                                                                 capsys):
+    """The progress bar counts particles (particles/s, time left); without torchrun
+    torch.distributed is never initialised."""
+    import torch.distributed
 
-    infer(scale_run / "run", scale_run / "test" / "particles.star", tmp_path / "p.star",
-          importance=0, device="cpu", batch_size=8)
+    arguments = infer_arguments(scale_run, tmp_path / "p.star", "--importance", "0",
+                                "--batch-size", "8")
+    arguments.remove("--quiet")
+    assert main(arguments) == 0
     assert "particle/s" in capsys.readouterr().err
+    assert not torch.distributed.is_initialized()
 
 
 # -------------------------------------------------------------------- memory

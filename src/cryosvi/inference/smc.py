@@ -158,7 +158,9 @@ def tempered_smc(values: Latents, log_target: Callable[[Latents], Tensor],
             log_ratio = (1 - b) * (new_q - q) + b * (new_p - p)
             uniform = torch.rand_like(log_ratio) if own is None else own.child(
                 step, move, ACCEPT).uniform(log_ratio.shape, axis=1, dtype=log_ratio.dtype)
-            # log u in float64: rounding of log cannot decide a comparison in float32.
+            # log u in float64: torch's float32 log can round a particle's value
+            # differently at another place in the batch (vectorised and scalar loops);
+            # a float64 ulp cannot decide a comparison with a float32 ratio.
             accept = torch.log(uniform.double()) < torch.nan_to_num(
                 log_ratio, nan=-math.inf).double()
             for s in current:
