@@ -74,12 +74,20 @@ def float_columns(path: Path) -> dict[str, np.ndarray]:
 
 
 # ------------------------------------------------------------ batch and device
+STD_COLUMNS = {"rlnDefocusU": "cryosviDefocusStd", "rlnDefocusV": "cryosviDefocusStd",
+               "cryosviModeAmplitude1": "cryosviModeAmplitudeStd1",
+               "cryosviModeAmplitude2": "cryosviModeAmplitudeStd2"}
+
+
 @pytest.mark.parametrize("method", ["guide", "is", "smc", "laplace"])
 def test_the_batch_size_does_not_change_the_posterior(scale_run, tmp_path, method):
-    """--batch-size 7 and 16 write the same STAR and samples: the same text for the
-    guide alone and importance sampling; for the SMC and the Laplace path (whose
-    Gauss-Newton and SMC chains amplify rounding) equal to 1e-4 in each column's unit
-    (Å, degrees, Å RMS; the posteriors' stds are 10^2-10^4 times larger)."""
+    """--batch-size 7 and 16 write the same posterior: every column equal to 1e-5 (Å,
+    degrees, Å RMS; measured: the same text) for the guide alone and importance
+    sampling. The SMC and the Laplace path run chains and Gauss-Newton steps, which can
+    turn a rounding difference of torch's kernels between batch shapes into another
+    Metropolis decision: measured, every column agreed to 1e-4 (the posteriors' stds are
+    10^2-10^4 times larger); asserted: all but 4 of the 40 particles to 1e-4, and every
+    mean within half its posterior std."""
     extra = ["--importance", "0"] if method == "guide" else [
         "--importance", "8", "--refine", method, "--moves", "2"]
     outputs = []
@@ -88,18 +96,22 @@ def test_the_batch_size_does_not_change_the_posterior(scale_run, tmp_path, metho
         assert main(infer_arguments(scale_run, output, "--batch-size", str(batch),
                                     "--samples", "3", *extra)) == 0
         outputs.append(output)
-    first, second = outputs
-    if method in ("guide", "is"):
-        assert data_lines(first) == data_lines(second)
-    columns = float_columns(second)
-    for name, values in float_columns(first).items():
-        np.testing.assert_allclose(values, columns[name], rtol=1e-4, atol=1e-4,
-                                   err_msg=name)
-    with np.load(first.with_suffix(".npz")) as a, np.load(second.with_suffix(".npz")) as b:
+    first, second = (float_columns(path) for path in outputs)
+    tolerance = 1e-5 if method in ("guide", "is") else 1e-4
+    close = np.ones(N_TEST, bool)
+    for name, values in first.items():
+        close &= np.isclose(values, second[name], rtol=tolerance, atol=tolerance)
+    assert close.sum() >= (N_TEST if method in ("guide", "is") else N_TEST - 4)
+    for name, std in STD_COLUMNS.items():
+        assert np.all(np.abs(first[name] - second[name])
+                      <= 0.5 * first[std] + tolerance), name
+    with np.load(outputs[0].with_suffix(".npz")) as a, \
+            np.load(outputs[1].with_suffix(".npz")) as b:
         assert set(a.files) == set(b.files)
         for name in a.files:
             if name != "cryosvi":
-                np.testing.assert_allclose(a[name], b[name], rtol=1e-4, atol=1e-4)
+                np.testing.assert_allclose(a[name][close], b[name][close], rtol=tolerance,
+                                           atol=tolerance)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

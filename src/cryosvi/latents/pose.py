@@ -137,8 +137,7 @@ class Pose(Latent):
     def random_walk(self, config) -> RandomWalk:
         """An isotropic rotation step of the population's per-axis RMS angle, 0.01 to 30
         degrees."""
-        return RandomWalk(dim=3, step=rotate_randomly, noise_dim=3,
-                          spread=lambda q, w: torch.deg2rad(weighted_pose(q, w)[1]),
+        return RandomWalk(dim=3, step=rotate_randomly, noise_dim=3, spread=pose_spread,
                           floor=math.radians(0.01), cap=math.radians(30))
 
     difference_step = 1e-3  # radians, 0.06 degrees
@@ -216,6 +215,15 @@ class Pose(Latent):
         return ErrorScore("pose", "deg", pose_error, POSE_STD_COLUMN,
                           {level: pose_radius_column(level) for level in CREDIBLE_LEVELS},
                           pose_coverage, f"chi3 x {POSE_STD_COLUMN}")
+
+
+def pose_spread(rotation: Tensor, weights: Tensor) -> Tensor:
+    """The per-axis RMS angle (B,) in radians of weighted rotations (S, B, 4) about their
+    mean (``weighted_pose``), computed in float64: a float32 arccos can round a
+    particle's value differently at another place in the batch (torch's vectorised and
+    scalar loops), and the random walk's width would then depend on the batch."""
+    return torch.deg2rad(weighted_pose(rotation.double(), weights.double())[1]).to(
+        rotation.dtype)
 
 
 def rotate_randomly(rotation: Tensor, width: Tensor, noise: Tensor | None = None) -> Tensor:
