@@ -266,32 +266,40 @@ def test_laplace_refinement_agrees_with_a_long_smc(trained):
         assert ((ratio > 0.75) & (ratio < 1.33)).float().mean() > 0.8, (std, ratio)
 
 
-def test_laplace_hands_local_modes_and_low_ess_to_the_smc():
+def test_laplace_hands_a_particle_to_the_smc_by_its_own_misfit():
+    """``_stuck`` judges each particle alone: noise-only residuals (a correct mode) are
+    flagged at the chi^2_P tail rate P(|r|^2 > P + 8 sqrt(P / 2)) (scipy), a mode that
+    leaves signal in the residuals and an ESS below S / 4 always, and a particle's flag
+    does not change with the other particles of the batch."""
     from cryosvi.inference.refine import _stuck
 
-    objective = 1000.0 + torch.randn(64, generator=torch.Generator().manual_seed(0)) * 30
-    objective[5] += 400.0  # a local mode: the image fits far worse than its peers'
-    ess = torch.full((64,), 50.0)
-    ess[9] = 10.0  # a posterior far from Gaussian
-    stuck = _stuck(objective, ess, n_samples=64, pixels=1024)
-    assert stuck.nonzero()[:, 0].tolist() == [5, 9]
-    # The spread is never below that of noise alone (sqrt(P / 2) = 22.6 here): a batch
-    # of identical objectives does not flag a particle 40 above them.
-    flat = torch.full((16,), 500.0)
-    flat[3] += 40.0
-    assert not _stuck(flat, torch.full((16,), 50.0), 64, 1024).any()
+    pixels, n = 256, 20000
+    noise = torch.randn(n, pixels, generator=torch.Generator().manual_seed(0),
+                        dtype=torch.float64)
+    misfit = 0.5 * noise.square().sum(-1)
+    ess = torch.full((n,), 50.0)
+    flagged = _stuck(misfit, ess, n_samples=64, pixels=pixels).double().mean()
+    rate = stats.chi2.sf(pixels + 8 * math.sqrt(pixels / 2), pixels)
+    assert abs(float(flagged) - rate) < 5 * math.sqrt(rate / n) + 1e-4
+    local = 0.5 * (noise[:3] + 1.0).square().sum(-1)  # signal left: P / 2 more
+    low = torch.tensor([50.0, 50.0, 10.0])
+    stuck = _stuck(torch.cat([misfit[:3], local]), torch.cat([ess[:3], low]), 64, pixels)
+    assert stuck[3:].all()
+    assert torch.equal(stuck[:3], _stuck(misfit[:3], ess[:3], 64, pixels))
 
 
-def test_auto_refinement_picks_laplace_only_for_high_snr_batches(trained):
-    """batch_snr is the paper's SNR (clean variance / noise variance) of the batch; 'auto'
-    hands a batch below LAPLACE_MIN_SNR to the SMC as a whole."""
-    from cryosvi.inference.refine import LAPLACE_MIN_SNR, batch_snr
+def test_auto_refinement_picks_by_the_data_sets_snr(trained):
+    """``dataset_snr`` is the paper's SNR (clean variance / noise variance) of a
+    simulation (``cryosvi simulate`` at SNR 20); 'auto' takes the SMC for every particle
+    below LAPLACE_MIN_SNR, the Laplace path above, and needs the SNR."""
+    from cryosvi.dataset import ParticleData
+    from cryosvi.inference.refine import LAPLACE_MIN_SNR, dataset_snr
 
-    generator = torch.Generator().manual_seed(0)
-    clean = torch.randn(64, 16, 16, generator=generator) * 3.0  # variance 9
-    noisy = clean + 0.5 * torch.randn(64, 16, 16, generator=generator)
-    assert abs(batch_snr(noisy, 0.5) - 36.0) < 2.0
-    assert abs(batch_snr(noisy, 1.5) - (9.25 / 2.25 - 1)) < 0.3  # noise std misstated
+    table = read_particles(trained / "test" / "particles.star")
+    truth = Reference.load(trained / "test" / "reference.npz")
+    data = ParticleData(table, 16, False)
+    assert dataset_snr(data, truth.noise.std) == pytest.approx(20.0, abs=1.5)
+    assert dataset_snr(data, 3 * truth.noise.std) == pytest.approx(21 / 9 - 1, abs=0.3)
 
     _, reference, guide = load_trained(trained / "fixed_pose")
     forward = reference.forward_model()
@@ -299,13 +307,14 @@ def test_auto_refinement_picks_laplace_only_for_high_snr_batches(trained):
     rotation = random_quaternions(6)
     with torch.no_grad():
         clean = forward(torch.randn(6, 2) * 2, rotation, 10000 + 2500 * torch.randn(6))
-    signal = clean.var().sqrt().item()
+        images = clean + reference.noise.std * torch.randn_like(clean)
     for snr, smc in ((4 * LAPLACE_MIN_SNR, False), (LAPLACE_MIN_SNR / 10, True)):
-        noise_std = signal / math.sqrt(snr)
-        images = clean + noise_std * torch.randn_like(clean)
-        out = refine(guide, forward, reference.priors, noise_std, images,
-                     {"rotation": rotation}, 16, method="auto", moves=1)
+        out = refine(guide, forward, reference.priors, reference.noise.std, images,
+                     {"rotation": rotation}, 16, method="auto", moves=1, snr=snr)
         if smc:
             assert out["smc_fallback"].all() and "steps" in out
         else:
             assert "steps" not in out  # the Laplace path ran (perhaps with a fallback)
+    with pytest.raises(ValueError, match="SNR"):
+        refine(guide, forward, reference.priors, reference.noise.std, images,
+               {"rotation": rotation}, 16, method="auto")

@@ -49,6 +49,10 @@ def test_gauss_newton_solves_a_linear_gaussian_model_exactly():
     torch.testing.assert_close(result.point[0], mean, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(result.precision, precision, rtol=1e-6, atol=1e-6)
     assert (result.accepted >= 1).all()
+    # misfit: |r|^2 / 2 at the exact posterior mode
+    torch.testing.assert_close(result.misfit,
+                               0.5 * residuals(mean[None])[0].square().sum(-1),
+                               rtol=1e-9, atol=1e-9)
     # The Laplace evidence of a Gaussian is exact: -min objective - log|H| / 2 + const;
     # the same problem shifted by a constant in the objective moves it by that constant.
     evidence = laplace_log_evidence(result.objective, result.precision)
@@ -84,6 +88,22 @@ def test_laplace_proposal_matches_torch_multivariate_normal():
     torch.testing.assert_close(log_q, reference.log_prob(delta), rtol=1e-9, atol=1e-6)
     covariance = torch.einsum("sbi,sbj->bij", delta, delta) / delta.shape[0]
     torch.testing.assert_close(covariance, torch.linalg.inv(precision), rtol=0.05, atol=1e-3)
+
+
+def test_laplace_proposal_is_a_function_of_the_noise_given():
+    """delta = L^-T eps for H = L L^T: delta^T H delta = |eps|^2 exactly, and the log
+    density is MultivariateNormal's at delta."""
+    *_, precision = linear_problem(batch=4)
+    eps = torch.randn(50, 4, 3, dtype=torch.float64,
+                      generator=torch.Generator().manual_seed(3))
+    delta, log_q = laplace_proposal(precision, 50, noise=eps)
+    quadratic = torch.einsum("sbi,bij,sbj->sb", delta, precision, delta)
+    torch.testing.assert_close(quadratic, eps.square().sum(-1), rtol=1e-7, atol=1e-9)
+    reference = torch.distributions.MultivariateNormal(torch.zeros(4, 3, dtype=torch.float64),
+                                                       precision_matrix=precision)
+    torch.testing.assert_close(log_q, reference.log_prob(delta), rtol=1e-9, atol=1e-6)
+    again, _ = laplace_proposal(precision, 50, noise=eps)
+    assert torch.equal(delta, again)
 
 
 def test_laplace_importance_sampling_corrects_a_skewed_posterior():

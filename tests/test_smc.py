@@ -19,6 +19,7 @@ from cryosvi.distributions import RandomWalk, weighted_moments
 from cryosvi.inference.importance import (effective_sample_size, importance_weights,
                                           log_importance_weights)
 from cryosvi.inference.smc import systematic_resample, tempered_smc
+from cryosvi.randomness import Streams
 
 M0, S0, SIGMA = 1.0, 2.0, 1.0
 SHAPES = {"z": (2,), "c": ()}
@@ -207,3 +208,52 @@ def test_tempering_recovers_what_plain_importance_sampling_cannot():
         error = (samples.mean(0) - problem.post_mean[s]) / problem.post_std
         assert float(error.abs().max()) < 5 / math.sqrt(n_samples / 4)
         assert float((samples.std(0) / problem.post_std).mean()) == pytest.approx(1.0, abs=0.1)
+
+
+def test_a_problems_chain_depends_on_its_own_numbers_only():
+    """With per-problem random streams, a problem's population, steps and acceptance are
+    the same alone or beside a problem that needs many more tempering steps (a
+    posterior 1000x narrower): a problem that reaches b = 1 is not moved again. The same
+    with ``subset`` (finished problems left out of the evaluations)."""
+    precision = torch.tensor([1.0, 1e6, 4.0], dtype=torch.float64)  # easy, hard, easy
+    centre = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+
+    def problems(columns):
+        p, m = precision[columns], centre[columns]
+
+        def log_target(values):
+            total = 0.0
+            for v in values.values():
+                shape = (1, -1, *([1] * (v.dim() - 2)))
+                term = -0.5 * p.view(shape) * (v - m.view(shape)).square()
+                total = total + term.reshape(*v.shape[:2], -1).sum(-1)
+            return total
+        return log_target
+
+    proposal = Proposal(mean=0.0, std=3.0)
+
+    def run(columns, use_subset):
+        columns = torch.tensor(columns)
+        noise = Streams(4, columns)
+        values = {"z": proposal.mean + proposal.std * noise.child(0).normal(
+                      (64, len(columns), 2), axis=1, dtype=torch.float64),
+                  "c": proposal.mean + proposal.std * noise.child(1).normal(
+                      (64, len(columns)), axis=1, dtype=torch.float64)}
+        subset = (lambda rows: (problems(columns[rows]), proposal.log_prob)) \
+            if use_subset else None
+        return tempered_smc(values, problems(columns), proposal.log_prob, WALKS,
+                            moves=3, noise=noise.child(2), subset=subset)
+
+    alone = run([0, 2], False)
+    for use_subset in (False, True):
+        beside = run([0, 1, 2], use_subset)
+        assert beside.steps[1] > beside.steps[0] + 3  # the hard one tempers much longer
+        for s, v in alone.values.items():
+            assert torch.equal(v, beside.values[s][:, [0, 2]]), s
+        assert torch.equal(alone.steps, beside.steps[[0, 2]])
+        assert torch.equal(alone.acceptance, beside.acceptance[[0, 2]])
+    # and the populations are the posterior's N(centre, 1 / precision)
+    for s, v in alone.values.items():
+        mean = v.mean(0).reshape(2, -1)
+        error = (mean - centre[[0, 2], None]) * precision[[0, 2], None].sqrt()
+        assert float(error.abs().max()) < 5 / math.sqrt(64 / 4)

@@ -453,7 +453,8 @@ class Guide(nn.Module):
     # --------------------------------------------------------------- sampling
     def sample(self, images: Tensor, known: dict[str, Tensor] | None = None,
                n_samples: int = 1, flip_defocus: Tensor | None = None,
-               return_features: bool = False, conditions: Conditions | None = None):
+               return_features: bool = False, conditions: Conditions | None = None,
+               noise=None):
         """Ancestral samples of the inferred sites given the images.
 
         Returns (values, log_q, dists): values site -> (S, B, ...) (known sites broadcast),
@@ -461,6 +462,11 @@ class Guide(nn.Module):
         first step of each site (for means). The phase flip uses ``flip_defocus``, else the
         known defocus, else the mean of q(defocus | x). With ``return_features`` a fourth
         item, the image features of each site, lets ``log_prob_at`` score other values.
+
+        ``noise``: the particles' random streams (``cryosvi.randomness.Streams`` over the
+        B images): each latent's value is drawn from its particle's own numbers
+        (``Latent.draw``), so a particle's samples do not depend on the rest of the
+        batch; None draws from torch's global generator (``q.sample()``).
         """
         known = dict(known or {})
         batch = images.shape[0]
@@ -477,7 +483,10 @@ class Guide(nn.Module):
             if tuple(q.batch_shape) != (n_samples, batch):
                 q = q.expand((n_samples, batch))
             dists[site] = q
-            value = q.sample()
+            if noise is None:
+                value = q.sample()
+            else:
+                value = REGISTRY[site].draw(q, noise.child(SAMPLING_ORDER.index(site)))
             values[site] = value
             log_q = log_q + q.log_prob(value)
             if site == FLIP_SITE and flip_defocus is None:

@@ -39,12 +39,14 @@ def weighted_summary(values: dict, weights: torch.Tensor) -> dict:
 
 @torch.no_grad()
 def posterior_summary(guide: Guide, images: torch.Tensor, known: dict | None = None,
-                      n_samples: int = 32, conditions: Conditions | None = None) -> dict:
+                      n_samples: int = 32, conditions: Conditions | None = None,
+                      noise=None) -> dict:
     """Means and stds of the guide's posterior for a batch of images (B, L, L).
 
     Returns tensors (B, ...) under each inferred latent's mean and std keys
     (``cryosvi.latents``), plus 'samples' (site -> (S, B, ...)), 'log_q' (S, B) and the
-    image 'features' of each encoder (for ``Guide.log_prob_at``).
+    image 'features' of each encoder (for ``Guide.log_prob_at``). ``noise``: the
+    particles' random streams (``Guide.sample``; None: torch's global generator).
     """
     known = dict(known or {})
     conditions = conditions or Conditions()
@@ -52,7 +54,7 @@ def posterior_summary(guide: Guide, images: torch.Tensor, known: dict | None = N
     out = {}
     values, log_q, dists, features = guide.sample(images, known, n_samples,
                                                   return_features=True,
-                                                  conditions=conditions)
+                                                  conditions=conditions, noise=noise)
     point = dict(known)  # the means of the earlier latents, for summaries at a point
     for site in latents:
         latent = REGISTRY[site]

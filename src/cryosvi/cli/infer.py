@@ -6,11 +6,14 @@ from pathlib import Path
 
 from cryosvi.cli.common import (HelpFormatter, add_particle_source_arguments,
                                 add_threads_argument, check_device, check_memory,
-                                device_name, integer_between)
+                                device_name, integer_between, seed_int)
 from cryosvi.errors import CryosviError
 
 
 def register(subparsers, summary: str) -> None:
+    from cryosvi.inference.chunks import CHUNK_PARTICLES
+    from cryosvi.inference.refine import METHODS
+
     parser = subparsers.add_parser(
         "infer", help=summary,
         description="Run the trained guide of a run on a particle STAR file (one batched "
@@ -21,10 +24,18 @@ def register(subparsers, summary: str) -> None:
         "about the mean). Other "
         "columns of the input are kept; latents the run does not infer keep their input "
         "values. --importance S refines with the physics likelihood (by default: for "
-        "batches of SNR >= 15, Gauss-Newton to each posterior mode and importance "
+        "data sets of SNR >= 15, Gauss-Newton to each posterior mode and importance "
         "sampling from the Laplace approximation there, tempered SMC for the particles "
         "where that fails; below, tempered SMC with 12 moves; adds cryosviESS, the "
-        "effective sample size per particle, and cryosviRefinedBySMC).",
+        "effective sample size per particle, and cryosviRefinedBySMC). A particle's "
+        "posterior depends only on it, the run, the settings and --seed: not on "
+        "--batch-size, the device (up to rounding) or the number of processes. "
+        "Finished chunks of particles are kept in OUTPUT.partial/ until the STAR is "
+        "written, so a stopped run continues with --resume. Several processes: "
+        "'torchrun --standalone --nproc-per-node N -m -- cryosvi infer ...' (the '--' "
+        "keeps torchrun from reading --run as its --run-path; each process takes a "
+        "block of the chunks and a GPU of its own where there are GPUs; rank 0 writes "
+        "the result and shows the whole run's progress).",
         formatter_class=HelpFormatter)
     parser.add_argument("--run", required=True, help="run directory from 'cryosvi train'")
     parser.add_argument("--particles", required=True,
@@ -38,20 +49,20 @@ def register(subparsers, summary: str) -> None:
     parser.add_argument("--importance", type=integer_between(0, 10**5), default=64,
                         help="samples per particle for the refinement with the physics "
                         "likelihood (0: the guide alone, one network pass)")
-    parser.add_argument("--refine", choices=["auto", "laplace", "smc", "is"],
-                        default="auto",
+    parser.add_argument("--refine", choices=METHODS, default="auto",
                         help="with --importance: 'laplace' runs Gauss-Newton from the "
                         "guide's best draws to the posterior mode and importance-samples "
                         "its Laplace approximation, handing the particles where that "
-                        "fails (a local mode, ESS < S/4) to 'smc'; 'smc' tempers from the "
-                        "guide to the posterior with resample-move steps; 'is' is plain "
-                        "importance sampling with the guide as proposal; 'auto' takes "
-                        "'laplace' for batches of SNR >= 15 (about 5x faster there, as "
-                        "accurate) and 'smc' with at least 12 moves below (where the "
+                        "fails (a misfit 4 sigma above the noise's, ESS < S/4) to 'smc'; "
+                        "'smc' tempers from the guide to the posterior with resample-move "
+                        "steps; 'is' is plain importance sampling with the guide as "
+                        "proposal; 'auto' takes 'laplace' for data sets of SNR >= 15 "
+                        "(estimated once from up to 2000 particles; about 5x faster there, "
+                        "as accurate) and 'smc' with at least 12 moves below (where the "
                         "Laplace path under-covers and 3 moves mix too slowly)")
     parser.add_argument("--moves", type=integer_between(0, 1000), default=3,
                         help="smc (and laplace's fallback): Metropolis moves per "
-                        "tempering step ('auto' uses at least 12 for batches it hands "
+                        "tempering step ('auto' uses at least 12 for data sets it hands "
                         "to the SMC whole)")
     parser.add_argument("--turns", type=int, choices=[1, 2, 4], default=1,
                         help="the guide's posterior as the mixture of its posteriors for "
@@ -59,12 +70,24 @@ def register(subparsers, summary: str) -> None:
                         "wider intervals (4: the guide alone's pose error -23 %%, its "
                         "95 %% intervals cover 0.97-0.99)")
     parser.add_argument("--batch-size", type=integer_between(1, 10**6), default=256,
-                        help="particles per network pass")
-    parser.add_argument("--device", type=device_name, default="cpu",
-                        help="cpu, cuda, cuda:N or auto")
+                        help="particles per network pass (memory and speed only: the "
+                        "results do not depend on it)")
+    parser.add_argument("--seed", type=seed_int, default=0,
+                        help="seed of the particles' random numbers")
+    parser.add_argument("--device", type=device_name, default="auto",
+                        help="cpu, cuda, cuda:N or auto (cuda where present, each "
+                        "torchrun process its own GPU cuda:LOCAL_RANK; else cpu)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the stopped inference whose finished chunks are in "
+                        "OUTPUT.partial/ (same run, particles, settings and seed)")
+    parser.add_argument("--chunk-size", type=integer_between(1, 10**7),
+                        default=CHUNK_PARTICLES,
+                        help="particles per chunk written to OUTPUT.partial/ as it "
+                        "finishes (the most a crash loses, and the unit of work of a "
+                        "process)")
     parser.add_argument("--force", action="store_true",
                         help="replace existing outputs that an earlier 'cryosvi infer' wrote "
-                        "(never other files)")
+                        "(never other files), and start again over its OUTPUT.partial/")
     add_threads_argument(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
@@ -73,15 +96,25 @@ def register(subparsers, summary: str) -> None:
 def run(args) -> None:
     import numpy as np
 
+    from cryosvi.inference import distributed
     from cryosvi.inference.driver import infer
 
-    args.device = check_device(args.device)
+    args.device = infer_device(args.device)
     check_outputs(args)
-    frame = infer(args.run, args.particles, args.output, samples=args.samples,
-                  importance=args.importance, method=args.refine, moves=args.moves,
-                  turns=args.turns, batch_size=args.batch_size,
-                  device=args.device, progress=not args.quiet, datadir=args.datadir,
-                  invert=args.invert)
+    import torch
+
+    ranks = distributed.start(torch.device(args.device))
+    try:
+        frame = infer(args.run, args.particles, args.output, samples=args.samples,
+                      importance=args.importance, method=args.refine, moves=args.moves,
+                      turns=args.turns, batch_size=args.batch_size,
+                      device=args.device, progress=not args.quiet, datadir=args.datadir,
+                      invert=args.invert, seed=args.seed, resume=args.resume,
+                      force=args.force, chunk_size=args.chunk_size, ranks=ranks)
+    finally:
+        distributed.stop(ranks)
+    if frame is None:  # another rank wrote the result
+        return
     extra = ""
     if "cryosviESS" in frame:
         ess = frame["cryosviESS"].to_numpy()
@@ -96,6 +129,18 @@ def run(args) -> None:
     npz = f" and {args.samples} samples per particle to " \
           f"{samples_path(args.output)}" if args.samples else ""
     print(f"wrote the posterior of {len(frame)} particles to {args.output}{npz}{extra}")
+
+
+def infer_device(name: str) -> str:
+    """The device of this process: 'auto' is this rank's GPU where CUDA is present (under
+    torchrun cuda:LOCAL_RANK), else cpu; 'cuda' under torchrun is the rank's own GPU too;
+    absent CUDA is a CryosviError (``check_device``)."""
+    from cryosvi.inference import distributed
+
+    checked = check_device(name)
+    if name == "auto" or checked == "cuda":
+        return distributed.auto_device()
+    return checked
 
 
 def samples_path(output: str | Path) -> Path:
@@ -120,6 +165,7 @@ def check_outputs(args) -> None:
     # earlier is an output (replaced with --force when cryosvi wrote it).
     inputs = [args.particles, *run_files(args.run)]
     check_output_file(output, "posterior", args.force, inputs)
+    check_work_folder(output, args.resume, args.force)
     if Path(args.particles).suffix.lower() == ".cs":  # infer writes a .cs beside the STAR
         check_output_file(output.with_suffix(".cs"), "posterior", args.force,
                           [*inputs, output], option="the .cs beside -o,")
@@ -129,3 +175,20 @@ def check_outputs(args) -> None:
     reference = Reference.load(Path(args.run) / REFERENCE_FILE)
     check_memory(args.batch_size * max(args.importance, 1), reference.optics,
                  reference.imaging, args.device, "use a smaller --batch-size or --importance")
+
+
+def check_work_folder(output: Path, resume: bool, force: bool) -> None:
+    """The work folder OUTPUT.partial: none, or an earlier inference's with --resume
+    (the driver then checks that it is this one's) or --force; never a folder or file
+    that 'cryosvi infer' did not make."""
+    from cryosvi.inference.chunks import WorkFolder, work_folder_path
+
+    work = WorkFolder(work_folder_path(output))
+    if work.path.exists() or work.path.is_symlink():
+        if not work.ours():
+            raise CryosviError(f"{work.path} exists and is not a work folder of 'cryosvi "
+                               "infer'; move it away or choose another output")
+        if not (resume or force):
+            raise CryosviError(f"{work.path} holds the finished chunks of an earlier "
+                               "'cryosvi infer' that stopped: use --resume to continue "
+                               "it or --force to start again")

@@ -8,7 +8,8 @@ from cryosvi.distributions.normaliser import log_projected_normal_normaliser
 from cryosvi.distributions.projected_normal import (AntipodalProjectedNormal, ProjectedNormal,
                                                     ProjectedNormalMixture, pose_distribution,
                                                     projected_normal_log_density)
-from cryosvi.distributions.random_walk import RandomWalk, gaussian_step, weighted_moments
+from cryosvi.distributions.random_walk import (RandomWalk, gaussian_step, sum_over_samples,
+                                               weighted_moments)
 
 __all__ = [
     "Measurement",
@@ -20,5 +21,6 @@ __all__ = [
     "projected_normal_log_density",
     "RandomWalk",
     "gaussian_step",
+    "sum_over_samples",
     "weighted_moments",
 ]

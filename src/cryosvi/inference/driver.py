@@ -1,4 +1,5 @@
-"""``cryosvi infer``'s driver: the particles of a file through a trained run, written as a
+"""``cryosvi infer``'s driver: the particles of a file through a trained run, chunk by
+chunk (``cryosvi.inference.chunks``: shared out over processes, resumable), written as a
 posterior STAR (and .cs, and samples)."""
 
 from __future__ import annotations
@@ -8,27 +9,32 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from cryosvi.dataset import run_particles
+from cryosvi.errors import CryosviError
 from cryosvi.guide import check_turns
-from cryosvi.inference.refine import refine
-from cryosvi.io.atomic import save_npz_atomically
+from cryosvi.inference.chunks import (CHUNK_PARTICLES, WorkFolder, assemble_columns,
+                                      chunk_ranges, fingerprint, run_chunks,
+                                      work_folder_path, write_samples)
+from cryosvi.inference.distributed import Ranks, auto_device
+from cryosvi.inference.refine import (METHODS, REFINERS, Batch, Settings, dataset_snr,
+                                      guide_alone)
 from cryosvi.io.outputs import provenance_array
 from cryosvi.io.particles import read_particles, write_particles
 from cryosvi.latents import summary_columns
-from cryosvi.posterior import posterior_summary
-from cryosvi.randomness import preserved_rng
-from cryosvi.rundir import load_trained, select_device
+from cryosvi.randomness import Streams, preserved_rng
+from cryosvi.rundir import CHECKPOINT, REFERENCE_FILE, RUN_FILE, load_trained, select_device
 
 
 @preserved_rng()
 def infer(run: str | Path, particles: str | Path, output: str | Path, samples: int = 0,
           importance: int = 64, method: str = "auto", moves: int = 3,
           turns: int = 1, batch_size: int = 256,
-          device: str = "cpu", summary_samples: int = 64,
+          device: str = "auto", summary_samples: int = 64,
           progress: bool = True, datadir: str | Path | None = None,
-          invert: bool = False) -> pd.DataFrame:
+          invert: bool = False, seed: int = 0, resume: bool = False,
+          force: bool = False, chunk_size: int = CHUNK_PARTICLES,
+          ranks: Ranks | None = None) -> pd.DataFrame | None:
     """Posterior of every particle of ``particles`` (STAR or cryoSPARC .cs, read by
     ``cryosvi.io.read_particles`` with ``datadir`` and ``invert``) under the trained run
     ``run``.
@@ -39,57 +45,109 @@ def infer(run: str | Path, particles: str | Path, output: str | Path, samples: i
     .cs input also ``output`` with suffix .cs (the input's records, fields updated), and, with
     ``samples`` > 0, ``output`` with suffix .npz holding S posterior samples per particle
     (site -> (N, S, ...)). ``importance`` > 0 refines with that many samples per
-    particle: ``method`` 'auto', 'laplace', 'smc' or 'is'; see ``refine``. ``turns``:
-    the guide's posterior averaged over that many quarter turns of each image
-    (``Guide.turns``). Returns the particle table written.
+    particle: ``method`` one of ``refine.METHODS`` ('auto', 'laplace', 'smc', 'is'; see
+    ``cryosvi.inference.refine``). ``turns``: the guide's posterior averaged over that
+    many quarter turns of each image (``Guide.turns``). ``device``: cpu, cuda, cuda:N or
+    auto (cuda where present: cuda:LOCAL_RANK under torchrun; else cpu).
+
+    A particle's posterior depends only on it, the run, these settings and ``seed``:
+    not on ``batch_size`` (particles per network pass), ``chunk_size``, the device
+    (up to rounding) or the processes. The particles go in chunks of ``chunk_size``,
+    each written when done to the work folder ``OUTPUT.partial`` (removed at the end);
+    ``resume`` continues the inference whose chunks are there (same run, particle file,
+    settings and seed), ``force`` starts afresh over one; without either, a work folder
+    there is an error. ``ranks``: this process's place among several (``torchrun``;
+    ``cryosvi.inference.distributed.start``): each takes a block of the chunks, rank 0
+    writes the result. Returns the particle table written (None on the other ranks).
     """
     check_turns(turns)  # before the run is loaded
-    select_device(device)
-    info, reference, guide = load_trained(run, device)
+    if method not in REFINERS:
+        raise CryosviError(f"unknown refinement {method!r} ({', '.join(METHODS)})")
+    ranks = ranks or Ranks()
+    device = select_device(auto_device(ranks) if device == "auto" else device)
+    _, reference, guide = load_trained(run, device)
     guide.turns = turns
     table = read_particles(particles, datadir, invert)
     config = guide.config
     data, known = run_particles(table, config, reference)
-    forward = reference.forward_model(data.groups).to(device) if importance else None
-    n = len(table)
-    collected: dict[str, list] = {}
-    sample_store: dict[str, list] = {s: [] for s in config.latents}
-    if samples:
-        sample_store["weights"] = [] if importance else None
-    draws = max(summary_samples, samples, importance)
-    torch.manual_seed(0)
-    for start in tqdm(range(0, n, batch_size), desc="inferring", unit="batch",
-                      disable=not progress, leave=False):
-        index = np.arange(start, min(start + batch_size, n))
-        batch = torch.from_numpy(data.images(index)).to(device)
-        batch_known = {s: v[index].to(device) for s, v in known.items()}
-        conditions = data.conditions.take(index).to(device)
-        if importance:
-            summary = refine(guide, forward, reference.priors, reference.noise.std, batch,
-                             batch_known, importance, method=method, moves=moves,
-                             conditions=conditions)
-        else:
-            summary = posterior_summary(guide, batch, batch_known, draws,
-                                        conditions=conditions)
-        rows = table.metadata.iloc[index]
-        for key, value in summary_columns(summary, config.latents, rows, config).items():
-            collected.setdefault(key, []).append(value)
-        if samples:
-            for site in config.latents:
-                sample_store[site].append(
-                    summary["samples"][site][:samples].transpose(0, 1).cpu().numpy())
-            if importance:
-                sample_store["weights"].append(
-                    summary["weights"][:samples].T.cpu().numpy())
-    frame = table.metadata.copy()
-    for key, parts in collected.items():
-        frame[key] = np.concatenate(parts)
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    write_particles(output, table, frame, list(collected))
-    if samples:
-        arrays = {s: np.concatenate(v) for s, v in sample_store.items() if v}
-        save_npz_atomically(output.with_suffix(".npz"), **arrays,
-                            cryosvi=provenance_array("samples"))
+    work = WorkFolder(work_folder_path(output))
+    settings = dict(importance=importance, method=method, moves=moves, turns=turns,
+                    samples=samples, summary_samples=summary_samples, seed=seed,
+                    chunk_size=chunk_size, invert=invert,
+                    datadir=None if datadir is None else str(Path(datadir).resolve()))
+    identity = fingerprint([Path(run) / name for name in (RUN_FILE, REFERENCE_FILE,
+                                                           CHECKPOINT)],
+                           Path(particles), settings)
+    action = work.check(identity, resume, force)
+    ranks.barrier()  # every rank has checked the folder before rank 0 changes it
+    if ranks.leader:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        work.prepare(action, identity)
+    ranks.barrier()
+
+    forward = reference.forward_model(data.groups).to(device) if importance else None
+    noise_std = reference.noise.std
+    snr = dataset_snr(data, noise_std) if importance and method == "auto" else None
+    refine = Settings(importance, moves, snr=snr)
+    draws = max(summary_samples, samples, importance)
+
+    def summarise(index: np.ndarray) -> dict:
+        """The posterior summary of the particles ``index`` (one batch)."""
+        batch = Batch(guide, forward, reference.priors, noise_std,
+                      torch.from_numpy(data.images(index)).to(device),
+                      {s: v[index].to(device) for s, v in known.items()},
+                      data.conditions.take(index).to(device),
+                      Streams(seed, torch.from_numpy(index)).to(device))
+        with torch.no_grad():
+            return REFINERS[method](batch, refine) if importance else \
+                guide_alone(batch, draws)
+
+    def compute(indices: np.ndarray, advance) -> tuple[dict, dict]:
+        """STAR columns (n,) and samples (n, S, ...) of the particles ``indices``."""
+        columns: dict[str, list] = {}
+        drawn: dict[str, list] = {}
+        for start in range(0, len(indices), batch_size):
+            index = indices[start:start + batch_size]
+            summary = summarise(index)
+            rows = table.metadata.iloc[index]
+            for key, value in summary_columns(summary, config.latents, rows, config).items():
+                columns.setdefault(key, []).append(value)
+            if samples:
+                for site in config.latents:
+                    drawn.setdefault(site, []).append(
+                        summary["samples"][site][:samples].transpose(0, 1).cpu().numpy())
+                if importance:
+                    drawn.setdefault("weights", []).append(
+                        summary["weights"][:samples].T.cpu().numpy())
+            advance(len(index))
+        table.close()  # the stacks' memory maps, and the pages of them read, go
+        return ({k: np.concatenate(v) for k, v in columns.items()},
+                {k: np.concatenate(v) for k, v in drawn.items()})
+
+    chunks = chunk_ranges(len(table), chunk_size)
+    to_do = sorted(set(range(len(chunks))) - work.finished())
+    run_chunks(work, chunks, to_do, ranks, compute, progress)
+    ranks.barrier()  # every chunk is written
+    frame = None
+    if ranks.leader:
+        frame = _write_result(output, table, work, chunks, samples)
     table.close()
+    ranks.barrier()  # the result is written before any rank returns
+    return frame
+
+
+def _write_result(output: Path, table, work: WorkFolder, chunks: list[range],
+                  samples: int) -> pd.DataFrame:
+    """The STAR (and .cs) of every chunk's columns, the samples' .npz, then the work
+    folder removed."""
+    columns = assemble_columns(work, len(chunks))
+    frame = table.metadata  # the table is this call's own: no copy
+    for key, value in columns.items():
+        frame[key] = value
+    write_particles(output, table, frame, list(columns))
+    if samples:
+        write_samples(output.with_suffix(".npz"), work, chunks,
+                      provenance_array("samples"))
+    work.remove()
     return frame

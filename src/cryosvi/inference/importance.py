@@ -21,14 +21,23 @@ def log_importance_weights(log_target: Tensor, log_proposal: Tensor) -> Tensor:
     return torch.nan_to_num(log_target - log_proposal, nan=-math.inf, posinf=-math.inf)
 
 
+def normalised_weights(log_weights: Tensor) -> Tensor:
+    """(S, B) unnormalised log weights -> (S, B) weights summing to 1 per problem (the
+    softmax over the samples). Each problem's are computed along a contiguous axis, so
+    they do not depend on the other problems of the batch, even at rounding level
+    (torch's softmax over a leading axis rounds differently for different batch
+    sizes)."""
+    return torch.softmax(log_weights.T.contiguous(), dim=-1).T
+
+
 def effective_sample_size(log_weights: Tensor) -> Tensor:
     """(S, B) unnormalised log weights -> (B,) ESS = (sum w)^2 / sum w^2, in [1, S]."""
-    weights = torch.softmax(log_weights, dim=0)
-    return 1.0 / weights.square().sum(0)
+    weights = torch.softmax(log_weights.T.contiguous(), dim=-1)
+    return 1.0 / weights.square().sum(-1)
 
 
 def importance_weights(log_target: Tensor, log_proposal: Tensor) -> tuple[Tensor, Tensor]:
     """Self-normalised importance sampling: samples (S, B) drawn from q, their log q and
     log p(x, z) -> normalised weights (S, B) and the ESS (B,)."""
     log_weights = log_importance_weights(log_target, log_proposal)
-    return torch.softmax(log_weights, dim=0), effective_sample_size(log_weights)
+    return normalised_weights(log_weights), effective_sample_size(log_weights)

@@ -42,12 +42,15 @@ Point = Any
 class GaussNewtonResult:
     """point: the B modes found; objective (B,): -log p(x, z) + const there (|r|^2 / 2 -
     log prior); precision (B, d, d) float64: the Gauss-Newton precision at the mode;
-    accepted (B,): the number of iterations that lowered the objective."""
+    accepted (B,): the number of iterations that lowered the objective; misfit (B,)
+    float64: |r|^2 / 2 there, the objective's likelihood part (for whitened residuals of
+    a correct model, chi^2_P / 2: mean P / 2, std sqrt(P / 2), for P residuals)."""
 
     point: Point
     objective: Tensor
     precision: Tensor
     accepted: Tensor
+    misfit: Tensor
 
 
 def _objective(residual: Tensor, log_prior: Tensor) -> Tensor:
@@ -115,20 +118,23 @@ def gauss_newton(point: Point, residuals: Callable[[Point], Tensor],
         lam = torch.where(better, lam / 3, lam * 10)
         objective, gradient, precision = _linearise(point, residual, prior, residuals,
                                                     log_prior, retract, steps)
-    return GaussNewtonResult(point, objective, precision, accepted)
+    misfit = 0.5 * residual.double().square().sum(-1)
+    return GaussNewtonResult(point, objective, precision, accepted, misfit)
 
 
-def laplace_proposal(precision: Tensor, n_samples: int,
-                     inflate: float = 1.0) -> tuple[Tensor, Tensor]:
+def laplace_proposal(precision: Tensor, n_samples: int, inflate: float = 1.0,
+                     noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """S draws delta (S, B, d) from N(0, inflate^2 H^-1) for precisions H (B, d, d), and
-    their log densities (S, B) (per unit volume of the chart, float64)."""
+    their log densities (S, B) (per unit volume of the chart, float64). ``noise``: the
+    standard normals eps (S, B, d) they are made of (drawn here when None)."""
     batch, dim = precision.shape[0], precision.shape[-1]
     # H = L L^T; delta = inflate * L^-T eps has covariance inflate^2 H^-1.
     jitter = 1e-9 * torch.diagonal(precision, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)
     cholesky = torch.linalg.cholesky(precision + jitter[:, None, None]
                                      * torch.eye(dim, dtype=precision.dtype,
                                                  device=precision.device))
-    eps = torch.randn(n_samples, batch, dim, dtype=precision.dtype, device=precision.device)
+    eps = (torch.randn(n_samples, batch, dim, dtype=precision.dtype, device=precision.device)
+           if noise is None else noise.to(precision.dtype))
     delta = inflate * torch.linalg.solve_triangular(
         cholesky.transpose(-1, -2).expand(n_samples, batch, dim, dim), eps[..., None],
         upper=True)[..., 0]

@@ -1,24 +1,40 @@
 """Posterior of every particle from a trained guide (one batched network pass), refined by
-the physics likelihood, as STAR/npz.
+the physics likelihood.
 
 Summaries per particle: ``cryosvi.posterior``. Refinement with the physics likelihood
-(``refine``), by the generic samplers of ``cryosvi.inference.laplace`` and ``cryosvi.inference.smc``:
+(``refine``), by the generic samplers of ``cryosvi.inference.laplace`` and
+``cryosvi.inference.smc``; the methods (``REFINERS``):
 
 * 'laplace': Gauss-Newton from the guide's best draws to the posterior mode, importance
   sampling from the Laplace approximation there, and tempered SMC for the particles
   where that fails. Measured on the demo's 2 000 held-out particles (SNR 20, 2-core
   CPU): the same accuracy and coverage as 'smc' at about 5x its speed (README,
   "Inference"); at SNR 10 and below it under-covers;
-* 'auto' (the default): 'laplace' for batches of SNR >= 15, else 'smc' with 12 moves;
+* 'auto' (the default): 'laplace' for data sets of SNR >= 15 (``dataset_snr``), else
+  'smc' with 12 moves;
 * 'is': importance sampling with the guide as proposal (weights p(x | z) p(z) / q(z |
   x), self-normalised; the effective sample size (sum w)^2 / sum w^2 per particle);
 * 'smc': adaptive tempered SMC from the guide to the posterior (resample-move with
   random-walk Metropolis moves).
+
+A particle's result depends only on the particle, the run, the settings and the seed:
+every random number comes from the particle's own stream (``Batch.noise``, a
+``cryosvi.randomness.Streams``), 'auto' decides by the data set's SNR, the Laplace path
+hands a particle to the SMC by a test of that particle alone (``_stuck``), and the SMC
+stops each particle's chain when it reaches the posterior.
+
+Adding a method: a function ``(batch: Batch, settings: Settings) -> dict`` (the summary
+keys of ``weighted_summary`` plus 'samples', 'weights' and 'ess', see ``refine``) in a
+module of its own, and its entry in ``REFINERS``; the command line offers every name
+there (``METHODS``). Its random numbers come from ``batch.noise`` under a key of its own
+(``KEYS``).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
 from pyro import poutine
@@ -31,6 +47,12 @@ from cryosvi.model import model
 from cryosvi.posterior import posterior_summary, weighted_summary
 from cryosvi.inference.importance import importance_weights
 from cryosvi.inference.smc import tempered_smc
+
+KEYS = {"guide": 1, "smc": 2, "laplace_pool": 3, "laplace_proposal": 4}
+"""The first part of the key of each stage's draws in a particle's stream: the guide's
+samples (the guide alone, 'is', 'smc' and the Laplace path's fallback, which so gives a
+particle the result 'smc' would), the SMC's moves, the Laplace path's pool of guide
+draws and its proposal. A new method takes a number of its own."""
 
 
 @torch.no_grad()
@@ -52,6 +74,66 @@ def log_joint(forward, priors, noise_std: float, images: torch.Tensor, values: d
     return total.reshape(n_samples, batch)
 
 
+@dataclass
+class Batch:
+    """A batch of particles to refine and what their posterior needs: the trained
+    ``guide``, the ``forward`` model, the ``priors`` and white-noise std of the model,
+    images (B, L, L), the values (B, ...) of the latents fixed to ``known`` ones, the
+    particles' ``conditions`` (``Conditions``), their random streams ``noise``
+    (``cryosvi.randomness.Streams`` over the B particles; None: torch's global
+    generator), and how many samples per particle the likelihood evaluates at once
+    (``chunk``)."""
+
+    guide: Guide
+    forward: object
+    priors: object
+    noise_std: float
+    images: torch.Tensor
+    known: dict
+    conditions: Conditions
+    noise: object = None
+    chunk: int = 16
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def pixels(self) -> int:
+        """P: pixels per image (whitened residuals of a particle)."""
+        return self.images[0].numel()
+
+    def take(self, rows: torch.Tensor) -> "Batch":
+        """The particles ``rows`` of the batch (with their own random streams)."""
+        return replace(self, images=self.images[rows],
+                       known={s: v[rows] for s, v in self.known.items()},
+                       conditions=self.conditions.take(rows),
+                       noise=None if self.noise is None else self.noise.take(rows))
+
+    def stream(self, stage: str):
+        """The particles' streams for the draws of ``stage`` (``KEYS``), or None."""
+        return None if self.noise is None else self.noise.child(KEYS[stage])
+
+    def log_target(self, values: dict) -> torch.Tensor:
+        """log p(x, z) (S, B) of values site -> (S, B, ...) with the known sites,
+        ``chunk`` samples at a time; NaN (a broken image) becomes -inf."""
+        return _log_target(self.forward, self.priors, self.noise_std, self.images, values,
+                           self.known, self.conditions, self.guide.config.latents,
+                           self.chunk)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How to refine: ``n_samples`` S per particle; for the SMC ``moves`` Metropolis
+    moves per tempering step, at most ``max_steps`` steps, each keeping the ESS at
+    ``ess_target`` S; ``snr``: the data set's SNR (``dataset_snr``), which 'auto' needs."""
+
+    n_samples: int
+    moves: int = 2
+    max_steps: int = 40
+    ess_target: float = 0.5
+    snr: float | None = None
+
+
 def _tile(values: dict, n: int) -> dict:
     """Values site -> (B, ...) repeated n times along the batch, (n * B, ...)."""
     return {s: v.repeat(n, *([1] * (v.dim() - 1))) for s, v in values.items()}
@@ -61,7 +143,8 @@ def _tile(values: dict, n: int) -> dict:
 def laplace_refine(guide: Guide, forward, priors, noise_std: float, images: torch.Tensor,
                    known: dict | None, n_samples: int, starts: int = 2, pool: int = 32,
                    coarse: int = 4, iterations: int = 4, blur: float = 0.1,
-                   chunk: int = 16, conditions: Conditions | None = None) -> dict:
+                   chunk: int = 16, conditions: Conditions | None = None,
+                   noise=None) -> dict:
     """Gauss-Newton from the guide's best draws to the posterior mode, then importance
     sampling from the Laplace approximation there (``cryosvi.inference.laplace``).
 
@@ -74,19 +157,22 @@ def laplace_refine(guide: Guide, forward, priors, noise_std: float, images: torc
     H^-1); its ``n_samples`` draws are weighted by p(x, z) / q(z) (q per unit of each
     prior's base measure, e.g. S^3's surface for the pose). Evaluations of the forward
     model per particle: pool + starts (coarse + iterations + 2) (d + 1) + n_samples
-    (d: the chart's dimension).
+    (d: the chart's dimension). ``noise``: the particles' random streams (the pool takes
+    the child ``KEYS['laplace_pool']``, the proposal ``KEYS['laplace_proposal']``).
 
     Returns the summary keys of ``weighted_summary`` plus 'samples', 'weights' (S, B),
     'ess' (B,): the effective sample size of these weights (how Gaussian the posterior
-    is around the mode) and 'objective' (B,): -log p(x, z) + const at the mode.
+    is around the mode), 'objective' (B,): -log p(x, z) + const at the mode, and
+    'misfit' (B,): its likelihood part |r|^2 / 2 over the P whitened pixels.
     """
     known = dict(known or {})
     conditions = conditions or Conditions()
     latents = guide.config.latents
     batch = images.shape[0]
     chart = Chart(latents, guide.config)
-    guide_draws = posterior_summary(guide, images, known, max(pool, starts),
-                                    conditions=conditions)["samples"]
+    guide_draws = posterior_summary(
+        guide, images, known, max(pool, starts), conditions=conditions,
+        noise=None if noise is None else noise.child(KEYS["laplace_pool"]))["samples"]
     log_p = _log_target(forward, priors, noise_std, images, guide_draws, known, conditions,
                         latents, chunk)
     top = log_p.topk(starts, dim=0).indices  # (M, B)
@@ -139,7 +225,9 @@ def laplace_refine(guide: Guide, forward, priors, noise_std: float, images: torc
     evidence = laplace_log_evidence(result.objective, result.precision).view(starts, batch)
     best = evidence.argmax(0) * batch + torch.arange(batch, device=images.device)
     mode = {s: v[:, best] for s, v in result.point.items()}  # (1, B, ...)
-    delta, log_q = laplace_proposal(result.precision[best], n_samples)
+    eps = None if noise is None else noise.child(KEYS["laplace_proposal"]).normal(
+        (n_samples, batch, chart.dim), axis=1, dtype=result.precision.dtype)
+    delta, log_q = laplace_proposal(result.precision[best], n_samples, noise=eps)
     values = chart.retract(mode, delta.to(images.dtype))
     log_q = log_q - chart.log_volume(delta).double()
     log_p = _log_target(forward, priors, noise_std, images, values, known, conditions,
@@ -147,47 +235,59 @@ def laplace_refine(guide: Guide, forward, priors, noise_std: float, images: torc
     weights, ess = importance_weights(log_p.double(), log_q)
     weights = weights.to(images.dtype)
     return {**weighted_summary(values, weights), "samples": values, "weights": weights,
-            "ess": ess.to(images.dtype), "objective": result.objective[best]}
+            "ess": ess.to(images.dtype), "objective": result.objective[best],
+            "misfit": result.misfit[best]}
 
 
 LAPLACE_MIN_SNR = 15.0
-"""'auto' refines a batch by 'laplace' when its SNR is at least this, else by 'smc'.
-Measured on held-out simulations of the paper preset (256 particles, same guide and
-seeds for both methods; README, "Inference"): at SNR 20 both reach 95 % coverage
-0.93-0.94 (Laplace ~5x faster); at SNR 10 the Laplace path covers the mode 0.89 (SMC
-0.95), at SNR 5 0.84 (0.93), at SNR 1 0.69 (0.90): with broader posteriors its two
-starts miss modes that the SMC's population finds."""
+"""'auto' refines a data set by 'laplace' when its SNR (``dataset_snr``) is at least
+this, else by 'smc'. Measured on held-out simulations of the paper preset (256
+particles, same guide and seeds for both methods; README, "Inference"): at SNR 20 both
+reach 95 % coverage 0.93-0.94 (Laplace ~5x faster); at SNR 10 the Laplace path covers
+the mode 0.89 (SMC 0.95), at SNR 5 0.84 (0.93), at SNR 1 0.69 (0.90): with broader
+posteriors its two starts miss modes that the SMC's population finds."""
 
 
 LOW_SNR_MOVES = 12
-"""Metropolis moves per tempering step when 'auto' hands a whole batch (SNR < 15) to the
+"""Metropolis moves per tempering step when 'auto' hands a data set (SNR < 15) to the
 SMC. Measured (256 held-out particles of the paper preset, own guide per SNR): at SNR 0.1
 3 moves gave 95 % coverage 0.84 / 0.72 / 0.76 (defocus / mode / pose) and pose median 7.5
 deg, 6 moves 0.92 / 0.89 / 0.84 and 4.8 deg, 12 moves 0.91 / 0.89 / 0.91 and 4.4 deg; at
 SNR 1 3 moves 0.95 / 0.90 / 0.88 (pose median 1.05 deg), 12 moves 0.94 / 0.91 / 0.91
 (1.03 deg). About 4x the cost of 3 moves."""
 
-
-def batch_snr(images: torch.Tensor, noise_std: float) -> float:
-    """The SNR of a batch of images (B, L, L) with white noise of ``noise_std`` (the
-    paper's definition, variance of the clean images over that of the noise):
-    var(images) / noise_std^2 - 1 over all pixels of the batch."""
-    return float(images.double().var() / noise_std ** 2 - 1.0)
+SNR_IMAGES = 2000
+"""Particles (a fixed random subset) the data set's SNR is estimated from."""
 
 
-def _stuck(objective: torch.Tensor, ess: torch.Tensor, n_samples: int, pixels: int,
-           outlier: float = 4.0, min_ess: float = 0.25) -> torch.Tensor:
-    """(B,) bool: the particles whose Laplace refinement is not to be trusted: a mode
-    whose -log p(x, z) lies more than ``outlier`` robust standard deviations above the
-    batch's median (a local mode: the true one fits the image better), or an ESS below
-    ``min_ess`` S (a posterior far from Gaussian). The spread is the batch's (1.4826
-    MAD) but at least that of noise alone: |r|^2 / 2 over P whitened pixels has std
-    sqrt(P / 2)."""
-    centre = objective.median()
-    spread = torch.maximum(1.4826 * (objective - centre).abs().median(),
-                           torch.tensor(math.sqrt(pixels / 2), dtype=objective.dtype,
-                                        device=objective.device))
-    return (objective > centre + outlier * spread) | (ess < min_ess * n_samples)
+def dataset_snr(particles, noise_std: float, max_images: int = SNR_IMAGES) -> float:
+    """The SNR of a data set with white noise of ``noise_std`` (the paper's definition,
+    the variance of the clean images over that of the noise): var(images) / noise_std^2
+    - 1 over every pixel of up to ``max_images`` particles (the fixed random subset of
+    ``dataset.image_statistics``). ``particles``: anything with ``len`` and
+    ``images(indices)`` at the run's working box (``dataset.ParticleData``). One number
+    per file: every batch, shard and process of a run sees the same."""
+    from cryosvi.dataset import image_statistics
+
+    _, std = image_statistics(particles, max_images)
+    return float(std ** 2 / noise_std ** 2 - 1.0)
+
+
+STUCK_SIGMAS = 4.0
+"""``_stuck``: how many standard deviations of noise alone a mode's misfit may lie
+above its expected value."""
+
+
+def _stuck(misfit: torch.Tensor, ess: torch.Tensor, n_samples: int, pixels: int,
+           outlier: float = STUCK_SIGMAS, min_ess: float = 0.25) -> torch.Tensor:
+    """(B,) bool: the particles whose Laplace refinement is not to be trusted, each
+    judged alone: a mode whose misfit |r|^2 / 2 over the P whitened pixels lies more
+    than ``outlier`` standard deviations above what the noise model expects at the true
+    one (|r|^2 is then chi^2_P: |r|^2 / 2 has mean P / 2 and std sqrt(P / 2); a local
+    mode fits the image worse), or an ESS below ``min_ess`` S (a posterior far from
+    Gaussian)."""
+    limit = pixels / 2 + outlier * math.sqrt(pixels / 2)
+    return (misfit > limit) | (ess < min_ess * n_samples)
 
 
 def _log_target(forward, priors, noise_std, images, values, known, conditions, latents,
@@ -203,65 +303,130 @@ def _log_target(forward, priors, noise_std, images, values, known, conditions, l
     return torch.nan_to_num(torch.cat(parts), nan=-math.inf)
 
 
+# -------------------------------------------------------------------- the methods
+def guide_alone(batch: Batch, n_samples: int) -> dict:
+    """The guide's posterior summary from ``n_samples`` draws per particle (no
+    likelihood): ``posterior_summary`` with the particles' streams."""
+    return posterior_summary(batch.guide, batch.images, batch.known, n_samples,
+                             conditions=batch.conditions, noise=batch.stream("guide"))
+
+
+def _from_guide(batch: Batch, settings: Settings, method: str) -> dict:
+    """'is' or 'smc': the guide's S draws, importance-weighted or tempered to the
+    posterior."""
+    n_samples = settings.n_samples
+    base = guide_alone(batch, n_samples)
+    features = base["features"]
+    guide = batch.guide
+
+    def densities(part: Batch, part_features: dict):
+        known_values = {s: v.unsqueeze(0).expand(n_samples, *v.shape)
+                        for s, v in part.known.items()}
+
+        def log_proposal(samples):
+            return guide.log_prob_at(part_features, {**known_values, **samples},
+                                     part.conditions)
+        return part.log_target, log_proposal
+
+    def subset(rows):
+        return densities(batch.take(rows), {s: f[:, rows] for s, f in features.items()})
+
+    log_target, log_proposal = densities(batch, features)
+    values, log_q = base["samples"], base["log_q"]
+    log_p = log_target(values)
+    weights, ess = importance_weights(log_p, log_q)
+    out = dict(base)
+    out["ess"] = ess
+    if method == "smc":
+        result = tempered_smc(values, log_target, log_proposal,
+                              random_walks(guide.config.latents, guide.config),
+                              log_p=log_p, log_q=log_q, moves=settings.moves,
+                              max_steps=settings.max_steps,
+                              ess_target=settings.ess_target, noise=batch.stream("smc"),
+                              subset=subset)
+        values = result.values
+        weights = torch.full_like(log_p, 1.0 / n_samples)
+        out["steps"], out["acceptance"] = result.steps, result.acceptance
+    out["samples"] = values
+    out["weights"] = weights
+    out.update(weighted_summary(values, weights))
+    return out
+
+
+def importance_refine(batch: Batch, settings: Settings) -> dict:
+    """'is': self-normalised importance sampling, S proposals per particle from the
+    guide, weights p(x, z) / q(z | x)."""
+    return _from_guide(batch, settings, "is")
+
+
+def smc_refine(batch: Batch, settings: Settings) -> dict:
+    """'smc': adaptive tempered SMC from the guide to the posterior along pi_b(z) ~
+    q(z | x)^(1 - b) p(x, z)^b (``tempered_smc`` with each latent's random walk,
+    ``cryosvi.latents.random_walks``)."""
+    return _from_guide(batch, settings, "smc")
+
+
+def laplace_path(batch: Batch, settings: Settings) -> dict:
+    """'laplace': ``laplace_refine``, and 'smc' for the particles where that is not to
+    be trusted (``_stuck``: a local mode, or an ESS below S / 4; 'smc_fallback' (B,)
+    says which); they get the result 'smc' would give them alone."""
+    out = laplace_refine(batch.guide, batch.forward, batch.priors, batch.noise_std,
+                         batch.images, batch.known, settings.n_samples, chunk=batch.chunk,
+                         conditions=batch.conditions, noise=batch.noise)
+    out.pop("objective")
+    stuck = _stuck(out.pop("misfit"), out["ess"], settings.n_samples, batch.pixels)
+    rows = stuck.nonzero()[:, 0]
+    if len(rows):
+        _put_rows(out, smc_refine(batch.take(rows), settings), rows)
+    out["smc_fallback"] = stuck
+    return out
+
+
+def auto_refine(batch: Batch, settings: Settings) -> dict:
+    """'auto': 'laplace' where the data set's SNR (``settings.snr``) is at least
+    ``LAPLACE_MIN_SNR``, else 'smc' with at least ``LOW_SNR_MOVES`` moves (then
+    'smc_fallback' is True for every particle)."""
+    if settings.snr is None:
+        raise ValueError("refinement 'auto' needs the data set's SNR (dataset_snr)")
+    if settings.snr >= LAPLACE_MIN_SNR:
+        return laplace_path(batch, settings)
+    out = smc_refine(batch, replace(settings, moves=max(settings.moves, LOW_SNR_MOVES)))
+    out["smc_fallback"] = torch.ones(len(batch), dtype=torch.bool,
+                                     device=batch.images.device)
+    return out
+
+
+REFINERS: dict[str, Callable[[Batch, Settings], dict]] = {
+    "auto": auto_refine, "laplace": laplace_path, "smc": smc_refine,
+    "is": importance_refine}
+"""The refinements by name (``refine``'s ``method``, ``cryosvi infer --refine``)."""
+METHODS = tuple(REFINERS)
+
+
 @torch.no_grad()
 def refine(guide: Guide, forward, priors, noise_std: float, images: torch.Tensor,
            known: dict | None, n_samples: int, method: str = "smc", moves: int = 2,
            max_steps: int = 40, ess_target: float = 0.5, chunk: int = 16,
-           conditions: Conditions | None = None) -> dict:
-    """Refine the guide's posterior with the physics likelihood (``cryosvi.inference.smc``).
-
-    method 'is': self-normalised importance sampling, S proposals per particle from the
-    guide, weights p(x, z) / q(z | x).
-
-    method 'smc': adaptive tempered SMC from the guide to the posterior along
-    pi_b(z) ~ q(z | x)^(1 - b) p(x, z)^b (``tempered_smc`` with each latent's random
-    walk, ``cryosvi.latents.random_walks``):
-    ``moves`` Metropolis moves per step, at most ``max_steps`` steps, each keeping the
-    ESS at ``ess_target`` * S. The likelihood is evaluated ``chunk`` samples at a time.
-
-    method 'laplace' (``laplace_refine``): Gauss-Newton to the posterior mode and
-    importance sampling from the Laplace approximation there; the particles where that
-    is not to be trusted (``_stuck``: a local mode, or an ESS below S / 4) are refined
-    by 'smc' instead ('smc_fallback' (B,) bool says which).
-
-    method 'auto': 'laplace' if the batch's SNR (``batch_snr``) is at least
-    ``LAPLACE_MIN_SNR``, else 'smc' with at least ``LOW_SNR_MOVES`` moves (then
-    'smc_fallback' is True for the whole batch).
+           conditions: Conditions | None = None, noise=None,
+           snr: float | None = None) -> dict:
+    """Refine the guide's posterior of images (B, L, L) with the physics likelihood by
+    ``method`` (``REFINERS``: 'auto', 'laplace', 'smc', 'is'); ``moves``, ``max_steps``,
+    ``ess_target``: the SMC's (``Settings``); ``chunk``: samples per likelihood
+    evaluation; ``noise``: the particles' random streams (``cryosvi.randomness.Streams``;
+    None: torch's global generator); ``snr``: the data set's SNR ('auto' needs it).
 
     Returns the summary (each inferred latent's mean and std keys) plus 'ess' (B,): the
     ESS of importance sampling with the guide as proposal (the guide's quality; for
     'laplace' with the Laplace proposal, also where the SMC then ran), 'weights' (S, B),
-    'samples' and, for smc, 'steps' (B,) and 'acceptance' (B,).
+    'samples' and, for smc, 'steps' (B,) and 'acceptance' (B,); 'laplace' and 'auto' add
+    'smc_fallback' (B,) bool.
     """
-    if method not in ("is", "smc", "laplace", "auto"):
-        raise ValueError(f"unknown refinement {method!r} (auto, laplace, smc or is)")
-    known = dict(known or {})
-    conditions = conditions or Conditions()
-    whole_batch_smc = (method == "auto"
-                       and batch_snr(images, noise_std) < LAPLACE_MIN_SNR)
-    if method == "auto":
-        method = "smc" if whole_batch_smc else "laplace"
-        moves = max(moves, LOW_SNR_MOVES) if whole_batch_smc else moves
-    sampler = dict(n_samples=n_samples, moves=moves, max_steps=max_steps,
-                   ess_target=ess_target, chunk=chunk)
-    if method != "laplace":
-        out = _from_guide(guide, forward, priors, noise_std, images, known, conditions,
-                          method, **sampler)
-        if whole_batch_smc:
-            out["smc_fallback"] = torch.ones(images.shape[0], dtype=torch.bool,
-                                             device=images.device)
-        return out
-    out = laplace_refine(guide, forward, priors, noise_std, images, known, n_samples,
-                         chunk=chunk, conditions=conditions)
-    stuck = _stuck(out.pop("objective"), out["ess"], n_samples, images[0].numel())
-    rows = stuck.nonzero()[:, 0]
-    if len(rows):
-        smc = _from_guide(guide, forward, priors, noise_std, images[rows],
-                          {s: v[rows] for s, v in known.items()}, conditions.take(rows),
-                          "smc", **sampler)
-        _put_rows(out, smc, rows)
-    out["smc_fallback"] = stuck
-    return out
+    if method not in REFINERS:
+        raise ValueError(f"unknown refinement {method!r} ({', '.join(METHODS)})")
+    batch = Batch(guide, forward, priors, noise_std, images, dict(known or {}),
+                  conditions or Conditions(), noise, chunk)
+    settings = Settings(n_samples, moves, max_steps, ess_target, snr)
+    return REFINERS[method](batch, settings)
 
 
 def _put_rows(out: dict, part: dict, rows: torch.Tensor) -> None:
@@ -276,39 +441,3 @@ def _put_rows(out: dict, part: dict, rows: torch.Tensor) -> None:
             value[:, rows] = part[key]
         elif key != "ess":
             value[rows] = part[key]
-
-
-def _from_guide(guide: Guide, forward, priors, noise_std: float, images: torch.Tensor,
-                known: dict, conditions: Conditions, method: str, n_samples: int,
-                moves: int, max_steps: int, ess_target: float, chunk: int) -> dict:
-    """'is' or 'smc' of ``refine``: the guide's S draws, importance-weighted or tempered
-    to the posterior."""
-    base = posterior_summary(guide, images, known, n_samples, conditions=conditions)
-    features = base["features"]
-    known_values = {s: v.unsqueeze(0).expand(n_samples, *v.shape) for s, v in known.items()}
-    latents = guide.config.latents
-
-    def log_target(samples):
-        return _log_target(forward, priors, noise_std, images, samples, known, conditions,
-                           latents, chunk)
-
-    def log_proposal(samples):
-        return guide.log_prob_at(features, {**known_values, **samples}, conditions)
-
-    values, log_q = base["samples"], base["log_q"]
-    log_p = log_target(values)
-    weights, ess = importance_weights(log_p, log_q)
-    out = dict(base)
-    out["ess"] = ess
-    if method == "smc":
-        result = tempered_smc(values, log_target, log_proposal,
-                              random_walks(latents, guide.config),
-                              log_p=log_p, log_q=log_q, moves=moves, max_steps=max_steps,
-                              ess_target=ess_target)
-        values = result.values
-        weights = torch.full_like(log_p, 1.0 / n_samples)
-        out["steps"], out["acceptance"] = result.steps, result.acceptance
-    out["samples"] = values
-    out["weights"] = weights
-    out.update(weighted_summary(values, weights))
-    return out

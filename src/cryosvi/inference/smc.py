@@ -26,7 +26,8 @@ import torch
 from torch import Tensor
 
 from cryosvi.distributions.random_walk import RandomWalk
-from cryosvi.inference.importance import effective_sample_size, log_importance_weights
+from cryosvi.inference.importance import (effective_sample_size, log_importance_weights,
+                                          normalised_weights)
 
 Latents = dict[str, Tensor]
 
@@ -50,17 +51,19 @@ def next_temperature_step(increment: Tensor, room: Tensor, target: float,
                        step.clamp_min(torch.minimum(room, torch.full_like(room, 1e-6))), room)
 
 
-def systematic_resample(weights: Tensor) -> Tensor:
+def systematic_resample(weights: Tensor, offset: Tensor | None = None) -> Tensor:
     """(S, B) normalised weights -> (S, B) ancestor indices: one uniform offset u per
-    problem, sample i takes the ancestor whose cumulative weight first reaches
-    (i + u) / S. Ancestor j gets S w_j offspring on average (floor or ceil of it);
-    equal weights give the identity."""
+    problem (``offset`` (B,) in [0, 1), float64, or drawn here when None), sample i takes
+    the ancestor whose cumulative weight first reaches (i + u) / S. Ancestor j gets
+    S w_j offspring on average (floor or ceil of it); equal weights give the identity."""
     n, batch = weights.shape
-    cumulative = weights.double().cumsum(0)
-    cumulative[-1] = 1.0
-    offset = torch.rand(1, batch, dtype=torch.float64, device=weights.device)
-    points = (torch.arange(n, dtype=torch.float64, device=weights.device)[:, None] + offset) / n
-    return torch.searchsorted(cumulative.T.contiguous(), points.T.contiguous()).T.clamp(max=n - 1)
+    cumulative = weights.double().T.contiguous().cumsum(-1)  # (B, S): per problem
+    cumulative[:, -1] = 1.0
+    if offset is None:
+        offset = torch.rand(batch, dtype=torch.float64, device=weights.device)
+    points = (torch.arange(n, dtype=torch.float64, device=weights.device)[None]
+              + offset.double()[:, None]) / n
+    return torch.searchsorted(cumulative, points).T.clamp(max=n - 1)
 
 
 @dataclass
@@ -75,17 +78,32 @@ class SMCResult:
     acceptance: Tensor
 
 
+RESAMPLE, ACCEPT, WALK = 0, 1, 2
+"""The last part of the key of each draw of step s, move m: (s, m, RESAMPLE), (s, m,
+ACCEPT), (s, m, WALK + j) for the walk of the j-th latent."""
+
+
 def tempered_smc(values: Latents, log_target: Callable[[Latents], Tensor],
                  log_proposal: Callable[[Latents], Tensor], walks: dict[str, RandomWalk],
                  log_p: Tensor | None = None, log_q: Tensor | None = None, moves: int = 2,
-                 max_steps: int = 40, ess_target: float = 0.5) -> SMCResult:
+                 max_steps: int = 40, ess_target: float = 0.5, noise=None,
+                 subset: Callable | None = None) -> SMCResult:
     """Adaptive tempered SMC from the proposal q to the posterior ~ p(x, z), per problem.
 
     values: samples (S, B, ...) drawn from q, one entry per latent. log_target(values),
     log_proposal(values) -> (S, B). walks: the random walk of each latent (keys of
-    ``values``; their order fixes the order of random draws). log_p, log_q: the two log
-    densities of ``values`` if already known. moves: Metropolis moves per step. At most
-    ``max_steps`` steps; the last one jumps to b = 1.
+    ``values``). log_p, log_q: the two log densities of ``values`` if already known.
+    moves: Metropolis moves per step. At most ``max_steps`` steps; the last one jumps to
+    b = 1.
+
+    Each problem's chain is its own: a problem that reaches b = 1 is neither resampled
+    nor moved again, so its population does not depend on how many steps the other
+    problems of the batch need. ``noise``: the problems' random streams
+    (``cryosvi.randomness.Streams`` over the B problems; each draw of step s and move m
+    takes the child (s, m, what)), so that a problem's chain depends on its own numbers
+    only; None draws from torch's global generator. ``subset(rows)`` -> (log_target,
+    log_proposal) of the problems ``rows`` alone, for values (S, len(rows), ...): when
+    given, the problems still tempering are evaluated without the finished ones.
     """
     values = dict(values)
     first = next(iter(values.values()))
@@ -98,36 +116,83 @@ def tempered_smc(values: Latents, log_target: Callable[[Latents], Tensor],
     beta = torch.zeros(batch, dtype=torch.float64, device=device)
     steps = torch.zeros(batch, device=device)
     accepted = torch.zeros(batch, device=device)
-    tried = 0
-    columns = torch.arange(batch, device=device).expand(n_samples, batch)
+    tried = torch.zeros(batch, device=device)
     for step in range(max_steps):
-        if bool((beta >= 1).all()):
+        rows = (beta < 1).nonzero()[:, 0]
+        if not len(rows):
             break
-        room = 1.0 - beta
+        every = len(rows) == batch
+        part = (lambda t: t) if every else (lambda t: t[:, rows])
+        own = noise if noise is None or every else noise.take(rows)
+        target, proposal_density = log_target, log_proposal
+        if not every and subset is not None:
+            target, proposal_density = subset(rows)
+        elif not every:
+            target = _within(log_target, values, rows)
+            proposal_density = _within(log_proposal, values, rows)
+        current = {s: part(v) for s, v in values.items()}
+        p, q, inc = part(log_p), part(log_q), part(increment)
+        room = 1.0 - beta[rows]
         delta = room if step == max_steps - 1 else next_temperature_step(
-            increment.double(), room, ess_target)
-        steps += (delta > 0).float()
-        weights = torch.softmax((delta[None] * increment.double()).float(), dim=0)
-        widths = {s: walk.width(values[s], weights, scale) for s, walk in walks.items()}
-        beta = torch.where(room - delta < 1e-9, torch.ones_like(beta), beta + delta)
-        parent = systematic_resample(weights)
-        values = {s: v[parent, columns] for s, v in values.items()}
-        log_p, log_q = log_p[parent, columns], log_q[parent, columns]
-        b = beta.float()[None]
-        for _ in range(moves):
-            proposal = dict(values)
-            proposal.update({s: walk.step(values[s], widths[s]) for s, walk in walks.items()})
-            new_log_p, new_log_q = log_target(proposal), log_proposal(proposal)
+            inc.double(), room, ess_target)
+        steps[rows] += (delta > 0).float()
+        weights = normalised_weights((delta[None] * inc.double()).float())
+        widths = {s: walk.width(current[s], weights, scale) for s, walk in walks.items()}
+        b = torch.where(room - delta < 1e-9, torch.ones_like(delta), beta[rows] + delta)
+        beta[rows] = b
+        offset = None if own is None else own.child(step, 0, RESAMPLE).uniform(
+            (len(rows),), axis=0, dtype=torch.float64)
+        parent = systematic_resample(weights, offset)
+        columns = torch.arange(len(rows), device=device).expand(n_samples, len(rows))
+        current = {s: v[parent, columns] for s, v in current.items()}
+        p, q = p[parent, columns], q[parent, columns]
+        b = b.float()[None]
+        for move in range(moves):
+            proposal = dict(current)
+            for j, (s, walk) in enumerate(walks.items()):
+                eps = None if own is None else own.child(step, move, WALK + j).normal(
+                    walk.noise_shape(current[s]), axis=1, dtype=current[s].dtype)
+                proposal[s] = walk.step(current[s], widths[s], eps)
+            new_p, new_q = target(proposal), proposal_density(proposal)
             # pi_b(z') / pi_b(z) for a symmetric proposal.
-            log_ratio = (1 - b) * (new_log_q - log_q) + b * (new_log_p - log_p)
-            accept = torch.log(torch.rand_like(log_ratio)) < torch.nan_to_num(
-                log_ratio, nan=-math.inf)
-            for s in values:
-                mask = accept.view(*accept.shape, *([1] * (values[s].dim() - 2)))
-                values[s] = torch.where(mask, proposal[s], values[s])
-            log_p = torch.where(accept, new_log_p, log_p)
-            log_q = torch.where(accept, new_log_q, log_q)
-            accepted += accept.float().mean(0)
-            tried += 1
+            log_ratio = (1 - b) * (new_q - q) + b * (new_p - p)
+            uniform = torch.rand_like(log_ratio) if own is None else own.child(
+                step, move, ACCEPT).uniform(log_ratio.shape, axis=1, dtype=log_ratio.dtype)
+            # log u in float64: torch's float32 log can round a particle's value
+            # differently at another place in the batch (vectorised and scalar loops);
+            # a float64 ulp cannot decide a comparison with a float32 ratio.
+            accept = torch.log(uniform.double()) < torch.nan_to_num(
+                log_ratio, nan=-math.inf).double()
+            for s in current:
+                mask = accept.view(*accept.shape, *([1] * (current[s].dim() - 2)))
+                current[s] = torch.where(mask, proposal[s], current[s])
+            p = torch.where(accept, new_p, p)
+            q = torch.where(accept, new_q, q)
+            accepted[rows] += accept.float().mean(0)
+            tried[rows] += 1
+        for s, v in current.items():
+            if every:
+                values[s] = v
+            else:
+                values[s] = values[s].clone()
+                values[s][:, rows] = v
+        if every:
+            log_p, log_q = p, q
+        else:
+            log_p, log_q = log_p.clone(), log_q.clone()
+            log_p[:, rows], log_q[:, rows] = p, q
         increment = log_importance_weights(log_p, log_q)
-    return SMCResult(values, log_p, log_q, steps, accepted / max(tried, 1))
+    return SMCResult(values, log_p, log_q, steps, accepted / tried.clamp_min(1))
+
+
+def _within(density: Callable[[Latents], Tensor], values: Latents,
+            rows: Tensor) -> Callable[[Latents], Tensor]:
+    """``density`` of the problems ``rows`` alone, evaluated on the whole batch: the
+    values of the others as in ``values`` (their results are dropped)."""
+    def evaluate(part: Latents) -> Tensor:
+        whole = {}
+        for s, v in values.items():
+            whole[s] = v.clone()
+            whole[s][:, rows] = part[s]
+        return density(whole)[:, rows]
+    return evaluate

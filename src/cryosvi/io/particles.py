@@ -41,6 +41,8 @@ NUMERIC = (*PER_ROW_OPTICS, "rlnOpticsGroup", "rlnDefocusU", "rlnDefocusV",
 """Columns that must hold finite numbers (with every ``cryosvi*`` column)."""
 MODE_COLUMN = "cryosviModeAmplitude{}"
 DATADIR_HINT = "give --datadir DIR with the folder that holds the stacks"
+NAME_BLOCK = 1 << 16
+"""Image names parsed at a time."""
 
 
 def warn(message: str) -> None:
@@ -98,12 +100,23 @@ class ParticleSet:
         """(0-based index, stack id, stack names) of every row, parsed once."""
         if self._names is None:
             self.require("rlnImageName")
-            try:
-                index, files = parse_image_names(self.metadata["rlnImageName"].to_numpy())
-            except CryosviError as error:
-                raise CryosviError(f"{self.path}: {error}") from None
-            codes, names = pd.factorize(files)
-            self._names = (index, codes, np.asarray(names, dtype=str))
+            column = self.metadata["rlnImageName"].to_numpy()
+            index = np.empty(len(column), np.int64)
+            codes = np.empty(len(column), np.int64)
+            known: dict[str, int] = {}
+            # In blocks: string operations on 10^6 names at once would hold several
+            # hundred bytes per particle.
+            for start in range(0, len(column), NAME_BLOCK):
+                part = slice(start, start + NAME_BLOCK)
+                try:
+                    index[part], files = parse_image_names(column[part])
+                except CryosviError as error:
+                    raise CryosviError(f"{self.path}: {error}") from None
+                block_codes, names = pd.factorize(files)
+                ids = np.array([known.setdefault(str(n), len(known)) for n in names],
+                               dtype=np.int64)
+                codes[part] = ids[block_codes]
+            self._names = (index, codes, np.asarray(list(known), dtype=str))
         return self._names
 
     def stack_names(self) -> list[str]:
@@ -493,7 +506,7 @@ def write_particles(path: str | Path, particles: ParticleSet, frame: pd.DataFram
     path = Path(path)
     particles.ensure_image_size()
     columns = [*particles.output_columns, *(c for c in added if c not in particles.output_columns)]
-    write_star(path, frame[columns], particles.optics)
+    write_star(path, frame, particles.optics, columns)
     written = [path]
     if particles.cs is not None:
         from cryosvi.io.cryosparc import write_cs

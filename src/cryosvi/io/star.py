@@ -112,9 +112,9 @@ def read_star_blocks(path: Path) -> dict[str, StarBlock]:
             # The rows: everything up to the next block, loop or label line.
             match = _BODY_END.search(data, position - 1 if position else 0)
             body_end = len(data) if match is None else match.start() + 1
-            body = data[position:body_end]
-            blocks[name] = _read_loop(path, name, labels, body, line_number)
-            line_number += body.count(b"\n")
+            blocks[name] = _read_loop(path, name, labels, data, position, body_end,
+                                      line_number)
+            line_number += data.count(b"\n", position, body_end)
             position = body_end
             name, labels, in_loop = None, [], False
             continue
@@ -131,10 +131,35 @@ def read_star_blocks(path: Path) -> dict[str, StarBlock]:
     return blocks
 
 
-def _read_loop(path: Path, name: str, labels: list[str], body: bytes,
+LOOP_BLOCK_BYTES = 1 << 23
+"""The rows of a loop are parsed this many bytes (whole lines) at a time, so that the
+parser's temporaries do not grow with the file."""
+
+
+def _read_loop(path: Path, name: str, labels: list[str], data: bytes, start: int,
+               stop: int, first_line: int) -> StarBlock:
+    """The rows of one loop: ``data[start:stop]`` holds its lines, the first being file
+    line ``first_line``. Every non-blank line must hold exactly len(labels) values.
+    Parsed in blocks of whole lines (``LOOP_BLOCK_BYTES``)."""
+    parts, line = [], first_line
+    while start < stop:
+        end = data.find(b"\n", min(start + LOOP_BLOCK_BYTES, stop) - 1, stop)
+        end = stop if end < 0 else end + 1
+        chunk = data[start:end]
+        parts.append(_read_rows(path, name, labels, chunk, line))
+        line += chunk.count(b"\n")
+        start = end
+    parts = [p for p in parts if len(p.table)]
+    if not parts:
+        return StarBlock(name, pd.DataFrame(columns=labels), np.zeros(0, int))
+    table = pd.concat([p.table for p in parts], ignore_index=True) if len(parts) > 1 \
+        else parts[0].table
+    return StarBlock(name, table, np.concatenate([p.lines for p in parts]))
+
+
+def _read_rows(path: Path, name: str, labels: list[str], body: bytes,
                first_line: int) -> StarBlock:
-    """The rows of one loop: ``body`` holds its lines, the first being file line
-    ``first_line``. Every non-blank line must hold exactly len(labels) values."""
+    """``_read_loop`` of one block of whole lines."""
     counts, starts = _tokens_per_line(body)
     comment = np.frombuffer(body, np.uint8)[starts[counts > 0]] == ord("#") \
         if len(body) else np.zeros(0, bool)
@@ -201,11 +226,34 @@ def _typed(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-def write_star(path: str | Path, particles: pd.DataFrame, optics: pd.DataFrame) -> None:
-    """Write ``data_optics`` + ``data_particles`` (RELION 3.1 layout) to ``path``
-    atomically."""
-    write_atomically(path, lambda temporary: starfile.write(
-        {"optics": optics, "particles": particles}, temporary, overwrite=True))
+WRITE_ROWS = 1 << 15
+"""Particle rows formatted at a time by ``write_star``."""
+
+
+def write_star(path: str | Path, particles: pd.DataFrame, optics: pd.DataFrame,
+               columns: list[str] | None = None) -> None:
+    """Write ``data_optics`` + ``data_particles`` (RELION 3.1 layout; the particles'
+    ``columns``, default all) to ``path`` atomically: what ``starfile.write`` writes,
+    formatted ``WRITE_ROWS`` rows at a time (starfile formats a whole table at once,
+    through a Python object per value: gigabytes for 10^6 particles)."""
+    from starfile.writer import StarWriter, loop_block
+
+    columns = list(particles.columns) if columns is None else list(columns)
+
+    def write(temporary: Path) -> None:
+        with open(temporary, "w") as handle:
+            for line in StarWriter({"optics": optics}).lines():
+                handle.write(line + "\n")
+            head = len(columns) + 3  # data_particles, '', loop_, the labels
+            for line in list(loop_block("particles", particles.iloc[:0][columns]))[:head]:
+                handle.write(line + "\n")
+            for start in range(0, len(particles), WRITE_ROWS):
+                block = particles.iloc[start:start + WRITE_ROWS][columns]
+                for line in list(loop_block("particles", block))[head:-2]:
+                    handle.write(line + "\n")
+            handle.write("\n\n")
+
+    write_atomically(path, write)
 
 
 def optics_table(optics: Optics) -> pd.DataFrame:

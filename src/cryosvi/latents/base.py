@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cryosvi.distributions import RandomWalk, weighted_moments
+from cryosvi.distributions import RandomWalk, sum_over_samples, weighted_moments
 from cryosvi.physics.conditions import Conditions
 
 SOFTPLUS_ONE = math.log(math.e - 1.0)  # softplus(SOFTPLUS_ONE) == 1
@@ -127,6 +127,15 @@ class Latent:
 
     def mixture(self, parts: list):
         """The equal mixture of distributions of one family with batch shape (..., B)."""
+        raise NotImplementedError
+
+    def draw(self, q, noise) -> Tensor:
+        """A value of the guide's ``q`` (batch shape (S, B)) from the particles' own
+        random numbers: ``noise`` is a ``cryosvi.randomness.Streams`` over the B
+        particles (particle axis 1), of which each separate draw takes a child. The
+        same distribution as ``q.sample()``, as a function of the uniforms and normals
+        drawn (the reparameterisation), so that a particle's value does not depend on
+        the other particles of the batch."""
         raise NotImplementedError
 
     # --------------------------------------------------------------------- SMC
@@ -253,6 +262,27 @@ class GaussianLatent(Latent):
         q = dist.Normal(mean, std)
         return q.to_event(1) if self.size(guide.config) else q
 
+    def draw(self, q, noise):
+        """loc + scale * eps, eps ~ N(0, 1) per component; from a mixture (``Guide.turns``)
+        the component first (``categorical_from_uniform``)."""
+        shape = tuple(q.batch_shape)
+        if isinstance(q, torch.distributions.MixtureSameFamily):
+            pick = categorical_from_uniform(q.mixture_distribution.logits,
+                                            noise.child(0).uniform(shape, axis=1))
+            components = q.component_distribution
+            normal = components.base_dist if isinstance(components, dist.Independent) \
+                else components
+            loc, scale = torch.broadcast_tensors(normal.loc, normal.scale)
+            axis = len(shape)  # the component axis, after (S, B)
+            index = pick.view(*shape, 1, *([1] * (loc.dim() - axis - 1))).expand(
+                *shape, 1, *loc.shape[axis + 1:])
+            loc = loc.gather(axis, index).squeeze(axis)
+            scale = scale.gather(axis, index).squeeze(axis)
+        else:
+            normal = q.base_dist if isinstance(q, dist.Independent) else q
+            loc, scale = torch.broadcast_tensors(normal.loc, normal.scale)
+        return loc + scale * noise.child(1).normal(loc.shape, axis=1, dtype=loc.dtype)
+
     def mixture(self, parts):
         """MixtureSameFamily of the parts' Normals (a component axis after the batch)."""
         normals = [q.base_dist if isinstance(q, dist.Independent) else q for q in parts]
@@ -287,7 +317,10 @@ class GaussianLatent(Latent):
             # No sampled latent before this one: every sample's q is the same.
             return q.mean[0], q.stddev[0]
         mean, var = q.mean, q.variance  # (S, B, ...): per sample of the earlier latents
-        return mean.mean(0), (var.mean(0) + mean.var(0, unbiased=False)).sqrt()
+        n = mean.shape[0]
+        average = sum_over_samples(mean) / n
+        spread = sum_over_samples(var) / n + sum_over_samples((mean - average).square()) / n
+        return average, spread.sqrt()
 
     def _gaussian_validation(self, prefix: str, mean: Tensor, std: Tensor,
                              truth: Tensor) -> dict:
@@ -297,6 +330,15 @@ class GaussianLatent(Latent):
         first = (lambda t: t[:, 0]) if mean.dim() > 1 else (lambda t: t)
         return {f"val_{prefix}_r": pearson(first(mean), first(truth)),
                 f"val_{prefix}_cover95": float((z.abs() < 1.96).float().mean())}
+
+
+def categorical_from_uniform(logits: Tensor, uniform: Tensor) -> Tensor:
+    """Component indices (...,) int64 of a categorical with ``logits`` (..., K), one per
+    uniform (...,) in (0, 1): the first k whose cumulative probability exceeds u (the
+    inverse CDF; the last component where rounding leaves the total below u)."""
+    cumulative = torch.softmax(logits.double(), -1).cumsum(-1)
+    pick = (cumulative < uniform.double().unsqueeze(-1)).sum(-1)
+    return pick.clamp(max=logits.shape[-1] - 1)
 
 
 def pearson(a: Tensor, b: Tensor) -> float:

@@ -12,7 +12,8 @@ from torch import Tensor
 
 from cryosvi.distributions import ProjectedNormal, ProjectedNormalMixture, RandomWalk
 from cryosvi.io.particles import ANGLES, numeric_column
-from cryosvi.latents.base import CREDIBLE_LEVELS, ErrorScore, Latent, _column
+from cryosvi.latents.base import (CREDIBLE_LEVELS, ErrorScore, Latent, _column,
+                                  categorical_from_uniform)
 from cryosvi.physics.rotations import (euler_geodesic_error, euler_to_matrix, heaviest_component_mean, matrix_to_euler, matrix_to_quaternion, pose_credible_radii_deg, pose_std_deg, quarter_turn_quaternion, quaternion_geodesic_angle, quaternion_product, quaternion_to_matrix, rotation_vector_to_quaternion, weighted_pose)
 
 MAX_LOG_CONCENTRATION = 12.0
@@ -110,6 +111,23 @@ class Pose(Latent):
         concentration = torch.cat([q.component_distribution.concentration for q in parts], -2)
         return ProjectedNormalMixture(logits, concentration, antipodal=parts[0].antipodal)
 
+    def draw(self, q, noise):
+        """A component (``categorical_from_uniform``), then normalise(c + eps), eps ~ N(0,
+        I_4), which is PN(c) by definition, and for the antipodal family the sign
+        flipped with probability 1/2 (``ProjectedNormal.rsample``'s sampler)."""
+        shape = tuple(q.batch_shape)
+        pick = categorical_from_uniform(q.logits, noise.child(0).uniform(shape, axis=1))
+        concentration = q.concentration.expand(*shape, *q.concentration.shape[-2:])
+        chosen = concentration.gather(-2, pick[..., None, None].expand(*shape, 1, 4)) \
+            .squeeze(-2)
+        x = chosen + noise.child(1).normal(chosen.shape, axis=1, dtype=chosen.dtype)
+        value = x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(
+            torch.finfo(x.dtype).tiny)
+        if q.antipodal:
+            flip = noise.child(2).uniform(shape, axis=1) < 0.5
+            value = torch.where(flip.unsqueeze(-1), -value, value)
+        return value
+
     def feature_width(self, config) -> int:
         return 9
 
@@ -119,8 +137,7 @@ class Pose(Latent):
     def random_walk(self, config) -> RandomWalk:
         """An isotropic rotation step of the population's per-axis RMS angle, 0.01 to 30
         degrees."""
-        return RandomWalk(dim=3, step=rotate_randomly,
-                          spread=lambda q, w: torch.deg2rad(weighted_pose(q, w)[1]),
+        return RandomWalk(dim=3, step=rotate_randomly, noise_dim=3, spread=pose_spread,
                           floor=math.radians(0.01), cap=math.radians(30))
 
     difference_step = 1e-3  # radians, 0.06 degrees
@@ -200,9 +217,24 @@ class Pose(Latent):
                           pose_coverage, f"chi3 x {POSE_STD_COLUMN}")
 
 
-def rotate_randomly(rotation: Tensor, width: Tensor) -> Tensor:
+def pose_spread(rotation: Tensor, weights: Tensor) -> Tensor:
+    """The per-axis RMS angle (B,) in radians of weighted rotations (S, B, 4) about their
+    mean (``weighted_pose``), computed in float64: a float32 arccos can round a
+    particle's value differently at another place in the batch (torch's vectorised and
+    scalar loops), and the random walk's width would then depend on the batch."""
+    return torch.deg2rad(weighted_pose(rotation.double(), weights.double())[1]).to(
+        rotation.dtype)
+
+
+def rotate_randomly(rotation: Tensor, width: Tensor, noise: Tensor | None = None) -> Tensor:
     """Random-walk step on SO(3): q (S, B, 4) times exp(omega), omega ~ N(0, width^2 I_3)
-    with width (B,) in radians (symmetric: the inverse step is as likely)."""
-    omega = torch.randn(*rotation.shape[:-1], 3, device=rotation.device) * width[None, :, None]
-    q = quaternion_product(rotation, rotation_vector_to_quaternion(omega))
-    return q / q.norm(dim=-1, keepdim=True)
+    with width (B,) in radians (symmetric: the inverse step is as likely); ``noise``
+    (S, B, 3) standard normals, drawn here when None."""
+    if noise is None:
+        noise = torch.randn(*rotation.shape[:-1], 3, device=rotation.device)
+    # In float64: a float32 sin or cos can round differently in torch's vectorised and
+    # scalar loops, i.e. with the particle's place in the batch; in float64 that
+    # difference vanishes when the result is rounded back.
+    omega = noise.double() * width.double()[None, :, None]
+    q = quaternion_product(rotation.double(), rotation_vector_to_quaternion(omega))
+    return (q / q.norm(dim=-1, keepdim=True)).to(rotation.dtype)

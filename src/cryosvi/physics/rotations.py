@@ -162,14 +162,21 @@ def heaviest_component_mean(mixture, groups: int = 1) -> Tensor:
     return canonical_quaternion(mean / mean.norm(dim=-1, keepdim=True).clamp_min(1e-12))
 
 
+def _sum_over_samples(values: Tensor) -> Tensor:
+    """(S, B, ...) -> (B, ...): each problem's sum along a contiguous axis, so that it
+    does not depend on the batch at rounding level (as
+    ``cryosvi.distributions.sum_over_samples``)."""
+    return values.movedim(0, -1).contiguous().sum(-1)
+
+
 def pose_std_deg(samples: Tensor, mean: Tensor,
                  weights: Tensor | None = None) -> Tensor:
     """Isotropic angular std (deg): sqrt(E[geodesic(sample, mean)^2] / 3).
     samples (S, B, 4), mean (B, 4), weights (S, B) normalised or None."""
     angle = quaternion_geodesic_angle(samples, mean.expand_as(samples))
     if weights is None:
-        return (angle.square().mean(0) / 3).sqrt()
-    return ((weights * angle.square()).sum(0) / 3).sqrt()
+        return (_sum_over_samples(angle.square()) / angle.shape[0] / 3).sqrt()
+    return (_sum_over_samples(weights * angle.square()) / 3).sqrt()
 
 
 def pose_credible_radii_deg(samples: Tensor, mean: Tensor, levels,
@@ -191,8 +198,8 @@ def pose_credible_radii_deg(samples: Tensor, mean: Tensor, levels,
     if weights is None:
         weights = torch.full_like(angle, 1.0 / angle.shape[0])
     angle, order = angle.sort(0)
-    cumulative = weights.gather(0, order).cumsum(0)
-    effective = 1.0 / weights.square().sum(0)
+    cumulative = weights.gather(0, order).T.contiguous().cumsum(-1).T
+    effective = 1.0 / _sum_over_samples(weights.square())
     radii = []
     for level in levels:
         needed = (level * (1 + 1 / effective)).clamp(max=1.0)
@@ -207,7 +214,7 @@ def weighted_mean_direction(samples: Tensor, weights: Tensor,
     """Weighted mean of antipodal quaternion samples (S, B, 4) after aligning each with
     ``reference`` (B, 4); a unit vector with w >= 0."""
     sign = torch.where((samples * reference).sum(-1, keepdim=True) < 0, -1.0, 1.0)
-    mean = (weights[..., None] * samples * sign).sum(0)
+    mean = _sum_over_samples(weights[..., None] * samples * sign)
     return canonical_quaternion(mean / mean.norm(dim=-1, keepdim=True).clamp_min(1e-12))
 
 
