@@ -6,8 +6,7 @@ global batch, every process draws all of its random numbers as one process does 
 computes its own rows of it (``World.rows``); the gradients are averaged by
 DistributedDataParallel with each process's loss weighted by its share of the batch, the
 guide's BatchNorm layers use the whole batch's statistics (``SynchronisedBatchNorm``),
-the validation runs on every process alike (it draws from the shared random stream) and
-rank 0 alone writes. The parameters are then those of one process with the same global
+and rank 0 alone validates and writes. The parameters are then those of one process with the same global
 batch, up to the order of floating-point sums.
 """
 
@@ -140,7 +139,7 @@ def train(particles: str | Path, reference: Reference | None, output: str | Path
                          info["command"] if resume and "command" in info else command)
     if world.writes:
         write_json_atomic(output / RUN_FILE, run.info)
-    run.validation = _validation(run)
+        run.validation = _validation(run)
     return _train_stages(run, start, max_epochs)
 
 
@@ -301,10 +300,7 @@ def _train_epoch(run: Run, stage: Stage, stage_index: int, stage_epoch: int, sit
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4g}", refresh=False)
     bar.close()
     seconds = position["seconds"] + time.perf_counter() - tic
-    val_latents, val_images, val_conditions = run.validation
-    fixed_sites = [s for s in run.config.sites if s not in run.config.latents]
-    metrics = validation_metrics(run.guide, val_latents, val_images, fixed_sites,
-                                 val_conditions)
+    metrics = _validate(run) if run.world.writes else {}
     position.update(stage=stage_index, stage_epoch=stage_epoch + 1,
                     epoch=position["epoch"] + 1, seconds=seconds)
     return {"epoch": position["epoch"], "stage": stage_index,
@@ -312,6 +308,20 @@ def _train_epoch(run: Run, stage: Stage, stage_index: int, stage_epoch: int, sit
             "loss": float(np.mean(losses)), "lr": lr, "seconds": round(seconds, 2),
             **{f"loss_{REGISTRY[k].name}": v / len(losses) for k, v in terms_sum.items()},
             **metrics, "loss_steps": chunk_means(losses, 20)}
+
+
+def _validate(run: Run) -> dict:
+    """The validation metrics, with a random stream of their own (the same each epoch):
+    the training's stream, which every process shares, is left as it was, so a run's
+    simulations do not depend on where the validation's draws are made (CPU or CUDA) nor
+    on which processes validate."""
+    val_latents, val_images, val_conditions = run.validation
+    fixed_sites = [s for s in run.config.sites if s not in run.config.latents]
+    devices = list(range(torch.cuda.device_count())) if run.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(run.options.seed + 7_927)
+        return validation_metrics(run.guide, val_latents, val_images, fixed_sites,
+                                  val_conditions)
 
 
 def _global_loss(run: Run, stage: Stage, sites,
