@@ -6,8 +6,9 @@ global batch, every process draws all of its random numbers as one process does 
 computes its own rows of it (``World.rows``); the gradients are averaged by
 DistributedDataParallel with each process's loss weighted by its share of the batch, the
 guide's BatchNorm layers use the whole batch's statistics (``SynchronisedBatchNorm``),
-and rank 0 alone validates and writes. The parameters are then those of one process with the same global
-batch, up to the order of floating-point sums.
+and rank 0 alone validates and writes. The parameters are then those of one process
+with the same global batch, up to the order of floating-point sums (simulation; the
+ELBO's draws from the guide are each process's own, so there only in distribution).
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ def train(particles: str | Path, reference: Reference | None, output: str | Path
     if device:
         options = replace(options, device=device)
     device = select_device(rank_device(options.device, world))
+    options = replace(options, device=str(device))  # 'auto' resolved
     table, data, reference, config, known = prepare(particles, reference, options,
                                                     datadir, invert)
     config = _keep_init_parameterisation(config, options.init_from)

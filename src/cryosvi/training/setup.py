@@ -42,6 +42,8 @@ class TrainOptions:
     architecture: Architecture = field(default_factory=Architecture)
     seed: int = 0
     device: str = "cpu"
+    """cpu, cuda, cuda:N or auto (CUDA when present); under torchrun a CUDA device is
+    each process's cuda:LOCAL_RANK (``training.distributed.rank_device``)."""
     noise_std: float | None = None
     validation_size: int = VALIDATION_SIZE
     init_from: str | None = None
