@@ -25,9 +25,21 @@ from cryosvi.training.distributed import (World, process_group, rank_device,
 from cryosvi.training.log import read_log
 from cryosvi.training.loop import train
 
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    from test_guide import tiny_reference
+
+    root = tmp_path_factory.mktemp("ddp_data")
+    # shifts and two optics groups: the conditions of each simulated particle matter
+    reference = tiny_reference()
+    simulate_dataset(reference, 48, root / "data", seed=0, progress=False,
+                     acquisition=Acquisition(max_shift=4.0, astigmatism=300.0,
+                                             groups=group_optics(reference.optics, 2)))
+    return root / "data"
+
+
 # ------------------------------------------------------------------ helpers, no processes
-
-
 def test_the_ranks_share_every_row_of_a_batch_once():
     for size in range(1, 6):
         for batch in range(size, 40):
@@ -90,10 +102,14 @@ def batch_norm(cls):
     return layer
 
 
-def _batch_norm_worker(rank: int, folder: str) -> None:
+def _worker(rank: int, folder: str, data: str) -> None:
     """Rank ``rank`` of 2: its rows of two training steps and an eval step through a
-    SynchronisedBatchNorm; saves outputs, gradients and statistics."""
+    SynchronisedBatchNorm (outputs, gradients and statistics saved), then its part of a
+    training run of the ELBO on the particles of ``data``."""
+    from cryosvi.guide import Architecture
     from cryosvi.training.distributed import SynchronisedBatchNorm
+    from cryosvi.training.schedule import Stage
+    from cryosvi.training.setup import TrainOptions
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank,
@@ -117,16 +133,32 @@ def _batch_norm_worker(rank: int, folder: str) -> None:
         out["eval"] = layer(whole_batch(2)[0][rows])
         out["sum"] = torch.tensor(World.current().sum([rank + 1.0, 10.0 * rank]))
         torch.save(out, f"{folder}/rank{rank}.pt")
+        # the ELBO: each process's particles of a batch of 16, with draws of its own;
+        # one stage trains the mode encoder alone, the next all (DDP made again)
+        stages = [Stage(objective="elbo", epochs=1, batch_size=16, lr=1e-3,
+                        train=("modes",), decay="constant"),
+                  Stage(objective="elbo", epochs=1, batch_size=16, lr=1e-3,
+                        decay="constant")]
+        options = TrainOptions(architecture=Architecture(channels=(4, 8, 8), hidden=32,
+                                                         n_components=2),
+                               schedule=stages, validation_size=32, precision="fp32")
+        info = train(Path(data) / "particles.star",
+                     Reference.load(Path(data) / "reference.npz"), Path(folder) / "run",
+                     options, progress=False)
+        assert info["status"] == "finished" and info["processes"] == 2
+        torch.save({"step": info["epochs_done"]}, f"{folder}/elbo{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def test_synchronised_batch_norm_is_batch_norm_of_the_whole_batch(tmp_path):
+def test_synchronised_batch_norm_is_batch_norm_of_the_whole_batch(dataset, tmp_path):
     """Two gloo processes with 3 and 5 rows of a batch: outputs, input gradients,
     parameter gradients (summed over the processes, as DDP's mean of the W-weighted
     losses gives), running statistics after two steps and the eval mode equal
-    nn.BatchNorm2d on the concatenated batch."""
-    mp.spawn(_batch_norm_worker, args=(str(tmp_path),), nprocs=2, join=True)
+    nn.BatchNorm2d on the concatenated batch. The same two processes then train by the
+    ELBO (no equality with one process there: each draws its own samples of the
+    guide), which ends, written by rank 0, with finite weights."""
+    mp.spawn(_worker, args=(str(tmp_path), str(dataset)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     layer = batch_norm(nn.BatchNorm2d)
     for step in range(2):
@@ -153,22 +185,15 @@ def test_synchronised_batch_norm_is_batch_norm_of_the_whole_batch(tmp_path):
                                    layer(whole_batch(2)[0]))
     for rank in ranks:
         assert rank["sum"].tolist() == [3.0, 10.0]
+    for rank in (0, 1):
+        assert torch.load(tmp_path / f"elbo{rank}.pt", weights_only=True)["step"] == 2
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert state["position"]["step"] == 6  # 48 particles, batches of 16, 2 epochs
+    assert all(torch.isfinite(v).all() for v in state["guide"].values())
+    assert [r["objective"] for r in read_log(tmp_path / "run" / "log.jsonl")] == ["elbo"] * 2
 
 
 # ------------------------------------------------------------------ torchrun -m cryosvi
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    from test_guide import tiny_reference
-
-    root = tmp_path_factory.mktemp("ddp_data")
-    # shifts and two optics groups: the conditions of each simulated particle matter
-    reference = tiny_reference()
-    simulate_dataset(reference, 48, root / "data", seed=0, progress=False,
-                     acquisition=Acquisition(max_shift=4.0, astigmatism=300.0,
-                                             groups=group_optics(reference.optics, 2)))
-    return root / "data"
-
-
 def train_arguments(data: Path) -> list[str]:
     """A tiny guide, 2 epochs of 3 steps of 15 (odd: 8 drawn and 7 antithetic twins,
     so rank 1's 8 rows are 1 drawn particle and the 7 twins), fp32."""
