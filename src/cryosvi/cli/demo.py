@@ -25,7 +25,7 @@ from cryosvi.cli.common import (HelpFormatter, add_threads_argument, check_devic
                                 check_disk, check_memory, device_name, integer_between,
                                 number, seed_int)
 from cryosvi.cli.train import add_guide_arguments, architecture_from_args
-from cryosvi.config import LIMITS, SIM_BATCH, SIM_EPOCH_SIZE, SIM_EPOCHS, SIM_LR
+from cryosvi.config import LIMITS, SIM_BATCH, SIM_EPOCHS, SIM_LR
 from cryosvi.io.atomic import write_atomically
 from cryosvi.io.outputs import check_output_directory, mark_directory, remove_directory
 
@@ -57,7 +57,7 @@ def register(subparsers, summary: str) -> None:
                         help="signal-to-noise ratio of both sets ('inf': noise-free)")
     parser.add_argument("--epochs", type=integer_between(1, 10**6),
                         default=DEMO_DEFAULTS["epochs"],
-                        help=f"simulation epochs of {SIM_EPOCH_SIZE} fresh particles each")
+                        help="simulation epochs of n-train fresh particles each")
     parser.add_argument("--batch-size", type=integer_between(1, 10**6),
                         default=DEMO_DEFAULTS["batch_size"], help="particles per step")
     parser.add_argument("--lr", type=number(0.0, 10.0, low_open=True),
@@ -136,9 +136,10 @@ def run(args) -> None:
 
     tic = time.perf_counter()
     say(f"[2/4] training pose + defocus + mode by simulation ({args.epochs} epochs of "
-        f"{SIM_EPOCH_SIZE} simulated particles, device {device})")
+        f"{args.n_train} particles, device {device})")
     options = TrainOptions(
-        schedule=default_schedule("sim", args.epochs, args.lr, args.batch_size),
+        schedule=default_schedule("sim", args.epochs, args.lr, args.batch_size,
+                                  epoch_size=args.n_train),  # as its --epochs says
         architecture=architecture, seed=args.seed, device=device)
     train_reference = Reference.load(output / "data" / "train" / "reference.npz")
     info = train(output / "data" / "train" / "particles.star", train_reference,

@@ -84,6 +84,7 @@ class World:
 
 
 def initialised() -> bool:
+    """Whether this process has joined a process group."""
     import torch.distributed as dist
 
     return dist.is_available() and dist.is_initialized()
@@ -283,4 +284,6 @@ def data_parallel(guide: nn.Module, world: World):
         return lambda loss: loss(guide)
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(_Loss(guide))
+    device = next(guide.parameters()).device
+    return DistributedDataParallel(_Loss(guide), device_ids=[device] if device.type ==
+                                   "cuda" else None)
