@@ -146,9 +146,9 @@ def register(subparsers, summary: str) -> None:
                         "1.4-1.9x faster training on such a CPU), else fp32")
     add_guide_arguments(parser)
     parser.add_argument("--device", type=device_name, default="auto",
-                        help="cpu, cuda, cuda:N or auto: CUDA when present, else the CPU "
-                        "(on --resume too; under torchrun each process takes "
-                        "cuda:LOCAL_RANK)")
+                        help="cpu, cuda, cuda:N or auto: CUDA when present, else the CPU, "
+                        "also on --resume; under torchrun each process takes "
+                        "cuda:LOCAL_RANK")
     add_threads_argument(parser)
     parser.add_argument("--seed", type=seed_int, default=0, help="random seed")
     parser.add_argument("--resume", action="store_true",
