@@ -143,3 +143,105 @@ def test_refuses_particles_without_poses_and_non_npz_outputs(tmp_path, capsys):
                      *argv]) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
+
+
+def whole_stack_learn_modes(table, reference, blocks, max_particles, seed, iterations):
+    """What learn-modes computed before it read the stack in chunks: every fitted image
+    in memory at once, the gray levels by one least-squares fit of the whole arrays
+    (``graylevels.fit_scale_with_poses``) against the model images of all of them at
+    once, the amplitudes of the whole tensor."""
+    import torch
+    from dataclasses import replace
+
+    from cryosvi.dataset import ParticleData, priors_from_particles, working_reference
+    from cryosvi.inference.learnt_modes import (GRAY_LEVEL_IMAGES, REFIT_TOLERANCE,
+                                                fit_amplitudes, learnt_reference)
+    from cryosvi.latents import BY_NAME
+    from cryosvi.physics.forward import ForwardModel
+    from cryosvi.physics.graylevels import fit_scale_with_poses
+
+    reference = priors_from_particles(table, working_reference(table, reference, None))
+    basis = fitting_basis(reference, blocks)
+    data = ParticleData(table, reference.optics.box, ctf_estimates=True)
+    rows = np.sort(np.random.default_rng(seed).choice(len(table), max_particles,
+                                                      replace=False))
+    images = torch.from_numpy(data.images(rows))
+    rows = torch.from_numpy(rows)
+    rotation = BY_NAME["pose"].known(table, None)[rows]
+    ctf, shifts = data.conditions.ctf.take(rows), data.conditions.shifts[rows]
+
+    def model_at(settings):
+        return ForwardModel(settings.coords, basis, settings.optics, settings.imaging,
+                            data.groups)
+
+    def with_levels(amplitudes):
+        count = min(len(images), GRAY_LEVEL_IMAGES)
+        unit = reference.with_settings(imaging=replace(reference.imaging, scale=1.0,
+                                                       offset=0.0))
+        with torch.no_grad():
+            clean = model_at(unit)(amplitudes[:count].float(), rotation[:count], None,
+                                   ctf=ctf.take(torch.arange(count)), shifts=shifts[:count])
+        fitted = fit_scale_with_poses(images[:count], clean)
+        return reference.with_settings(
+            imaging=replace(reference.imaging, scale=fitted.scale, offset=fitted.offset),
+            noise=replace(reference.noise, std=fitted.noise_std))
+
+    def fit():
+        return fit_amplitudes(model_at(reference), images, rotation, ctf, shifts,
+                              reference.noise.std, 10.0, iterations)
+
+    reference = with_levels(torch.zeros(len(images), len(basis)))
+    means, covariances = fit()
+    first_scale = reference.imaging.scale
+    reference = with_levels(means)
+    if abs(reference.imaging.scale / first_scale - 1) > REFIT_TOLERANCE:
+        means, covariances = fit()
+    learnt, summary = learnt_reference(reference, basis, means, covariances, 1, {})
+    return learnt, {**summary, "scale": reference.imaging.scale,
+                    "offset": reference.imaging.offset, "noise_std": reference.noise.std}
+
+
+def test_reading_the_stack_in_chunks_gives_the_numbers_of_the_whole_stack(tmp_path,
+                                                                          monkeypatch):
+    """learn-modes reads the fitted images a chunk at a time (never more than the fit's
+    batch of 64 or ``chunk_size``), and computes the gray levels from pooled moments of
+    the chunks: the same gray levels (to float64 rounding), amplitudes and learnt mode
+    as the whole-stack computation, for the same seed. Particles with shifts,
+    astigmatism and two optics groups; a random subset of them; the gray levels from a
+    part of it (GRAY_LEVEL_IMAGES made smaller) in several chunks; the small basis of
+    the reference's mode and the rigid motions (a fast fit)."""
+    import cryosvi.inference.learnt_modes as learnt_modes
+    from cryosvi.dataset import ParticleData
+    from cryosvi.io.particles import read_particles
+    from cryosvi.simulate import group_optics
+
+    base = reference_with(1)
+    direction = hinge_of_block(base.coords, rigid_blocks(base.coords, 3), 0)
+    truth = base.with_settings(modes=direction.reshape(1, -1, 3), eigenvalues=np.ones(1),
+                               priors=Priors(mode_std=(1.5,)), noise=Noise(snr=2.0))
+    simulate_dataset(truth, 60, tmp_path / "data", seed=5, progress=False,
+                     acquisition=Acquisition(max_shift=4.0, astigmatism=500.0,
+                                             groups=group_optics(base.optics, 2)))
+    table = read_particles(tmp_path / "data" / "particles.star")
+    monkeypatch.setattr(learnt_modes, "GRAY_LEVEL_IMAGES", 40)
+    reads = []
+    original = ParticleData.images
+
+    def counted(self, indices):
+        reads.append(len(np.atleast_1d(indices)))
+        return original(self, indices)
+
+    monkeypatch.setattr(ParticleData, "images", counted)
+    learnt, summary = learnt_modes.learn_modes_from_particles(
+        table, base, blocks=None, max_particles=48, seed=3, iterations=3, chunk_size=16)
+    # the gray levels' 40 images 16 at a time, the fit's batch (up to 64), the gray
+    # levels at the fitted amplitudes, and a second fit if the scale moved
+    assert reads[:7] == [16, 16, 8, 48, 16, 16, 8] and reads[7:] in ([], [48])
+    monkeypatch.setattr(ParticleData, "images", original)
+    old, expected = whole_stack_learn_modes(table, base, None, 48, 3, 3)
+    for key in ("scale", "offset", "noise_std"):
+        assert summary[key] == pytest.approx(expected[key], rel=1e-10, abs=1e-12), key
+    assert summary["mode_std"] == expected["mode_std"]
+    assert summary["components"] == expected["components"]
+    np.testing.assert_allclose(learnt.modes, old.modes, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(learnt.coords, old.coords, rtol=1e-9, atol=1e-12)

@@ -396,3 +396,66 @@ def test_cli_train_from_a_structure_estimates_the_noise(dataset, tmp_path):
                  "--quiet"]) == 0
     info = json.loads((run / "run.json").read_text())
     assert info["noise_std"] == pytest.approx(reference.noise.std, rel=0.15)
+
+
+# ------------------------------------------------------------------- scale and devices
+def test_a_simulation_epoch_is_a_constant_whatever_the_particles(dataset, tmp_path):
+    """The default simulation epoch is SIM_EPOCH_SIZE draws (40 steps of 256: the
+    demo's and the paper preset's 10 000 particles keep their numbers) for 48 particles
+    or a million; --epoch-size overrides it; an ELBO epoch is still a pass over the
+    particles; a run.json from before the constant resumes with its particle count."""
+    from cryosvi.cli.main import build_parser
+    from cryosvi.cli.train import options_from_args
+    from cryosvi.config import SIM_BATCH, SIM_EPOCH_SIZE
+    from cryosvi.training.setup import options_from_info
+
+    sim, elbo = default_schedule("sim+elbo", 4, None, None)
+    assert sim.epoch_size == SIM_EPOCH_SIZE == 10_000 and SIM_BATCH == 256
+    assert sim.steps_per_epoch(48) == sim.steps_per_epoch(10**6) == 40
+    assert sim.steps_per_epoch(10_000) == math.ceil(10_000 / 256)  # one draw per particle
+    assert elbo.steps_per_epoch(10**6) == math.ceil(10**6 / 128)
+    assert Stage(objective="sim").epoch_size == SIM_EPOCH_SIZE  # schedule files too
+    assert load_schedule("paper")[0].epoch_size is None  # ELBO stages have none
+    argv = ["train", "--particles", "p.star", "-o", "run", "--epoch-size", "512"]
+    assert options_from_args(build_parser(argv).parse_args(argv)).schedule[0].epoch_size \
+        == 512
+    argv = argv[:-2]
+    args = build_parser(argv).parse_args(argv)
+    assert options_from_args(args).schedule[0].epoch_size == SIM_EPOCH_SIZE
+    assert args.device == "auto"
+    info = train(dataset / "particles.star", load_reference(dataset), tmp_path / "run",
+                 run_options(schedule=[Stage(objective="sim", epochs=1, batch_size=16,
+                                             lr=1e-3)]), progress=False, max_epochs=0)
+    assert info["schedule"][0]["epoch_size"] == SIM_EPOCH_SIZE  # recorded in run.json
+    old = {**info, "schedule": [{**info["schedule"][0], "epoch_size": None}]}
+    assert options_from_info(old).schedule[0].epoch_size == 48  # n_particles
+
+
+def test_train_help_states_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 10000, whatever the number of particles)" in text
+    assert "(default: auto)" in text and "torchrun" in text
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_training_on_cuda_gives_the_cpu_numbers(dataset, tmp_path, monkeypatch):
+    """The same run on the CPU and on CUDA: the simulations are drawn on the CPU either
+    way, so the parameters agree up to float arithmetic (TF32 convolutions off)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    runs = {}
+    for device in ("cpu", "cuda"):
+        train(dataset / "particles.star", load_reference(dataset), tmp_path / device,
+              run_options(precision="fp32"), device=device, progress=False)
+        runs[device] = torch.load(tmp_path / device / CHECKPOINT, weights_only=True,
+                                  map_location="cpu")
+    assert json.loads((tmp_path / "cuda" / "run.json").read_text())["device"] == "cuda"
+    for name, value in runs["cpu"]["guide"].items():
+        other = runs["cuda"]["guide"][name]
+        if value.is_floating_point():
+            assert float((other - value).norm() / value.norm().clamp_min(1e-12)) < 1e-3, name
+    for a, b in zip(read_log(tmp_path / "cpu" / "log.jsonl"),
+                    read_log(tmp_path / "cuda" / "log.jsonl"), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)

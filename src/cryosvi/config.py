@@ -112,10 +112,10 @@ PAPER_PRESET = dict(
 
 
 SIM_EPOCHS = 320
-"""Default epochs of simulation training (``cryosvi train``, ``cryosvi demo``) with
-``SIM_BATCH`` particles per step: 10 000 particles of the paper preset train in 746 s
-(843 s wall for ``cryosvi train``) on a 2-core CPU with bf16 arithmetic (sized for <= 15 minutes; about 21 without bf16
-hardware). The guide alone on held-out particles (with ``SIM_LR`` and the mode's loss
+"""Default epochs of simulation training (``cryosvi train``, ``cryosvi demo``), each of
+``SIM_EPOCH_SIZE`` simulated particles in steps of ``SIM_BATCH``: the paper preset (32 px)
+trains in 746 s (843 s wall for ``cryosvi train`` on its 10 000 particles) on a 2-core
+CPU with bf16 arithmetic (sized for <= 15 minutes; about 21 without bf16 hardware). The guide alone on held-out particles (with ``SIM_LR`` and the mode's loss
 weight 4): pose median 1.90 deg, mode r 0.905 after 320 epochs, against 2.01 deg and
 0.894 after 265; 265 epochs at 2e-3 with weight 1 gave 2.05 deg and 0.871, 160 fp32
 epochs of 128 2.35 deg and 0.81 (benchmarks/results/ablations.md)."""
@@ -124,6 +124,14 @@ SIM_BATCH = 256
 """Default particles per simulation step: per image the bf16 trunk is 1.2x faster at
 256 than at 128 on the 2-core CPU, and the mode head learnt faster per second (measured,
 benchmarks/results/ablations.md)."""
+
+SIM_EPOCH_SIZE = 10_000
+"""Default simulated particles per epoch of simulation training (``cryosvi train
+--epoch-size``), whatever the number of particles in the file: what the guide needs
+does not grow with the data set, only the priors, optics and conditions come from it.
+10 000 is the size of the demo's and the paper preset's training sets, whose epochs were
+one simulated particle per particle before this was a constant, so their runs keep their
+numbers (40 steps of ``SIM_BATCH`` per epoch)."""
 
 SIM_LR = 1.5e-3
 """Default peak learning rate of simulation training (cosine decay to 1 % after 50

@@ -139,7 +139,8 @@ def run(args) -> None:
     say(f"[2/4] training pose + defocus + mode by simulation ({args.epochs} epochs of "
         f"{args.n_train} particles, device {device})")
     options = TrainOptions(
-        schedule=default_schedule("sim", args.epochs, args.lr, args.batch_size),
+        schedule=default_schedule("sim", args.epochs, args.lr, args.batch_size,
+                                  epoch_size=args.n_train),  # as its --epochs says
         architecture=architecture, seed=args.seed, device=device)
     train_reference = Reference.load(output / "data" / "train" / "reference.npz")
     info = train(output / "data" / "train" / "particles.star", train_reference,

@@ -57,8 +57,8 @@ def register(subparsers, summary: str) -> None:
                         help="std of the fit's weak prior on each amplitude, Å RMS")
     parser.add_argument("--iterations", type=integer_between(1, 100), default=10,
                         help="Levenberg-Marquardt iterations per particle")
-    parser.add_argument("--device", type=device_name, default="cpu",
-                        help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("--device", type=device_name, default="auto",
+                        help="cpu, cuda, cuda:N or auto (CUDA when present, else the CPU)")
     add_threads_argument(parser)
     parser.add_argument("--seed", type=seed_int, default=0,
                         help="random seed of the particle subset")

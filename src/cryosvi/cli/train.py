@@ -9,7 +9,8 @@ from cryosvi.cli.common import (HelpFormatter, add_particle_source_arguments,
                                 check_device, check_memory, device_name,
                                 integer_between, number, positive, positive_int,
                                 seed_int)
-from cryosvi.config import ELBO_LR, LIMITS, PRECISIONS, SIM_EPOCHS, SIM_LR
+from cryosvi.config import (ELBO_LR, LIMITS, PRECISIONS, SIM_BATCH, SIM_EPOCH_SIZE,
+                            SIM_EPOCHS, SIM_LR)
 from cryosvi.errors import CryosviError
 from cryosvi.latents import BY_NAME, PAPER_SITES, names
 
@@ -76,7 +77,12 @@ def register(subparsers, summary: str) -> None:
         "guide on the particles. Latents left out of --latents are fixed to the values in "
         "the STAR file. Writes RUN/run.json, reference.npz, checkpoint.pt (every epoch), "
         "log.jsonl and loss.png. A run that never finished an epoch is started again by "
-        "the same command; one that did needs --resume or --force.",
+        "the same command; one that did needs --resume or --force. Data-parallel on "
+        "several GPUs or CPU processes under torchrun: 'torchrun --standalone "
+        "--nproc-per-node N -m cryosvi train ...' (NCCL on CUDA, each process on "
+        "cuda:LOCAL_RANK; gloo on the CPU); --batch-size is then the sum over the "
+        "processes and the run trains the parameters of one process with that batch, "
+        "up to the order of floating-point sums.",
         formatter_class=HelpFormatter)
     parser.add_argument("--particles", help="particle file: RELION STAR (3.0 to 5) or "
                         "cryoSPARC .cs (default: none; required unless --resume)")
@@ -94,15 +100,17 @@ def register(subparsers, summary: str) -> None:
     parser.add_argument("--objective", choices=["sim", "elbo", "sim+elbo"],
                         default="sim", help="training objective")
     parser.add_argument("--epochs", type=integer_between(1, 10**6), default=SIM_EPOCHS,
-                        help="epochs of the (first) stage; a simulation epoch is as many "
-                        "fresh particles as the STAR file has (see --epoch-size)")
+                        help="epochs of the (first) stage; a simulation epoch is "
+                        "--epoch-size fresh simulated particles whatever the number of "
+                        "particles in the file, an ELBO epoch a pass over the particles")
     parser.add_argument("--finetune-epochs", type=integer_between(1, 10**6),
                         help="sim+elbo: ELBO epochs (default epochs/4)")
     parser.add_argument("--epoch-size", type=integer_between(1, 10**9),
-                        help="simulated particles per 'sim' epoch (default: the number of "
-                        "particles)")
+                        help=f"simulated particles per 'sim' epoch (default: "
+                        f"{SIM_EPOCH_SIZE}, whatever the number of particles)")
     parser.add_argument("--batch-size", type=integer_between(1, 10**6),
-                        help="particles per step (default: 256 for sim, 128 for elbo)")
+                        help=f"particles per step, summed over the processes under "
+                        f"torchrun (default: {SIM_BATCH} for sim, 128 for elbo)")
     parser.add_argument("--lr", type=number(0.0, 10.0, low_open=True),
                         help=f"peak learning rate (default: {SIM_LR:g} for sim, "
                         f"{ELBO_LR:g} for elbo)")
@@ -137,8 +145,10 @@ def register(subparsers, summary: str) -> None:
                         "has it in hardware (CUDA, CPUs with AVX512-BF16 or AMX; measured "
                         "1.4-1.9x faster training on such a CPU), else fp32")
     add_guide_arguments(parser)
-    parser.add_argument("--device", type=device_name,
-                        help="cpu, cuda, cuda:N or auto (default: cpu; on --resume the run's)")
+    parser.add_argument("--device", type=device_name, default="auto",
+                        help="cpu, cuda, cuda:N or auto: CUDA when present, else the CPU, "
+                        "also on --resume; under torchrun each process takes "
+                        "cuda:LOCAL_RANK")
     add_threads_argument(parser)
     parser.add_argument("--seed", type=seed_int, default=0, help="random seed")
     parser.add_argument("--resume", action="store_true",
@@ -218,7 +228,7 @@ def options_from_args(args):
                                     args.finetune_epochs, args.epoch_size)
     return TrainOptions(latents=latents, schedule=schedule,
                         architecture=architecture_from_args(args), seed=args.seed,
-                        device=args.device or "cpu", noise_std=args.noise_std,
+                        device=args.device, noise_std=args.noise_std,
                         init_from=args.init, box=args.box, defocus_prior=args.defocus_prior,
                         priors={"defocus_offset_std": args.defocus_offset_std,
                                 "shift_std": args.shift_std}, precision=args.precision)
@@ -230,30 +240,33 @@ def run(args) -> None:
     from pathlib import Path
 
     from cryosvi.io.outputs import check_writable
+    from cryosvi.training.distributed import process_group, rank_device
     from cryosvi.training.setup import check_run_output
     from cryosvi.training.loop import train
 
     command = shlex.join(["cryosvi", *sys.argv[1:]]) if sys.argv[1:2] == ["train"] else None
-    if args.device:
-        args.device = check_device(args.device)
+    args.device = rank_device(check_device(args.device))
     check_writable(args.output, directory=True)  # the run is written, resumed or not
-    if args.resume:
-        info = train(args.particles, None, args.output, resume=True,
-                     progress=not args.quiet, device=args.device, command=command,
-                     datadir=args.datadir, invert=args.invert)
-    else:
-        if not args.particles:
-            raise CryosviError("--particles is required (unless --resume)")
-        options = options_from_args(args)
-        check_run_output(Path(args.output), args.force, note=False)
-        reference = reference_from_args(args, args.particles)
-        validation = options.validation_size
-        check_memory(max([s.batch_size for s in options.schedule] + [validation]),
-                     reference.optics, reference.imaging, options.device,
-                     "use a smaller --batch-size")
-        info = train(args.particles, reference, args.output, options, force=args.force,
-                     progress=not args.quiet, command=command, datadir=args.datadir,
-                     invert=args.invert)
-    print(f"trained {info['parameters']:,} guide parameters for "
-          f"{info['epochs_done']} epoch(s) in {info['train_seconds']:.0f} s: "
-          f"{args.output}/ (status {info['status']})", file=sys.stdout)
+    with process_group(args.device) as world:
+        if args.resume:
+            info = train(args.particles, None, args.output, resume=True,
+                         progress=not args.quiet, device=args.device, command=command,
+                         datadir=args.datadir, invert=args.invert)
+        else:
+            if not args.particles:
+                raise CryosviError("--particles is required (unless --resume)")
+            options = options_from_args(args)
+            check_run_output(Path(args.output), args.force, note=False)
+            reference = reference_from_args(args, args.particles)
+            validation = options.validation_size
+            check_memory(max([s.batch_size for s in options.schedule] + [validation]),
+                         reference.optics, reference.imaging, options.device,
+                         "use a smaller --batch-size")
+            info = train(args.particles, reference, args.output, options,
+                         force=args.force, progress=not args.quiet, command=command,
+                         datadir=args.datadir, invert=args.invert)
+    if world.writes:
+        processes = f" on {world.size} processes" if world.size > 1 else ""
+        print(f"trained {info['parameters']:,} guide parameters for "
+              f"{info['epochs_done']} epoch(s){processes} in {info['train_seconds']:.0f} "
+              f"s: {args.output}/ (status {info['status']})", file=sys.stdout)

@@ -38,7 +38,7 @@ from cryosvi.io.particles import ANGLES, ParticleSet
 from cryosvi.latents import BY_NAME
 from cryosvi.physics.anm import rigid_basis
 from cryosvi.physics.forward import ForwardModel
-from cryosvi.physics.graylevels import fit_scale_with_poses
+from cryosvi.physics.graylevels import MEASURABLE_Z, GrayLevels
 from cryosvi.inference.laplace import gauss_newton
 from cryosvi.inference.ppca import principal_directions
 from cryosvi.reference import Reference
@@ -112,7 +112,7 @@ def fitting_basis(reference: Reference, blocks: int | None = None) -> np.ndarray
     return _orthonormal_rows(np.concatenate(rows), n_atoms)
 
 
-def fit_amplitudes(forward: ForwardModel, images: Tensor, rotation: Tensor, ctf,
+def fit_amplitudes(forward: ForwardModel, images, rotation: Tensor, ctf,
                    shifts: Tensor | None, noise_std: float, prior_std: float,
                    iterations: int = 10, batch_size: int = 64,
                    progress=None) -> tuple[Tensor, Tensor]:
@@ -120,18 +120,23 @@ def fit_amplitudes(forward: ForwardModel, images: Tensor, rotation: Tensor, ctf,
     the amplitudes of ``forward``'s D modes under a N(0, prior_std^2) prior (Å RMS), by
     Levenberg-Marquardt from 0 (``cryosvi.inference.laplace.gauss_newton``).
 
-    images (n, L, L) in the forward model's gray levels, noise std ``noise_std``;
-    rotation (n, 4) quaternions; ctf a ``ParticleCTF`` of n; shifts (n, 2) Å or None.
-    ``progress``: called with the number of particles done after each batch.
+    images: (n, L, L) in the forward model's gray levels, noise std ``noise_std``, or a
+    function of particle positions (k,) int64 returning their (k, L, L) images, read
+    ``batch_size`` at a time (e.g. from a memory-mapped stack: then only a batch of
+    images is in memory); rotation (n, 4) quaternions; ctf a ``ParticleCTF`` of n;
+    shifts (n, 2) Å or None. ``progress``: called with the number of particles done
+    after each batch. The batches are fitted independently, so the result does not
+    depend on where the images come from.
     """
-    n, dim = images.shape[0], forward.n_modes
+    read = images if callable(images) else images.__getitem__
+    n, dim = rotation.shape[0], forward.n_modes
     device = forward.coords.device
     steps = torch.full((dim,), FIT_STEP, device=device)
     means = torch.zeros(n, dim, dtype=torch.float64)
     covariances = torch.zeros(n, dim, dim, dtype=torch.float64)
     for start in range(0, n, batch_size):
         rows = torch.arange(start, min(n, start + batch_size))
-        data = images[rows].to(device)
+        data = read(rows).to(device)
         batch_rotation = rotation[rows].to(device)
         batch_ctf = ctf.take(rows).to(device)
         batch_shifts = None if shifts is None else shifts[rows].to(device)
@@ -160,10 +165,45 @@ def fit_amplitudes(forward: ForwardModel, images: Tensor, rotation: Tensor, ctf,
     return means, covariances
 
 
-def learn_modes(reference: Reference, basis: np.ndarray, images: Tensor, rotation: Tensor,
+class _PooledLeastSquares:
+    """``graylevels.fit_scale_with_poses`` (images = scale * model + offset over every
+    pixel, noise std from the residuals) from chunks of (images, model images): pooled
+    means and centred second moments in float64, merged chunk by chunk (Chan, Golub &
+    LeVeque 1983, Am. Stat. 37: 242), so only a chunk is in memory."""
+
+    def __init__(self):
+        self.count, self.mean, self.moments = 0, torch.zeros(2, dtype=torch.float64), \
+            torch.zeros(2, 2, dtype=torch.float64)
+
+    def add(self, images: Tensor, model_images: Tensor) -> None:
+        pixels = torch.stack([images.double().reshape(-1),
+                              model_images.double().to(images.device).reshape(-1)]).cpu()
+        count, mean = pixels.shape[1], pixels.mean(1)
+        centred = pixels - mean[:, None]
+        delta, total = mean - self.mean, self.count + count
+        self.moments += centred @ centred.T + torch.outer(delta, delta) * (
+            self.count * count / total)
+        self.mean += delta * (count / total)
+        self.count = total
+
+    def gray_levels(self) -> GrayLevels:
+        """As ``fit_scale_with_poses`` (and its CryosviErrors)."""
+        (xx, xy), (_, yy) = self.moments.tolist()
+        if not yy > 0:
+            raise CryosviError("the model images are constant; no scale can be fitted")
+        scale = xy / yy
+        offset = float(self.mean[0]) - scale * float(self.mean[1])
+        noise_var = max(xx - scale * xy, 0.0) / (self.count - 2)
+        if not abs(scale) > MEASURABLE_Z * math.sqrt(noise_var / yy):
+            raise CryosviError(f"the particles' scale is not measurable: {scale:.3g} +- "
+                               f"{math.sqrt(noise_var / yy):.3g}")
+        return GrayLevels(scale, offset, math.sqrt(noise_var))
+
+
+def learn_modes(reference: Reference, basis: np.ndarray, images, rotation: Tensor,
                 ctf, shifts: Tensor | None, groups, n_modes: int = 1,
                 prior_std: float = 10.0, iterations: int = 10, source: dict | None = None,
-                progress=None) -> tuple[Reference, dict]:
+                progress=None, chunk_size: int = 256) -> tuple[Reference, dict]:
     """The reference of ``n_modes`` modes learnt from particles of known pose.
 
     reference: at the images' box and pixel size; basis (D, N, 3): the fitting basis of
@@ -172,11 +212,17 @@ def learn_modes(reference: Reference, basis: np.ndarray, images: Tensor, rotatio
     least squares against the undeformed model at the given poses, then again at the
     fitted conformations (a conformational spread across the data set biases the first fit's
     scale low), and the amplitudes are fitted again if the scale moved by more than
-    REFIT_TOLERANCE. images (n, L, L); rotation (n, 4); ctf a ``ParticleCTF`` of n;
-    shifts (n, 2) Å or None; groups: the ``OpticsGroups`` of the CTFs. ``progress``: as
-    in ``fit_amplitudes``, over every fitting pass. Returns the learnt reference
-    (``learnt_reference``) and its summary, with the gray levels and fitting passes."""
+    REFIT_TOLERANCE. images: (n, L, L), or a function of particle positions (k,) int64
+    returning their images (``fit_amplitudes``; read and imaged by the model at most
+    ``chunk_size`` at a time, so that memory does not grow with n beyond the fitted
+    amplitudes (n, D) and covariances (n, D, D)); rotation (n, 4); ctf a ``ParticleCTF``
+    of n; shifts (n, 2) Å or None; groups: the ``OpticsGroups`` of the CTFs.
+    ``progress``: as in ``fit_amplitudes``, over every fitting pass. Returns the learnt
+    reference (``learnt_reference``) and its summary, with the gray levels and fitting
+    passes."""
     device = rotation.device
+    read = images if callable(images) else images.__getitem__
+    n = rotation.shape[0]
     fit_levels = not reference.noise.std > 0
 
     def model_at(settings: Reference) -> ForwardModel:
@@ -184,24 +230,32 @@ def learn_modes(reference: Reference, basis: np.ndarray, images: Tensor, rotatio
                             groups).to(device)
 
     def with_levels(amplitudes: Tensor) -> Reference:
-        count = min(len(images), GRAY_LEVEL_IMAGES)
-        unit = reference.with_settings(imaging=replace(reference.imaging, scale=1.0,
-                                                       offset=0.0))
-        with torch.no_grad():
-            clean = model_at(unit)(amplitudes[:count].float().to(device), rotation[:count],
-                                   None, ctf=ctf.take(torch.arange(count)),
-                                   shifts=None if shifts is None else shifts[:count])
-        fitted = fit_scale_with_poses(images[:count], clean.cpu())
+        """The gray levels of the first GRAY_LEVEL_IMAGES particles against the model
+        at ``amplitudes``, a chunk at a time."""
+        count = min(n, GRAY_LEVEL_IMAGES)
+        if count < 2:
+            raise ValueError(f"images must be (k, n, n) with k >= 2, got {count} image(s)")
+        unit = model_at(reference.with_settings(imaging=replace(
+            reference.imaging, scale=1.0, offset=0.0)))
+        pooled = _PooledLeastSquares()
+        for start in range(0, count, chunk_size):
+            rows = torch.arange(start, min(count, start + chunk_size))
+            with torch.no_grad():
+                clean = unit(amplitudes[rows].float().to(device), rotation[rows.to(device)],
+                             None, ctf=ctf.take(rows),
+                             shifts=None if shifts is None else shifts[rows.to(device)])
+            pooled.add(read(rows), clean)
+        fitted = pooled.gray_levels()
         return reference.with_settings(
             imaging=replace(reference.imaging, scale=fitted.scale, offset=fitted.offset),
             noise=replace(reference.noise, std=fitted.noise_std))
 
     def fit() -> tuple[Tensor, Tensor]:
-        return fit_amplitudes(model_at(reference), images, rotation, ctf, shifts,
+        return fit_amplitudes(model_at(reference), read, rotation, ctf, shifts,
                               reference.noise.std, prior_std, iterations, progress=progress)
 
     if fit_levels:
-        reference = with_levels(torch.zeros(len(images), len(basis)))
+        reference = with_levels(torch.zeros(n, len(basis)))
     means, covariances = fit()
     passes = 1
     if fit_levels:
@@ -255,7 +309,8 @@ def learn_modes_from_particles(table: ParticleSet, reference: Reference, n_modes
                                max_particles: int = 20000, seed: int = 0,
                                noise_std: float | None = None, prior_std: float = 10.0,
                                iterations: int = 10, device="cpu", progress=None,
-                               reference_name: str = "ANM") -> tuple[Reference, dict]:
+                               reference_name: str = "ANM",
+                               chunk_size: int = 256) -> tuple[Reference, dict]:
     """``cryosvi learn-modes``: the reference of ``n_modes`` modes learnt from the
     particles of ``table`` (a consensus refinement: poses and CTF estimates; CryosviError
     without them) and ``reference`` (at the particles' box and pixel size).
@@ -265,8 +320,10 @@ def learn_modes_from_particles(table: ParticleSet, reference: Reference, n_modes
     the basis of ``blocks`` rigid blocks (None: the reference's modes and the rigid
     motions; ``fitting_basis``), with the gray levels and noise std fitted unless
     ``noise_std`` is given (``reference_name``: how the basis names the reference's
-    modes). Returns the learnt reference and ``learn_modes``'s summary,
-    with 'basis' (what the basis is) and 'fitted_particles'.
+    modes). The images are read from the stacks (memory-mapped) a chunk at a time as
+    the fit needs them (``learn_modes``: at most ``chunk_size`` images, and the fit's
+    batches of 64), never all at once. Returns the learnt reference and
+    ``learn_modes``'s summary, with 'basis' (what the basis is) and 'fitted_particles'.
     """
     missing = [c for c in (*ANGLES, "rlnDefocusU") if c not in table.metadata]
     if missing or not has_ctf_estimates(table):
@@ -290,7 +347,12 @@ def learn_modes_from_particles(table: ParticleSet, reference: Reference, n_modes
         rows = np.sort(np.random.default_rng(seed).choice(len(rows), max_particles,
                                                           replace=False))
     rows_t = torch.from_numpy(rows)
-    images = torch.from_numpy(data.images(rows))
+
+    def images(positions: Tensor) -> Tensor:
+        """The images of the fitted particles at ``positions`` (k,) of ``rows``, read
+        from the memory-mapped stacks when asked for: a chunk at a time."""
+        return torch.from_numpy(data.images(rows[positions.numpy()]))
+
     rotation = BY_NAME["pose"].known(table, None)[rows_t]
     ctf = data.conditions.ctf.take(rows_t)
     shifts = None if data.conditions.shifts is None else data.conditions.shifts[rows_t]
@@ -301,6 +363,6 @@ def learn_modes_from_particles(table: ParticleSet, reference: Reference, n_modes
         reference, fitting, images, rotation.to(device), ctf.to(device),
         None if shifts is None else shifts.to(device), data.groups, n_modes, prior_std,
         iterations, {"particles": str(table.path), "fitted_particles": int(len(rows)),
-                     "fitting_basis": basis}, progress)
+                     "fitting_basis": basis}, progress, chunk_size)
     # (a copy: the learnt reference's source holds ``summary`` itself)
     return learnt, {**summary, "basis": basis, "fitted_particles": int(len(rows))}

@@ -1,5 +1,15 @@
 """The training loop of ``cryosvi train``: stages and epochs of optimisation steps, the
-validation, log, checkpoint and run.json after each epoch, resume from a checkpoint."""
+validation, log, checkpoint and run.json after each epoch, resume from a checkpoint.
+
+Data-parallel under torchrun (``cryosvi.training.distributed``): a step's batch is the
+global batch, every process draws all of its random numbers as one process does and
+computes its own rows of it (``World.rows``); the gradients are averaged by
+DistributedDataParallel with each process's loss weighted by its share of the batch, the
+guide's BatchNorm layers use the whole batch's statistics (``SynchronisedBatchNorm``),
+and rank 0 alone validates and writes. The parameters are then those of one process
+with the same global batch, up to the order of floating-point sums (simulation; the
+ELBO's draws from the guide are each process's own, so there only in distribution).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +17,7 @@ import json
 import math
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -27,6 +38,8 @@ from cryosvi.reference import Reference
 from cryosvi.rundir import (CHECKPOINT, CHECKPOINT_FORMAT, LOG_FILE, PLOT_FILE,
                             REFERENCE_FILE, RUN_FILE, load_checkpoint, read_run,
                             save_checkpoint, select_device, write_json_atomic)
+from cryosvi.training.distributed import (World, data_parallel, rank_device,
+                                          synchronise_batch_norm)
 from cryosvi.training.log import append_log, chunk_means, epoch_line, plot_log, truncate_log
 from cryosvi.training.objectives import elbo_loss, simulation_batch, simulation_loss
 from cryosvi.training.schedule import FROZEN_NORM_FRACTION, Stage
@@ -56,6 +69,10 @@ class Run:
     device: torch.device
     progress: bool
     validation: tuple = ()
+    world: World = World()
+    step: object = None
+    """``f(loss) -> loss(guide)``, through DistributedDataParallel with several processes
+    (``distributed.data_parallel``; made again for each stage's trained encoders)."""
 
 
 @preserved_rng()
@@ -70,10 +87,17 @@ def train(particles: str | Path, reference: Reference | None, output: str | Path
 
     resume: continue ``output`` from its checkpoint with its stored settings (the
     reference, options and schedule given here are then ignored; ``device`` may move it).
+    device: cpu, cuda, cuda:N or auto (CUDA when present); replaces ``options.device``.
     max_epochs: stop after this many epochs in this call (the run can be resumed).
     command: the command line, recorded in run.json. Returns the final run info.
+
+    Inside a process group of several processes (``distributed.process_group``, under
+    torchrun) every process calls this alike and trains its share of each batch; the
+    options' batch sizes are global (summed over the processes), and rank 0 alone
+    writes.
     """
     output = Path(output)
+    world = World.current()
     info, state = None, None
     if resume:
         info, options, state, reference, source = _resumed(output, particles, datadir,
@@ -83,10 +107,11 @@ def train(particles: str | Path, reference: Reference | None, output: str | Path
         options = options or TrainOptions()
         if reference is None:
             raise CryosviError("a reference is needed (--reference or --structure)")
-        check_run_output(output, force)
+        check_run_output(output, force, note=world.writes)
     if device:
         options = replace(options, device=device)
-    device = select_device(options.device)
+    device = select_device(rank_device(options.device, world))
+    options = replace(options, device=str(device))  # 'auto' resolved
     table, data, reference, config, known = prepare(particles, reference, options,
                                                     datadir, invert)
     config = _keep_init_parameterisation(config, options.init_from)
@@ -95,23 +120,38 @@ def train(particles: str | Path, reference: Reference | None, output: str | Path
     active = [s for s in options.schedule if s.trained_sites(config.latents)]
     if not active:
         raise CryosviError("no schedule stage trains any of the inferred latents")
-    output.mkdir(parents=True, exist_ok=True)
-    if directory_kind(output) is None:
-        mark_directory(output, RUN_KIND)
+    _check_world(active, world)
+    world.barrier()  # every process has checked its inputs before rank 0 writes
+    if world.writes:
+        output.mkdir(parents=True, exist_ok=True)
+        if directory_kind(output) is None:
+            mark_directory(output, RUN_KIND)
 
     pyro.set_rng_seed(options.seed)
     guide = Guide(config).to(device)
     guide.bf16 = trunk_bf16(options.precision, device)
+    if world.size > 1:
+        synchronise_batch_norm(guide)
     forward = reference.forward_model(data.groups).to(device)
     optimizer = ClippedAdam(guide.parameters(), lr=active[0].lr)
     run = Run(output, {}, options, config, reference, data, known, guide, forward,
-              optimizer, device, progress)
+              optimizer, device, progress and world.writes, world=world)
     start = _start(run, state)
     run.info = _run_info(run, particles, datadir, invert, len(table), start,
                          info["command"] if resume and "command" in info else command)
-    write_json_atomic(output / RUN_FILE, run.info)
-    run.validation = _validation(run)
+    if world.writes:
+        write_json_atomic(output / RUN_FILE, run.info)
+        run.validation = _validation(run)
     return _train_stages(run, start, max_epochs)
+
+
+def _check_world(stages, world: World) -> None:
+    """Each process needs at least one particle of every step's batch."""
+    small = [s.batch_size for s in stages if s.batch_size < world.size]
+    if small:
+        raise CryosviError(f"a batch of {min(small)} particles cannot be shared by "
+                           f"{world.size} processes: the batch size is the sum over the "
+                           f"processes, give at least {world.size}")
 
 
 def _resumed(output: Path, particles, datadir, invert):
@@ -156,16 +196,18 @@ def _start(run: Run, state: dict | None) -> dict:
     """The position to start from: a resumed run's checkpoint (guide, optimizer and RNG
     restored, the log cut back to it), else a fresh run's beginning (--init's weights,
     stale files removed, the reference saved)."""
-    output = run.output
+    output, writes = run.output, run.world.writes
     if state is not None:
         restore(output / CHECKPOINT, state, run.guide, run.optimizer, run.device)
-        truncate_log(output / LOG_FILE, state["position"]["epoch"])
+        if writes:
+            truncate_log(output / LOG_FILE, state["position"]["epoch"])
         return state["position"]
     if run.options.init_from:
         initialise_from(run.guide, run.options.init_from, run.device)
-    for stale in (CHECKPOINT, LOG_FILE, PLOT_FILE):
-        (output / stale).unlink(missing_ok=True)
-    run.reference.save(output / REFERENCE_FILE)
+    if writes:
+        for stale in (CHECKPOINT, LOG_FILE, PLOT_FILE):
+            (output / stale).unlink(missing_ok=True)
+        run.reference.save(output / REFERENCE_FILE)
     return {"stage": 0, "stage_epoch": 0, "epoch": 0, "step": 0, "seconds": 0.0}
 
 
@@ -186,7 +228,7 @@ def _run_info(run: Run, particles, datadir, invert: bool, n_particles: int, star
         "validation_size": options.validation_size, "status": "training",
         "precision": "bf16" if run.guide.bf16 else "fp32",
         "init_from": options.init_from, "command": command,
-        "epochs_done": start["epoch"],
+        "epochs_done": start["epoch"], "processes": run.world.size,
     }
 
 
@@ -217,13 +259,16 @@ def _train_stages(run: Run, start: dict, max_epochs: int | None) -> dict:
             continue
         for site, encoder in run.guide.encoders.items():
             encoder.requires_grad_(site in sites)
+        run.step = None  # (DDP's hooks on the previous stage's parameters go with it)
+        run.step = data_parallel(run.guide, run.world)
         for stage_epoch in range(first_epoch, stage.epochs):
             if max_epochs is not None and epochs_this_call >= max_epochs:
-                return finish(run.output, run.info, position, stopped=True)
+                return finish(run.output, run.info, position, stopped=True,
+                              write=run.world.writes)
             record = _train_epoch(run, stage, stage_index, stage_epoch, sites, position)
             _end_epoch(run, record, position)
             epochs_this_call += 1
-    return finish(run.output, run.info, position, stopped=False)
+    return finish(run.output, run.info, position, stopped=False, write=run.world.writes)
 
 
 def _train_epoch(run: Run, stage: Stage, stage_index: int, stage_epoch: int, sites,
@@ -246,19 +291,18 @@ def _train_epoch(run: Run, stage: Stage, stage_index: int, stage_epoch: int, sit
         for group in run.optimizer.param_groups:
             group["lr"] = lr
         batch = np.sort(order[i * stage.batch_size:(i + 1) * stage.batch_size])
-        loss, terms = _loss(run, stage, sites, batch)
-        _step(run, loss, position)
+        if stage.objective == "elbo" and len(batch) < run.world.size:
+            continue  # an epoch's last few particles, fewer than the processes
+        loss, value, terms = _global_loss(run, stage, sites, batch)
+        _step(run, loss, value, position)
         # logged unweighted (the forward KL), comparable with the validation's
-        losses.append(sum(terms.values()) if terms else float(loss.detach()))
+        losses.append(sum(terms.values()) if terms else value)
         for k, v in terms.items():
             terms_sum[k] = terms_sum.get(k, 0.0) + v
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4g}", refresh=False)
     bar.close()
     seconds = position["seconds"] + time.perf_counter() - tic
-    val_latents, val_images, val_conditions = run.validation
-    fixed_sites = [s for s in run.config.sites if s not in run.config.latents]
-    metrics = validation_metrics(run.guide, val_latents, val_images, fixed_sites,
-                                 val_conditions)
+    metrics = _validate(run) if run.world.writes else {}
     position.update(stage=stage_index, stage_epoch=stage_epoch + 1,
                     epoch=position["epoch"] + 1, seconds=seconds)
     return {"epoch": position["epoch"], "stage": stage_index,
@@ -268,28 +312,80 @@ def _train_epoch(run: Run, stage: Stage, stage_index: int, stage_epoch: int, sit
             **metrics, "loss_steps": chunk_means(losses, 20)}
 
 
-def _loss(run: Run, stage: Stage, sites, batch: np.ndarray) -> tuple[torch.Tensor, dict]:
-    """The loss of one step and its per-site terms: on fresh simulations imaged with the
-    data's own CTFs, optics groups and shifts (drawn with replacement), or the ELBO on the
-    particles ``batch``."""
+def _validate(run: Run) -> dict:
+    """The validation metrics, with a random stream of their own (the same each epoch):
+    the training's stream, which every process shares, is left as it was, so a run's
+    simulations do not depend on where the validation's draws are made (CPU or CUDA) nor
+    on which processes validate."""
+    val_latents, val_images, val_conditions = run.validation
+    fixed_sites = [s for s in run.config.sites if s not in run.config.latents]
+    devices = list(range(torch.cuda.device_count())) if run.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(run.options.seed + 7_927)
+        return validation_metrics(run.guide, val_latents, val_images, fixed_sites,
+                                  val_conditions)
+
+
+def _global_loss(run: Run, stage: Stage, sites,
+                 batch: np.ndarray) -> tuple[torch.Tensor, float, dict]:
+    """(the loss to differentiate, its value over the whole batch, the per-site terms
+    over the whole batch) of one step. One process: ``_loss`` of the batch. Several:
+    this process's rows of it, its loss weighted by W b_r / B (b_r of the B rows here,
+    W processes), so that DDP's mean of the gradients is the whole batch's; the values
+    are summed over the processes."""
+    world = run.world
+    size = stage.batch_size if stage.objective == "sim" else len(batch)
+    rows = world.rows(size)
+    loss, terms = run.step(lambda guide: _loss(run, stage, sites, batch, rows, guide))
+    if world.size == 1:
+        return loss, float(loss.detach()), terms
+    share = (rows.stop - rows.start) / size
+    names = list(terms)
+    totals = world.sum([float(loss.detach()) * share, *(terms[k] * share for k in names)])
+    return loss * (world.size * share), totals[0], dict(zip(names, totals[1:]))
+
+
+def _loss(run: Run, stage: Stage, sites, batch: np.ndarray, rows: slice,
+          guide: Guide) -> tuple[torch.Tensor, dict]:
+    """The loss of the rows ``rows`` of one step's batch (the mean over them) and its
+    per-site terms: on fresh simulations imaged with the data's own CTFs, optics groups
+    and shifts (drawn with replacement; every random number of the whole batch is drawn,
+    the forward model runs for ``rows``), or the ELBO on the particles ``batch[rows]``."""
     reference, device = run.reference, run.device
     if stage.objective == "sim":
         conditions = run.data.draw_conditions(stage.batch_size, device)
         values, images, conditions = simulation_batch(
             reference, run.forward, reference.noise.std, stage.batch_size, conditions,
-            run.config.latents, antithetic=stage.antithetic)
-        return simulation_loss(run.guide, values, images, sites, conditions)
+            run.config.latents, antithetic=stage.antithetic, rows=rows)
+        return simulation_loss(guide, values, images, sites, conditions)
+    batch = batch[rows]
     images = torch.from_numpy(run.data.images(batch)).to(device)
     known = {s: v[batch].to(device) for s, v in run.known.items()}
     conditions = run.data.conditions.take(batch).to(device)
-    loss = elbo_loss(run.guide, run.forward, reference.priors, reference.noise.std, images,
-                     known, len(run.data), conditions)
+    with _own_stream(run.world, device):
+        loss = elbo_loss(guide, run.forward, reference.priors, reference.noise.std,
+                         images, known, len(run.data), conditions)
     return loss, {}
 
 
-def _step(run: Run, loss: torch.Tensor, position: dict) -> None:
-    """One optimiser step; TrainingDiverged for a non-finite loss or gradient."""
-    value = float(loss.detach())
+@contextmanager
+def _own_stream(world: World, device: torch.device):
+    """One process: nothing. Several: a random stream of this process's own for the
+    body (the ELBO's draws from the guide for its own particles), seeded from one draw
+    of the stream every process shares, which so stays the same on every process."""
+    if world.size == 1:
+        yield
+        return
+    seed = int(torch.randint(2**62, ()))
+    devices = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed + world.rank)
+        yield
+
+
+def _step(run: Run, loss: torch.Tensor, value: float, position: dict) -> None:
+    """One optimiser step; TrainingDiverged for a non-finite loss ``value`` (the whole
+    batch's, so every process stops alike) or gradient."""
     step = position["step"] + 1
     if not math.isfinite(value):
         raise diverged(run.output, f"the loss is {value}", step, position)
@@ -303,7 +399,10 @@ def _step(run: Run, loss: torch.Tensor, position: dict) -> None:
 
 
 def _end_epoch(run: Run, record: dict, position: dict) -> None:
-    """The epoch's log line, checkpoint, run.json and plot, written as it ends."""
+    """The epoch's log line, checkpoint, run.json and plot, written as it ends (by rank
+    0 alone)."""
+    if not run.world.writes:
+        return
     output = run.output
     append_log(output / LOG_FILE, record)
     save_checkpoint(output / CHECKPOINT, {
@@ -316,11 +415,14 @@ def _end_epoch(run: Run, record: dict, position: dict) -> None:
         print(epoch_line(record), file=sys.stderr, flush=True)
 
 
-def finish(output: Path, info: dict, position: dict, stopped: bool) -> dict:
+def finish(output: Path, info: dict, position: dict, stopped: bool,
+           write: bool = True) -> dict:
+    """The final run info (status, epochs, time), written to run.json when ``write``."""
     info["status"] = "stopped" if stopped else "finished"
     info["epochs_done"] = position["epoch"]
     info["train_seconds"] = round(position["seconds"], 2)
-    write_json_atomic(output / RUN_FILE, info)
+    if write:
+        write_json_atomic(output / RUN_FILE, info)
     return info
 
 

@@ -16,7 +16,7 @@ from cryosvi.reference import Reference
 
 def simulation_batch(reference: Reference, forward, noise_std: float, batch_size: int,
                      conditions: Conditions | None = None, latents=PAPER_SITES,
-                     antithetic: bool = False):
+                     antithetic: bool = False, rows: slice | None = None):
     """Fresh (latents, noisy images, conditions) from the model's prior, imaged with
     ``conditions`` (per-particle data for this batch, e.g. rows of the particles'
     metadata; returned as the images were made with them).
@@ -27,28 +27,56 @@ def simulation_batch(reference: Reference, forward, noise_std: float, batch_size
     still a draw from the model, so the loss keeps its expectation; the pair's difference
     is the reflected latents' effect alone (common random numbers), which the heads of
     weak latents otherwise see buried under pose and noise.
+
+    rows: the rows of the batch to return (default all), e.g. one process's share of a
+    data-parallel batch. Every random number of the whole batch is drawn all the same,
+    so the rows are those of the whole batch; the forward model runs for them alone.
+
+    The latents and the noise are drawn on the CPU from torch's global stream (latents
+    in the model's order, then the noise of the drawn images), then moved to the forward
+    model's device: a batch is the same on the CPU and on CUDA.
     """
     conditions = conditions or Conditions()
     twins = batch_size // 2 if antithetic else 0
     drawn = batch_size - twins
+    rows = rows or slice(0, batch_size)
+    device = forward.coords.device
     if twins:  # the twins are imaged with their originals' conditions
         conditions = conditions.take(torch.arange(batch_size) % drawn)
     with torch.no_grad():
-        values, clean = sample_prior(forward, reference.priors, drawn,
-                                     conditions.take(torch.arange(drawn)) if twins
-                                     else conditions, latents)
-        noise = noise_std * torch.randn_like(clean)
+        first = conditions.take(torch.arange(drawn)) if twins else conditions
+        values, _ = sample_prior(_Unimaged(forward.coords), reference.priors, drawn,
+                                 first.to("cpu"), latents)
+        box = forward.optics.box
+        noise = noise_std * torch.randn(drawn, box, box, dtype=forward.coords.dtype)
         if twins:
             twin = {}
             for site, value in values.items():
                 mirror = REGISTRY[site].reflected(value[:twins])
                 twin[site] = value[:twins] if mirror is None else mirror
-            twin_clean = forward(**forward_inputs(twin, conditions.take(
-                torch.arange(drawn, batch_size))))
             values = {s: torch.cat([values[s], twin[s]]) for s in values}
-            clean = torch.cat([clean, twin_clean])
-            noise = torch.cat([noise, noise[:twins]])
-    return values, clean + noise, conditions
+        values = {s: v[rows].to(device) for s, v in values.items()}
+        conditions = conditions.take(torch.arange(batch_size)[rows])
+        # the drawn images and their twins apart, as one process images them
+        parts = [range(rows.start, min(rows.stop, drawn)),
+                 range(max(rows.start, drawn), rows.stop)]
+        clean = torch.cat([forward(**forward_inputs(
+            {s: v[part.start - rows.start:part.stop - rows.start] for s, v in values.items()},
+            conditions.take(torch.arange(part.start - rows.start, part.stop - rows.start))))
+            for part in parts if len(part)])
+        images = clean + noise[torch.arange(rows.start, rows.stop) % drawn].to(device)
+    return values, images, conditions
+
+
+class _Unimaged:
+    """What ``sample_prior`` needs of a forward model to draw latents from the prior
+    without imaging them: ``coords``, whose dtype the priors take, on the CPU."""
+
+    def __init__(self, coords: torch.Tensor):
+        self.coords = torch.zeros((), dtype=coords.dtype)
+
+    def __call__(self, **inputs):
+        return None
 
 
 def simulation_loss(guide: Guide, latents: dict, images, sites,

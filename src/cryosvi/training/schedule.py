@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from importlib.resources import files
 from pathlib import Path
 
-from cryosvi.config import ELBO_LR, SIM_BATCH, SIM_LR
+from cryosvi.config import ELBO_LR, SIM_BATCH, SIM_EPOCH_SIZE, SIM_LR
 from cryosvi.errors import CryosviError
 from cryosvi.latents import BY_NAME, REGISTRY
 
@@ -23,7 +23,9 @@ class Stage:
     """One stage of a schedule.
 
     objective: 'sim' or 'elbo'. epochs: passes over the particles (elbo) or over
-    ``epoch_size`` simulated particles (sim; default: the number of particles).
+    ``epoch_size`` simulated particles (sim; default ``SIM_EPOCH_SIZE``, whatever the
+    number of particles, set when the stage is made so that run.json records it).
+    batch_size: particles per step, summed over the processes of a data-parallel run.
     train: CLI latent names (``cryosvi.latents``: 'pose', 'defocus', ...) whose encoders are optimised in
     this stage (None: all inferred ones). lr: peak learning rate; decay: 'constant' or
     'cosine' (to lr * final_lr_fraction over the stage), after ``warmup`` linear steps.
@@ -47,6 +49,8 @@ class Stage:
         if self.objective not in OBJECTIVES:
             raise CryosviError(f"schedule: unknown objective {self.objective!r} "
                                f"(choose from {', '.join(OBJECTIVES)})")
+        if self.objective == "sim" and self.epoch_size is None:
+            self.epoch_size = SIM_EPOCH_SIZE
         if self.decay not in ("constant", "cosine"):
             raise CryosviError(f"schedule: unknown decay {self.decay!r} (constant or cosine)")
         if not isinstance(self.antithetic, bool):
@@ -84,7 +88,9 @@ class Stage:
         return tuple(s for s in latents if REGISTRY[s].name in self.train)
 
     def steps_per_epoch(self, n_particles: int) -> int:
-        size = self.epoch_size or n_particles if self.objective == "sim" else n_particles
+        """Steps of an epoch: ``epoch_size`` simulations (sim) or a pass over the
+        ``n_particles`` particles (elbo), in batches of ``batch_size``."""
+        size = self.epoch_size if self.objective == "sim" else n_particles
         return max(1, math.ceil(size / self.batch_size))
 
     def lr_at(self, step: int, total: int) -> float:
@@ -149,7 +155,9 @@ BatchNorm statistics frozen (``Guide.freeze_batch_norm``)."""
 def default_schedule(objective: str, epochs: int, lr: float | None, batch_size: int | None,
                      finetune_epochs: int = 0, epoch_size: int | None = None) -> list[Stage]:
     """One stage per objective: 'sim', 'elbo' or 'sim+elbo'. Default peak learning
-    rates: ``SIM_LR`` for simulation, ``ELBO_LR`` for the ELBO (``cryosvi.config``).
+    rates: ``SIM_LR`` for simulation, ``ELBO_LR`` for the ELBO (``cryosvi.config``);
+    batches of ``SIM_BATCH`` and 128; a simulation epoch is ``epoch_size`` simulated
+    particles (None: ``SIM_EPOCH_SIZE``), an ELBO epoch a pass over the particles.
     Simulation batches are antithetic pairs (``simulation_batch``; measured on the paper
     preset, 160 epochs: the mode head learns from the 10th epoch instead of the 80th or
     never, guide-alone mode r 0.81 against 0 and 0.73 in two runs without;

@@ -42,6 +42,8 @@ class TrainOptions:
     architecture: Architecture = field(default_factory=Architecture)
     seed: int = 0
     device: str = "cpu"
+    """cpu, cuda, cuda:N or auto (CUDA when present); under torchrun a CUDA device is
+    each process's cuda:LOCAL_RANK (``training.distributed.rank_device``)."""
     noise_std: float | None = None
     validation_size: int = VALIDATION_SIZE
     init_from: str | None = None
@@ -103,7 +105,7 @@ def options_from_info(info: dict, directory: str | Path = "") -> TrainOptions:
         config = guide_config(info, directory)
         options = TrainOptions(
             latents=tuple(guide["latents"]),
-            schedule=[Stage(**s) for s in info["schedule"]],
+            schedule=[Stage(**_recorded_stage(s, info)) for s in info["schedule"]],
             architecture=config.architecture(),
             seed=int(info["seed"]), device=str(info["device"]),
             noise_std=float(info["noise_std"]),
@@ -119,6 +121,15 @@ def options_from_info(info: dict, directory: str | Path = "") -> TrainOptions:
         raise CryosviError(f"{Path(directory) / RUN_FILE} is damaged: noise_std "
                            f"{options.noise_std}")
     return options
+
+
+def _recorded_stage(stage: dict, info: dict) -> dict:
+    """A stage as run.json records it; a simulation stage without an epoch size is from
+    a run.json written when a simulation epoch was one draw per particle (cryosvi 0.1.0
+    before ``SIM_EPOCH_SIZE``), so it keeps that size on --resume."""
+    if stage.get("objective", "sim") == "sim" and stage.get("epoch_size") is None:
+        return {**stage, "epoch_size": int(info["n_particles"])}
+    return stage
 
 
 def _legacy_priors(guide: dict) -> dict:
