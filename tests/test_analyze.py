@@ -304,12 +304,12 @@ def test_structure_refusals(tmp_path):
 # ---------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """1OL5 at stride 3 (ANM mode 1), 48 simulated particles, a run inferring the mode
-    alone (one tiny epoch) and one inferring the defocus alone, and the posterior of
-    the first (the guide alone)."""
+    """1OL5 at stride 3 (ANM modes 1 and 2), 48 simulated particles, a run inferring the
+    modes alone (one tiny epoch) and one inferring the defocus alone, and the posterior
+    of the first (the guide alone)."""
     root = tmp_path_factory.mktemp("analyze")
     reference = build_reference(None, "A", 3, PAPER_PRESET["optics"], PAPER_PRESET["imaging"],
-                                Priors(mode_std=(2.0,)), Noise(snr=20.0))
+                                Priors(mode_std=(2.0, 1.0)), Noise(snr=20.0))
     simulate_dataset(reference, 48, root / "data", seed=0, progress=False)
     particles = root / "data" / "particles.star"
     reference = Reference.load(root / "data" / "reference.npz")
@@ -382,13 +382,20 @@ def test_end_to_end_outputs_read_back(tiny_run, tmp_path, capsys):
     assert "open ensemble.pdb coordsets true" in script
     assert "open bins/bin_1.mrc bins/bin_2.mrc bins/bin_3.mrc vseries true" in script
 
-    # the landscape: its table holds the particles, and the picture is there
+    # the landscape: each panel of its table holds the particles
     table = pd.read_csv(out / "landscape.csv")
-    panel = table[table["panel"] == "cryosviModeAmplitude1"]
-    width = np.diff(panel["x"].to_numpy()).mean()
-    assert (panel["density"].sum() * width) == pytest.approx(48, rel=1e-4)
-    assert (panel["histogram"].sum() * width) == pytest.approx(48, rel=1e-6)
+    for name in ("cryosviModeAmplitude1", "cryosviModeAmplitude2"):
+        panel = table[table["panel"] == name]
+        width = np.diff(panel["x"].to_numpy()).mean()
+        assert (panel["density"].sum() * width) == pytest.approx(48, rel=1e-4)
+        assert (panel["histogram"].sum() * width) == pytest.approx(48, rel=1e-6)
+    surface = table[table["panel"] == "cryosviModeAmplitude1 x cryosviModeAmplitude2"]
+    assert len(surface) == 96 * 96
+    area = np.ptp(surface["x"]) / 95 * np.ptp(surface["y"]) / 95
+    assert surface["density"].sum() * area == pytest.approx(48, rel=1e-4)
+    assert surface["histogram"].sum() * area == pytest.approx(48, rel=1e-6)
     assert (out / "landscape.png").stat().st_size > 10000
+    assert (out / "ensemble.png").stat().st_size > 10000
     assert (out / ".cryosvi").is_file()
 
 
@@ -397,8 +404,17 @@ def test_force_replaces_only_an_analysis(tiny_run, tmp_path, capsys):
     assert main(analyze_args(tiny_run, out, "--bins", "2", "--equal-width")) == 0
     assert main(analyze_args(tiny_run, out, "--bins", "2")) == 2
     assert "exists; use --force" in capsys.readouterr().err
-    assert main(analyze_args(tiny_run, out, "--bins", "4", "--force")) == 0
-    assert json.loads((out / "summary.json").read_text())["bins"]["counts"] == [12] * 4
+    assert main(analyze_args(tiny_run, out, "--bins", "4", "--coordinate", "2",
+                             "--force")) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["bins"]["counts"] == [12] * 4
+    assert summary["coordinate"]["column"] == "cryosviModeAmplitude2"
+    second = starfile.read(out / "bins" / "bin_4.star", always_dict=True)["particles"]
+    first = starfile.read(out / "bins" / "bin_1.star", always_dict=True)["particles"]
+    assert first["cryosviModeAmplitude2"].max() <= second["cryosviModeAmplitude2"].min()
+    amplitudes = np.array(summary["ensemble"]["amplitudes"])  # the other at its mean
+    np.testing.assert_allclose(amplitudes[:, 1], summary["bins"]["centres"])
+    np.testing.assert_allclose(amplitudes[:, 0], summary["coordinates"][0]["mean"])
     assert not (out / "bins" / "bin_1.mrc").exists()
     foreign = tmp_path / "foreign"
     foreign.mkdir()
@@ -411,7 +427,7 @@ def test_force_replaces_only_an_analysis(tiny_run, tmp_path, capsys):
 
 @pytest.mark.parametrize("change, message", [
     (["--bins", "49"], "more bins than the 48 particles"),
-    (["--coordinate", "2"], "--coordinate 2: the posterior has 1 coordinate"),
+    (["--coordinate", "3"], "--coordinate 3: the posterior has 2 coordinate"),
     (["--chain", "Z"], "chain 'Z' not in"),
     (["--chain", "B"], "not the structure (or chain)"),
     (["--posterior", "TRUTH"], "not a posterior of cryosvi infer"),
@@ -434,3 +450,44 @@ def test_reconstruct_without_relion_says_what_to_install(tiny_run, tmp_path, cap
     assert main(analyze_args(tiny_run, tmp_path / "out", "--reconstruct")) == 2
     error = capsys.readouterr().err
     assert "apt-get install relion" in error and not (tmp_path / "out").exists()
+
+
+def test_subsets_of_a_posterior_with_a_cs_beside_it(tmp_path):
+    from cryosvi.analysis.subsets import absolute_image_names, companion_cs, write_subsets
+    from cryosvi.io.particles import read_particles, write_particles
+
+    from particle_files import quiet, write_cs
+
+    path, array, _ = write_cs(tmp_path, n=6)
+    source = quiet(read_particles, path, datadir=tmp_path)
+    frame = source.metadata.copy()
+    frame["cryosviModeAmplitude1"] = [0.5, -1.0, 2.0, 0.0, -0.5, 1.0]
+    frame["cryosviModeAmplitudeStd1"] = 0.3
+    (tmp_path / "out").mkdir()
+    write_particles(tmp_path / "out" / "post.star", source, frame,
+                    ["cryosviModeAmplitude1", "cryosviModeAmplitudeStd1"])
+    posterior = quiet(read_particles, tmp_path / "out" / "post.star", datadir=tmp_path)
+    records = companion_cs(posterior)
+    np.testing.assert_array_equal(records["uid"], array["uid"])
+    bins = make_bins(frame["cryosviModeAmplitude1"].to_numpy(), 2)
+    names, missing = absolute_image_names(posterior)
+    assert not missing
+    stack = str((tmp_path / "J3" / "extract" / "s.mrcs").resolve())
+    assert all(name.endswith("@" + stack) for name in names)
+    written = write_subsets(posterior, bins, tmp_path / "out", records, names)
+    uids = []
+    for k, paths in enumerate(written):
+        assert [p.name for p in paths] == [f"bin_{k + 1}.star", f"bin_{k + 1}.cs"]
+        subset = np.load(paths[1], allow_pickle=False)
+        star = starfile.read(paths[0], always_dict=True)["particles"]
+        np.testing.assert_array_equal(subset["uid"], array["uid"][bins.rows(k)])
+        np.testing.assert_allclose(star["cryosviModeAmplitude1"],
+                                   frame["cryosviModeAmplitude1"].to_numpy()[bins.rows(k)])
+        np.testing.assert_array_equal(subset["blob/path"], array["blob/path"][bins.rows(k)])
+        uids += list(subset["uid"])
+    assert sorted(uids) == sorted(array["uid"])
+    other = array[::-1].copy()
+    with open(tmp_path / "out" / "post.cs", "wb") as handle:
+        np.save(handle, other, allow_pickle=False)
+    with pytest.raises(CryosviError, match="does not hold its particles"):
+        companion_cs(posterior)

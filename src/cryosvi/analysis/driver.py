@@ -2,6 +2,7 @@
 
     OUT/landscape.png, landscape.csv   the particles along each coordinate (``landscape``)
     OUT/ensemble.pdb, ensemble.cif     a model per bin centre, every atom (``ensemble``)
+    OUT/ensemble.png                   the models' C-alpha traces
     OUT/view.cxc                       ChimeraX: the ensemble, and the maps if any
     OUT/bins/bin_K.star (and .cs)      the particles of bin K (``subsets``)
     OUT/bins/bin_K.mrc                 with ``reconstruct``: bin K's map (``maps``)
@@ -17,6 +18,7 @@ only with ``force`` and only when an earlier ``cryosvi analyze`` made it.
 from __future__ import annotations
 
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +27,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from cryosvi.analysis.ensemble import (chain_atoms, chimerax_script, displacements,
-                                       ensemble_structure, write_ensemble)
+                                       ensemble_structure, plot_ensemble, write_ensemble)
 from cryosvi.analysis.landscape import (landscape, make_bins, plot_landscape,
                                         read_coordinates, write_landscape_table)
 from cryosvi.analysis.maps import check_relion, map_correlations, reconstruct
@@ -93,11 +95,14 @@ def analyze(posterior: str | Path, run: str | Path, output: str | Path,
         print(f"note: removed {stale}, left by an interrupted analyze", file=sys.stderr)
     staging = make_staging(output)
     try:
-        summary = _analyze_into(staging, table, coordinates, binned, reference, atoms, cs,
-                                image_names, box, pixel_size, progress)
-        summary.update(posterior=str(posterior), run=str(run))
+        summary = {**provenance(KIND), "posterior": str(posterior), "run": str(run),
+                   **_analyze_into(staging, table, coordinates, binned, reference, atoms,
+                                   cs, image_names, box, pixel_size, progress)}
         write_json_atomic(staging / SUMMARY, summary)
         mark_directory(staging, KIND)
+        # the staging folder is private (mkdtemp); OUT gets the mode of a folder made
+        # here with the user's umask, as bins/ was
+        staging.chmod(stat.S_IMODE((staging / "bins").stat().st_mode))
         if replace:
             remove_directory(output)
         elif output.is_dir():
@@ -135,6 +140,9 @@ def _analyze_into(directory: Path, table, coordinates, binned, reference, atoms,
     positions = atoms.positions + displacements(atoms, reference, amplitudes)
     write_ensemble(ensemble_structure(atoms, positions), directory / "ensemble.pdb",
                    directory / "ensemble.cif")
+    plot_ensemble(atoms, positions, directory / "ensemble.png",
+                  f"{atoms.n_atoms} atoms of {Path(atoms.path).name} chain {atoms.chain}: "
+                  f"{binned.n_bins} models along {coordinates.names[column]} (C-alpha traces)")
 
     (directory / "bins").mkdir()
     files = write_subsets(table, binned, directory / "bins", cs, image_names)
@@ -161,7 +169,7 @@ def _analyze_into(directory: Path, table, coordinates, binned, reference, atoms,
 
     chosen = described(column)
     return {
-        **provenance(KIND), "particles": len(table),
+        "particles": len(table),
         "coordinate": {"index": column + 1, **chosen}, "binning": binned.kind,
         "range": chosen["range"], "mean_posterior_std": chosen["mean_posterior_std"],
         "coordinates": [described(k) for k in range(coordinates.n_modes)],
@@ -169,7 +177,8 @@ def _analyze_into(directory: Path, table, coordinates, binned, reference, atoms,
                  "counts": binned.counts.tolist(),
                  "files": [[f"bins/{p.name}" for p in paths] for paths in files],
                  "maps": maps},
-        "ensemble": {"files": ["ensemble.pdb", "ensemble.cif"], "structure": atoms.path,
+        "ensemble": {"files": ["ensemble.pdb", "ensemble.cif", "ensemble.png"],
+                     "structure": atoms.path,
                      "chain": atoms.chain, "models": binned.n_bins, "atoms": atoms.n_atoms,
                      "motion": (f"rigid motions of {reference.blocks.n_blocks} blocks"
                                 if reference.blocks is not None else
@@ -177,7 +186,7 @@ def _analyze_into(directory: Path, table, coordinates, binned, reference, atoms,
                      "amplitudes": amplitudes.tolist()},
         "map_correlations": None if correlations is None else correlations.tolist(),
         "reconstruction": None if box is None else {
-            "program": relion, "box": box, "pixel_size": pixel_size,
+            "program": relion.strip(), "box": box, "pixel_size": pixel_size,
             "command": "relion_reconstruct --i bin_K.star --o bin_K.mrc --ctf --angpix "
                        f"{pixel_size:g}"},
     }

@@ -54,7 +54,8 @@ class ChainAtoms:
     structure: the structure read (first model, first alternative conformation);
     chain: the chain's name; path: the file; positions (A, 3) float64 Å, file frame, in
     the order of the chain's residues and atoms; follows (A,) int: the pseudo-atom each
-    atom moves with; beads (N, 3): the structure's pseudo-atoms in the reference's frame.
+    atom moves with; beads (N, 3): the structure's pseudo-atoms in the reference's frame;
+    trace (A,) bool: the C-alpha atoms of the polymer residues (the chain's trace).
     """
 
     structure: gemmi.Structure
@@ -63,6 +64,7 @@ class ChainAtoms:
     positions: np.ndarray
     follows: np.ndarray
     beads: np.ndarray
+    trace: np.ndarray
 
     @property
     def n_atoms(self) -> int:
@@ -113,11 +115,13 @@ def chain_atoms(reference: Reference, structure: str | Path | None = None,
     if numbers != pseudo.residue_numbers.tolist():  # the same selection as structure.py's
         raise RuntimeError(f"{where}: the pseudo-atoms' residues differ from "
                            "cryosvi.physics.structure's")
-    positions, residue_of = [], []
+    positions, residue_of, trace = [], [], []
+    carbon = gemmi.Element("C")
     for r, residue in enumerate(residues):
         for atom in residue:
             positions.append(atom.pos.tolist())
             residue_of.append(r)
+            trace.append(atom.name == "CA" and atom.element == carbon)
     positions = np.array(positions, np.float64).reshape(-1, 3)
     residue_of = np.array(residue_of, np.int64)
     bead_of_residue = np.full(residue_of.max() + 1 if len(residue_of) else 0, -1)
@@ -129,7 +133,7 @@ def chain_atoms(reference: Reference, structure: str | Path | None = None,
         centroids = np.array([frame[residue_of == r].mean(0) for r in missing])
         bead_of_residue[missing] = cKDTree(found).query(centroids)[1]
     return ChainAtoms(model, pseudo.chain, str(structure), positions,
-                      bead_of_residue[residue_of], found)
+                      bead_of_residue[residue_of], found, np.array(trace, bool))
 
 
 def _bead_residues(chains: list[gemmi.Chain], stride: int) -> dict[int, int]:
@@ -239,6 +243,38 @@ def write_ensemble(structure: gemmi.Structure, pdb: str | Path, cif: str | Path)
     write_atomically(pdb, lambda temporary: structure.write_pdb(str(temporary), options))
     document = structure.make_mmcif_document()
     write_atomically(cif, lambda temporary: document.write_file(str(temporary)))
+
+
+def plot_ensemble(atoms: ChainAtoms, positions: np.ndarray, path: str | Path,
+                  title: str) -> None:
+    """``path`` (PNG): the C-alpha trace of every model of ``positions`` (M, A, 3),
+    coloured from the first to the last, seen along the structure's smallest and middle
+    principal axes (two panels, Å)."""
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+
+    trace = positions[:, atoms.trace]  # (M, C, 3)
+    centred = trace - trace[0].mean(0)
+    axes = np.linalg.svd(centred[0], full_matrices=False)[2]  # rows: principal axes
+    # a gap in the trace: consecutive C-alphas farther apart than a peptide bond allows
+    gaps = np.linalg.norm(np.diff(trace[0], axis=0), axis=1) > 4.5
+    pieces = np.split(np.arange(trace.shape[1]), np.flatnonzero(gaps) + 1)
+    colours = colormaps["coolwarm"](np.linspace(0, 1, len(trace)))
+    figure = Figure(figsize=(10, 4.8), layout="constrained")
+    panels = figure.subplots(1, 2)
+    for panel, (u, v) in zip(panels, ((0, 1), (0, 2))):
+        for m, model in enumerate(centred):
+            plane = model @ axes[[u, v]].T
+            for piece in pieces:
+                panel.plot(*plane[piece].T, color=colours[m], lw=0.9,
+                           label=f"model {m + 1}" if piece is pieces[0] else None)
+        panel.set_aspect("equal")
+        panel.set_xlabel(f"principal axis {u + 1} (Å)")
+        panel.set_ylabel(f"principal axis {v + 1} (Å)")
+    panels[0].legend(fontsize=7, loc="best")
+    figure.suptitle(title, fontsize=10)
+    write_atomically(path, lambda temporary: figure.savefig(temporary, format="png",
+                                                            dpi=110))
 
 
 def chimerax_script(ensemble: str, maps: list[str], coordinate: str, box: int | None,

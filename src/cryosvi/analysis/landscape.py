@@ -316,8 +316,8 @@ def plot_landscape(result: Landscape, bins: Bins, path: str | Path) -> None:
                     axis.axvline(edge, color="w", ls="--", lw=0.8)
                 elif bins.column == surface.columns[1]:
                     axis.axhline(edge, color="w", ls="--", lw=0.8)
-            axis.set_xlabel(surface.names[0])
-            axis.set_ylabel(surface.names[1])
+            axis.set_xlabel(f"{surface.names[0]} (Å)")
+            axis.set_ylabel(f"{surface.names[1]} (Å)")
             axis.set_title(title, fontsize=10)
         for axis in axes[1][2:]:
             axis.set_axis_off()

@@ -17,7 +17,8 @@ def register(subparsers, summary: str) -> None:
         "ensemble.pdb and ensemble.cif (a model per bin centre along the chosen "
         "coordinate, the others at their mean, with every atom of the structure's chain: "
         "blocks of modes learnt by 'cryosvi learn-modes --basis blocks' move rigidly, "
-        "other modes move each atom with its residue's pseudo-atom); view.cxc (ChimeraX: "
+        "other modes move each atom with its residue's pseudo-atom) and ensemble.png (their "
+        "C-alpha traces); view.cxc (ChimeraX: "
         "the ensemble as a trajectory, the maps as a volume series); bins/bin_K.star "
         "(RELION 3.1 subsets: the posterior's columns and optics table, image names made "
         "absolute; also bin_K.cs when the posterior has a .cs beside it), and with "
@@ -90,7 +91,7 @@ def report(summary: dict, output) -> str:
     ensemble = summary["ensemble"]
     extra = " and .mrc" if bins["maps"] else ""
     cs = any(str(f).endswith(".cs") for files in bins["files"] for f in files)
-    lines.append(f"wrote {output}/: landscape.png, landscape.csv, ensemble.pdb and .cif "
+    lines.append(f"wrote {output}/: landscape.png, landscape.csv, ensemble.pdb, .cif and .png "
                  f"({ensemble['models']} models of {ensemble['atoms']} atoms, "
                  f"{ensemble['motion']}), view.cxc, bins/bin_K.star"
                  f"{' and .cs' if cs else ''}{extra}, summary.json")
