@@ -491,3 +491,17 @@ def test_subsets_of_a_posterior_with_a_cs_beside_it(tmp_path):
         np.save(handle, other, allow_pickle=False)
     with pytest.raises(CryosviError, match="does not hold its particles"):
         companion_cs(posterior)
+
+
+def test_stacks_not_found_keep_their_names_with_a_warning(tiny_run, tmp_path, capsys):
+    argv = [a for a in analyze_args(tiny_run, tmp_path / "out", "--bins", "2")
+            if a not in ("--datadir", str(tiny_run / "data"))]
+    assert main(argv) == 0
+    assert "warning: 1 particle stack(s) not found" in capsys.readouterr().err
+    table = starfile.read(tmp_path / "out" / "bins" / "bin_1.star",
+                          always_dict=True)["particles"]
+    posterior = starfile.read(tiny_run / "posterior.star", always_dict=True)["particles"]
+    assert set(table["rlnImageName"]) <= set(posterior["rlnImageName"])
+    assert main([*argv, "--reconstruct", "-o", str(tmp_path / "maps")]) == 2
+    assert "--reconstruct: particle stack particles.mrcs not found" in \
+        capsys.readouterr().err

@@ -21,6 +21,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,7 @@ from cryosvi.analysis.landscape import (landscape, make_bins, plot_landscape,
                                         read_coordinates, write_landscape_table)
 from cryosvi.analysis.maps import check_relion, map_correlations, reconstruct
 from cryosvi.analysis.subsets import absolute_image_names, companion_cs, write_subsets
-from cryosvi.errors import CryosviError
+from cryosvi.errors import CryosviError, CryosviWarning
 from cryosvi.io.atomic import write_atomically
 from cryosvi.io.outputs import (check_output_directory, make_staging, mark_directory,
                                 provenance, remove_directory, remove_stale_staging)
@@ -90,6 +91,10 @@ def analyze(posterior: str | Path, run: str | Path, output: str | Path,
                                f"(from {table.path.parent}); {DATADIR_HINT}")
         table.ensure_image_size()
         box, pixel_size = _one_box(table)
+    elif missing:
+        warnings.warn(f"{len(missing)} particle stack(s) not found (e.g. {missing[0]}): "
+                      "the subsets name their images as the posterior does; to have them "
+                      f"as absolute paths, {DATADIR_HINT}", CryosviWarning, stacklevel=2)
 
     for stale in remove_stale_staging(output):
         print(f"note: removed {stale}, left by an interrupted analyze", file=sys.stderr)

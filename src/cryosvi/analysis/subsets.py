@@ -58,9 +58,12 @@ def absolute_image_names(table: ParticleSet) -> tuple[pd.Series, list[str]]:
             missing.append(name)
         else:
             found[name] = str(where.resolve())
-    absolute = files.map(found)
-    rewritten = (parts[0] + "@" + absolute).where(has_at, absolute)
-    return rewritten.where(absolute.notna(), names), missing
+    rewritten = names.astype(object)
+    known = files.isin(list(found))
+    absolute = files[known].map(found).astype(str)
+    rewritten[known & has_at] = (parts[0][known] + "@" + absolute)[has_at[known]]
+    rewritten[known & ~has_at] = absolute[~has_at[known]]
+    return rewritten.astype(str), missing
 
 
 def write_subsets(table: ParticleSet, bins, directory: Path, cs: np.ndarray | None,
