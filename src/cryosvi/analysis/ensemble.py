@@ -124,14 +124,15 @@ def chain_atoms(reference: Reference, structure: str | Path | None = None,
             trace.append(atom.name == "CA" and atom.element == carbon)
     positions = np.array(positions, np.float64).reshape(-1, 3)
     residue_of = np.array(residue_of, np.int64)
-    bead_of_residue = np.full(residue_of.max() + 1 if len(residue_of) else 0, -1)
-    for r, bead in keys.items():
-        bead_of_residue[r] = bead
-    frame = positions - np.asarray(reference.centroid, np.float64)
+    bead_of_residue = np.full(len(residues), -1)
+    bead_of_residue[list(keys)] = list(keys.values())
     missing = np.flatnonzero(bead_of_residue < 0)
     if len(missing):  # no pseudo-atom of their own: the one nearest their centroid
-        centroids = np.array([frame[residue_of == r].mean(0) for r in missing])
-        bead_of_residue[missing] = cKDTree(found).query(centroids)[1]
+        sums = np.zeros((len(residues), 3))
+        np.add.at(sums, residue_of, positions - np.asarray(reference.centroid, np.float64))
+        centroids = sums / np.maximum(np.bincount(residue_of, minlength=len(residues)),
+                                      1)[:, None]
+        bead_of_residue[missing] = cKDTree(found).query(centroids[missing])[1]
     return ChainAtoms(model, pseudo.chain, str(structure), positions,
                       bead_of_residue[residue_of], found, np.array(trace, bool))
 
