@@ -22,3 +22,16 @@ def test_the_warning_hook_is_restored(tmp_path):
     before = warnings.showwarning
     main(["inspect", str(write_relion30(tmp_path))])
     assert warnings.showwarning is before
+
+
+def test_threads_are_the_callers_again_after_a_command(tmp_path):
+    # --threads applies to the command; main() called in-process (scripts, tests) must
+    # give the caller its own thread count back, even when the command fails.
+    import torch
+
+    before = torch.get_num_threads()
+    code = main(["learn-modes", "--particles", str(tmp_path / "missing.star"),
+                 "--structure", str(tmp_path / "missing.pdb"), "-o", str(tmp_path / "x.npz"),
+                 "--threads", str(before + 3)])
+    assert code == 2
+    assert torch.get_num_threads() == before

@@ -13,6 +13,7 @@ import ctypes
 import importlib
 import sys
 import warnings
+from contextlib import contextmanager
 
 from cryosvi import __version__
 from cryosvi.errors import CryosviError, CryosviWarning
@@ -89,14 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    if getattr(args, "threads", None):  # commands with --threads (cli.common)
-        import torch
-
-        torch.set_num_threads(args.threads)
     if args.command in ALLOCATION_HEAVY:
         keep_freed_memory()
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), torch_threads(getattr(args, "threads", None)):
             warnings.showwarning = _one_line_warning(args.command)
             return args.func(args) or 0
     except CryosviError as error:
@@ -105,6 +102,24 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"cryosvi {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+@contextmanager
+def torch_threads(count: int | None):
+    """torch's CPU threads set to ``count`` (--threads; None: unchanged) for the command,
+    and put back afterwards, so that a caller of ``main`` in the same process (a script,
+    a test) keeps its own."""
+    if not count:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 if __name__ == "__main__":
