@@ -239,3 +239,112 @@ def test_micrograph_effects_are_what_truth_json_says(realistic):
                                rtol=1e-5)
     truth_star = starfile.read(output / "truth.star", always_dict=True)["particles"]
     assert (truth_star["cryosviTrueJunk"] == particles["cryosviTrueJunk"]).all()
+
+
+# ------------------------------------------------- cryosvi analyze against the truth
+ANALYZE_N, ANALYZE_BINS, ANALYZE_SNR = 150, 9, 2.0
+
+
+@pytest.fixture(scope="module")
+def analysed(tmp_path_factory):
+    """A realistic set with the hinge (150 particles, 9 conformations 0..30 deg, SNR 2,
+    consensus poses given) through learn-modes, train (--latents modes, 2 epochs),
+    infer (--refine laplace) and analyze --bins 3 --reconstruct."""
+    from cryosvi.cli.main import main
+
+    root = tmp_path_factory.mktemp("analysed")
+    data = root / "data"
+    _load_script().main(["-o", str(data), "--n", str(ANALYZE_N), "--bins", str(ANALYZE_BINS),
+                         "--snr", str(ANALYZE_SNR), "--oracle", "0", "--seed", "5"])
+    particles = str(data / "particles.star")
+    structure = ["--stride", "2", "--beads", "residue", "--sigma", "2"]
+    steps = [
+        ["learn-modes", "--particles", particles, "--structure",
+         str(SCRIPT.parents[2] / "src" / "cryosvi" / "data" / "1ol5.pdb"), *structure,
+         "-o", str(root / "learnt.npz")],
+        ["train", "--particles", particles, "--reference", str(root / "learnt.npz"),
+         "--latents", "modes", "--epochs", "2", "-o", str(root / "run")],
+        ["infer", "--run", str(root / "run"), "--particles", particles, "-o",
+         str(root / "posterior.star"), "--refine", "laplace"],
+        ["analyze", "--posterior", str(root / "posterior.star"), "--run", str(root / "run"),
+         "-o", str(root / "analysis"), "--datadir", str(data), "--bins", "3",
+         "--reconstruct"]]
+    for step in steps:
+        assert main([*step, "--quiet"]) == 0, step[0]
+    return root
+
+
+def _bins_mean_truth(root):
+    truth = starfile.read(root / "data" / "particles.star", always_dict=True)["particles"]
+    truth = truth.set_index(truth["rlnImageName"].str.partition("@")[0].astype(int))
+    means = []
+    for k in (1, 2, 3):
+        table = starfile.read(root / "analysis" / "bins" / f"bin_{k}.star",
+                              always_dict=True)["particles"]
+        numbers = table["rlnImageName"].str.partition("@")[0].astype(int)
+        means.append(truth.loc[numbers, "cryosviTrueConformation"].mean())
+    return np.array(means)
+
+
+def test_analyze_bins_follow_the_true_hinge(analysed):
+    means = _bins_mean_truth(analysed)
+    steps = np.diff(means)
+    assert (steps > 0).all() or (steps < 0).all(), means
+    assert abs(means[-1] - means[0]) > 10, means  # of the 30 deg of the data
+
+
+def _ca(positions, residues, names):
+    """{residue number: C-alpha position}."""
+    return {int(r): p for p, r, n in zip(positions, residues, names) if n == "CA"}
+
+
+def _rmsd_superposed(a: np.ndarray, b: np.ndarray) -> float:
+    """C-alpha RMSD after the least-squares superposition of b on a (Kabsch)."""
+    a, b = a - a.mean(0), b - b.mean(0)
+    u, _, vt = np.linalg.svd(b.T @ a)
+    d = np.sign(np.linalg.det(u @ vt))
+    rotation = u @ np.diag([1, 1, d]) @ vt
+    return float(np.sqrt(np.mean(np.sum((b @ rotation - a) ** 2, axis=1))))
+
+
+def test_analyze_end_models_are_nearer_their_own_end_states(analysed):
+    import gemmi
+
+    script = _load_script()
+    truth = json.loads((analysed / "data" / "truth.json").read_text())
+    structure = script.load_chain(truth["structure"]["path"], "A")
+    positions, _, residues, names = script.atom_arrays(structure)
+    hinge = truth["conformation"]
+    ends = [script.hinge_conformation(positions, residues,
+                                      np.array(hinge["axis_point_in_file_angst"]),
+                                      np.array(hinge["axis_direction"]), angle)
+            for angle in (0.0, hinge["bin_angles_deg"][-1])]
+    ends = [_ca(end, residues, names) for end in ends]
+    ensemble = gemmi.read_structure(str(analysed / "analysis" / "ensemble.pdb"))
+    assert len(ensemble) == 3
+    models = [{r.seqid.num: np.array(r["CA"][0].pos.tolist()) for r in model["A"]
+               if r.find_atom("CA", "*") and r.seqid.num in ends[0]}
+              for model in (ensemble[0], ensemble[2])]
+    common = sorted(set(models[0]) & set(ends[0]))
+    assert len(common) > 250
+    increasing = _bins_mean_truth(analysed)[-1] > _bins_mean_truth(analysed)[0]
+    own = [ends[0], ends[1]] if increasing else [ends[1], ends[0]]
+    for model, mine, other in zip(models, own, own[::-1]):
+        coordinates = np.array([model[r] for r in common])
+        near = _rmsd_superposed(np.array([mine[r] for r in common]), coordinates)
+        far = _rmsd_superposed(np.array([other[r] for r in common]), coordinates)
+        assert near < far, (near, far)
+
+
+def test_analyze_end_maps_correlate_with_their_own_end_state(analysed):
+    def corr(a, b):
+        return np.corrcoef(a.ravel(), b.ravel())[0, 1]
+
+    maps = analysed / "data" / "maps"
+    true = [mrcfile.read(maps / f"conformation_{k:03d}.mrc") for k in (0, ANALYZE_BINS - 1)]
+    increasing = _bins_mean_truth(analysed)[-1] > _bins_mean_truth(analysed)[0]
+    own = true if increasing else true[::-1]
+    for k, mine, other in ((1, own[0], own[1]), (3, own[1], own[0])):
+        reconstruction = mrcfile.read(analysed / "analysis" / "bins" / f"bin_{k}.mrc")
+        assert reconstruction.shape == mine.shape
+        assert corr(reconstruction, mine) > corr(reconstruction, other)

@@ -1,7 +1,8 @@
 """A realistic particle data set made outside cryosvi's own physics, projected by RELION.
 
     python benchmarks/realistic/make_dataset.py -o DIR [--preset poses-given|ctf-shifts-given]
-        [--n 2000] [--snr 0.1] [--seed 0] [--bins 41] [--max-angle 30] ...
+        [--n 2000] [--snr 0.1] [--seed 0] [--bins 41] [--max-angle 30]
+        [--twist 25 --twist-bins 11] ...
 
 What it makes (see benchmarks/realistic/README.md):
 1. Structure: all atoms of 1OL5 chain A (Aurora-A kinase domain, residues 123-388 with
@@ -11,6 +12,14 @@ What it makes (see benchmarks/realistic/README.md):
    hinge and the two lobes' centres of mass, so that a positive angle opens the cleft
    between the lobes. Not an elastic-network mode. The hinge angle t (degrees) is drawn
    uniformly from the bins 0, dt, ..., max_angle; the bin's exact t is the truth.
+   With ``--twist U`` (default 0: off), a second motion, drawn independently of the
+   hinge: the C-lobe (residues >= 214) twists rigidly about its own axis, the line from
+   the hinge point through its centre of mass, by an angle u uniform over ``--twist-bins``
+   bins 0, ..., U (truth ``cryosviTrueConformation2``). The two lobes turn about axes
+   through the fixed hinge point and move disjoint atoms, so the motions commute and
+   their displacements are orthogonal; a twist of the lobes about the axis that joins
+   them is, with the opening and closing of the cleft, one of the two interlobe motions
+   of protein kinases. Every pair of bins (t, u) has its map.
 3. Maps: gemmi's electron-scattering density (DensityCalculatorE, ITC Vol. C 4.3.2.2
    five-Gaussian form factors, each atom's B plus ``--blur``) on a grid of half the pixel
    size, Fourier-cropped to ``--box`` x ``--pixel`` Å (so the 2 Å map is band-limited
@@ -133,6 +142,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--bins", type=int, default=41, help="conformation bins (maps)")
     parser.add_argument("--max-angle", type=float, default=30.0,
                         help="largest hinge angle (degrees); bins span 0..max")
+    parser.add_argument("--twist", type=float, default=0.0,
+                        help="largest twist of the C-lobe about its own axis (degrees), "
+                             "a second motion drawn independently of the hinge; 0: none")
+    parser.add_argument("--twist-bins", type=int, default=11,
+                        help="with --twist: twist bins spanning 0..twist")
     parser.add_argument("--max-shift", type=float, default=6.0,
                         help="shifts uniform in +-max (Å)")
     parser.add_argument("--defocus-range", type=float, nargs=2, default=(8000.0, 25000.0),
@@ -159,6 +173,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.bg_radius = int(round(0.75 * args.box / 2))
     if args.n < 1 or args.bins < 1 or not args.snr > 0:
         parser.error("--n and --bins must be >= 1 and --snr > 0")
+    if args.twist < 0 or args.twist_bins < 1:
+        parser.error("--twist must be >= 0 and --twist-bins >= 1")
+    if args.twist and args.oracle:
+        parser.error("the oracle checks the hinge alone; give --oracle 0 with --twist")
     return args
 
 
@@ -286,6 +304,22 @@ def hinge_conformation(positions, residues, point, direction, angle_deg) -> np.n
     """(N, 3) Å: the N-lobe (residues <= N_LOBE_LAST) rotated rigidly about the axis."""
     moved = positions.copy()
     lobe = residues <= N_LOBE_LAST
+    moved[lobe] = (positions[lobe] - point) @ rotation_matrix(direction, angle_deg).T + point
+    return moved
+
+
+def twist_axis(positions, masses, residues, names):
+    """(point (3,), unit direction (3,)) Å of the C-lobe's own axis: from the hinge's
+    C-alpha centroid through the C-lobe's centre of mass."""
+    hinge, _, to_c = lobe_vectors(positions, masses, residues, names)
+    return hinge, to_c / np.linalg.norm(to_c)
+
+
+def twist_conformation(positions, residues, point, direction, angle_deg) -> np.ndarray:
+    """(N, 3) Å: the C-lobe (residues > max(HINGE_RESIDUES)) rotated rigidly by
+    ``angle_deg`` (right-handed) about its axis; the hinge and the N-lobe stay."""
+    moved = positions.copy()
+    lobe = residues > max(HINGE_RESIDUES)
     moved[lobe] = (positions[lobe] - point) @ rotation_matrix(direction, angle_deg).T + point
     return moved
 
@@ -700,21 +734,39 @@ def make_dataset(args) -> dict:
     angles = np.linspace(0.0, args.max_angle, args.bins) if args.bins > 1 else np.zeros(1)
 
     timings = {}
+    twist_point, twist_direction = twist_axis(positions, masses, residues, names)
+    twists = (np.linspace(0.0, args.twist, args.twist_bins) if args.twist_bins > 1
+              else np.zeros(1)) if args.twist else None
+
     tick = time.perf_counter()
     maps, cleft = [], []
     for k, angle in enumerate(angles):
-        moved = hinge_conformation(positions, residues, point, direction, angle)
-        cleft.append(cleft_angle(moved, masses, residues, names))
-        data = density_map(structure, moved + offset, args.box, args.pixel, args.blur)
-        if k == 0:
-            com = map_centre_of_mass(data, args.pixel)
-            if np.abs(com - box_centre).max() > 0.5:
-                raise RuntimeError(f"map centre of mass {com} Å is not the box centre")
-        maps.append(output / "maps" / f"conformation_{k:03d}.mrc")
-        write_map(maps[-1], data, args.pixel)
+        hinged = hinge_conformation(positions, residues, point, direction, angle)
+        cleft.append(cleft_angle(hinged, masses, residues, names))
+        for j, twist in enumerate([None] if twists is None else twists):
+            # the lobes move disjoint atoms: the two motions commute
+            moved = hinged if twist is None else twist_conformation(
+                hinged, residues, twist_point, twist_direction, twist)
+            data = density_map(structure, moved + offset, args.box, args.pixel, args.blur)
+            if k == 0 and j == 0:
+                com = map_centre_of_mass(data, args.pixel)
+                if np.abs(com - box_centre).max() > 0.5:
+                    raise RuntimeError(f"map centre of mass {com} Å is not the box centre")
+            name = f"conformation_{k:03d}" + ("" if twists is None else f"_{j:03d}")
+            maps.append(output / "maps" / f"{name}.mrc")
+            write_map(maps[-1], data, args.pixel)
     timings["maps_s"] = time.perf_counter() - tick
 
     particles = sample_particles(args, angles, rng)
+    if twists is not None:
+        # A generator of its own: the hinge angles, poses, CTFs and noise pattern are
+        # those of the same settings without --twist (the noise std follows the signal).
+        second = np.random.default_rng([args.seed, 2]).integers(len(twists), size=args.n)
+        particles["cryosviTrueConformation2"] = twists[second]
+        particles["cryosviConformationBin2"] = second
+        cell = particles["cryosviConformationBin"].to_numpy() * len(twists) + second
+    else:
+        cell = particles["cryosviConformationBin"].to_numpy()
     optics = optics_table(args.box, args.pixel)
     relion_truth = truth_for_relion(particles)
     clean = np.empty((args.n, args.box, args.box), np.float32)
@@ -722,7 +774,7 @@ def make_dataset(args) -> dict:
     with tempfile.TemporaryDirectory(dir=output) as scratch:
         workdir = Path(scratch)
         for k, path in enumerate(maps):
-            rows = np.flatnonzero(particles["cryosviConformationBin"].to_numpy() == k)
+            rows = np.flatnonzero(cell == k)
             if len(rows):
                 clean[rows] = relion_project(path, relion_truth.iloc[rows], optics, workdir,
                                              f"bin_{k:03d}", args.pixel)
@@ -764,13 +816,16 @@ def make_dataset(args) -> dict:
     truth_table["cryosviTrueConformation"] = particles["cryosviTrueConformation"]
     if args.junk_fraction:
         truth_table["cryosviTrueJunk"] = particles["cryosviTrueJunk"]
+    if twists is not None:
+        truth_table["cryosviTrueConformation2"] = particles["cryosviTrueConformation2"]
     write_star(output / "truth.star", optics, truth_table)
     timings["total_s"] = time.perf_counter() - start
 
     truth = {
         "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
         "settings": {key: (list(value) if isinstance(value, tuple) else value)
-                     for key, value in vars(args).items()},
+                     for key, value in vars(args).items()
+                     if args.twist or key not in ("twist", "twist_bins")},
         "structure": {"path": args.structure, "chain": args.chain,
                       "atoms": int(len(positions)),
                       "residues": [int(residues.min()), int(residues.max())],
@@ -785,6 +840,13 @@ def make_dataset(args) -> dict:
                          "axis_direction": direction.tolist(),
                          "bin_angles_deg": angles.tolist(),
                          "cleft_angle_deg": cleft},
+        **({} if twists is None else {"second_motion": {
+            "kind": "rigid twist of the C-lobe about its own axis, independent of the hinge",
+            "c_lobe_residues": f">= {max(HINGE_RESIDUES) + 1}",
+            "axis_point_in_file_angst": twist_point.tolist(),
+            "axis_direction": twist_direction.tolist(),
+            "bin_angles_deg": twists.tolist(),
+            "maps": "maps/conformation_KKK_LLL.mrc: hinge bin KKK, twist bin LLL"}}),
         "optics": OPTICS,
         "snr": args.snr, "signal_variance": signal_variance,
         "noise_std_before_normalisation": noise_std,

@@ -24,11 +24,56 @@ from cryosvi.physics.noise import NoiseModel
 
 
 @dataclass(frozen=True)
+class RigidBlocks:
+    """Modes that move blocks of pseudo-atoms rigidly (those learnt in a basis of rigid
+    blocks, ``cryosvi learn-modes --basis blocks``), as each block's motion, so that the
+    atoms of a structure can follow them (``cryosvi.analysis.ensemble``).
+
+    labels (N,) int: each pseudo-atom's block, 0..B-1. Block b's centre c_b is the
+    centroid of its pseudo-atoms in ``Reference.structure_beads``.
+    rotations (K, B, 3): mode k's infinitesimal rotation of block b about c_b, a rotation
+    vector (rad per Å RMS of the mode's amplitude); translations (K, B, 3): of c_b (Å per
+    Å RMS). To first order mode k moves pseudo-atom i of block b by
+    a_k (translations[k, b] + rotations[k, b] x (r_i - c_b)) = sqrt(N) a_k modes[k, i].
+    offset_rotation, offset_translation (B, 3): the same for the displacement (amplitude
+    1) from the structure's pseudo-atoms to ``Reference.coords`` (for learnt modes, the
+    particles' mean conformation).
+    """
+
+    labels: np.ndarray
+    rotations: np.ndarray
+    translations: np.ndarray
+    offset_rotation: np.ndarray
+    offset_translation: np.ndarray
+
+    @property
+    def n_blocks(self) -> int:
+        return self.offset_rotation.shape[0]
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The arrays by their names in reference.npz."""
+        return {f"block_{name}": getattr(self, name) for name in BLOCK_ARRAYS}
+
+
+BLOCK_ARRAYS = ("labels", "rotations", "translations", "offset_rotation",
+                "offset_translation")
+"""The ``RigidBlocks`` arrays of a reference.npz (``block_`` + name); older files have
+none."""
+
+
+@dataclass(frozen=True)
 class Reference:
     """coords (N, 3) Å centred; centroid (3,) Å of the original structure; modes (K, N, 3)
     orthonormal; eigenvalues (K,) of the ANM Hessian (gamma units / Å^2), or for modes
     learnt from particles (``cryosvi.inference.learnt_modes``, ``source['modes'] == 'learnt'``) the
-    particles' variance along each (Å^2). noise_model: the images' noise, or None (white
+    particles' variance along each (Å^2).
+
+    structure_coords (N, 3) Å, in the frame of coords: the pseudo-atoms of the structure
+    the reference was made from, where coords differ from them (learnt modes: coords are
+    the particles' mean conformation); None: coords are the structure's. blocks: the
+    modes as rigid motions of blocks of pseudo-atoms (``RigidBlocks``), for modes learnt
+    in a basis of rigid blocks; None otherwise. References written by earlier versions
+    have neither and load with None. noise_model: the images' noise, or None (white
     noise of ``noise.std``)."""
 
     coords: np.ndarray
@@ -41,6 +86,8 @@ class Reference:
     noise: Noise
     source: dict = field(default_factory=dict)
     noise_model: NoiseModel | None = None
+    structure_coords: np.ndarray | None = None
+    blocks: RigidBlocks | None = None
 
     @property
     def n_atoms(self) -> int:
@@ -49,6 +96,12 @@ class Reference:
     @property
     def n_modes(self) -> int:
         return self.modes.shape[0]
+
+    @property
+    def structure_beads(self) -> np.ndarray:
+        """(N, 3) Å: the structure's own pseudo-atoms (``structure_coords``, else
+        ``coords``), in the frame of coords (the file frame minus ``centroid``)."""
+        return self.coords if self.structure_coords is None else self.structure_coords
 
     def with_settings(self, **changes) -> "Reference":
         return replace(self, **changes)
@@ -85,10 +138,14 @@ class Reference:
         noise_arrays = {}
         if self.noise_model is not None:
             settings["noise_model"], noise_arrays = _noise_model_entries(self.noise_model)
+        optional = {} if self.structure_coords is None else {
+            "structure_coords": self.structure_coords}
+        if self.blocks is not None:
+            optional.update(self.blocks.arrays())
         save_npz_atomically(path, coords=self.coords, centroid=self.centroid,
                             modes=self.modes, eigenvalues=self.eigenvalues,
-                            settings=json.dumps(settings),
-                            cryosvi=provenance_array("reference"), **noise_arrays)
+                            settings=json.dumps(settings), **optional, **noise_arrays,
+                            cryosvi=provenance_array("reference"))
 
     @classmethod
     def load(cls, path: str | Path) -> "Reference":
@@ -103,6 +160,11 @@ class Reference:
                 arrays = {k: data[k] for k in ARRAYS}
                 noise_arrays = {k: data[f"noise_model_{k}"] for k in NOISE_MODEL_ARRAYS
                                 if "noise_model" in settings}
+                if "structure_coords" in data.files:
+                    arrays["structure_coords"] = data["structure_coords"]
+                if all(f"block_{name}" in data.files for name in BLOCK_ARRAYS):
+                    arrays["blocks"] = RigidBlocks(**{name: data[f"block_{name}"]
+                                                      for name in BLOCK_ARRAYS})
         except Exception as error:  # zip, key, JSON, dtype and pickle refusals alike
             text = str(error).strip().splitlines()[0] if str(error).strip() else \
                 type(error).__name__
@@ -141,6 +203,24 @@ class Reference:
                 raise CryosviError(f"{where}{name} holds non-finite values")
         if np.abs(self.coords).max() > 1e5:
             raise CryosviError(f"{where}coords beyond 10^5 Å")
+        optional = {} if self.structure_coords is None else {
+            "structure_coords": (self.structure_coords, (n, 3))}
+        if self.blocks is not None:
+            k, b = self.priors.n_modes, self.blocks.n_blocks
+            optional.update({f"block_{name}": (getattr(self.blocks, name), shape)
+                             for name, shape in zip(BLOCK_ARRAYS, [
+                                 (n,), (k, b, 3), (k, b, 3), (b, 3), (b, 3)])})
+        for name, (value, shape) in optional.items():
+            if value.dtype.kind not in "fiu" or value.shape != shape or \
+                    not np.isfinite(value).all():
+                raise CryosviError(f"{where}{name} is not a finite numeric array of shape "
+                                   f"{shape} ({value.dtype}, {value.shape})")
+        if self.blocks is not None:
+            labels = self.blocks.labels
+            if labels.dtype.kind not in "iu" or labels.min() < 0 or \
+                    set(np.unique(labels)) != set(range(self.blocks.n_blocks)):
+                raise CryosviError(f"{where}block_labels must number every block "
+                                   f"0..{self.blocks.n_blocks - 1}")
         config.check(self.optics, self.imaging, self.priors, self.noise, where)
 
 

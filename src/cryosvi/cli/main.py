@@ -25,6 +25,7 @@ COMMANDS = {
     "train": "train the amortized posterior (guide) on particles",
     "infer": "posterior over pose, defocus and modes for each particle",
     "evaluate": "compare a posterior STAR file with the ground truth",
+    "analyze": "landscape, atomic ensemble, particle subsets and maps from a posterior",
     "inspect": "what a particle file (STAR or .cs) holds, before a run",
     "bench": "time the forward model stage by stage",
     "demo": "simulate, train, infer and evaluate on the bundled 1OL5",

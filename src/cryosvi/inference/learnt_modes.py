@@ -271,6 +271,62 @@ def learn_modes(reference: Reference, basis: np.ndarray, images, rotation: Tenso
     return learnt, summary
 
 
+def block_labels(basis: np.ndarray) -> np.ndarray:
+    """(N,) int: the pseudo-atoms of a fitting ``basis`` (D, N, 3) grouped into the
+    blocks its vectors move together: two pseudo-atoms share a block when a chain of
+    basis vectors moves both (connected components of the atoms-vectors graph), blocks
+    numbered in the order of their first pseudo-atom. The B blocks of a basis of rigid
+    blocks (``fitting_basis(reference, B)``: its vectors never move two blocks); one
+    block for the ANM basis, whose vectors move every pseudo-atom."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    size = np.abs(basis).max(axis=2)  # (D, N)
+    vector, atom = np.nonzero(size > 1e-9 * size.max())
+    n_vectors, n_atoms = size.shape
+    # nodes: the atoms 0..N-1, then the vectors
+    graph = coo_matrix((np.ones(len(atom)), (atom, n_atoms + vector)),
+                       shape=(n_atoms + n_vectors,) * 2)
+    _, component = connected_components(graph, directed=False)
+    _, first, labels = np.unique(component[:n_atoms], return_index=True,
+                                 return_inverse=True)
+    rank = np.empty(len(first), np.int64)
+    rank[np.argsort(first)] = np.arange(len(first))
+    return rank[labels.reshape(-1)]
+
+
+def rigid_block_motions(coords: np.ndarray, labels: np.ndarray, fields: np.ndarray,
+                        tolerance: float = 1e-6) -> tuple[np.ndarray, np.ndarray] | None:
+    """Each displacement field ``fields`` (M, N, 3) Å of the pseudo-atoms ``coords``
+    (N, 3) Å as an infinitesimal rigid motion of each block of ``labels`` (N,):
+    v_i = t_b + w_b x (r_i - c_b) about the block's centroid c_b, fitted by least squares.
+    Returns the rotation vectors w (M, B, 3) and translations t (M, B, 3), or None when a
+    field is not such a motion (RMS residual above ``tolerance`` times its RMS)."""
+    fields = np.asarray(fields, np.float64)
+    n_blocks = int(labels.max()) + 1
+    rotations = np.zeros((len(fields), n_blocks, 3))
+    translations = np.zeros((len(fields), n_blocks, 3))
+    residual = np.zeros(len(fields))
+    for block in range(n_blocks):
+        inside = labels == block
+        arm = coords[inside] - coords[inside].mean(0)  # (n_b, 3)
+        design = np.zeros((len(arm), 3, 6))
+        design[:, :, :3] = np.eye(3)
+        # w x arm = -[arm]_x w, with [a]_x the matrix of a x (the cross product)
+        design[:, 0, 4], design[:, 0, 5] = arm[:, 2], -arm[:, 1]
+        design[:, 1, 3], design[:, 1, 5] = -arm[:, 2], arm[:, 0]
+        design[:, 2, 3], design[:, 2, 4] = arm[:, 1], -arm[:, 0]
+        design = design.reshape(-1, 6)
+        target = fields[:, inside].reshape(len(fields), -1).T  # (3 n_b, M)
+        solution = np.linalg.lstsq(design, target, rcond=None)[0]  # (6, M)
+        translations[:, block], rotations[:, block] = solution[:3].T, solution[3:].T
+        residual += np.square(design @ solution - target).sum(0)
+    scale = np.square(fields).reshape(len(fields), -1).sum(1)
+    if np.any(residual > tolerance**2 * scale + 1e-24):
+        return None
+    return rotations, translations
+
+
 def learnt_reference(reference: Reference, basis: np.ndarray, means: Tensor,
                      covariances: Tensor, n_modes: int,
                      source: dict) -> tuple[Reference, dict]:
@@ -279,12 +335,21 @@ def learnt_reference(reference: Reference, basis: np.ndarray, means: Tensor,
     ``covariances`` in the fitting ``basis`` (D, N, 3)): pseudo-atoms moved to the
     particles' mean conformation, modes (n_modes, N, 3) orthonormal, mode stds (Å RMS)
     the spread along each, eigenvalues the variances (Å^2). Also returns a summary:
-    each direction's components in the fitting basis, its rigid fraction, the spread."""
+    each direction's components in the fitting basis, its rigid fraction, the spread.
+
+    The learnt reference keeps the structure's pseudo-atoms (``structure_coords``: the
+    fitting reference's own) and, when the basis moves blocks of them rigidly and the
+    fitting reference is the structure's (not itself learnt), each block's motion along
+    each mode and from the structure to the mean conformation (``RigidBlocks``), with
+    which ``cryosvi analyze`` moves every atom of the structure."""
+    from cryosvi.reference import RigidBlocks
+
     fit = principal_directions(means, covariances, n_modes)
     flat = basis.reshape(len(basis), -1)
     n_atoms = reference.n_atoms
     centre = fit.centre.numpy()
-    coords = reference.coords + math.sqrt(n_atoms) * (centre @ flat).reshape(n_atoms, 3)
+    offset = math.sqrt(n_atoms) * (centre @ flat).reshape(n_atoms, 3)
+    coords = reference.coords + offset
     directions = fit.directions.numpy()
     modes = (directions @ flat).reshape(n_modes, n_atoms, 3)
     std = fit.std.numpy()
@@ -296,10 +361,20 @@ def learnt_reference(reference: Reference, basis: np.ndarray, means: Tensor,
         "centre_rms": float(np.linalg.norm(centre)),
         "log_likelihood": fit.log_likelihood, "converged": fit.converged,
     }
+    blocks = None
+    if reference.structure_coords is None:
+        labels = block_labels(basis)
+        fields = np.concatenate([offset[None], math.sqrt(n_atoms) * modes])
+        motions = rigid_block_motions(reference.coords, labels, fields)
+        if motions is not None:
+            rotations, translations = motions
+            blocks = RigidBlocks(labels, rotations[1:], translations[1:], rotations[0],
+                                 translations[0])
     learnt = reference.with_settings(
         coords=coords.astype(np.float64), modes=modes, eigenvalues=std ** 2,
         priors=replace(reference.priors, mode_std=tuple(float(s) for s in std)),
-        source={**reference.source, **source, "modes": "learnt", "learnt": summary})
+        source={**reference.source, **source, "modes": "learnt", "learnt": summary},
+        structure_coords=np.array(reference.structure_beads, np.float64), blocks=blocks)
     learnt.check("learnt reference: ")
     return learnt, summary
 
