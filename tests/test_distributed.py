@@ -228,15 +228,23 @@ def guide_weights(run: Path) -> dict:
 
 
 def assert_same_training(run: Path, reference: Path) -> None:
-    """The same parameters up to float reassociation (relative norm of the difference
-    < 1e-3 per tensor), the same steps, and the same logged losses."""
+    """The same parameters up to float reassociation (relative norm of the difference of
+    all floating-point parameters and buffers together < 1e-3), integer buffers equal,
+    the same steps, and the same logged losses.
+
+    Not per tensor: a BatchNorm bias whose gradient is ~0 takes Adam steps of about the
+    learning rate in the direction of that gradient's sign, which float reassociation
+    (sums over 2 processes instead of 1) can flip; such a tensor's norm is a few steps of
+    the learning rate, so its own relative difference can reach 1e-2 while the model's
+    is 1e-5."""
     ours, theirs = guide_weights(run), guide_weights(reference)
     assert ours.keys() == theirs.keys()
+    floats = [name for name, value in theirs.items() if value.is_floating_point()]
+    difference = torch.cat([(ours[n] - theirs[n]).flatten() for n in floats]).norm()
+    size = torch.cat([theirs[n].flatten() for n in floats]).norm()
+    assert float(difference / size) < 1e-3, float(difference / size)
     for name, value in theirs.items():
-        if value.is_floating_point():
-            difference = float((ours[name] - value).norm() / value.norm().clamp_min(1e-12))
-            assert difference < 1e-3, (name, difference)
-        else:
+        if not value.is_floating_point():
             assert torch.equal(ours[name], value), name
     position = torch.load(run / "checkpoint.pt", weights_only=True)["position"]
     assert position["step"] == 6 and position["epoch"] == 2
