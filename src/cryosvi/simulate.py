@@ -307,18 +307,26 @@ def _simulate_into(reference: Reference, n: int, directory: Path, seed: int,
                      in metadata else np.zeros(n, dtype=np.int64))
             shapes = effects.shapes(box, len(groups))
             power = torch.zeros(len(groups), n_shells(box), dtype=torch.float64)
+            # Chunk buffers reused pass after pass: the process's memory stays flat
+            # (fresh chunk-sized arrays fragment glibc's heap; ``StackWriter.read``).
+            noise_buffer = torch.empty((min(chunk_size, n), box, box))
+            clean_buffer = np.empty((min(chunk_size, n), box, box), np.float32)
             for start in tqdm(starts, desc="adding noise", unit="chunk", leave=False,
                               disable=not progress):
                 stop = min(start + chunk_size, n)
-                noise = torch.randn((stop - start, box, box), generator=generator)
-                clean = stack.read(start, stop)
+                noise = torch.randn((stop - start, box, box), generator=generator,
+                                    out=noise_buffer[:stop - start])
+                clean = stack.read(start, stop, out=clean_buffer[:stop - start])
                 rows = torch.from_numpy(group[start:stop]).long()
                 if not effects.is_default:
                     power += group_sums(shell_average(power_spectrum(
                         torch.from_numpy(clean).double())), rows, len(groups))[0]
                 if effects.noise_spectrum:
                     noise = coloured_noise(shapes[rows], box, white=noise.double()).float()
-                noisy = clean + noise_std * noise.numpy()
+                    noisy = clean + noise_std * noise.numpy()
+                else:  # the same float32 operations, in place
+                    noisy = np.add(clean, np.multiply(noise.numpy(), np.float32(noise_std),
+                                                      out=noise.numpy()), out=clean)
                 stack.write(start, noisy)
                 if not np.isfinite(noisy).all():
                     raise CryosviError(f"non-finite pixel values in particles {start + 1}.."

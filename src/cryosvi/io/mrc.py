@@ -47,14 +47,31 @@ class StackWriter:
 
     def write(self, start: int, images: np.ndarray) -> None:
         """Write images (b, box, box) at image index ``start``."""
-        os.pwrite(self.file.fileno(), np.ascontiguousarray(images, self.dtype).tobytes(),
-                  self._offset(start))
+        # The array's own buffer, not a bytes copy of it (see ``read``).
+        view = memoryview(np.ascontiguousarray(images, self.dtype)).cast("B")
+        offset, done = self._offset(start), 0
+        while done < len(view):  # pwrite may write less than asked (signals, >2 GiB)
+            done += os.pwrite(self.file.fileno(), view[done:], offset + done)
 
-    def read(self, start: int, stop: int) -> np.ndarray:
-        """Images start..stop-1 as a new (stop - start, box, box) array."""
-        size = (stop - start) * self.box * self.box * self.dtype.itemsize
-        raw = os.pread(self.file.fileno(), size, self._offset(start))
-        return np.frombuffer(raw, self.dtype).reshape(stop - start, self.box, self.box).copy()
+    def read(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Images start..stop-1 as a (stop - start, box, box) array: ``out`` (a
+        C-contiguous array of the stack's type and that shape, filled in place) or a new
+        one. A buffer reused chunk after chunk keeps the process's memory flat: fresh
+        chunk-sized allocations (bytes, copies) are what glibc's heap, once its mmap
+        threshold has grown past a chunk, fragments into several times their size."""
+        shape = (stop - start, self.box, self.box)
+        if out is None:
+            out = np.empty(shape, self.dtype)
+        if out.shape != shape or out.dtype != self.dtype or not out.flags.c_contiguous:
+            raise ValueError(f"out must be a C-contiguous {self.dtype} array of {shape}")
+        view = memoryview(out).cast("B")
+        offset, done = self._offset(start), 0
+        while done < len(view):
+            got = os.preadv(self.file.fileno(), [view[done:]], offset + done)
+            if got == 0:
+                raise EOFError(f"{self.path} ends before image {stop}")
+            done += got
+        return out
 
     def close(self, minimum: float, maximum: float, mean: float, rms: float) -> None:
         """Close the file, recording the data statistics in the header."""

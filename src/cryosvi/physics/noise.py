@@ -72,11 +72,16 @@ class RunningMoments:
         self.count = 0
         self.mean = 0.0
         self.m2 = 0.0
+        self._scratch = torch.empty(0, dtype=torch.float64)  # reused chunk to chunk
 
     def update(self, values) -> None:
         n = values.numel()
-        mean = values.double().mean().item()
-        m2 = ((values.double() - mean) ** 2).sum().item()
+        if self._scratch.numel() < n:
+            self._scratch = torch.empty(n, dtype=torch.float64)
+        scratch = self._scratch[:n].view(values.shape)
+        scratch.copy_(values)
+        mean = scratch.mean().item()
+        m2 = scratch.sub_(mean).pow_(2).sum().item()
         delta = mean - self.mean
         total = self.count + n
         self.mean += delta * n / total
