@@ -71,3 +71,34 @@ def test_bad_shapes_are_refused():
         principal_directions(torch.zeros(5, 3), torch.eye(3).expand(5, 3, 3), 4)
     with pytest.raises(ValueError, match="covariances"):
         principal_directions(torch.zeros(5, 3), torch.eye(2).expand(5, 2, 2), 1)
+
+
+def test_weights_are_a_weighted_likelihood():
+    """Weight 0 removes an item (the fit of the others alone), weight 2 counts it twice
+    (the fit with it duplicated): the weighted likelihood's two defining cases."""
+    generator = torch.Generator().manual_seed(4)
+    n, dim = 60, 4
+    direction = torch.tensor([0.6, 0.8, 0.0, 0.0], dtype=torch.float64)
+    points = 2.0 * torch.randn(n, 1, generator=generator, dtype=torch.float64) * direction
+    covariances = (0.1 + 0.2 * torch.rand(n, dim, generator=generator,
+                                          dtype=torch.float64)).diag_embed()
+    estimates = points + covariances.diagonal(dim1=1, dim2=2).sqrt() * torch.randn(
+        n, dim, generator=generator, dtype=torch.float64)
+    estimates[:10] = 5.0 * torch.randn(10, dim, generator=generator, dtype=torch.float64)
+    weights = torch.ones(n, dtype=torch.float64)
+    weights[:10] = 0.0
+    weighted = principal_directions(estimates, covariances, 1, weights=weights)
+    alone = principal_directions(estimates[10:], covariances[10:], 1)
+    torch.testing.assert_close(weighted.directions, alone.directions, atol=1e-5, rtol=0)
+    torch.testing.assert_close(weighted.std, alone.std, atol=1e-5, rtol=1e-5)
+    assert float(weighted.directions[0] @ direction) > 0.95
+
+    weights = torch.ones(n, dtype=torch.float64)
+    weights[:10] = 2.0
+    doubled = principal_directions(estimates, covariances, 1, weights=weights)
+    copies = principal_directions(torch.cat([estimates, estimates[:10]]),
+                                  torch.cat([covariances, covariances[:10]]), 1)
+    torch.testing.assert_close(doubled.directions, copies.directions, atol=1e-5, rtol=0)
+    torch.testing.assert_close(doubled.std, copies.std, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError):
+        principal_directions(estimates, covariances, 1, weights=torch.zeros(n))

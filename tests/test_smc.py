@@ -257,3 +257,30 @@ def test_a_problems_chain_depends_on_its_own_numbers_only():
         mean = v.mean(0).reshape(2, -1)
         error = (mean - centre[[0, 2], None]) * precision[[0, 2], None].sqrt()
         assert float(error.abs().max()) < 5 / math.sqrt(64 / 4)
+
+
+def test_log_evidence_matches_the_closed_form():
+    """The SMC's log Z (sum over the steps of log mean w^delta) and plain importance
+    sampling's (log mean p / q) against the conjugate model's exact log p(y) (scipy's
+    multivariate normal): the SMC from a proposal far off (posterior std 1/60 of q's),
+    importance sampling from a proposal near the posterior."""
+    from cryosvi.inference.importance import importance_log_evidence
+
+    generator = torch.Generator().manual_seed(11)
+    batch, n_samples = 40, 128
+    problem = Conjugate(batch=batch, n_obs=200, generator=generator)
+    exact = problem.log_evidence()
+    torch.manual_seed(11)
+    result = run_smc(problem, Proposal(mean=3.0, std=6.0), n_samples, batch, generator)
+    error = result.log_evidence.numpy() - exact
+    assert np.median(np.abs(error)) < 0.5 and abs(error.mean()) < 0.5, error
+
+    easy = Conjugate(batch=batch, n_obs=2, generator=generator)
+    std = 1.3 * easy.post_std  # q: the posterior's means, its std times 1.3
+    values = {s: m + std * torch.randn(4096, *m.shape, generator=generator,
+                                       dtype=torch.float64)
+              for s, m in easy.post_mean.items()}
+    log_q = sum(torch.distributions.Normal(easy.post_mean[s], std).log_prob(v)
+                .reshape(*v.shape[:2], -1).sum(-1) for s, v in values.items())
+    estimate = importance_log_evidence(easy.log_joint(values), log_q)
+    assert np.abs(estimate.numpy() - easy.log_evidence()).max() < 0.05

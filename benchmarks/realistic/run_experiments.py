@@ -3,15 +3,24 @@
     python benchmarks/realistic/run_experiments.py -w WORKDIR [--n 2000] [--epochs 40]
         [--threads 2] [--structure-options "--stride 1 --beads residue --sigma 2 --n-modes 1"]
         [--learn-modes OPTIONS | --no-learn-modes] [--infer-options ""]
-        [--experiments poses-given,ctf-shifts-given] [--tag latest]
+        [--experiments poses-given,ctf-shifts-given] [--data realistic|clean] [--tag latest]
 
 The defaults are the measured best (benchmarks/realistic/README.md): the mode learnt
 from the particles (``cryosvi learn-modes``), residue beads, 40 epochs, the default
 ``cryosvi infer``.
 
+The data (``--data``): 'realistic' (the default) adds what micrographs add
+(``make_dataset.py --realistic``: coloured noise per optics group, B 100 Å^2, a
+per-particle contrast and noise level, 10 % junk: empty and phase-scrambled images); the
+runs then measure their noise model from the particles (``cryosvi train --noise-model
+estimate``), the scores count the real particles only, and the junk probability's AUC
+is scored. 'clean' is the data set before those effects (white noise, no junk; the
+runs' noise is white, as before).
+
 For each experiment:
-1. the data set (``make_dataset.py -o WORKDIR/data-PRESET --preset PRESET --n N``; kept
-   and reused when WORKDIR already holds one made with the same settings);
+1. the data set (``make_dataset.py -o WORKDIR/data-PRESET[-clean] --preset PRESET --n N
+   [--realistic]``; kept and reused when WORKDIR already holds one made with the same
+   settings);
 2. unless --no-learn-modes, ``cryosvi learn-modes --particles P --structure
    src/cryosvi/data/1ol5.pdb STRUCTURE_OPTIONS -o WORKDIR/learnt-PRESET.npz``, P being
    DATA/particles.star when it has the poses (poses-given), else the posterior of a
@@ -25,7 +34,9 @@ For each experiment:
 6. scores computed here from the STAR files (independently of ``cryosvi evaluate``):
    |Spearman| (scipy.stats.spearmanr) of cryosviModeAmplitude1 with
    cryosviTrueConformation (the mode's sign is arbitrary), the range of the inferred
-   amplitudes, and the median geodesic pose error (deg) against the true angles.
+   amplitudes, and the median geodesic pose error (deg) against the true angles, over
+   the real particles (cryosviTrueJunk 0); with junk, the AUC of cryosviJunkProbability
+   against cryosviTrueJunk (the Mann-Whitney U over the two counts).
 
 Experiments and their targets:
 - ``poses-given``: SNR 0.1, the rlnAngle columns are the consensus poses (~2 deg off),
@@ -103,6 +114,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                             "defaults)")
     learn.add_argument("--no-learn-modes", dest="learn_modes", action="store_const",
                        const=None, help="train with the ANM modes of --structure-options")
+    parser.add_argument("--data", choices=["realistic", "clean"], default="realistic",
+                        help="the data sets: with the micrograph effects and junk "
+                        "(make_dataset.py --realistic; the runs estimate their noise "
+                        "model), or without them (white noise)")
     parser.add_argument("--tag", default="latest",
                         help="results go to results/experiments_TAG.json; name a kept "
                         "result by the commit it measures and the experiment, e.g. "
@@ -139,15 +154,18 @@ def run(command: list[str], log: list[dict]) -> bool:
 
 def make_data(preset: str, args, log: list[dict]) -> Path | None:
     """The data set of ``preset`` in WORKDIR/data-PRESET (reused when it has the same n)."""
-    output = Path(args.workdir) / f"data-{preset}"
+    realistic = args.data == "realistic"
+    output = Path(args.workdir) / (f"data-{preset}" + ("" if realistic else "-clean"))
     truth = output / "truth.json"
     if truth.is_file() and not args.remake_data:
         settings = json.loads(truth.read_text())["settings"]
-        if settings.get("n") == args.n and settings.get("preset") == preset:
+        if settings.get("n") == args.n and settings.get("preset") == preset and \
+                bool(settings.get("realistic")) == realistic:
             log.append({"command": f"(reused {output})", "rc": 0, "wall_s": 0.0})
             return output
     command = [sys.executable, str(HERE / "make_dataset.py"), "-o", str(output),
-               "--preset", preset, "--n", str(args.n), "--oracle", "0"]
+               "--preset", preset, "--n", str(args.n), "--oracle", "0",
+               *(["--realistic"] if realistic else [])]
     return output if run(command, log) else None
 
 
@@ -159,6 +177,17 @@ def score(posterior: Path, data: Path) -> dict:
     if len(merged) != len(truth):
         raise RuntimeError(f"{posterior}: {len(merged)} of {len(truth)} particles matched")
     out = {"particles": int(len(merged))}
+    if "cryosviTrueJunk" in merged:
+        junk = merged["cryosviTrueJunk"].to_numpy(int) == 1
+        if junk.any() and "cryosviJunkProbability" in merged:
+            p = merged["cryosviJunkProbability"].to_numpy(float)
+            u = scipy.stats.mannwhitneyu(p[junk], p[~junk]).statistic
+            out.update(junk=int(junk.sum()),
+                       junk_auc=float(u) / (junk.sum() * (~junk).sum()),
+                       junk_fraction_above_half=float((p[junk] > 0.5).mean()),
+                       real_fraction_above_half=float((p[~junk] > 0.5).mean()))
+        merged = merged[~junk]
+        out["real_particles"] = int(len(merged))
     if "cryosviModeAmplitude1" in merged:
         amplitude = merged["cryosviModeAmplitude1"].to_numpy(float)
         rho = scipy.stats.spearmanr(amplitude, merged["cryosviTrueConformation"]).statistic
@@ -179,11 +208,14 @@ def train_and_infer(preset: str, name: str, data: Path, reference: list[str], ar
                     steps: list[dict]) -> Path | None:
     """``cryosvi train`` (the reference options ``reference``) into WORKDIR/run-NAME and
     ``cryosvi infer`` to WORKDIR/posterior-NAME.star; that path, or None if one failed."""
+    name = name + ("" if args.data == "realistic" else "-clean")
     rundir = Path(args.workdir) / f"run-{name}"
     common = ["--threads", str(args.threads)]
     train = ["cryosvi", "train", "--particles", str(data / "particles.star"), *reference,
              "--latents", EXPERIMENTS[preset]["latents"], "--epochs", str(args.epochs),
-             "--device", args.device, *shlex.split(args.train_options), "-o", str(rundir),
+             "--device", args.device,
+             *(["--noise-model", "estimate"] if args.data == "realistic" else []),
+             *shlex.split(args.train_options), "-o", str(rundir),
              "--quiet", *common]
     if (rundir / "run.json").exists():
         train.append("--force")
@@ -200,7 +232,7 @@ def train_and_infer(preset: str, name: str, data: Path, reference: list[str], ar
 
 def experiment(preset: str, args) -> dict:
     settings = EXPERIMENTS[preset]
-    record = {"preset": preset, "latents": settings["latents"],
+    record = {"preset": preset, "data": args.data, "latents": settings["latents"],
               "targets": settings["targets"], "steps": []}
     steps = record["steps"]
     data = make_data(preset, args, steps)
@@ -216,7 +248,8 @@ def experiment(preset: str, args) -> dict:
             if particles is None:
                 record["status"] = "first pass failed"
                 return record
-        learnt = Path(args.workdir) / f"learnt-{preset}.npz"
+        learnt = Path(args.workdir) / (f"learnt-{preset}"
+                                       + ("" if args.data == "realistic" else "-clean") + ".npz")
         # the structure options build its pseudo-atoms (their --n-modes: modes learnt)
         command = ["cryosvi", "learn-modes", "--particles", str(particles), "--datadir",
                    str(data), *reference, *shlex.split(args.learn_modes), "-o",
@@ -230,7 +263,8 @@ def experiment(preset: str, args) -> dict:
     if posterior is None:
         record["status"] = "train or infer failed"
         return record
-    report = Path(args.workdir) / f"evaluate-{preset}"
+    report = Path(args.workdir) / (f"evaluate-{preset}"
+                                   + ("" if args.data == "realistic" else "-clean"))
     evaluate = ["cryosvi", "evaluate", "--posterior", str(posterior), "--truth",
                 str(data / "truth.star"), "-o", str(report), "--force"]
     if run(evaluate, steps):

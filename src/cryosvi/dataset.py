@@ -453,6 +453,26 @@ def estimate_noise_model(data: ParticleData, reference: Reference, seed: int, de
                       + (", weighted" if weights is not None else ""))
 
 
+def junk_null_model(data: ParticleData, reference: Reference, seed: int) -> NoiseModel:
+    """The noise model of the junk nulls (``cryosvi.inference.junk``) of a run: its own
+    ``reference.noise_model`` where it has one (the likelihood's); else white noise of
+    the run's std in every coefficient but DC (the ``Normal`` likelihood's, which counts
+    every pixel: not ``cropped``) with the particles' mean signal power P per optics
+    group (``noise_groups``) from up to NOISE_IMAGES particles (a fixed random subset, so
+    every chunk and process of a run sees the same model)."""
+    if reference.noise_model is not None:
+        return reference.noise_model
+    generator = torch.Generator().manual_seed(seed + 7919)
+    n = min(len(data), NOISE_IMAGES)
+    rows = np.sort(torch.randperm(len(data), generator=generator)[:n].numpy())
+    images = torch.from_numpy(data.images(rows)).double()
+    group, n_groups = noise_groups(data, rows)
+    std = float(reference.noise.std)
+    white = NoiseModel.white(std, data.box, reference.optics.pixel_size, n_groups)
+    power = _signal_power(images, group, n_groups, None, white.total, False)
+    return white.replace(signal_power=power, origin=f"white, P from {n} particles")
+
+
 class NoiseRefinement(NamedTuple):
     """noise: the refined NoiseModel; contrast, contrast_std (k,): each particle's
     least-squares contrast and its standard error (whitened, after the envelope);

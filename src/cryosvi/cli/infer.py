@@ -6,7 +6,7 @@ from pathlib import Path
 
 from cryosvi.cli.common import (HelpFormatter, add_particle_source_arguments,
                                 add_threads_argument, check_device, check_memory,
-                                device_name, integer_between, seed_int)
+                                device_name, integer_between, number, seed_int)
 from cryosvi.errors import CryosviError
 
 
@@ -27,7 +27,13 @@ def register(subparsers, summary: str) -> None:
         "data sets of SNR >= 15, Gauss-Newton to each posterior mode and importance "
         "sampling from the Laplace approximation there, tempered SMC for the particles "
         "where that fails; below, tempered SMC with 12 moves; adds cryosviESS, the "
-        "effective sample size per particle, and cryosviRefinedBySMC). A particle's "
+        "effective sample size per particle, and cryosviRefinedBySMC). Every particle "
+        "gets cryosviJunkProbability: the posterior probability that its image holds no "
+        "molecule of this kind (empty ice, aggregates, contamination), from its evidence "
+        "under the physics model against two null models (the noise alone; noise plus "
+        "the particles' power without their structure), with the junk fraction fitted "
+        "over the whole file (--max-junk writes only the particles below a limit). A "
+        "particle's "
         "posterior depends only on it, the run, the settings and --seed: not on "
         "--batch-size, the device (up to rounding) or the number of processes. "
         "Finished chunks of particles are kept in OUTPUT.partial/ until the STAR is "
@@ -64,6 +70,10 @@ def register(subparsers, summary: str) -> None:
                         help="smc (and laplace's fallback): Metropolis moves per "
                         "tempering step ('auto' uses at least 12 for data sets it hands "
                         "to the SMC whole)")
+    parser.add_argument("--max-junk", type=number(0.0, 1.0, low_open=True), default=None,
+                        metavar="P",
+                        help="write only the particles whose cryosviJunkProbability is "
+                        "below P (STAR, .cs and samples; default: every particle)")
     parser.add_argument("--turns", type=int, choices=[1, 2, 4], default=1,
                         help="the guide's posterior as the mixture of its posteriors for "
                         "this many quarter turns of each image: more accurate means, "
@@ -110,7 +120,8 @@ def run(args) -> None:
                       turns=args.turns, batch_size=args.batch_size,
                       device=args.device, progress=not args.quiet, datadir=args.datadir,
                       invert=args.invert, seed=args.seed, resume=args.resume,
-                      force=args.force, chunk_size=args.chunk_size, ranks=ranks)
+                      force=args.force, chunk_size=args.chunk_size, ranks=ranks,
+                      max_junk=args.max_junk)
     finally:
         distributed.stop(ranks)
     if frame is None:  # another rank wrote the result
@@ -128,7 +139,11 @@ def run(args) -> None:
                   "instead")
     npz = f" and {args.samples} samples per particle to " \
           f"{samples_path(args.output)}" if args.samples else ""
-    print(f"wrote the posterior of {len(frame)} particles to {args.output}{npz}{extra}")
+    if "junk_fraction" in frame.attrs:
+        extra += f"; fitted junk fraction {frame.attrs['junk_fraction']:.3f}"
+    left = "" if args.max_junk is None else \
+        f" (those with junk probability below {args.max_junk:g})"
+    print(f"wrote the posterior of {len(frame)} particles{left} to {args.output}{npz}{extra}")
 
 
 def infer_device(name: str) -> str:

@@ -125,6 +125,16 @@ def register(subparsers, summary: str) -> None:
                         help="noise std of the particles, for images already in the "
                         "model's gray levels (default: the reference's, else the gray "
                         "levels and noise are estimated from the images)")
+    parser.add_argument("--noise-model", choices=["reference", "estimate", "white"],
+                        default="reference",
+                        help="the noise of the likelihood and of the training simulations: "
+                        "'estimate' measures the particles' coloured noise spectrum per "
+                        "optics group from the background around the molecule (for real "
+                        "micrographs); 'white' is white noise of the noise std (the "
+                        "paper's); 'reference' takes the reference's own noise model where "
+                        "it has one ('cryosvi simulate' with --noise-spectrum, "
+                        "--contrast-spread or --bfactor records its truth), else white. "
+                        "The run keeps it; 'cryosvi infer' uses it")
     parser.add_argument("--box", type=integer_between(16, 4096),
                         help="working box, px (even): the particles are Fourier-cropped to "
                         "it (default: min(64, the particles' box))")
@@ -231,7 +241,8 @@ def options_from_args(args):
                         device=args.device, noise_std=args.noise_std,
                         init_from=args.init, box=args.box, defocus_prior=args.defocus_prior,
                         priors={"defocus_offset_std": args.defocus_offset_std,
-                                "shift_std": args.shift_std}, precision=args.precision)
+                                "shift_std": args.shift_std}, precision=args.precision,
+                        noise_model=args.noise_model)
 
 
 def run(args) -> None:

@@ -222,13 +222,14 @@ def assemble_columns(work: WorkFolder, n_chunks: int) -> dict[str, np.ndarray]:
 
 
 def write_samples(path: Path, work: WorkFolder, chunks: list[range],
-                  kind_entry: np.ndarray) -> None:
+                  kind_entry: np.ndarray, keep: np.ndarray | None = None) -> None:
     """The samples of every chunk as one .npz (site -> (N, S, ...), in the particles'
     order; ``kind_entry``: the file's ``cryosvi`` provenance entry), written atomically
     and array by array in the .npy format (``np.lib.format``; what ``np.savez``
-    writes): memory holds one chunk's array at a time, not the whole file."""
+    writes): memory holds one chunk's array at a time, not the whole file. ``keep``
+    (N,) bool: only those particles' rows (None: all)."""
     first = work.read(0, SAMPLE)
-    total = sum(len(chunk) for chunk in chunks)
+    total = sum(len(chunk) for chunk in chunks) if keep is None else int(keep.sum())
 
     def write(temporary: Path) -> None:
         with zipfile.ZipFile(temporary, "w", allowZip64=True) as archive:
@@ -240,6 +241,8 @@ def write_samples(path: Path, work: WorkFolder, chunks: list[range],
                     np.lib.format.write_array_header_1_0(member, header)
                     for k in range(len(chunks)):
                         part = work.read(k, SAMPLE, names={name})[name]
+                        if keep is not None:
+                            part = part[keep[chunks[k].start:chunks[k].stop]]
                         member.write(np.ascontiguousarray(part, array.dtype).tobytes())
             with archive.open("cryosvi.npy", "w") as member:
                 np.lib.format.write_array(member, kind_entry)

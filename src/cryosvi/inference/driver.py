@@ -10,20 +10,30 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cryosvi.dataset import run_particles
+from cryosvi.dataset import junk_null_model, run_particles
 from cryosvi.errors import CryosviError
 from cryosvi.guide import check_turns
 from cryosvi.inference.chunks import (CHUNK_PARTICLES, WorkFolder, assemble_columns,
                                       chunk_ranges, fingerprint, run_chunks,
                                       work_folder_path, write_samples)
 from cryosvi.inference.distributed import Ranks, auto_device
+from cryosvi.inference.importance import importance_log_evidence
+from cryosvi.inference.junk import MODELS, assess_junk, null_log_evidence, offset_log_density
 from cryosvi.inference.refine import (METHODS, REFINERS, Batch, Settings, dataset_snr,
                                       guide_alone)
 from cryosvi.io.outputs import provenance_array
 from cryosvi.io.particles import read_particles, write_particles
-from cryosvi.latents import summary_columns
+from cryosvi.latents import JUNK_COLUMN, summary_columns
 from cryosvi.randomness import Streams, preserved_rng
 from cryosvi.rundir import CHECKPOINT, REFERENCE_FILE, RUN_FILE, load_trained, select_device
+
+EVIDENCE_COLUMNS = tuple(f"_logEvidence_{model}" for model in MODELS)
+"""The chunk files' columns of each particle's log evidences under the three models of
+``cryosvi.inference.junk`` (never written to the STAR): the junk mixture is fitted over
+all particles when the chunks are assembled, so a chunk's results stay its own."""
+JUNK_DRAWS = 16
+"""Guide draws per particle whose importance weights give the physics model's evidence
+where the refinement gives none (``--importance 0``: the guide alone)."""
 
 
 @preserved_rng()
@@ -34,7 +44,7 @@ def infer(run: str | Path, particles: str | Path, output: str | Path, samples: i
           progress: bool = True, datadir: str | Path | None = None,
           invert: bool = False, seed: int = 0, resume: bool = False,
           force: bool = False, chunk_size: int = CHUNK_PARTICLES,
-          ranks: Ranks | None = None) -> pd.DataFrame | None:
+          ranks: Ranks | None = None, max_junk: float | None = None) -> pd.DataFrame | None:
     """Posterior of every particle of ``particles`` (STAR or cryoSPARC .cs, read by
     ``cryosvi.io.read_particles`` with ``datadir`` and ``invert``) under the trained run
     ``run``.
@@ -59,6 +69,15 @@ def infer(run: str | Path, particles: str | Path, output: str | Path, samples: i
     there is an error. ``ranks``: this process's place among several (``torchrun``;
     ``cryosvi.inference.distributed.start``): each takes a block of the chunks, rank 0
     writes the result. Returns the particle table written (None on the other ranks).
+
+    Junk: every particle's log evidence under the physics model (the refinement's
+    estimate, or importance sampling of JUNK_DRAWS guide draws) and under the two nulls
+    of ``cryosvi.inference.junk`` (the run's noise model, or for a white-noise run white
+    noise with the particles' signal power, ``dataset.junk_null_model``), the mixture's
+    weights fitted by EM over all particles at the end: the column ``JUNK_COLUMN``.
+    ``max_junk``: only the particles whose junk probability is below it are written (STAR,
+    .cs and samples; None: all). The returned table's ``attrs['junk_fraction']`` is the
+    fitted junk fraction.
     """
     check_turns(turns)  # before the run is loaded
     if method not in REFINERS:
@@ -86,22 +105,33 @@ def infer(run: str | Path, particles: str | Path, output: str | Path, samples: i
         work.prepare(action, identity)
     ranks.barrier()
 
-    forward = reference.forward_model(data.groups).to(device) if importance else None
+    forward = reference.forward_model(data.groups).to(device)
     noise_std = reference.noise.std
+    noise_model = None if reference.noise_model is None else reference.noise_model.to(device)
+    nulls = junk_null_model(data, reference, seed).to(device)
     snr = dataset_snr(data, noise_std) if importance and method == "auto" else None
     refine = Settings(importance, moves, snr=snr)
     draws = max(summary_samples, samples, importance)
 
     def summarise(index: np.ndarray) -> dict:
-        """The posterior summary of the particles ``index`` (one batch)."""
+        """The posterior summary of the particles ``index`` (one batch), with
+        'log_evidence' (B, 3): the three models' (``EVIDENCE_COLUMNS``)."""
         batch = Batch(guide, forward, reference.priors, noise_std,
                       torch.from_numpy(data.images(index)).to(device),
                       {s: v[index].to(device) for s, v in known.items()},
                       data.conditions.take(index).to(device),
-                      Streams(seed, torch.from_numpy(index)).to(device))
+                      Streams(seed, torch.from_numpy(index)).to(device),
+                      noise_model=noise_model)
         with torch.no_grad():
-            return REFINERS[method](batch, refine) if importance else \
+            summary = REFINERS[method](batch, refine) if importance else \
                 guide_alone(batch, draws)
+            physics = summary.get("log_evidence")
+            if physics is None:
+                own = None if importance else summary  # the guide's draws, when its own
+                physics = _guide_log_evidence(batch, own)
+            summary["log_evidence"] = torch.cat(
+                [physics.double()[:, None], _null_log_evidence(batch, nulls)], -1)
+        return summary
 
     def compute(indices: np.ndarray, advance) -> tuple[dict, dict]:
         """STAR columns (n,) and samples (n, S, ...) of the particles ``indices``."""
@@ -113,6 +143,8 @@ def infer(run: str | Path, particles: str | Path, output: str | Path, samples: i
             rows = table.metadata.iloc[index]
             for key, value in summary_columns(summary, config.latents, rows, config).items():
                 columns.setdefault(key, []).append(value)
+            for key, value in zip(EVIDENCE_COLUMNS, summary["log_evidence"].T):
+                columns.setdefault(key, []).append(value.cpu().numpy())
             if samples:
                 for site in config.latents:
                     drawn.setdefault(site, []).append(
@@ -131,23 +163,56 @@ def infer(run: str | Path, particles: str | Path, output: str | Path, samples: i
     ranks.barrier()  # every chunk is written
     frame = None
     if ranks.leader:
-        frame = _write_result(output, table, work, chunks, samples)
+        frame = _write_result(output, table, work, chunks, samples, max_junk)
     table.close()
     ranks.barrier()  # the result is written before any rank returns
     return frame
 
 
+def _guide_log_evidence(batch: Batch, summary: dict | None) -> torch.Tensor:
+    """(B,) the physics model's log evidence by importance sampling of JUNK_DRAWS guide
+    draws: the first of the guide summary's own (``summary``), or fresh ones."""
+    if summary is None:
+        summary = guide_alone(batch, JUNK_DRAWS)
+    values = {s: v[:JUNK_DRAWS] for s, v in summary["samples"].items()}
+    return importance_log_evidence(batch.log_target(values), summary["log_q"][:JUNK_DRAWS])
+
+
+def _null_log_evidence(batch: Batch, nulls) -> torch.Tensor:
+    """(B, 2) float64: the batch's images under the junk nulls (``junk.null_log_evidence``
+    of the ``NoiseModel`` ``nulls``); for a white-noise run, whose likelihood counts the
+    images' DC coordinate, with that coordinate's density under offset plus noise."""
+    ctf = batch.conditions.ctf
+    group = None if ctf is None or ctf.group is None else ctf.group
+    out = null_log_evidence(batch.images, nulls, group)
+    if batch.noise_model is None:
+        offset = batch.forward.imaging.offset
+        out = out + offset_log_density(batch.images, batch.noise_std, offset)[:, None]
+    return out
+
+
 def _write_result(output: Path, table, work: WorkFolder, chunks: list[range],
-                  samples: int) -> pd.DataFrame:
-    """The STAR (and .cs) of every chunk's columns, the samples' .npz, then the work
-    folder removed."""
+                  samples: int, max_junk: float | None = None) -> pd.DataFrame:
+    """The STAR (and .cs) of every chunk's columns with the junk probability from the
+    mixture fitted over all particles (those below ``max_junk`` alone), the samples'
+    .npz, then the work folder removed."""
     columns = assemble_columns(work, len(chunks))
+    evidence = np.stack([columns.pop(name) for name in EVIDENCE_COLUMNS], -1)
+    junk = assess_junk(torch.from_numpy(evidence))
+    columns[JUNK_COLUMN] = junk.p_junk.numpy()
     frame = table.metadata  # the table is this call's own: no copy
     for key, value in columns.items():
         frame[key] = value
+    keep = None
+    if max_junk is not None:
+        keep = np.asarray(columns[JUNK_COLUMN] < max_junk)  # NaN (broken) left out
+        frame = frame[keep]
+        if table.cs is not None:
+            table.cs = table.cs[keep]
     write_particles(output, table, frame, list(columns))
     if samples:
         write_samples(output.with_suffix(".npz"), work, chunks,
-                      provenance_array("samples"))
+                      provenance_array("samples"), keep)
     work.remove()
+    frame.attrs["junk_fraction"] = junk.junk_fraction
     return frame

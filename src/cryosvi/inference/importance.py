@@ -41,3 +41,11 @@ def importance_weights(log_target: Tensor, log_proposal: Tensor) -> tuple[Tensor
     log p(x, z) -> normalised weights (S, B) and the ESS (B,)."""
     log_weights = log_importance_weights(log_target, log_proposal)
     return normalised_weights(log_weights), effective_sample_size(log_weights)
+
+
+def importance_log_evidence(log_target: Tensor, log_proposal: Tensor) -> Tensor:
+    """(B,) float64: the importance sampling estimate of log Z = log integral p(x, z) dz,
+    log mean_s p(x, z_s) / q(z_s) over the S draws (S, B) (unbiased in Z; Liu 2001, sec.
+    2.5). Each problem along a contiguous axis, as ``normalised_weights``."""
+    log_weights = log_importance_weights(log_target.double(), log_proposal.double())
+    return torch.logsumexp(log_weights.T.contiguous(), -1) - math.log(log_weights.shape[0])

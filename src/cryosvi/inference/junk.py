@@ -33,6 +33,7 @@ median over 27 settings, against 0.047 without it).
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -54,6 +55,17 @@ def null_log_evidence(images: Tensor, noise: NoiseModel,
     power = power[0] if group is None else power[group.to(x.device).long()]
     return torch.stack([gaussian_log_likelihood(x, total, True, noise.cropped),
                         gaussian_log_likelihood(x, total + power, True, noise.cropped)], -1)
+
+
+def offset_log_density(images: Tensor, std: float, offset: float) -> Tensor:
+    """(...,) float64: the log density of the images' (..., L, L) DC coordinate (the pixel
+    mean times L, the image's component along the unit constant image) when the image
+    is ``offset`` plus white noise of ``std``: N(L offset, std^2). Added to the nulls of
+    a white-noise run, whose ``Normal`` likelihood counts that coordinate too, so that
+    its evidence and the nulls' are densities on the same space."""
+    side = math.sqrt(images.shape[-2] * images.shape[-1])
+    coordinate = (images.double().mean((-2, -1)) - float(offset)) * side
+    return -0.5 * (coordinate / std).square() - 0.5 * math.log(2 * math.pi * std**2)
 
 
 def _log_posteriors(log_evidence: Tensor, weights: Tensor) -> Tensor:
@@ -120,3 +132,26 @@ def fit_junk_mixture(log_evidence: Tensor, initial=(0.9, 0.05, 0.05),
     p_junk = -torch.expm1(log_joint[:, 0] - torch.logsumexp(log_joint, -1))
     return JunkMixture(weights, float(weights[1:].sum()), p_junk, step,
                        float(torch.logsumexp(log_joint, -1).sum()))
+
+
+def assess_junk(log_evidence) -> JunkMixture:
+    """``fit_junk_mixture`` over a data set's log evidences (N, 3), whatever their values:
+    a physics evidence that is NaN or -inf (no draw with a finite likelihood) counts as
+    -inf (the image is junk to the physics model), the mixture is fitted on the rows
+    that are all finite, and every row gets its junk probability (NaN where a null's
+    evidence is not finite: a broken image). ``iterations`` 0 and the default weights
+    when no row is finite."""
+    log_evidence = torch.as_tensor(log_evidence).double().clone()
+    log_evidence[:, 0] = torch.nan_to_num(log_evidence[:, 0], nan=-torch.inf,
+                                          posinf=-torch.inf)
+    finite = torch.isfinite(log_evidence).all(1)
+    if bool(finite.any()):
+        fit = fit_junk_mixture(log_evidence[finite])
+        weights, iterations, total = fit.weights, fit.iterations, fit.log_likelihood
+    else:
+        weights = torch.tensor((0.9, 0.05, 0.05), dtype=torch.float64)
+        iterations, total = 0, float("nan")
+    nulls_ok = torch.isfinite(log_evidence[:, 1:]).all(1)
+    p_junk = torch.where(nulls_ok, junk_probability(log_evidence.nan_to_num(nan=0.0),
+                                                     weights), torch.nan)
+    return JunkMixture(weights, float(weights[1:].sum()), p_junk, iterations, total)

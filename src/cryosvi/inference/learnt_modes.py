@@ -35,10 +35,11 @@ from cryosvi.dataset import (ParticleData, has_ctf_estimates, priors_from_partic
                              working_reference)
 from cryosvi.errors import CryosviError
 from cryosvi.io.particles import ANGLES, ParticleSet
-from cryosvi.latents import BY_NAME
+from cryosvi.latents import BY_NAME, JUNK_COLUMN
 from cryosvi.physics.anm import rigid_basis
 from cryosvi.physics.forward import ForwardModel
 from cryosvi.physics.graylevels import MEASURABLE_Z, GrayLevels
+from cryosvi.physics.noise import NoiseModel
 from cryosvi.inference.laplace import gauss_newton
 from cryosvi.inference.ppca import principal_directions
 from cryosvi.reference import Reference
@@ -115,7 +116,8 @@ def fitting_basis(reference: Reference, blocks: int | None = None) -> np.ndarray
 def fit_amplitudes(forward: ForwardModel, images, rotation: Tensor, ctf,
                    shifts: Tensor | None, noise_std: float, prior_std: float,
                    iterations: int = 10, batch_size: int = 64,
-                   progress=None) -> tuple[Tensor, Tensor]:
+                   progress=None, noise_model: NoiseModel | None = None
+                   ) -> tuple[Tensor, Tensor]:
     """Each particle's posterior mode (n, D) and Laplace covariance (n, D, D) float64 of
     the amplitudes of ``forward``'s D modes under a N(0, prior_std^2) prior (Å RMS), by
     Levenberg-Marquardt from 0 (``cryosvi.inference.laplace.gauss_newton``).
@@ -126,7 +128,10 @@ def fit_amplitudes(forward: ForwardModel, images, rotation: Tensor, ctf,
     images is in memory); rotation (n, 4) quaternions; ctf a ``ParticleCTF`` of n;
     shifts (n, 2) Å or None. ``progress``: called with the number of particles done
     after each batch. The batches are fitted independently, so the result does not
-    depend on where the images come from.
+    depend on where the images come from. ``noise_model``: the images' coloured noise
+    (``cryosvi.physics.noise.NoiseModel`` at their box): the residuals are whitened by
+    it, with the contrast profiled (``NoiseModel.residuals``), instead of divided by
+    ``noise_std``.
     """
     read = images if callable(images) else images.__getitem__
     n, dim = rotation.shape[0], forward.n_modes
@@ -149,6 +154,10 @@ def fit_amplitudes(forward: ForwardModel, images, rotation: Tensor, ctf,
                 model = forward(amplitudes.reshape(-1, dim), batch_rotation[index], None,
                                 ctf=batch_ctf.take(index),
                                 shifts=None if batch_shifts is None else batch_shifts[index])
+            if noise_model is not None:
+                group = batch_ctf.group
+                return noise_model.residuals(data[None], model.view(copies, *data.shape),
+                                             None if group is None else group.to(device))
             return ((model.reshape(copies, batch, -1) - data.reshape(1, batch, -1))
                     / noise_std)
 
@@ -203,7 +212,8 @@ class _PooledLeastSquares:
 def learn_modes(reference: Reference, basis: np.ndarray, images, rotation: Tensor,
                 ctf, shifts: Tensor | None, groups, n_modes: int = 1,
                 prior_std: float = 10.0, iterations: int = 10, source: dict | None = None,
-                progress=None, chunk_size: int = 256) -> tuple[Reference, dict]:
+                progress=None, chunk_size: int = 256,
+                weights: Tensor | None = None) -> tuple[Reference, dict]:
     """The reference of ``n_modes`` modes learnt from particles of known pose.
 
     reference: at the images' box and pixel size; basis (D, N, 3): the fitting basis of
@@ -219,7 +229,9 @@ def learn_modes(reference: Reference, basis: np.ndarray, images, rotation: Tenso
     of n; shifts (n, 2) Å or None; groups: the ``OpticsGroups`` of the CTFs.
     ``progress``: as in ``fit_amplitudes``, over every fitting pass. Returns the learnt
     reference (``learnt_reference``) and its summary, with the gray levels and fitting
-    passes."""
+    passes. The reference's ``noise_model``, where it has one, whitens the fit's
+    residuals (``fit_amplitudes``); ``weights`` (n,): each particle's weight in the
+    directions' likelihood (``principal_directions``; e.g. 1 - its junk probability)."""
     device = rotation.device
     read = images if callable(images) else images.__getitem__
     n = rotation.shape[0]
@@ -251,8 +263,10 @@ def learn_modes(reference: Reference, basis: np.ndarray, images, rotation: Tenso
             noise=replace(reference.noise, std=fitted.noise_std))
 
     def fit() -> tuple[Tensor, Tensor]:
+        noise = None if reference.noise_model is None else reference.noise_model.to(device)
         return fit_amplitudes(model_at(reference), read, rotation, ctf, shifts,
-                              reference.noise.std, prior_std, iterations, progress=progress)
+                              reference.noise.std, prior_std, iterations, progress=progress,
+                              noise_model=noise)
 
     if fit_levels:
         reference = with_levels(torch.zeros(n, len(basis)))
@@ -265,7 +279,7 @@ def learn_modes(reference: Reference, basis: np.ndarray, images, rotation: Tenso
             means, covariances = fit()
             passes = 2
     learnt, summary = learnt_reference(reference, basis, means, covariances, n_modes,
-                                       source or {})
+                                       source or {}, weights)
     summary.update(fitting_passes=passes, scale=reference.imaging.scale,
                    offset=reference.imaging.offset, noise_std=reference.noise.std)
     return learnt, summary
@@ -329,7 +343,7 @@ def rigid_block_motions(coords: np.ndarray, labels: np.ndarray, fields: np.ndarr
 
 def learnt_reference(reference: Reference, basis: np.ndarray, means: Tensor,
                      covariances: Tensor, n_modes: int,
-                     source: dict) -> tuple[Reference, dict]:
+                     source: dict, weights: Tensor | None = None) -> tuple[Reference, dict]:
     """The reference of the ``n_modes`` directions along which the particles spread
     (``cryosvi.inference.ppca.principal_directions`` of the fitted amplitudes ``means`` (n, D) and
     ``covariances`` in the fitting ``basis`` (D, N, 3)): pseudo-atoms moved to the
@@ -344,7 +358,7 @@ def learnt_reference(reference: Reference, basis: np.ndarray, means: Tensor,
     which ``cryosvi analyze`` moves every atom of the structure."""
     from cryosvi.reference import RigidBlocks
 
-    fit = principal_directions(means, covariances, n_modes)
+    fit = principal_directions(means, covariances, n_modes, weights=weights)
     flat = basis.reshape(len(basis), -1)
     n_atoms = reference.n_atoms
     centre = fit.centre.numpy()
@@ -397,7 +411,9 @@ def learn_modes_from_particles(table: ParticleSet, reference: Reference, n_modes
     ``noise_std`` is given (``reference_name``: how the basis names the reference's
     modes). The images are read from the stacks (memory-mapped) a chunk at a time as
     the fit needs them (``learn_modes``: at most ``chunk_size`` images, and the fit's
-    batches of 64), never all at once. Returns the learnt reference and
+    batches of 64), never all at once. A ``JUNK_COLUMN`` in the table (a posterior of
+    ``cryosvi infer``) weighs each particle by 1 - its junk probability in the
+    directions' fit, so that junk does not pull them. Returns the learnt reference and
     ``learn_modes``'s summary, with 'basis' (what the basis is) and 'fitted_particles'.
     """
     missing = [c for c in (*ANGLES, "rlnDefocusU") if c not in table.metadata]
@@ -434,10 +450,17 @@ def learn_modes_from_particles(table: ParticleSet, reference: Reference, n_modes
     if noise_std:
         reference = reference.with_settings(noise=replace(reference.noise,
                                                           std=float(noise_std)))
+    weights = None
+    if JUNK_COLUMN in table.metadata:
+        junk = table.metadata[JUNK_COLUMN].to_numpy(np.float64)[rows]
+        weights = torch.from_numpy(np.nan_to_num(1.0 - junk, nan=0.0).clip(0.0, 1.0))
+        if not float(weights.sum()) > 0:
+            raise CryosviError(f"{table.path}: every particle has junk probability 1")
     learnt, summary = learn_modes(
         reference, fitting, images, rotation.to(device), ctf.to(device),
         None if shifts is None else shifts.to(device), data.groups, n_modes, prior_std,
         iterations, {"particles": str(table.path), "fitted_particles": int(len(rows)),
-                     "fitting_basis": basis}, progress, chunk_size)
+                     "fitting_basis": basis,
+                     "junk_weighted": weights is not None}, progress, chunk_size, weights)
     # (a copy: the learnt reference's source holds ``summary`` itself)
     return learnt, {**summary, "basis": basis, "fitted_particles": int(len(rows))}

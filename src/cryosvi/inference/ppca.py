@@ -53,18 +53,23 @@ class PrincipalDirections:
 
 
 def _negative_log_likelihood(factor: Tensor, centre: Tensor, estimates: Tensor,
-                             covariances: Tensor) -> Tensor:
-    """-sum_i log N(m_i; centre, W W^T + C_i)."""
+                             covariances: Tensor, weights: Tensor | None = None) -> Tensor:
+    """-sum_i w_i log N(m_i; centre, W W^T + C_i) (w_i = 1 without ``weights``)."""
     total = factor @ factor.T + covariances
-    return -MultivariateNormal(centre, covariance_matrix=total).log_prob(estimates).sum()
+    log_p = MultivariateNormal(centre, covariance_matrix=total).log_prob(estimates)
+    return -(log_p if weights is None else weights * log_p).sum()
 
 
 def principal_directions(estimates: Tensor, covariances: Tensor, k: int = 1,
-                         max_iterations: int = 500) -> PrincipalDirections:
+                         max_iterations: int = 500,
+                         weights: Tensor | None = None) -> PrincipalDirections:
     """The maximum-likelihood k-dimensional subspace of the points behind ``estimates``
     (n, D) with error covariances ``covariances`` (n, D, D) (symmetric positive definite).
     Starts from the PCA of the estimates with the mean error covariance subtracted.
-    Direction signs: the largest component of each is positive."""
+    Direction signs: the largest component of each is positive. ``weights`` (n,) >= 0:
+    each item's log-likelihood counts that much (e.g. 1 - the probability that the item
+    is not of the population: a weighted likelihood, so an item of weight 0 has no
+    say); None: all 1."""
     m = estimates.detach().double()
     c = covariances.detach().double()
     c = 0.5 * (c + c.transpose(1, 2))
@@ -74,8 +79,14 @@ def principal_directions(estimates: Tensor, covariances: Tensor, k: int = 1,
     if n < 2 or c.shape != (n, dim, dim):
         raise ValueError(f"need n >= 2 estimates (n, D) and covariances (n, D, D), got "
                          f"{tuple(m.shape)} and {tuple(c.shape)}")
-    centre = m.mean(0)
-    spread = (m - centre).T @ (m - centre) / n - c.mean(0)
+    w = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+    if w is not None and (w.shape != (n,) or not bool(torch.isfinite(w).all())
+                          or bool((w < 0).any()) or not float(w.sum()) > 0):
+        raise ValueError(f"weights must be (n,) finite, >= 0 and not all 0, got {w}")
+    share = torch.full((n,), 1.0 / n, dtype=torch.float64) if w is None else w / w.sum()
+    centre = (share[:, None] * m).sum(0)
+    spread = (m - centre).T @ (share[:, None] * (m - centre)) \
+        - (share[:, None, None] * c).sum(0)
     values, vectors = torch.linalg.eigh(0.5 * (spread + spread.T))
     scale = values.flip(0)[:k].clamp_min(1e-6 * float(values.abs().max()) + 1e-12).sqrt()
     factor = (vectors.flip(1)[:, :k] * scale).contiguous().requires_grad_(True)
@@ -86,14 +97,14 @@ def principal_directions(estimates: Tensor, covariances: Tensor, k: int = 1,
 
     def closure():
         optimiser.zero_grad()
-        loss = _negative_log_likelihood(factor, centre, m, c) / n
+        loss = _negative_log_likelihood(factor, centre, m, c, w) / n
         loss.backward()
         return loss
 
     optimiser.step(closure)
     iterations = optimiser.state[factor]["n_iter"]
     with torch.no_grad():
-        loss = float(_negative_log_likelihood(factor, centre, m, c))
+        loss = float(_negative_log_likelihood(factor, centre, m, c, w))
         u, s, _ = torch.linalg.svd(factor, full_matrices=False)  # W = U S V^T
         directions = u.T
         flip = torch.where(directions.gather(1, directions.abs().argmax(1, keepdim=True))

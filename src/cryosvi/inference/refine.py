@@ -24,10 +24,10 @@ hands a particle to the SMC by a test of that particle alone (``_stuck``), and t
 stops each particle's chain when it reaches the posterior.
 
 Adding a method: a function ``(batch: Batch, settings: Settings) -> dict`` (the summary
-keys of ``weighted_summary`` plus 'samples', 'weights' and 'ess', see ``refine``) in a
-module of its own, and its entry in ``REFINERS``; the command line offers every name
-there (``METHODS``). Its random numbers come from ``batch.noise`` under a key of its own
-(``KEYS``).
+keys of ``weighted_summary`` plus 'samples', 'weights' and 'ess', and 'log_evidence'
+for the junk probability, see ``refine``) in a module of its own, and its entry in
+``REFINERS``; the command line offers every name there (``METHODS``). Its random
+numbers come from ``batch.noise`` under a key of its own (``KEYS``).
 """
 
 from __future__ import annotations
@@ -43,9 +43,10 @@ from cryosvi.guide import Guide
 from cryosvi.inference.laplace import gauss_newton, laplace_log_evidence, laplace_proposal
 from cryosvi.latents import PAPER_SITES, REGISTRY, Chart, forward_inputs, random_walks
 from cryosvi.physics.conditions import Conditions
+from cryosvi.physics.noise import NoiseModel
 from cryosvi.model import model
 from cryosvi.posterior import posterior_summary, weighted_summary
-from cryosvi.inference.importance import importance_weights
+from cryosvi.inference.importance import importance_log_evidence, importance_weights
 from cryosvi.inference.smc import tempered_smc
 
 KEYS = {"guide": 1, "smc": 2, "laplace_pool": 3, "laplace_proposal": 4}
@@ -56,10 +57,13 @@ draws and its proposal. A new method takes a number of its own."""
 
 
 @torch.no_grad()
-def log_joint(forward, priors, noise_std: float, images: torch.Tensor, values: dict,
-              conditions: Conditions | None = None, latents=PAPER_SITES) -> torch.Tensor:
+def log_joint(forward, priors, noise_std: float | NoiseModel, images: torch.Tensor,
+              values: dict, conditions: Conditions | None = None,
+              latents=PAPER_SITES) -> torch.Tensor:
     """log p(x, z) of the model for samples ``values`` (site -> (S, B, ...)) of images
-    (B, L, L) with the batch's ``conditions``; returns (S, B)."""
+    (B, L, L) with the batch's ``conditions``; returns (S, B). ``noise_std``: the white
+    noise's std, or the run's ``NoiseModel`` (coloured noise per optics group, offset and
+    contrast integrated out: ``cryosvi.model``)."""
     n_samples, batch = next(iter(values.values())).shape[:2]
     flat = {s: v.reshape(n_samples * batch, *v.shape[2:]) for s, v in values.items()}
     tiled = images.unsqueeze(0).expand(n_samples, *images.shape).reshape(
@@ -81,8 +85,10 @@ class Batch:
     images (B, L, L), the values (B, ...) of the latents fixed to ``known`` ones, the
     particles' ``conditions`` (``Conditions``), their random streams ``noise``
     (``cryosvi.randomness.Streams`` over the B particles; None: torch's global
-    generator), and how many samples per particle the likelihood evaluates at once
-    (``chunk``)."""
+    generator), how many samples per particle the likelihood evaluates at once
+    (``chunk``), and the run's ``noise_model`` (``cryosvi.physics.noise.NoiseModel`` at
+    the images' box), which replaces the white noise of ``noise_std`` in the likelihood
+    when given (None: white noise, the numbers of a run without one)."""
 
     guide: Guide
     forward: object
@@ -93,13 +99,23 @@ class Batch:
     conditions: Conditions
     noise: object = None
     chunk: int = 16
+    noise_model: NoiseModel | None = None
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
     @property
+    def likelihood(self) -> float | NoiseModel:
+        """What the model's measurement site takes: the noise model, else the std."""
+        return self.noise_std if self.noise_model is None else self.noise_model
+
+    @property
     def pixels(self) -> int:
-        """P: pixels per image (whitened residuals of a particle)."""
+        """P: the whitened residuals' degrees of freedom per image: its pixels for white
+        noise; for a noise model, the coefficients it counts (``NoiseModel.dimensions``:
+        DC, and for a cropped box the Nyquist row and column, left out)."""
+        if self.noise_model is not None:
+            return self.noise_model.dimensions
         return self.images[0].numel()
 
     def take(self, rows: torch.Tensor) -> "Batch":
@@ -116,7 +132,7 @@ class Batch:
     def log_target(self, values: dict) -> torch.Tensor:
         """log p(x, z) (S, B) of values site -> (S, B, ...) with the known sites,
         ``chunk`` samples at a time; NaN (a broken image) becomes -inf."""
-        return _log_target(self.forward, self.priors, self.noise_std, self.images, values,
+        return _log_target(self.forward, self.priors, self.likelihood, self.images, values,
                            self.known, self.conditions, self.guide.config.latents,
                            self.chunk)
 
@@ -140,7 +156,8 @@ def _tile(values: dict, n: int) -> dict:
 
 
 @torch.no_grad()
-def laplace_refine(guide: Guide, forward, priors, noise_std: float, images: torch.Tensor,
+def laplace_refine(guide: Guide, forward, priors, noise_std: float | NoiseModel,
+                   images: torch.Tensor,
                    known: dict | None, n_samples: int, starts: int = 2, pool: int = 32,
                    coarse: int = 4, iterations: int = 4, blur: float = 0.1,
                    chunk: int = 16, conditions: Conditions | None = None,
@@ -163,7 +180,9 @@ def laplace_refine(guide: Guide, forward, priors, noise_std: float, images: torc
     Returns the summary keys of ``weighted_summary`` plus 'samples', 'weights' (S, B),
     'ess' (B,): the effective sample size of these weights (how Gaussian the posterior
     is around the mode), 'objective' (B,): -log p(x, z) + const at the mode, and
-    'misfit' (B,): its likelihood part |r|^2 / 2 over the P whitened pixels.
+    'misfit' (B,): its likelihood part |r|^2 / 2 over the P whitened pixels, and
+    'log_evidence' (B,) float64: log p(x) estimated by the importance sampling.
+    ``noise_std``: the white noise's std or the run's ``NoiseModel`` (``log_joint``).
     """
     known = dict(known or {})
     conditions = conditions or Conditions()
@@ -188,8 +207,16 @@ def laplace_refine(guide: Guide, forward, priors, noise_std: float, images: torc
     low_pass = torch.exp(-2 * (math.pi * blur * box) ** 2
                          * (frequency[:, None] ** 2 + frequency[None, :] ** 2))
 
+    coloured = isinstance(noise_std, NoiseModel)
+    ctf = tiled_conditions.ctf
+    group = None if ctf is None else ctf.group  # the measurement site's (``model``)
+
+    def smoothed(residual):
+        return torch.fft.ifft2(torch.fft.fft2(residual) * low_pass).real
+
     def residuals(values, smooth=False):
-        """(n, M B, P) whitened residuals of values site -> (n, M B, ...)."""
+        """(n, M B, P) whitened residuals of values site -> (n, M B, ...): (model - data)
+        / noise std, or with a noise model its ``NoiseModel.residuals`` (P = L^2 + 1)."""
         out = []
         for i in range(0, next(iter(values.values())).shape[0], chunk):
             part = {s: v[i:i + chunk] for s, v in values.items()}
@@ -198,9 +225,16 @@ def laplace_refine(guide: Guide, forward, priors, noise_std: float, images: torc
             clean = forward(**forward_inputs({**_tile(tiled_known, m), **flat},
                                              tiled_conditions.expand(m)))
             # (m, M B, L, L) against the images broadcast, not copied m times
-            residual = (clean.view(m, *tiled_images.shape) - tiled_images) / noise_std
-            if smooth:
-                residual = torch.fft.ifft2(torch.fft.fft2(residual) * low_pass).real
+            clean = clean.view(m, *tiled_images.shape)
+            if coloured:
+                residual = noise_std.residuals(tiled_images, clean, group)
+                if smooth:  # the image part; the contrast prior's term as it is
+                    image = smoothed(residual[..., :-1].unflatten(-1, (box, box)))
+                    residual = torch.cat([image.flatten(-2), residual[..., -1:]], -1)
+            else:
+                residual = (clean - tiled_images) / noise_std
+                if smooth:
+                    residual = smoothed(residual)
             out.append(residual.reshape(m, starts * batch, -1))
         return torch.cat(out)
 
@@ -236,7 +270,8 @@ def laplace_refine(guide: Guide, forward, priors, noise_std: float, images: torc
     weights = weights.to(images.dtype)
     return {**weighted_summary(values, weights), "samples": values, "weights": weights,
             "ess": ess.to(images.dtype), "objective": result.objective[best],
-            "misfit": result.misfit[best]}
+            "misfit": result.misfit[best],
+            "log_evidence": importance_log_evidence(log_p.double(), log_q)}
 
 
 LAPLACE_MIN_SNR = 15.0
@@ -337,6 +372,7 @@ def _from_guide(batch: Batch, settings: Settings, method: str) -> dict:
     weights, ess = importance_weights(log_p, log_q)
     out = dict(base)
     out["ess"] = ess
+    out["log_evidence"] = importance_log_evidence(log_p, log_q)
     if method == "smc":
         result = tempered_smc(values, log_target, log_proposal,
                               random_walks(guide.config.latents, guide.config),
@@ -347,6 +383,7 @@ def _from_guide(batch: Batch, settings: Settings, method: str) -> dict:
         values = result.values
         weights = torch.full_like(log_p, 1.0 / n_samples)
         out["steps"], out["acceptance"] = result.steps, result.acceptance
+        out["log_evidence"] = result.log_evidence
     out["samples"] = values
     out["weights"] = weights
     out.update(weighted_summary(values, weights))
@@ -370,7 +407,7 @@ def laplace_path(batch: Batch, settings: Settings) -> dict:
     """'laplace': ``laplace_refine``, and 'smc' for the particles where that is not to
     be trusted (``_stuck``: a local mode, or an ESS below S / 4; 'smc_fallback' (B,)
     says which); they get the result 'smc' would give them alone."""
-    out = laplace_refine(batch.guide, batch.forward, batch.priors, batch.noise_std,
+    out = laplace_refine(batch.guide, batch.forward, batch.priors, batch.likelihood,
                          batch.images, batch.known, settings.n_samples, chunk=batch.chunk,
                          conditions=batch.conditions, noise=batch.noise)
     out.pop("objective")
@@ -408,23 +445,25 @@ def refine(guide: Guide, forward, priors, noise_std: float, images: torch.Tensor
            known: dict | None, n_samples: int, method: str = "smc", moves: int = 2,
            max_steps: int = 40, ess_target: float = 0.5, chunk: int = 16,
            conditions: Conditions | None = None, noise=None,
-           snr: float | None = None) -> dict:
+           snr: float | None = None, noise_model: NoiseModel | None = None) -> dict:
     """Refine the guide's posterior of images (B, L, L) with the physics likelihood by
     ``method`` (``REFINERS``: 'auto', 'laplace', 'smc', 'is'); ``moves``, ``max_steps``,
     ``ess_target``: the SMC's (``Settings``); ``chunk``: samples per likelihood
     evaluation; ``noise``: the particles' random streams (``cryosvi.randomness.Streams``;
-    None: torch's global generator); ``snr``: the data set's SNR ('auto' needs it).
+    None: torch's global generator); ``snr``: the data set's SNR ('auto' needs it);
+    ``noise_model``: the run's, in the likelihood instead of white noise (``Batch``).
 
     Returns the summary (each inferred latent's mean and std keys) plus 'ess' (B,): the
     ESS of importance sampling with the guide as proposal (the guide's quality; for
     'laplace' with the Laplace proposal, also where the SMC then ran), 'weights' (S, B),
-    'samples' and, for smc, 'steps' (B,) and 'acceptance' (B,); 'laplace' and 'auto' add
-    'smc_fallback' (B,) bool.
+    'samples', 'log_evidence' (B,) float64: the estimate of log p(x) (the junk
+    probability's, ``cryosvi.inference.junk``) and, for smc, 'steps' (B,) and
+    'acceptance' (B,); 'laplace' and 'auto' add 'smc_fallback' (B,) bool.
     """
     if method not in REFINERS:
         raise ValueError(f"unknown refinement {method!r} ({', '.join(METHODS)})")
     batch = Batch(guide, forward, priors, noise_std, images, dict(known or {}),
-                  conditions or Conditions(), noise, chunk)
+                  conditions or Conditions(), noise, chunk, noise_model)
     settings = Settings(n_samples, moves, max_steps, ess_target, snr)
     return REFINERS[method](batch, settings)
 

@@ -69,13 +69,18 @@ def systematic_resample(weights: Tensor, offset: Tensor | None = None) -> Tensor
 @dataclass
 class SMCResult:
     """An equally weighted population at b = 1 (values (S, B, ...), their log p and log q
-    (S, B)), the number of tempering steps (B,) and the mean Metropolis acceptance (B,)."""
+    (S, B)), the number of tempering steps (B,), the mean Metropolis acceptance (B,) and
+    the log evidence log Z = log integral p(x, z) dz (B,) float64: the sum over the steps
+    of log mean_s w_s^delta, w = p / q, the ratio Z_(b + delta) / Z_b estimated from
+    the equally weighted population at b (Del Moral, Doucet & Jasra 2006, sec. 3.2;
+    unbiased in Z)."""
 
     values: Latents
     log_target: Tensor
     log_proposal: Tensor
     steps: Tensor
     acceptance: Tensor
+    log_evidence: Tensor | None = None
 
 
 RESAMPLE, ACCEPT, WALK = 0, 1, 2
@@ -114,6 +119,7 @@ def tempered_smc(values: Latents, log_target: Callable[[Latents], Tensor],
     increment = log_importance_weights(log_p, log_q)
     scale = 2.38 / math.sqrt(sum(walk.dim for walk in walks.values()))
     beta = torch.zeros(batch, dtype=torch.float64, device=device)
+    log_evidence = torch.zeros(batch, dtype=torch.float64, device=device)
     steps = torch.zeros(batch, device=device)
     accepted = torch.zeros(batch, device=device)
     tried = torch.zeros(batch, device=device)
@@ -136,7 +142,11 @@ def tempered_smc(values: Latents, log_target: Callable[[Latents], Tensor],
         delta = room if step == max_steps - 1 else next_temperature_step(
             inc.double(), room, ess_target)
         steps[rows] += (delta > 0).float()
-        weights = normalised_weights((delta[None] * inc.double()).float())
+        # Each problem's own column, so that it does not depend on the batch (rounding).
+        tempered = delta[None] * inc.double()
+        log_evidence[rows] += torch.logsumexp(tempered.T.contiguous(), -1) \
+            - math.log(n_samples)
+        weights = normalised_weights(tempered.float())
         widths = {s: walk.width(current[s], weights, scale) for s, walk in walks.items()}
         b = torch.where(room - delta < 1e-9, torch.ones_like(delta), beta[rows] + delta)
         beta[rows] = b
@@ -182,7 +192,8 @@ def tempered_smc(values: Latents, log_target: Callable[[Latents], Tensor],
             log_p, log_q = log_p.clone(), log_q.clone()
             log_p[:, rows], log_q[:, rows] = p, q
         increment = log_importance_weights(log_p, log_q)
-    return SMCResult(values, log_p, log_q, steps, accepted / tried.clamp_min(1))
+    return SMCResult(values, log_p, log_q, steps, accepted / tried.clamp_min(1),
+                     log_evidence)
 
 
 def _within(density: Callable[[Latents], Tensor], values: Latents,

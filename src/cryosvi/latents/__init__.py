@@ -48,8 +48,8 @@ from cryosvi.latents.pose import POSE_STD_COLUMN, Pose, pose_radius_column
 from cryosvi.latents.shifts import Shifts
 from cryosvi.physics.conditions import Conditions
 
-__all__ = ["CREDIBLE_LEVELS", "MODE_STD_COLUMN", "POSE_STD_COLUMN", "BY_NAME", "ORDER",
-           "PAPER_SITES", "REGISTRY", "Chart", "Defocus", "ErrorScore", "GaussianLatent",
+__all__ = ["CREDIBLE_LEVELS", "JUNK_COLUMN", "MODE_STD_COLUMN", "POSE_STD_COLUMN", "BY_NAME",
+           "ORDER", "PAPER_SITES", "REGISTRY", "Chart", "Defocus", "ErrorScore", "GaussianLatent",
            "Latent", "Modes", "Pose", "Shifts", "forward_inputs", "guide_priors",
            "known_values", "legacy_guide_priors", "model_sites", "names", "parse_latents",
            "pose_radius_column", "random_walks", "summary_columns"]
@@ -148,6 +148,11 @@ def known_values(particles, sites, config) -> dict[str, Tensor]:
             raise CryosviError(f"{particles.path}: non-finite values in the "
                                f"{REGISTRY[site].name} columns")
     return out
+
+
+JUNK_COLUMN = "cryosviJunkProbability"
+"""The posterior probability that a particle's image holds no molecule of the run's
+kind (``cryosvi.inference.junk``): every posterior STAR of ``cryosvi infer`` has it."""
 
 
 def summary_columns(summary: dict, latents, frame, config) -> dict[str, np.ndarray]:

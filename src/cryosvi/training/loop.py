@@ -227,6 +227,7 @@ def _run_info(run: Run, particles, datadir, invert: bool, n_particles: int, star
         "fixed_from_star": names(s for s in config.sites if s not in config.latents),
         "validation_size": options.validation_size, "status": "training",
         "precision": "bf16" if run.guide.bf16 else "fp32",
+        "noise_model": options.noise_model,
         "init_from": options.init_from, "command": command,
         "epochs_done": start["epoch"], "processes": run.world.size,
     }
@@ -240,7 +241,7 @@ def _validation(run: Run) -> tuple:
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(options.seed + 7_907)
         conditions = run.data.draw_conditions(options.validation_size, device)
-    latents, images = validation_set(run.reference, run.forward, run.reference.noise.std,
+    latents, images = validation_set(run.reference, run.forward, _noise(run.reference),
                                      options.seed, options.validation_size, conditions,
                                      run.config.latents)
     return latents, images, conditions
@@ -355,7 +356,7 @@ def _loss(run: Run, stage: Stage, sites, batch: np.ndarray, rows: slice,
     if stage.objective == "sim":
         conditions = run.data.draw_conditions(stage.batch_size, device)
         values, images, conditions = simulation_batch(
-            reference, run.forward, reference.noise.std, stage.batch_size, conditions,
+            reference, run.forward, _noise(reference), stage.batch_size, conditions,
             run.config.latents, antithetic=stage.antithetic, rows=rows)
         return simulation_loss(guide, values, images, sites, conditions)
     batch = batch[rows]
@@ -363,9 +364,14 @@ def _loss(run: Run, stage: Stage, sites, batch: np.ndarray, rows: slice,
     known = {s: v[batch].to(device) for s, v in run.known.items()}
     conditions = run.data.conditions.take(batch).to(device)
     with _own_stream(run.world, device):
-        loss = elbo_loss(guide, run.forward, reference.priors, reference.noise.std,
+        loss = elbo_loss(guide, run.forward, reference.priors, _noise(reference),
                          images, known, len(run.data), conditions)
     return loss, {}
+
+
+def _noise(reference):
+    """What the model's measurement takes: the run's NoiseModel, else the white std."""
+    return reference.noise.std if reference.noise_model is None else reference.noise_model
 
 
 @contextmanager

@@ -11,10 +11,12 @@ from cryosvi.guide import Guide
 from cryosvi.latents import PAPER_SITES, REGISTRY, forward_inputs
 from cryosvi.model import model, sample_prior
 from cryosvi.physics.conditions import Conditions
+from cryosvi.physics.noise import NoiseModel
 from cryosvi.reference import Reference
 
 
-def simulation_batch(reference: Reference, forward, noise_std: float, batch_size: int,
+def simulation_batch(reference: Reference, forward, noise_std: float | NoiseModel,
+                     batch_size: int,
                      conditions: Conditions | None = None, latents=PAPER_SITES,
                      antithetic: bool = False, rows: slice | None = None):
     """Fresh (latents, noisy images, conditions) from the model's prior, imaged with
@@ -35,6 +37,11 @@ def simulation_batch(reference: Reference, forward, noise_std: float, batch_size
     The latents and the noise are drawn on the CPU from torch's global stream (latents
     in the model's order, then the noise of the drawn images), then moved to the forward
     model's device: a batch is the same on the CPU and on CUDA.
+
+    noise_std: the white noise's std, or the run's ``NoiseModel``: then each image is a
+    contrast from its prior times the clean image plus coloured noise of its optics
+    group's spectrum (``NoiseModel.sample``; the contrasts, then the white pixels it
+    filters, drawn after the latents; the twins share their originals').
     """
     conditions = conditions or Conditions()
     twins = batch_size // 2 if antithetic else 0
@@ -48,7 +55,12 @@ def simulation_batch(reference: Reference, forward, noise_std: float, batch_size
         values, _ = sample_prior(_Unimaged(forward.coords), reference.priors, drawn,
                                  first.to("cpu"), latents)
         box = forward.optics.box
-        noise = noise_std * torch.randn(drawn, box, box, dtype=forward.coords.dtype)
+        coloured = isinstance(noise_std, NoiseModel)
+        if coloured:
+            contrast = noise_std.draw_contrast((drawn,))
+            noise = torch.randn(drawn, box, box, dtype=forward.coords.dtype)
+        else:
+            noise = noise_std * torch.randn(drawn, box, box, dtype=forward.coords.dtype)
         if twins:
             twin = {}
             for site, value in values.items():
@@ -64,7 +76,14 @@ def simulation_batch(reference: Reference, forward, noise_std: float, batch_size
             {s: v[part.start - rows.start:part.stop - rows.start] for s, v in values.items()},
             conditions.take(torch.arange(part.start - rows.start, part.stop - rows.start))))
             for part in parts if len(part)])
-        images = clean + noise[torch.arange(rows.start, rows.stop) % drawn].to(device)
+        which = torch.arange(rows.start, rows.stop) % drawn
+        if coloured:
+            ctf = conditions.ctf
+            group = None if ctf is None or ctf.group is None else ctf.group.to(device)
+            images = noise_std.to(device).sample(clean, group, white=noise[which].to(device),
+                                                 contrast=contrast[which].to(device))
+        else:
+            images = clean + noise[which].to(device)
     return values, images, conditions
 
 
@@ -89,9 +108,11 @@ def simulation_loss(guide: Guide, latents: dict, images, sites,
     return loss, {s: float(v.detach()) for s, v in terms.items()}
 
 
-def elbo_loss(guide: Guide, forward, priors, noise_std: float, images, known: dict,
+def elbo_loss(guide: Guide, forward, priors, noise_std: float | NoiseModel, images,
+              known: dict,
               n_particles: int, conditions: Conditions | None = None) -> torch.Tensor:
-    """-ELBO per particle of a mini-batch (Trace_ELBO, subsampled plate)."""
+    """-ELBO per particle of a mini-batch (Trace_ELBO, subsampled plate); ``noise_std``:
+    the white noise's std or the run's ``NoiseModel`` (``cryosvi.model``)."""
     conditioned = poutine.condition(model, data=known) if known else model
     loss = Trace_ELBO().differentiable_loss(
         conditioned, guide.pyro_guide(known, register=False), forward, priors, noise_std,

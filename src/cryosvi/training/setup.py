@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from cryosvi.config import SIM_EPOCHS
-from cryosvi.dataset import (ParticleData, estimate_levels, image_statistics,
+from cryosvi.dataset import (ParticleData, estimate_levels, estimate_noise_model,
+                             image_statistics,
                              priors_from_particles, uses_ctf_estimates, working_reference)
 from cryosvi.errors import CryosviError
 from cryosvi.guide import Architecture, Guide, GuideConfig
@@ -30,6 +31,13 @@ PRIOR_OVERRIDES = {"defocus_offset_std": 500.0, "shift_std": 2.0}
 """The prior settings ``cryosvi train`` sets whatever the reference says (its
 --defocus-offset-std and --shift-std defaults)."""
 RUN_KIND = "run"
+NOISE_MODELS = ("reference", "estimate", "white")
+"""``TrainOptions.noise_model``: 'reference', the reference's own noise model where it has
+one (``cryosvi simulate`` records the truth of its coloured noise), else white noise;
+'estimate', the particles' coloured noise per optics group estimated from their
+background before any latent is known (``dataset.estimate_noise_model``); 'white', white
+noise of the noise std (the paper's model). The run keeps it in its reference.npz;
+training simulations draw from it and ``cryosvi infer`` evaluates its likelihood."""
 
 
 @dataclass
@@ -52,6 +60,8 @@ class TrainOptions:
     priors: dict = field(default_factory=lambda: dict(PRIOR_OVERRIDES))
     """Fields of :class:`cryosvi.config.Priors` that replace the reference's (the
     command's prior options, e.g. defocus_offset_std and shift_std)."""
+    noise_model: str = "reference"
+    """The noise of the likelihood and of the simulations (``NOISE_MODELS``)."""
     precision: str = "auto"
     """The conv trunk's arithmetic (``cryosvi.config.PRECISIONS``): 'auto' is bf16 where
     the device has it natively (``Guide.bf16``), else fp32."""
@@ -85,6 +95,14 @@ def prepare(particles: str | Path, reference: Reference, options: TrainOptions,
             reference.imaging, scale=levels.scale, offset=levels.offset))
         noise_std = levels.noise_std
     reference = reference.with_settings(noise=replace(reference.noise, std=float(noise_std)))
+    if options.noise_model not in NOISE_MODELS:
+        raise CryosviError(f"unknown noise model {options.noise_model!r} (choose from "
+                           f"{', '.join(NOISE_MODELS)})")
+    if options.noise_model == "white":
+        reference = reference.with_settings(noise_model=None)
+    elif options.noise_model == "estimate":
+        reference = reference.with_settings(noise_model=estimate_noise_model(
+            data, reference, options.seed, options.device))
     priors = reference.priors
     groups = {} if data.groups is None else {k: list(v) for k, v in
                                              data.groups._asdict().items()}
@@ -113,7 +131,8 @@ def options_from_info(info: dict, directory: str | Path = "") -> TrainOptions:
             init_from=info.get("init_from"), box=int(guide["box"]),
             defocus_prior="particle" if config.ctf_estimates else "dataset",
             priors=dict(info["priors"]) if "priors" in info else _legacy_priors(guide),
-            precision=str(info.get("precision", "fp32")))  # fp32 before the field
+            precision=str(info.get("precision", "fp32")),  # fp32 before the field
+            noise_model=str(info.get("noise_model", "reference")))
     except (KeyError, TypeError, ValueError) as error:
         raise CryosviError(f"{Path(directory) / RUN_FILE} is damaged: missing or bad "
                            f"{error}") from None
