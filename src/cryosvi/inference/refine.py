@@ -39,12 +39,14 @@ from typing import Callable
 import torch
 from pyro import poutine
 
+from cryosvi.errors import CryosviError
 from cryosvi.guide import Guide
 from cryosvi.inference.laplace import gauss_newton, laplace_log_evidence, laplace_proposal
 from cryosvi.latents import PAPER_SITES, REGISTRY, Chart, forward_inputs, random_walks
 from cryosvi.physics.conditions import Conditions
 from cryosvi.model import model
 from cryosvi.posterior import posterior_summary, weighted_summary
+from cryosvi.inference.grid import check_grid, grid_dimension, grid_refine
 from cryosvi.inference.importance import importance_weights
 from cryosvi.inference.smc import tempered_smc
 
@@ -383,9 +385,14 @@ def laplace_path(batch: Batch, settings: Settings) -> dict:
 
 
 def auto_refine(batch: Batch, settings: Settings) -> dict:
-    """'auto': 'laplace' where the data set's SNR (``settings.snr``) is at least
-    ``LAPLACE_MIN_SNR``, else 'smc' with at least ``LOW_SNR_MOVES`` moves (then
-    'smc_fallback' is True for every particle)."""
+    """'auto': 'grid' where every inferred latent is a conformational amplitude and
+    there are at most ``grid.MAX_DIM`` of them (``grid.grid_dimension``); else 'laplace'
+    where the data set's SNR (``settings.snr``) is at least ``LAPLACE_MIN_SNR``, else
+    'smc' with at least ``LOW_SNR_MOVES`` moves (then 'smc_fallback' is True for every
+    particle)."""
+    config = batch.guide.config
+    if grid_dimension(config.latents, config) is not None:
+        return grid_refine(batch, settings)
     if settings.snr is None:
         raise ValueError("refinement 'auto' needs the data set's SNR (dataset_snr)")
     if settings.snr >= LAPLACE_MIN_SNR:
@@ -398,9 +405,19 @@ def auto_refine(batch: Batch, settings: Settings) -> dict:
 
 REFINERS: dict[str, Callable[[Batch, Settings], dict]] = {
     "auto": auto_refine, "laplace": laplace_path, "smc": smc_refine,
-    "is": importance_refine}
+    "is": importance_refine, "grid": grid_refine}
 """The refinements by name (``refine``'s ``method``, ``cryosvi infer --refine``)."""
 METHODS = tuple(REFINERS)
+
+
+def check_refinement(method: str, config) -> None:
+    """CryosviError unless ``method`` can refine a run with guide settings ``config``
+    (before any work): a known name, and 'grid' only for the conformational amplitudes
+    alone (``grid.check_grid``)."""
+    if method not in REFINERS:
+        raise CryosviError(f"unknown refinement {method!r} ({', '.join(METHODS)})")
+    if method == "grid":
+        check_grid(config)
 
 
 @torch.no_grad()
