@@ -124,9 +124,11 @@ def grid_refine(batch, settings) -> dict:
     mass, 1 / sum w_g^2 (a resolved 1-D Gaussian of std s on cells of width h has
     ~3.5 s / h; a posterior narrower than the level-0 cells gets further levels, so
     this stays about 5-15 for a resolved posterior: it reports how the mass is spread
-    on the grid, not a Monte Carlo error, which the grid has none of), 'intervals'
-    (site -> (B, ..., 2 levels, 2)): the equal-tailed credible intervals at
-    ``CREDIBLE_LEVELS`` of each amplitude, 'log_evidence' (B,) float64: log p(x) of the
+    on the grid, not a Monte Carlo error, which the grid has none of), on a lattice (1
+    mode) 'intervals' (site -> (B, ..., 2 levels, 2)): the equal-tailed credible
+    intervals at ``CREDIBLE_LEVELS`` of each amplitude (the log marginal interpolated by
+    parabolas: exact for a Gaussian; the split grid's cells of many sizes would give
+    them only to a cell's width, so it has none), 'log_evidence' (B,) float64: log p(x) of the
     model given the known latents, and 'evaluations' (B,): the likelihood's evaluations
     per particle.
     """
@@ -155,15 +157,16 @@ def _summary(post: GridPosterior, coordinates: _Coordinates, n_samples: int) -> 
     """``grid_refine``'s keys from the grid posterior in the grid's coordinates."""
     out = weighted_summary(coordinates.values(post.nodes), post.weights)
     draws = coordinates.values(post.draws(n_samples))
-    intervals = post.intervals(CREDIBLE_LEVELS)  # (B, K, L, 2) in the grid's coordinates
-    ends = {}
-    for level in range(len(CREDIBLE_LEVELS)):
-        for side in range(2):
-            for site, value in coordinates.values(intervals[..., level, side]).items():
-                ends.setdefault(site, []).append(value)
-    levels = len(CREDIBLE_LEVELS)
-    out["intervals"] = {site: torch.stack(v, -1).unflatten(-1, (levels, 2))
-                        for site, v in ends.items()}
+    if post.half_widths is None:  # a lattice: intervals exact for a Gaussian
+        intervals = post.intervals(CREDIBLE_LEVELS)  # (B, K, L, 2), grid coordinates
+        ends = {}
+        for level in range(len(CREDIBLE_LEVELS)):
+            for side in range(2):
+                for site, value in coordinates.values(intervals[..., level, side]).items():
+                    ends.setdefault(site, []).append(value)
+        levels = len(CREDIBLE_LEVELS)
+        out["intervals"] = {site: torch.stack(v, -1).unflatten(-1, (levels, 2))
+                            for site, v in ends.items()}
     like = post.nodes
     out.update(samples=draws,
                weights=torch.full((n_samples, like.shape[1]), 1.0 / n_samples,
