@@ -137,13 +137,15 @@ class Batch:
 class Settings:
     """How to refine: ``n_samples`` S per particle; for the SMC ``moves`` Metropolis
     moves per tempering step, at most ``max_steps`` steps, each keeping the ESS at
-    ``ess_target`` S; ``snr``: the data set's SNR (``dataset_snr``), which 'auto' needs."""
+    ``ess_target`` S; ``snr``: the data set's SNR (``dataset_snr``), which 'auto' needs;
+    ``starts``: the Laplace path's Gauss-Newton starts (``laplace_refine``)."""
 
     n_samples: int
     moves: int = 2
     max_steps: int = 40
     ess_target: float = 0.5
     snr: float | None = None
+    starts: int = 2
 
 
 def _tile(values: dict, n: int) -> dict:
@@ -383,7 +385,8 @@ def laplace_path(batch: Batch, settings: Settings) -> dict:
     be trusted (``_stuck``: a local mode, or an ESS below S / 4; 'smc_fallback' (B,)
     says which); they get the result 'smc' would give them alone."""
     out = laplace_refine(batch.guide, batch.forward, batch.priors, batch.noise_std,
-                         batch.images, batch.known, settings.n_samples, chunk=batch.chunk,
+                         batch.images, batch.known, settings.n_samples,
+                         starts=settings.starts, chunk=batch.chunk,
                          conditions=batch.conditions, noise=batch.noise)
     out.pop("objective")
     stuck = _stuck(out.pop("misfit"), out["ess"], settings.n_samples, batch.pixels)
