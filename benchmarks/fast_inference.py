@@ -9,8 +9,8 @@ estimates, the given latents from the metadata, each particle's random streams w
 seed 0) and refines the first ``--first`` particles, ``--batch`` at a time, with each
 method of ``--methods``, one after the other in this process:
 
-* ``smc12``: the default before 2026-12 below SNR 15, tempered SMC with 12 moves
-  (``--refine smc --moves 12``);
+* ``smc12``: what ``--refine auto`` ran below SNR 15 up to commit 3a2d059 (modes-only
+  runs included), tempered SMC with 12 moves (``--refine smc --moves 12``);
 * ``default``: ``--refine auto`` as it is now (the grid for a run that infers the mode
   amplitudes alone, else the rule by the data set's SNR);
 * ``grid``, ``laplace``, ``laplace8`` (the Laplace path with 8 Gauss-Newton starts),

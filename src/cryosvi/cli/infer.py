@@ -25,10 +25,11 @@ def register(subparsers, summary: str) -> None:
         "columns of the input are kept; latents the run does not infer keep their input "
         "values. --importance S refines with the physics likelihood (by default: for "
         "a run that infers 1 or 2 mode amplitudes alone, poses and CTF given, exact "
-        "grid quadrature; otherwise for data sets of SNR >= 15, Gauss-Newton to each posterior mode and importance "
-        "sampling from the Laplace approximation there, tempered SMC for the particles "
-        "where that fails; below, tempered SMC with 12 moves; adds cryosviESS, the "
-        "effective sample size per particle, and cryosviRefinedBySMC). A particle's "
+        "grid quadrature; otherwise for data sets of SNR >= 15, Gauss-Newton to each "
+        "posterior mode and importance sampling from the Laplace approximation there, "
+        "tempered SMC for the particles where that fails; below, tempered SMC with 12 "
+        "moves; adds cryosviESS, the effective sample size per particle, and "
+        "cryosviRefinedBySMC). A particle's "
         "posterior depends only on it, the run, the settings and --seed: not on "
         "--batch-size, the device (up to rounding) or the number of processes. "
         "Finished chunks of particles are kept in OUTPUT.partial/ until the STAR is "
@@ -129,7 +130,7 @@ def run(args) -> None:
                         args.refine, "the guide")
         extra = (f"; ESS of importance sampling from {proposal}: median "
                  f"{np.median(ess):.1f} of {args.importance}")
-        if args.grid:
+        if getattr(args, "grid", False):
             extra = f"; effective grid cells (cryosviESS): median {np.median(ess):.1f}"
     if "cryosviRefinedBySMC" in frame:
         extra += (f"; {int(frame['cryosviRefinedBySMC'].sum())} particles refined by SMC "
