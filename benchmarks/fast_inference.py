@@ -110,7 +110,8 @@ class Setup:
             for start in range(0, len(index), size):
                 out = refiner(self.batch(index[start:start + size]), settings)
                 parts.append({k: out[k] for k in ("modes_mean", "modes_std",
-                                                  "rotation_mean") if k in out})
+                                                  "rotation_mean", "smc_fallback")
+                              if k in out})
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         merged = {k: torch.cat([p[k] for p in parts]).numpy() for k in parts[0]}
         return {"summary": merged, "wall_s": wall, "cpu_s": cpu,
@@ -121,6 +122,8 @@ class Setup:
         """|Spearman|, coverage and pose errors against the truth the file holds."""
         frame = self.table.metadata.iloc[index]
         out = {}
+        if "smc_fallback" in summary:  # the Laplace path's particles handed to the SMC
+            out["smc_fraction"] = float(summary["smc_fallback"].mean())
         mean, std = summary.get("modes_mean"), summary.get("modes_std")
         if mean is not None:
             if "cryosviTrueConformation" in frame:
@@ -188,7 +191,8 @@ def main() -> None:
               f"({row['particles_per_s_cpu']:.2f} CPU); {row['speedup_wall']:.1f}x "
               f"{names[0]}'s speed in wall time, {row['speedup_cpu']:.1f}x in CPU time; "
               + ", ".join(f"{k} {row[k]:.3f}" for k in
-                          ("spearman", "cov68", "cov95", "pose_median_deg", "pose_p90_deg")
+                          ("spearman", "cov68", "cov95", "pose_median_deg", "pose_p90_deg",
+                           "smc_fraction")
                           if k in row), flush=True)
     if args.all:
         every = np.arange(len(setup.table))
