@@ -19,7 +19,18 @@ likelihood measured: an ANM mode of a C-alpha model, several peaks 0.3-0.5 A wid
   (median; p99 0.23) of an 80 x 80 reference.
 
 For scale: the SMC's 64 draws estimate a mean to ~0.13-0.2 posterior stds, with
-~1 500 evaluations per particle (12 moves).
+~1 500 evaluations per particle (12 moves). (Settings measured on 2026-12-06 with a
+prototype of this code at commit a4f6cbc; this code's speed and calibration against
+the SMC: benchmarks/results/fast_inference/.)
+
+Limits: the lattice's extra levels look at a particle's posterior std, so a posterior
+made of peaks much narrower than a level-1 cell (its mass window / 24) and far apart
+is under-resolved (peaks 0.15-0.2 prior stds wide, like an ANM mode's at SNR 0.1, are
+resolved: tests/test_grid.py).
+The split grid is built for rough likelihoods; on smooth posteriors much narrower than
+the prior its mean is off by median 0.02, p99 0.12-0.28 posterior stds (400 random
+2-D Gaussians of 0.1-1 prior std; an 8 x 8 lattice with levels would be ~10x more
+accurate there but 3x less on the rough likelihood).
 
 The grid integrates the inferred latents in their charts about the prior's mean
 (``Latent.retract``; the amplitudes' charts are the amplitudes less the mean), over
