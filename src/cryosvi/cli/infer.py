@@ -24,10 +24,12 @@ def register(subparsers, summary: str) -> None:
         "about the mean). Other "
         "columns of the input are kept; latents the run does not infer keep their input "
         "values. --importance S refines with the physics likelihood (by default: for "
-        "data sets of SNR >= 15, Gauss-Newton to each posterior mode and importance "
-        "sampling from the Laplace approximation there, tempered SMC for the particles "
-        "where that fails; below, tempered SMC with 12 moves; adds cryosviESS, the "
-        "effective sample size per particle, and cryosviRefinedBySMC). Every particle "
+        "a run that infers 1 or 2 mode amplitudes alone, poses and CTF given, exact "
+        "grid quadrature; otherwise for data sets of SNR >= 15, Gauss-Newton to each "
+        "posterior mode and importance sampling from the Laplace approximation there, "
+        "tempered SMC for the particles where that fails; below, tempered SMC with 12 "
+        "moves; adds cryosviESS, the effective sample size per particle, and "
+        "cryosviRefinedBySMC). Every particle "
         "gets cryosviJunkProbability: the posterior probability that its image holds no "
         "molecule of this kind (empty ice, aggregates, contamination), from its evidence "
         "under the physics model against two null models (the noise alone; noise plus "
@@ -56,13 +58,18 @@ def register(subparsers, summary: str) -> None:
                         help="samples per particle for the refinement with the physics "
                         "likelihood (0: the guide alone, one network pass)")
     parser.add_argument("--refine", choices=METHODS, default="auto",
-                        help="with --importance: 'laplace' runs Gauss-Newton from the "
+                        help="with --importance: 'grid' integrates the mode amplitudes "
+                        "on a grid (deterministic quadrature of the exact posterior) for a "
+                        "run that infers them alone (train --latents modes, at most 2 "
+                        "modes; cryosviESS is then the number of grid cells carrying the "
+                        "mass); 'laplace' runs Gauss-Newton from the "
                         "guide's best draws to the posterior mode and importance-samples "
                         "its Laplace approximation, handing the particles where that "
                         "fails (a misfit 4 sigma above the noise's, ESS < S/4) to 'smc'; "
                         "'smc' tempers from the guide to the posterior with resample-move "
                         "steps; 'is' is plain importance sampling with the guide as "
-                        "proposal; 'auto' takes 'laplace' for data sets of SNR >= 15 "
+                        "proposal; 'auto' takes 'grid' for the amplitudes alone, else "
+                        "'laplace' for data sets of SNR >= 15 "
                         "(estimated once from up to 2000 particles; about 5x faster there, "
                         "as accurate) and 'smc' with at least 12 moves below (where the "
                         "Laplace path under-covers and 3 moves mix too slowly)")
@@ -134,6 +141,8 @@ def run(args) -> None:
                         args.refine, "the guide")
         extra = (f"; ESS of importance sampling from {proposal}: median "
                  f"{np.median(ess):.1f} of {args.importance}")
+        if getattr(args, "grid", False):
+            extra = f"; effective grid cells (cryosviESS): median {np.median(ess):.1f}"
     if "cryosviRefinedBySMC" in frame:
         extra += (f"; {int(frame['cryosviRefinedBySMC'].sum())} particles refined by SMC "
                   "instead")
@@ -175,7 +184,15 @@ def check_outputs(args) -> None:
     if output.suffix.lower() != ".star":
         raise CryosviError(f"-o {output}: the posterior is a STAR file; give a name "
                            "ending in .star")
-    read_run(args.run)
+    from cryosvi.inference.grid import grid_dimension
+    from cryosvi.inference.refine import check_refinement
+    from cryosvi.rundir import guide_config
+
+    config = guide_config(read_run(args.run), args.run)
+    if args.importance:
+        check_refinement(args.refine, config)
+    args.grid = bool(args.importance) and args.refine in ("grid", "auto") \
+        and grid_dimension(config.latents, config) is not None
     # The run's own files and the particles; a posterior written into the run folder
     # earlier is an output (replaced with --force when cryosvi wrote it).
     inputs = [args.particles, *run_files(args.run)]

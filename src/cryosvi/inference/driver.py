@@ -17,10 +17,11 @@ from cryosvi.inference.chunks import (CHUNK_PARTICLES, WorkFolder, assemble_colu
                                       chunk_ranges, fingerprint, run_chunks,
                                       work_folder_path, write_samples)
 from cryosvi.inference.distributed import Ranks, auto_device
+from cryosvi.inference.grid import grid_dimension
 from cryosvi.inference.importance import importance_log_evidence
 from cryosvi.inference.junk import MODELS, assess_junk, null_log_evidence, offset_log_density
-from cryosvi.inference.refine import (METHODS, REFINERS, Batch, Settings, dataset_snr,
-                                      guide_alone)
+from cryosvi.inference.refine import (METHODS, REFINERS, Batch, Settings,
+                                      check_refinement, dataset_snr, guide_alone)
 from cryosvi.io.outputs import provenance_array
 from cryosvi.io.particles import read_particles, write_particles
 from cryosvi.latents import JUNK_COLUMN, summary_columns
@@ -55,9 +56,9 @@ def infer(run: str | Path, particles: str | Path, output: str | Path, samples: i
     .cs input also ``output`` with suffix .cs (the input's records, fields updated), and, with
     ``samples`` > 0, ``output`` with suffix .npz holding S posterior samples per particle
     (site -> (N, S, ...)). ``importance`` > 0 refines with that many samples per
-    particle: ``method`` one of ``refine.METHODS`` ('auto', 'laplace', 'smc', 'is'; see
-    ``cryosvi.inference.refine``). ``turns``: the guide's posterior averaged over that
-    many quarter turns of each image (``Guide.turns``). ``device``: cpu, cuda, cuda:N or
+    particle: ``method`` one of ``refine.METHODS`` ('auto', 'laplace', 'smc', 'is',
+    'grid'; see ``cryosvi.inference.refine``). ``turns``: the guide's posterior averaged
+    over that many quarter turns of each image (``Guide.turns``). ``device``: cpu, cuda, cuda:N or
     auto (cuda where present: cuda:LOCAL_RANK under torchrun; else cpu).
 
     A particle's posterior depends only on it, the run, these settings and ``seed``:
@@ -86,6 +87,8 @@ def infer(run: str | Path, particles: str | Path, output: str | Path, samples: i
     device = select_device(auto_device(ranks) if device == "auto" else device)
     _, reference, guide = load_trained(run, device)
     guide.turns = turns
+    if importance:
+        check_refinement(method, guide.config)
     table = read_particles(particles, datadir, invert)
     config = guide.config
     data, known = run_particles(table, config, reference)
@@ -109,7 +112,9 @@ def infer(run: str | Path, particles: str | Path, output: str | Path, samples: i
     noise_std = reference.noise.std
     noise_model = None if reference.noise_model is None else reference.noise_model.to(device)
     nulls = junk_null_model(data, reference, seed).to(device)
-    snr = dataset_snr(data, noise_std) if importance and method == "auto" else None
+    # 'auto' decides by the data set's SNR where the grid cannot take the run
+    snr = dataset_snr(data, noise_std) if importance and method == "auto" \
+        and grid_dimension(config.latents, config) is None else None
     refine = Settings(importance, moves, snr=snr)
     draws = max(summary_samples, samples, importance)
 

@@ -10,8 +10,20 @@ Summaries per particle: ``cryosvi.posterior``. Refinement with the physics likel
   where that fails. Measured on the demo's 2 000 held-out particles (SNR 20, 2-core
   CPU): the same accuracy and coverage as 'smc' at about 5x its speed (README,
   "Inference"); at SNR 10 and below it under-covers;
-* 'auto' (the default): 'laplace' for data sets of SNR >= 15 (``dataset_snr``), else
-  'smc' with 12 moves;
+* 'grid' (``cryosvi.inference.grid``): for a run that infers the conformational
+  amplitudes alone (``train --latents modes``: pose, CTF and shifts given), at most 2
+  of them: the exact posterior by deterministic quadrature (1 mode: an adaptive
+  lattice, 56 evaluations per particle; 2 modes: 8 x 8 cells, the heaviest split, 128),
+  no guide and no random number. Against 'smc' with 12 moves in the same process
+  (one thread; benchmarks/fast_inference.py, benchmarks/results/fast_inference/): 1
+  mode 24-33x its speed, 2 modes 14-17x, at its accuracy (|Spearman| with the true
+  conformation on the realistic poses-given set 0.886 against 0.885 on 256 particles,
+  0.9016 on all 2 000) and calibration (95 % coverage on cryosvi's own SNR 0.1
+  simulations 0.938 with 1 mode, 0.945 with 2, on 2 000 particles);
+* 'auto' (the default): 'grid' where it applies (every inferred latent
+  ``conformational``, at most ``grid.MAX_DIM`` dimensions), else 'laplace' for data
+  sets of SNR >= 15 (``dataset_snr``), else 'smc' with 12 moves (the Laplace path with
+  8 starts was measured there and not taken: ``LAPLACE_MIN_SNR``);
 * 'is': importance sampling with the guide as proposal (weights p(x | z) p(z) / q(z |
   x), self-normalised; the effective sample size (sum w)^2 / sum w^2 per particle);
 * 'smc': adaptive tempered SMC from the guide to the posterior (resample-move with
@@ -19,9 +31,10 @@ Summaries per particle: ``cryosvi.posterior``. Refinement with the physics likel
 
 A particle's result depends only on the particle, the run, the settings and the seed:
 every random number comes from the particle's own stream (``Batch.noise``, a
-``cryosvi.randomness.Streams``), 'auto' decides by the data set's SNR, the Laplace path
-hands a particle to the SMC by a test of that particle alone (``_stuck``), and the SMC
-stops each particle's chain when it reaches the posterior.
+``cryosvi.randomness.Streams``; the grid draws none), 'auto' decides by the run's
+latents and the data set's SNR, the grid's extra levels are decided per particle, the
+Laplace path hands a particle to the SMC by a test of that particle alone (``_stuck``),
+and the SMC stops each particle's chain when it reaches the posterior.
 
 Adding a method: a function ``(batch: Batch, settings: Settings) -> dict`` (the summary
 keys of ``weighted_summary`` plus 'samples', 'weights' and 'ess', and 'log_evidence'
@@ -39,6 +52,7 @@ from typing import Callable
 import torch
 from pyro import poutine
 
+from cryosvi.errors import CryosviError
 from cryosvi.guide import Guide
 from cryosvi.inference.laplace import gauss_newton, laplace_log_evidence, laplace_proposal
 from cryosvi.latents import PAPER_SITES, REGISTRY, Chart, forward_inputs, random_walks
@@ -46,6 +60,7 @@ from cryosvi.physics.conditions import Conditions
 from cryosvi.physics.noise import NoiseModel
 from cryosvi.model import model
 from cryosvi.posterior import posterior_summary, weighted_summary
+from cryosvi.inference.grid import check_grid, grid_dimension, grid_refine
 from cryosvi.inference.importance import importance_log_evidence, importance_weights
 from cryosvi.inference.smc import tempered_smc
 
@@ -141,13 +156,15 @@ class Batch:
 class Settings:
     """How to refine: ``n_samples`` S per particle; for the SMC ``moves`` Metropolis
     moves per tempering step, at most ``max_steps`` steps, each keeping the ESS at
-    ``ess_target`` S; ``snr``: the data set's SNR (``dataset_snr``), which 'auto' needs."""
+    ``ess_target`` S; ``snr``: the data set's SNR (``dataset_snr``), which 'auto' needs;
+    ``starts``: the Laplace path's Gauss-Newton starts (``laplace_refine``)."""
 
     n_samples: int
     moves: int = 2
     max_steps: int = 40
     ess_target: float = 0.5
     snr: float | None = None
+    starts: int = 2
 
 
 def _tile(values: dict, n: int) -> dict:
@@ -280,7 +297,20 @@ this, else by 'smc'. Measured on held-out simulations of the paper preset (256
 particles, same guide and seeds for both methods; README, "Inference"): at SNR 20 both
 reach 95 % coverage 0.93-0.94 (Laplace ~5x faster); at SNR 10 the Laplace path covers
 the mode 0.89 (SMC 0.95), at SNR 5 0.84 (0.93), at SNR 1 0.69 (0.90): with broader
-posteriors its two starts miss modes that the SMC's population finds."""
+posteriors its two starts miss modes that the SMC's population finds.
+
+Eight starts do not change this (benchmarks/fast_inference.py, the Laplace path with
+``Settings.starts`` 8 and its per-particle fallback to the SMC with 12 moves, against
+'smc' with 12 moves in the same process, one thread, 2-core AMD EPYC;
+benchmarks/results/fast_inference/joint_*.json). On the realistic ctf-shifts-given
+set (SNR 0.76, 64 particles) it matches the SMC at 5.3x its CPU speed: |Spearman| of
+the mode 0.955 (SMC 0.953), pose median / p90 4.09 / 6.44 deg (4.03 / 6.25); two
+starts the same at 6.2x. But on cryosvi's own simulations at SNR 1 (128 particles)
+it is 3.4x faster and loses the mode: |Spearman| 0.779 (0.959), 95 % coverage of the
+mode 0.750 (0.906), pose p90 2.25 deg (1.83); the pose median is the same (1.00 deg).
+So data sets below this SNR keep the SMC: a calibrated mode posterior is what the
+default promises, and 'laplace' (``--refine laplace``) is the faster choice where the
+mode's ranking is what matters."""
 
 
 LOW_SNR_MOVES = 12
@@ -408,7 +438,8 @@ def laplace_path(batch: Batch, settings: Settings) -> dict:
     be trusted (``_stuck``: a local mode, or an ESS below S / 4; 'smc_fallback' (B,)
     says which); they get the result 'smc' would give them alone."""
     out = laplace_refine(batch.guide, batch.forward, batch.priors, batch.likelihood,
-                         batch.images, batch.known, settings.n_samples, chunk=batch.chunk,
+                         batch.images, batch.known, settings.n_samples,
+                         starts=settings.starts, chunk=batch.chunk,
                          conditions=batch.conditions, noise=batch.noise)
     out.pop("objective")
     stuck = _stuck(out.pop("misfit"), out["ess"], settings.n_samples, batch.pixels)
@@ -420,9 +451,14 @@ def laplace_path(batch: Batch, settings: Settings) -> dict:
 
 
 def auto_refine(batch: Batch, settings: Settings) -> dict:
-    """'auto': 'laplace' where the data set's SNR (``settings.snr``) is at least
-    ``LAPLACE_MIN_SNR``, else 'smc' with at least ``LOW_SNR_MOVES`` moves (then
-    'smc_fallback' is True for every particle)."""
+    """'auto': 'grid' where every inferred latent is a conformational amplitude and
+    there are at most ``grid.MAX_DIM`` of them (``grid.grid_dimension``); else 'laplace'
+    where the data set's SNR (``settings.snr``) is at least ``LAPLACE_MIN_SNR``, else
+    'smc' with at least ``LOW_SNR_MOVES`` moves (then 'smc_fallback' is True for every
+    particle)."""
+    config = batch.guide.config
+    if grid_dimension(config.latents, config) is not None:
+        return grid_refine(batch, settings)
     if settings.snr is None:
         raise ValueError("refinement 'auto' needs the data set's SNR (dataset_snr)")
     if settings.snr >= LAPLACE_MIN_SNR:
@@ -435,9 +471,19 @@ def auto_refine(batch: Batch, settings: Settings) -> dict:
 
 REFINERS: dict[str, Callable[[Batch, Settings], dict]] = {
     "auto": auto_refine, "laplace": laplace_path, "smc": smc_refine,
-    "is": importance_refine}
+    "is": importance_refine, "grid": grid_refine}
 """The refinements by name (``refine``'s ``method``, ``cryosvi infer --refine``)."""
 METHODS = tuple(REFINERS)
+
+
+def check_refinement(method: str, config) -> None:
+    """CryosviError unless ``method`` can refine a run with guide settings ``config``
+    (before any work): a known name, and 'grid' only for the conformational amplitudes
+    alone (``grid.check_grid``)."""
+    if method not in REFINERS:
+        raise CryosviError(f"unknown refinement {method!r} ({', '.join(METHODS)})")
+    if method == "grid":
+        check_grid(config)
 
 
 @torch.no_grad()
@@ -447,8 +493,8 @@ def refine(guide: Guide, forward, priors, noise_std: float, images: torch.Tensor
            conditions: Conditions | None = None, noise=None,
            snr: float | None = None, noise_model: NoiseModel | None = None) -> dict:
     """Refine the guide's posterior of images (B, L, L) with the physics likelihood by
-    ``method`` (``REFINERS``: 'auto', 'laplace', 'smc', 'is'); ``moves``, ``max_steps``,
-    ``ess_target``: the SMC's (``Settings``); ``chunk``: samples per likelihood
+    ``method`` (``REFINERS``: 'auto', 'laplace', 'smc', 'is', 'grid'); ``moves``,
+    ``max_steps``, ``ess_target``: the SMC's (``Settings``); ``chunk``: samples per likelihood
     evaluation; ``noise``: the particles' random streams (``cryosvi.randomness.Streams``;
     None: torch's global generator); ``snr``: the data set's SNR ('auto' needs it);
     ``noise_model``: the run's, in the likelihood instead of white noise (``Batch``).

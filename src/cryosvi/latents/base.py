@@ -60,6 +60,10 @@ class Latent:
     """(validation metric key, label) printed on each epoch line."""
     sets_ctf = False
     """Whether the value sets the particle's CTF (what the guide's phase flip uses)."""
+    conformational = False
+    """Whether it is a conformational amplitude: a real vector with a Normal prior and a
+    Euclidean chart, which the refinement 'grid' (``cryosvi.inference.grid``) integrates
+    on a grid about the prior's mean when every other latent is given."""
     simulation_weight = 1.0
     """Weight of this latent's term -log q(z | x) in the simulation (forward-KL) loss.
     Each head's term alone is minimised by the true conditional posterior, so a weight

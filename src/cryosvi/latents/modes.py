@@ -19,6 +19,7 @@ class Modes(GaussianLatent):
     model_rank, walk_rank = 0, 2
     mean_key, std_key = "modes_mean", "modes_std"
     headline = ("val_mode_r", "mode r")
+    conformational = True
     simulation_weight = 4.0
     """Measured (paper preset, 265 epochs of the default training, 2 000 held-out
     particles, the guide alone; benchmarks/results/ablations.md): mode r 0.878 / 0.878 /
