@@ -4,7 +4,7 @@ N-lobe's hinge and the C-lobe's twist, run through the cryosvi CLI as a user wou
     python benchmarks/realistic/two_motions.py -w WORKDIR [--n 2000] [--snr 0.1]
         [--max-angle 30] [--twist 25] [--twist-bins 11] [--epochs 40] [--threads 1]
         [--structure-options "--stride 1 --beads residue --sigma 2"] [--learn-modes ""]
-        [--infer-options ""] [--bins 5] [--reconstruct] [--tag two_motions]
+        [--infer-options ""] [--bins 5] [--reconstruct] [--reuse-run] [--tag two_motions]
 
 Steps (each timed; a failed step is recorded and the later ones skipped):
 1. ``make_dataset.py -o WORKDIR/data --preset poses-given --n N --snr SNR --twist U
@@ -83,6 +83,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--reconstruct", action="store_true",
                         help="cryosvi analyze --reconstruct (needs relion_reconstruct)")
     parser.add_argument("--remake-data", action="store_true")
+    parser.add_argument("--reuse-run", action="store_true",
+                        help="keep WORKDIR/learnt.npz and WORKDIR/run from an earlier call "
+                             "(only infer and analyze run)")
     parser.add_argument("--tag", default="latest",
                         help="results go to results/two_motions_TAG.json")
     return parser.parse_args(argv)
@@ -202,6 +205,10 @@ def main(argv=None) -> None:
                             analysis, "--datadir", data, "--bins", args.bins, "--force",
                             "--quiet", *(["--reconstruct"] if args.reconstruct else []))),
     ] if data is not None else []
+    if args.reuse_run and learnt.is_file() and (run / "run.json").is_file():
+        plan = [(name, command) for name, command in plan
+                if name not in ("learn-modes", "train")]
+        steps.append({"command": f"(reused {learnt} and {run})", "rc": 0, "wall_s": 0.0})
     record["status"] = "data set not made" if data is None else "done"
     for name, command in plan:
         if not experiments.run(command, steps):
