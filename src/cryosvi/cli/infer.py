@@ -77,6 +77,13 @@ def register(subparsers, summary: str) -> None:
                         help="smc (and laplace's fallback): Metropolis moves per "
                         "tempering step ('auto' uses at least 12 for data sets it hands "
                         "to the SMC whole)")
+    parser.add_argument("--starts", type=integer_between(1, 64), default=2,
+                        help="laplace (and auto above SNR 15): Gauss-Newton starts per "
+                        "particle from the guide's best draws; 8 with --refine laplace is "
+                        "the fast path for joint pose + defocus + mode at SNR ~1 (on the "
+                        "realistic ctf-shifts-given set 5.3x the SMC's speed, the same "
+                        "pose error and |Spearman|; on cryosvi's own SNR 1 simulations "
+                        "its mode intervals under-cover: 0.75 at 95 %%)")
     parser.add_argument("--max-junk", type=number(0.0, 1.0, low_open=True), default=None,
                         metavar="P",
                         help="write only the particles whose cryosviJunkProbability is "
@@ -124,6 +131,7 @@ def run(args) -> None:
     try:
         frame = infer(args.run, args.particles, args.output, samples=args.samples,
                       importance=args.importance, method=args.refine, moves=args.moves,
+                      starts=args.starts,
                       turns=args.turns, batch_size=args.batch_size,
                       device=args.device, progress=not args.quiet, datadir=args.datadir,
                       invert=args.invert, seed=args.seed, resume=args.resume,

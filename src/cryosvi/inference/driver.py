@@ -39,7 +39,7 @@ where the refinement gives none (``--importance 0``: the guide alone)."""
 
 @preserved_rng()
 def infer(run: str | Path, particles: str | Path, output: str | Path, samples: int = 0,
-          importance: int = 64, method: str = "auto", moves: int = 3,
+          importance: int = 64, method: str = "auto", moves: int = 3, starts: int = 2,
           turns: int = 1, batch_size: int = 256,
           device: str = "auto", summary_samples: int = 64,
           progress: bool = True, datadir: str | Path | None = None,
@@ -57,7 +57,8 @@ def infer(run: str | Path, particles: str | Path, output: str | Path, samples: i
     ``samples`` > 0, ``output`` with suffix .npz holding S posterior samples per particle
     (site -> (N, S, ...)). ``importance`` > 0 refines with that many samples per
     particle: ``method`` one of ``refine.METHODS`` ('auto', 'laplace', 'smc', 'is',
-    'grid'; see ``cryosvi.inference.refine``). ``turns``: the guide's posterior averaged
+    'grid'; see ``cryosvi.inference.refine``); ``moves``: the SMC's per tempering step;
+    ``starts``: the Laplace path's Gauss-Newton starts. ``turns``: the guide's posterior averaged
     over that many quarter turns of each image (``Guide.turns``). ``device``: cpu, cuda, cuda:N or
     auto (cuda where present: cuda:LOCAL_RANK under torchrun; else cpu).
 
@@ -94,7 +95,8 @@ def infer(run: str | Path, particles: str | Path, output: str | Path, samples: i
     data, known = run_particles(table, config, reference)
     output = Path(output)
     work = WorkFolder(work_folder_path(output))
-    settings = dict(importance=importance, method=method, moves=moves, turns=turns,
+    settings = dict(importance=importance, method=method, moves=moves, starts=starts,
+                    turns=turns,
                     samples=samples, summary_samples=summary_samples, seed=seed,
                     chunk_size=chunk_size, invert=invert,
                     datadir=None if datadir is None else str(Path(datadir).resolve()))
@@ -115,7 +117,7 @@ def infer(run: str | Path, particles: str | Path, output: str | Path, samples: i
     # 'auto' decides by the data set's SNR where the grid cannot take the run
     snr = dataset_snr(data, noise_std) if importance and method == "auto" \
         and grid_dimension(config.latents, config) is None else None
-    refine = Settings(importance, moves, snr=snr)
+    refine = Settings(importance, moves, snr=snr, starts=starts)
     draws = max(summary_samples, samples, importance)
 
     def summarise(index: np.ndarray) -> dict:
