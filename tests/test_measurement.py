@@ -25,13 +25,7 @@ from cryosvi.physics.forward import ForwardModel
 from cryosvi.physics.noise import NoiseModel
 from cryosvi.physics.optics import OpticsGroups, ParticleCTF
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors: torch's thread pool costs more than it gives on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

@@ -32,13 +32,7 @@ from cryosvi.reference import Reference, build_reference
 BOX, PIXEL, N, BG_RADIUS, BFACTOR = 48, 2.5, 1200, 18, 100.0
 SPREAD, LEVEL_SPREAD = 0.25, 0.1
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors: torch's thread pool costs more than it gives on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

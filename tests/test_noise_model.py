@@ -26,13 +26,7 @@ from cryosvi.physics.noise import (NoiseModel, coloured_noise, contrast_marginal
                                    contrast_prior, gaussian_log_likelihood, log_det,
                                    truncated_normal, whiten, whitened_products)
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors: torch's thread pool costs more than it gives on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

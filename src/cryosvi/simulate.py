@@ -17,8 +17,6 @@ staging directory a killed one left).
 from __future__ import annotations
 
 import math
-import shutil
-import sys
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +29,7 @@ from tqdm.auto import tqdm
 
 from cryosvi.errors import CryosviError
 from cryosvi.io.mrc import StackWriter
-from cryosvi.io.outputs import (check_output_directory, make_staging, mark_directory,
-                                remove_directory, remove_stale_staging)
+from cryosvi.io.outputs import check_output_directory, staged_directory
 from cryosvi.io.star import optics_table, write_star
 from cryosvi.config import Optics
 from cryosvi.physics.optics import OpticsGroups, ParticleCTF
@@ -219,21 +216,9 @@ def simulate_dataset(reference: Reference, n_particles: int, output: str | Path,
     reference.check()
     check_fits_in_box(reference)
     effects.check(max(len(acquisition.groups), 1))
-    for stale in remove_stale_staging(output):
-        print(f"note: removed {stale}, left by an interrupted simulate", file=sys.stderr)
-    staging = make_staging(output)
-    try:
+    with staged_directory(output, DATASET_KIND, replace, "simulate") as staging:
         reference = _simulate_into(reference, n_particles, staging, seed, chunk_size, device,
                                    acquisition, progress, effects)
-        mark_directory(staging, DATASET_KIND)
-        if replace:
-            remove_directory(output)
-        elif output.is_dir():
-            output.rmdir()  # empty (checked above)
-        staging.rename(output)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     return reference
 
 

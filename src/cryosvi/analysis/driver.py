@@ -17,7 +17,6 @@ only with ``force`` and only when an earlier ``cryosvi analyze`` made it.
 
 from __future__ import annotations
 
-import shutil
 import stat
 import subprocess
 import sys
@@ -35,8 +34,7 @@ from cryosvi.analysis.maps import check_relion, map_correlations, reconstruct
 from cryosvi.analysis.subsets import absolute_image_names, companion_cs, write_subsets
 from cryosvi.errors import CryosviError, CryosviWarning
 from cryosvi.io.atomic import write_atomically
-from cryosvi.io.outputs import (check_output_directory, make_staging, mark_directory,
-                                provenance, remove_directory, remove_stale_staging)
+from cryosvi.io.outputs import check_output_directory, provenance, staged_directory
 from cryosvi.io.particles import DATADIR_HINT, read_particles
 from cryosvi.latents import BY_NAME
 from cryosvi.reference import Reference
@@ -96,26 +94,14 @@ def analyze(posterior: str | Path, run: str | Path, output: str | Path,
                       "the subsets name their images as the posterior does; to have them "
                       f"as absolute paths, {DATADIR_HINT}", CryosviWarning, stacklevel=2)
 
-    for stale in remove_stale_staging(output):
-        print(f"note: removed {stale}, left by an interrupted analyze", file=sys.stderr)
-    staging = make_staging(output)
-    try:
+    with staged_directory(output, KIND, replace, "analyze") as staging:
         summary = {**provenance(KIND), "posterior": str(posterior), "run": str(run),
                    **_analyze_into(staging, table, coordinates, binned, reference, atoms,
                                    cs, image_names, box, pixel_size, progress)}
         write_json_atomic(staging / SUMMARY, summary)
-        mark_directory(staging, KIND)
         # the staging folder is private (mkdtemp); OUT gets the mode of a folder made
         # here with the user's umask, as bins/ was
         staging.chmod(stat.S_IMODE((staging / "bins").stat().st_mode))
-        if replace:
-            remove_directory(output)
-        elif output.is_dir():
-            output.rmdir()  # empty (checked above)
-        staging.rename(output)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     return summary
 
 

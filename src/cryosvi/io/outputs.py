@@ -28,6 +28,8 @@ import json
 import os
 import shutil
 import stat
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -332,6 +334,30 @@ def make_staging(output: Path) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=staging_prefix(output), dir=output.parent))
     mark_directory(staging, "staging", pid=os.getpid())
     return staging
+
+
+@contextmanager
+def staged_directory(output: Path, kind: str, replace: bool, command: str):
+    """Build the folder ``output`` whole or not at all: yields a fresh staging folder
+    beside it (``make_staging``; the staging folders a killed ``command`` left are
+    removed first, with a note); when the body returns, the folder is marked as made by
+    cryosvi (``kind``) and renamed into place, replacing ``output`` if ``replace`` (a
+    folder cryosvi made: ``remove_directory``) or an empty folder there; on any error it
+    is deleted and ``output`` is left as it was."""
+    for stale in remove_stale_staging(output):
+        print(f"note: removed {stale}, left by an interrupted {command}", file=sys.stderr)
+    staging = make_staging(output)
+    try:
+        yield staging
+        mark_directory(staging, kind)
+        if replace:
+            remove_directory(output)
+        elif output.is_dir():
+            output.rmdir()  # empty (checked by the caller)
+        staging.rename(output)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
 
 
 def remove_stale_staging(output: Path) -> list[Path]:

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import starfile
 
 from cryosvi.config import Optics
 from cryosvi.errors import CryosviError
