@@ -149,13 +149,14 @@ def whole_stack_learn_modes(table, reference, blocks, max_particles, seed, itera
     """What learn-modes computed before it read the stack in chunks: every fitted image
     in memory at once, the gray levels by one least-squares fit of the whole arrays
     (``graylevels.fit_scale_with_poses``) against the model images of all of them at
-    once, the amplitudes of the whole tensor."""
+    once, the amplitudes of the whole tensor (and the same junk weights)."""
     import torch
     from dataclasses import replace
 
     from cryosvi.dataset import ParticleData, priors_from_particles, working_reference
     from cryosvi.inference.learnt_modes import (GRAY_LEVEL_IMAGES, REFIT_TOLERANCE,
-                                                fit_amplitudes, learnt_reference)
+                                                fit_amplitudes, junk_weights,
+                                                learnt_reference)
     from cryosvi.latents import BY_NAME
     from cryosvi.physics.forward import ForwardModel
     from cryosvi.physics.graylevels import fit_scale_with_poses
@@ -191,12 +192,13 @@ def whole_stack_learn_modes(table, reference, blocks, max_particles, seed, itera
                               reference.noise.std, 10.0, iterations)
 
     reference = with_levels(torch.zeros(len(images), len(basis)))
-    means, covariances = fit()
+    fitted = fit()
     first_scale = reference.imaging.scale
-    reference = with_levels(means)
+    reference = with_levels(fitted.means)
     if abs(reference.imaging.scale / first_scale - 1) > REFIT_TOLERANCE:
-        means, covariances = fit()
-    learnt, summary = learnt_reference(reference, basis, means, covariances, 1, {})
+        fitted = fit()
+    learnt, summary = learnt_reference(reference, basis, fitted.means, fitted.covariances,
+                                       1, {}, junk_weights(fitted.log_bayes)[0])
     return learnt, {**summary, "scale": reference.imaging.scale,
                     "offset": reference.imaging.offset, "noise_std": reference.noise.std}
 
@@ -245,3 +247,32 @@ def test_reading_the_stack_in_chunks_gives_the_numbers_of_the_whole_stack(tmp_pa
     assert summary["components"] == expected["components"]
     np.testing.assert_allclose(learnt.modes, old.modes, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(learnt.coords, old.coords, rtol=1e-9, atol=1e-12)
+
+
+def test_junk_does_not_pull_the_learnt_direction(tmp_path):
+    """A quarter of the particles replaced by junk the model cannot explain at their
+    poses (pure noise, and particle images with their Fourier phases scrambled: the same
+    power, no structure): learn-modes weighs each particle by its own probability of
+    holding the molecule (the Laplace evidence against an empty image), finds the junk
+    fraction and still the hinge."""
+    import mrcfile
+
+    base = reference_with(1)
+    direction = hinge_of_block(base.coords, rigid_blocks(base.coords, 3), 0)
+    data = simulate_along(tmp_path, direction, base)
+    noise_std = truth_noise_std(data)
+    generator = np.random.default_rng(0)
+    with mrcfile.open(data / "particles.mrcs", mode="r+") as mrc:
+        stack = mrc.data
+        box = stack.shape[-1]
+        stack[:50] = generator.normal(0.0, noise_std, (50, box, box))
+        spectra = np.fft.fft2(stack[50:100])
+        phases = np.angle(np.fft.fft2(generator.normal(size=(50, box, box))))
+        stack[50:100] = np.fft.ifft2(np.abs(spectra) * np.exp(1j * phases)).real
+    learnt_path = tmp_path / "learnt.npz"
+    assert main(["learn-modes", "--particles", str(data / "particles.star"), "--stride",
+                 str(STRIDE), "--structure", str(default_structure_path()), "--chain", "A",
+                 "-o", str(learnt_path), "--quiet"]) == 0
+    learnt = Reference.load(learnt_path)
+    assert learnt.source["learnt"]["junk_fraction"] == pytest.approx(0.25, abs=0.04)
+    assert abs(float(learnt.modes.reshape(-1) @ direction)) > 0.97

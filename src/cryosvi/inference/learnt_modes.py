@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -40,6 +41,7 @@ from cryosvi.physics.anm import rigid_basis
 from cryosvi.physics.forward import ForwardModel
 from cryosvi.physics.graylevels import MEASURABLE_Z, GrayLevels
 from cryosvi.physics.noise import NoiseModel
+from cryosvi.inference.junk import fit_junk_mixture
 from cryosvi.inference.laplace import gauss_newton
 from cryosvi.inference.ppca import principal_directions
 from cryosvi.reference import Reference
@@ -117,10 +119,15 @@ def fit_amplitudes(forward: ForwardModel, images, rotation: Tensor, ctf,
                    shifts: Tensor | None, noise_std: float, prior_std: float,
                    iterations: int = 10, batch_size: int = 64,
                    progress=None, noise_model: NoiseModel | None = None
-                   ) -> tuple[Tensor, Tensor]:
+                   ) -> "AmplitudeFit":
     """Each particle's posterior mode (n, D) and Laplace covariance (n, D, D) float64 of
     the amplitudes of ``forward``'s D modes under a N(0, prior_std^2) prior (Å RMS), by
-    Levenberg-Marquardt from 0 (``cryosvi.inference.laplace.gauss_newton``).
+    Levenberg-Marquardt from 0 (``cryosvi.inference.laplace.gauss_newton``), and the
+    log Bayes factor (n,) of the particle model against an image with no particle (the
+    gray levels' offset and the noise alone), from the Laplace evidence:
+    log B = |r_0|^2 / 2 - |r|^2 / 2 + log N(a; 0, prior_std^2 I) + D/2 log 2 pi - 1/2 log
+    det H, r the (whitened) residuals at the mode a, r_0 those of the empty image, H the
+    Gauss-Newton precision (MacKay 2003, ch. 27).
 
     images: (n, L, L) in the forward model's gray levels, noise std ``noise_std``, or a
     function of particle positions (k,) int64 returning their (k, L, L) images, read
@@ -139,12 +146,23 @@ def fit_amplitudes(forward: ForwardModel, images, rotation: Tensor, ctf,
     steps = torch.full((dim,), FIT_STEP, device=device)
     means = torch.zeros(n, dim, dtype=torch.float64)
     covariances = torch.zeros(n, dim, dim, dtype=torch.float64)
+    log_bayes = torch.zeros(n, dtype=torch.float64)
     for start in range(0, n, batch_size):
         rows = torch.arange(start, min(n, start + batch_size))
         data = read(rows).to(device)
         batch_rotation = rotation[rows].to(device)
         batch_ctf = ctf.take(rows).to(device)
         batch_shifts = None if shifts is None else shifts[rows].to(device)
+
+        def whitened(model):
+            """The residuals of model images (copies, batch, L, L) against the data."""
+            copies, batch = model.shape[:2]
+            if noise_model is not None:
+                group = batch_ctf.group
+                return noise_model.residuals(data[None], model,
+                                             None if group is None else group.to(device))
+            return ((model.reshape(copies, batch, -1) - data.reshape(1, batch, -1))
+                    / noise_std)
 
         def residuals(point):
             amplitudes = point["a"]
@@ -154,12 +172,7 @@ def fit_amplitudes(forward: ForwardModel, images, rotation: Tensor, ctf,
                 model = forward(amplitudes.reshape(-1, dim), batch_rotation[index], None,
                                 ctf=batch_ctf.take(index),
                                 shifts=None if batch_shifts is None else batch_shifts[index])
-            if noise_model is not None:
-                group = batch_ctf.group
-                return noise_model.residuals(data[None], model.view(copies, *data.shape),
-                                             None if group is None else group.to(device))
-            return ((model.reshape(copies, batch, -1) - data.reshape(1, batch, -1))
-                    / noise_std)
+            return whitened(model.view(copies, *data.shape))
 
         result = gauss_newton(
             {"a": torch.zeros(1, len(rows), dim, device=device)}, residuals,
@@ -169,9 +182,37 @@ def fit_amplitudes(forward: ForwardModel, images, rotation: Tensor, ctf,
             steps, iterations=iterations)
         means[rows] = result.point["a"][0].double().cpu()
         covariances[rows] = torch.linalg.inv(result.precision).cpu()
+        empty = torch.full_like(data, forward.imaging.offset)[None]
+        misfit_empty = 0.5 * whitened(empty).double().square().sum(-1)[0]
+        mode = result.point["a"][0].double()
+        log_prior = (-0.5 * (mode / prior_std).square().sum(-1)
+                     - dim * math.log(prior_std))  # + D/2 log 2 pi cancels below
+        log_bayes[rows] = (misfit_empty - result.misfit.double() + log_prior
+                           - 0.5 * torch.logdet(result.precision.double())).cpu()
         if progress is not None:
             progress(len(rows))
-    return means, covariances
+    return AmplitudeFit(means, covariances, log_bayes)
+
+
+class AmplitudeFit(NamedTuple):
+    """``fit_amplitudes``' result: means (n, D), covariances (n, D, D), log_bayes (n,)
+    float64 (the particle model against an empty image)."""
+
+    means: Tensor
+    covariances: Tensor
+    log_bayes: Tensor
+
+
+def junk_weights(log_bayes: Tensor) -> tuple[Tensor, float]:
+    """Each particle's weight 1 - p(junk) (n,) float64 and the fitted junk fraction,
+    from the log Bayes factors of ``fit_amplitudes``: the two-model mixture (particle,
+    empty image) fitted by EM over the particles (``cryosvi.inference.junk``). Empty
+    images and images without the molecule's structure at its pose (phase-scrambled
+    particles, aggregates) gain nothing from the amplitudes and get weight ~0."""
+    evidence = torch.stack([log_bayes.double(), torch.zeros_like(log_bayes, dtype=torch.float64),
+                            torch.zeros_like(log_bayes, dtype=torch.float64)], -1)
+    mixture = fit_junk_mixture(evidence)
+    return 1.0 - mixture.p_junk, mixture.junk_fraction
 
 
 class _PooledLeastSquares:
@@ -262,7 +303,7 @@ def learn_modes(reference: Reference, basis: np.ndarray, images, rotation: Tenso
             imaging=replace(reference.imaging, scale=fitted.scale, offset=fitted.offset),
             noise=replace(reference.noise, std=fitted.noise_std))
 
-    def fit() -> tuple[Tensor, Tensor]:
+    def fit() -> AmplitudeFit:
         noise = None if reference.noise_model is None else reference.noise_model.to(device)
         return fit_amplitudes(model_at(reference), read, rotation, ctf, shifts,
                               reference.noise.std, prior_std, iterations, progress=progress,
@@ -270,18 +311,23 @@ def learn_modes(reference: Reference, basis: np.ndarray, images, rotation: Tenso
 
     if fit_levels:
         reference = with_levels(torch.zeros(n, len(basis)))
-    means, covariances = fit()
+    fitted = fit()
     passes = 1
     if fit_levels:
         first_scale = reference.imaging.scale
-        reference = with_levels(means)
+        reference = with_levels(fitted.means)
         if abs(reference.imaging.scale / first_scale - 1) > REFIT_TOLERANCE:
-            means, covariances = fit()
+            fitted = fit()
             passes = 2
-    learnt, summary = learnt_reference(reference, basis, means, covariances, n_modes,
-                                       source or {}, weights)
+    # Junk (empty ice, structureless images) would pull the directions: each particle
+    # counts by its own probability of holding the molecule, times the given weight.
+    own, junk_fraction = junk_weights(fitted.log_bayes)
+    weights = own if weights is None else own * weights.double()
+    learnt, summary = learnt_reference(reference, basis, fitted.means, fitted.covariances,
+                                       n_modes, source or {}, weights)
     summary.update(fitting_passes=passes, scale=reference.imaging.scale,
-                   offset=reference.imaging.offset, noise_std=reference.noise.std)
+                   offset=reference.imaging.offset, noise_std=reference.noise.std,
+                   junk_fraction=round(junk_fraction, 4))
     return learnt, summary
 
 
