@@ -16,7 +16,7 @@ from cryosvi.physics.forward import ForwardModel
 from cryosvi.physics.noise import NoiseModel
 from cryosvi.physics.optics import OpticsGroups, ParticleCTF
 from cryosvi.physics.rotations import random_quaternions
-from tests.test_guide import tiny_reference
+from test_guide import tiny_reference
 
 BOX, PIXEL = 24, 3.0
 
