@@ -4,6 +4,7 @@ the same trained run, scored against the truth, through the CLI as a user would.
     python benchmarks/noise/model_error.py own -w WORKDIR [--n 1000] [--test 300]
         [--snr 1] [--epochs 10] [--latents pose,defocus,modes] [--threads 1]
     python benchmarks/noise/model_error.py realistic -w WORKDIR [--preset ctf-shifts-given]
+        [--run run-ctf-shifts-given] [--reuse]
 
 * ``own``: cryosvi's own simulation (``cryosvi simulate --preset paper --noise-spectrum
   coloured``: a training set of N and a held-out set of TEST particles, other seeds),
@@ -12,7 +13,11 @@ the same trained run, scored against the truth, through the CLI as a user would.
   and interval widths within 10 %).
 * ``realistic``: the run and data set that ``benchmarks/realistic/run_experiments.py -w
   WORKDIR --experiments PRESET`` left (RELION-projected all-atom images with coloured
-  noise, B 100, contrast spread and junk; WORKDIR/run-PRESET, WORKDIR/data-PRESET).
+  noise, B 100, contrast spread and junk; WORKDIR/run-PRESET, or ``--run`` NAME, e.g.
+  run-PRESET-anm, the first pass's run with the ANM mode; WORKDIR/data-PRESET).
+
+``--reuse``: score the posteriors WORKDIR/posterior-model-error-{off,on}.star that are
+there instead of inferring them again (e.g. one made by run_experiments.py's infer).
 
 Scores over the real particles (cryosviTrueJunk 0 where the data have junk), computed
 here from the STAR files: the median geodesic pose error (deg); pose cover95: the
@@ -103,15 +108,18 @@ def score(posterior: Path, truth_star: Path, realistic: bool) -> dict:
 
 
 def infer_both(rundir: Path, particles: Path, work: Path, truth: Path, realistic: bool,
-               threads: list[str], options: str, log: list) -> dict:
+               threads: list[str], options: str, log: list, reuse: bool = False) -> dict:
     scores, estimates = {}, {}
     for setting in ("off", "on"):
         posterior = work / f"posterior-model-error-{setting}.star"
-        run(cryosvi("infer", "--run", str(rundir), "--particles", str(particles), "-o",
-                    str(posterior), "--model-error", setting, "--force", "--quiet",
-                    *shlex.split(options), *threads), log)
+        inferred = not (reuse and posterior.is_file())
+        if inferred:
+            run(cryosvi("infer", "--run", str(rundir), "--particles", str(particles), "-o",
+                        str(posterior), "--model-error", setting, "--force", "--quiet",
+                        *shlex.split(options), *threads), log)
         scores[setting] = score(posterior, truth, realistic)
-        scores[setting]["infer_wall_s"] = log[-1]["wall_s"]
+        if inferred:
+            scores[setting]["infer_wall_s"] = log[-1]["wall_s"]
         beside = posterior.with_suffix(".model_error.json")
         if setting == "on" and beside.is_file():
             entry = json.loads(beside.read_text())
@@ -145,9 +153,9 @@ def own(args, log: list) -> dict:
 def realistic(args, log: list) -> dict:
     work = Path(args.workdir)
     data = work / f"data-{args.preset}"
-    return infer_both(work / f"run-{args.preset}", data / "particles.star", work,
-                      data / "particles.star", True, ["--threads", str(args.threads)],
-                      args.infer_options, log)
+    return infer_both(work / (args.run or f"run-{args.preset}"), data / "particles.star",
+                      work, data / "particles.star", True, ["--threads", str(args.threads)],
+                      args.infer_options, log, args.reuse)
 
 
 def main(argv=None) -> None:
@@ -163,6 +171,8 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--infer-options", default="")
     parser.add_argument("--retrain", action="store_true")
+    parser.add_argument("--run", default=None, help="realistic: the run's folder in WORKDIR")
+    parser.add_argument("--reuse", action="store_true")
     parser.add_argument("--tag", default="")
     args = parser.parse_args(argv)
     log: list = []
