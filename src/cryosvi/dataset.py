@@ -429,7 +429,8 @@ def estimate_noise_model(data: ParticleData, reference: Reference, seed: int, de
     group, n_groups = noise_groups(data, rows)
     particle_weights = None if weights is None else torch.as_tensor(
         np.asarray(weights, dtype=np.float64)[rows])
-    forward = reference.forward_model(data.groups).to(device)
+    # the bare model: the estimate's B is 0, relative to it
+    forward = reference.forward_model(data.groups, envelope=False).to(device)
     devices = [forward.coords.device] if forward.coords.is_cuda else []
     with torch.no_grad(), torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed + 7919)

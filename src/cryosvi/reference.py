@@ -106,12 +106,17 @@ class Reference:
     def with_settings(self, **changes) -> "Reference":
         return replace(self, **changes)
 
-    def forward_model(self, groups=None):
+    def forward_model(self, groups=None, envelope: bool = True):
         """The ForwardModel of these settings; ``groups``: the ``OpticsGroups`` of
-        per-particle CTFs (default: ``optics`` as the only group)."""
+        per-particle CTFs (default: ``optics`` as the only group). ``envelope``: the
+        model images get the B envelope of ``noise_model`` (its ``bfactor``, relative to
+        the model) on top of each CTF's, as the likelihood and the training simulations
+        need; False: the bare model (a simulator that adds its own effects)."""
         from cryosvi.physics.forward import ForwardModel
 
-        return ForwardModel(self.coords, self.modes, self.optics, self.imaging, groups)
+        bfactor = self.noise_model.bfactor if envelope and self.noise_model else 0.0
+        return ForwardModel(self.coords, self.modes, self.optics, self.imaging, groups,
+                            envelope_bfactor=bfactor)
 
     def at_box(self, box: int, pixel_size: float) -> "Reference":
         """The reference for images of ``box`` px of ``pixel_size`` Å (a working box the

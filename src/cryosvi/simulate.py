@@ -243,7 +243,9 @@ def _simulate_into(reference: Reference, n: int, directory: Path, seed: int,
     box = reference.optics.box
     paper = acquisition.is_paper
     groups = acquisition.groups or (reference.optics,)
-    forward = reference.forward_model(OpticsGroups.from_optics(groups)).to(device)
+    # the bare model: the effects (the B envelope among them) are added below
+    forward = reference.forward_model(OpticsGroups.from_optics(groups),
+                                      envelope=False).to(device)
     pyro.set_rng_seed(seed)
     moments = RunningMoments()
     latents: dict[str, list] = {}

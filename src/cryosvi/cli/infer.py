@@ -88,6 +88,17 @@ def register(subparsers, summary: str) -> None:
                         metavar="P",
                         help="write only the particles whose cryosviJunkProbability is "
                         "below P (STAR, .cs and samples; default: every particle)")
+    parser.add_argument("--model-error", choices=("on", "off"), default="on",
+                        help="for a run with a noise model (train --noise-model): before "
+                        "the main pass, a first pass over up to 1000 particles chosen by "
+                        "--seed measures the residual power the model leaves beyond the "
+                        "noise, per optics group and shell (model error D), and the B "
+                        "envelope from the per-shell gain; every particle is then inferred "
+                        "with the noise spectrum S + 2D, so the intervals widen where the "
+                        "model misfits (on the model's own simulations D ~ 0 and they stay "
+                        "as they were). Writes the estimate to OUTPUT.model_error.json. "
+                        "'off': the run's noise model as trained. A run with white noise "
+                        "has none")
     parser.add_argument("--turns", type=int, choices=[1, 2, 4], default=1,
                         help="the guide's posterior as the mixture of its posteriors for "
                         "this many quarter turns of each image: more accurate means, "
@@ -136,7 +147,7 @@ def run(args) -> None:
                       device=args.device, progress=not args.quiet, datadir=args.datadir,
                       invert=args.invert, seed=args.seed, resume=args.resume,
                       force=args.force, chunk_size=args.chunk_size, ranks=ranks,
-                      max_junk=args.max_junk)
+                      max_junk=args.max_junk, model_error=args.model_error == "on")
     finally:
         distributed.stop(ranks)
     if frame is None:  # another rank wrote the result
@@ -161,6 +172,10 @@ def run(args) -> None:
     left = "" if args.max_junk is None else \
         f" (those with junk probability below {args.max_junk:g})"
     print(f"wrote the posterior of {len(frame)} particles{left} to {args.output}{npz}{extra}")
+    if "model_error" in frame.attrs:
+        from cryosvi.inference.model_error import beside, summary_line
+
+        print(f"{summary_line(frame.attrs['model_error'])}; wrote {beside(args.output)}")
 
 
 def infer_device(name: str) -> str:
@@ -213,6 +228,11 @@ def check_outputs(args) -> None:
         check_output_file(samples_path(output), "samples", args.force, [*inputs, output],
                           option="--samples to")
     reference = Reference.load(Path(args.run) / REFERENCE_FILE)
+    if getattr(args, "model_error", "off") == "on" and reference.noise_model is not None:
+        from cryosvi.inference.model_error import beside
+
+        check_output_file(beside(output), "model error", args.force, [*inputs, output],
+                          option="the model error beside -o,")
     check_memory(args.batch_size * max(args.importance, 1), reference.optics,
                  reference.imaging, args.device, "use a smaller --batch-size or --importance")
 

@@ -20,6 +20,7 @@ from cryosvi.inference.distributed import Ranks, auto_device
 from cryosvi.inference.grid import grid_dimension
 from cryosvi.inference.importance import importance_log_evidence
 from cryosvi.inference.junk import MODELS, assess_junk, null_log_evidence, offset_log_density
+from cryosvi.inference import model_error as errors
 from cryosvi.inference.refine import (METHODS, REFINERS, Batch, Settings,
                                       check_refinement, dataset_snr, guide_alone)
 from cryosvi.io.outputs import provenance_array
@@ -45,7 +46,8 @@ def infer(run: str | Path, particles: str | Path, output: str | Path, samples: i
           progress: bool = True, datadir: str | Path | None = None,
           invert: bool = False, seed: int = 0, resume: bool = False,
           force: bool = False, chunk_size: int = CHUNK_PARTICLES,
-          ranks: Ranks | None = None, max_junk: float | None = None) -> pd.DataFrame | None:
+          ranks: Ranks | None = None, max_junk: float | None = None,
+          model_error: bool = True) -> pd.DataFrame | None:
     """Posterior of every particle of ``particles`` (STAR or cryoSPARC .cs, read by
     ``cryosvi.io.read_particles`` with ``datadir`` and ``invert``) under the trained run
     ``run``.
@@ -80,6 +82,14 @@ def infer(run: str | Path, particles: str | Path, output: str | Path, samples: i
     ``max_junk``: only the particles whose junk probability is below it are written (STAR,
     .cs and samples; None: all). The returned table's ``attrs['junk_fraction']`` is the
     fitted junk fraction.
+
+    Model error (``model_error``, for a run with a noise model): before the main pass, a
+    first pass over a fixed subset of the particles (``cryosvi.inference.model_error``)
+    gives the residual power the model leaves beyond the noise; every particle is then
+    inferred with the refined noise model (T = S + k D, the B envelope and the contrast
+    prior from those residuals). The estimate is kept in the work folder (a resumed run
+    and every process use the same numbers) and written beside the STAR
+    (``model_error.beside``); the returned table's ``attrs['model_error']`` holds it.
     """
     check_turns(turns)  # before the run is loaded
     if method not in REFINERS:
@@ -95,8 +105,9 @@ def infer(run: str | Path, particles: str | Path, output: str | Path, samples: i
     data, known = run_particles(table, config, reference)
     output = Path(output)
     work = WorkFolder(work_folder_path(output))
+    model_error = bool(model_error) and reference.noise_model is not None
     settings = dict(importance=importance, method=method, moves=moves, starts=starts,
-                    turns=turns,
+                    turns=turns, model_error=model_error,
                     samples=samples, summary_samples=summary_samples, seed=seed,
                     chunk_size=chunk_size, invert=invert,
                     datadir=None if datadir is None else str(Path(datadir).resolve()))
@@ -110,25 +121,35 @@ def infer(run: str | Path, particles: str | Path, output: str | Path, samples: i
         work.prepare(action, identity)
     ranks.barrier()
 
-    forward = reference.forward_model(data.groups).to(device)
     noise_std = reference.noise.std
-    noise_model = None if reference.noise_model is None else reference.noise_model.to(device)
-    nulls = junk_null_model(data, reference, seed).to(device)
     # 'auto' decides by the data set's SNR where the grid cannot take the run
     snr = dataset_snr(data, noise_std) if importance and method == "auto" \
         and grid_dimension(config.latents, config) is None else None
     refine = Settings(importance, moves, snr=snr, starts=starts)
     draws = max(summary_samples, samples, importance)
 
-    def summarise(index: np.ndarray) -> dict:
-        """The posterior summary of the particles ``index`` (one batch), with
-        'log_evidence' (B, 3): the three models' (``EVIDENCE_COLUMNS``)."""
-        batch = Batch(guide, forward, reference.priors, noise_std,
-                      torch.from_numpy(data.images(index)).to(device),
-                      {s: v[index].to(device) for s, v in known.items()},
-                      data.conditions.take(index).to(device),
-                      Streams(seed, torch.from_numpy(index)).to(device),
-                      noise_model=noise_model)
+    priors = reference.priors
+
+    def likelihood(reference):
+        """(forward model, noise model, junk nulls) of a reference, on the device."""
+        noise = None if reference.noise_model is None else reference.noise_model.to(device)
+        return (reference.forward_model(data.groups).to(device), noise,
+                junk_null_model(data, reference, seed).to(device))
+
+    def batch_of(index: np.ndarray, model) -> Batch:
+        forward, noise_model, _ = model
+        return Batch(guide, forward, priors, noise_std,
+                     torch.from_numpy(data.images(index)).to(device),
+                     {s: v[index].to(device) for s, v in known.items()},
+                     data.conditions.take(index).to(device),
+                     Streams(seed, torch.from_numpy(index)).to(device),
+                     noise_model=noise_model)
+
+    def summarise(index: np.ndarray, model) -> dict:
+        """The posterior summary of the particles ``index`` (one batch) under ``model``
+        (``likelihood``), with 'log_evidence' (B, 3): the three models'
+        (``EVIDENCE_COLUMNS``)."""
+        batch = batch_of(index, model)
         with torch.no_grad():
             summary = REFINERS[method](batch, refine) if importance else \
                 guide_alone(batch, draws)
@@ -137,8 +158,27 @@ def infer(run: str | Path, particles: str | Path, output: str | Path, samples: i
                 own = None if importance else summary  # the guide's draws, when its own
                 physics = _guide_log_evidence(batch, own)
             summary["log_evidence"] = torch.cat(
-                [physics.double()[:, None], _null_log_evidence(batch, nulls)], -1)
+                [physics.double()[:, None], _null_log_evidence(batch, model[2])], -1)
         return summary
+
+    estimate = None
+    if model_error:
+        stored = work.path / errors.FILE_NAME
+        if ranks.leader and not stored.is_file():
+            first = likelihood(reference)
+
+            def images_at_means(index, summary):
+                batch = batch_of(index, first)
+                return errors.mean_images(batch.forward, summary, batch.known,
+                                          batch.conditions, config.latents)
+
+            errors.save(stored, errors.estimate(
+                lambda index: summarise(index, first), images_at_means, data, reference,
+                reference.noise_model, seed, batch_size, progress))
+        ranks.barrier()  # rank 0 has written the estimate
+        estimate = errors.load(stored)
+        reference = reference.with_settings(noise_model=errors.noise_model(estimate))
+    model = likelihood(reference)
 
     def compute(indices: np.ndarray, advance) -> tuple[dict, dict]:
         """STAR columns (n,) and samples (n, S, ...) of the particles ``indices``."""
@@ -146,7 +186,7 @@ def infer(run: str | Path, particles: str | Path, output: str | Path, samples: i
         drawn: dict[str, list] = {}
         for start in range(0, len(indices), batch_size):
             index = indices[start:start + batch_size]
-            summary = summarise(index)
+            summary = summarise(index, model)
             rows = table.metadata.iloc[index]
             for key, value in summary_columns(summary, config.latents, rows, config).items():
                 columns.setdefault(key, []).append(value)
@@ -171,6 +211,9 @@ def infer(run: str | Path, particles: str | Path, output: str | Path, samples: i
     frame = None
     if ranks.leader:
         frame = _write_result(output, table, work, chunks, samples, max_junk)
+        if estimate is not None:
+            errors.save(errors.beside(output), estimate)
+            frame.attrs["model_error"] = estimate
     table.close()
     ranks.barrier()  # the result is written before any rank returns
     return frame

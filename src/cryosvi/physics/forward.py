@@ -4,6 +4,8 @@
     rotated = R(q) atoms                             (rotations)
     image   = truncated Gaussian projection along z  (projection)
     clean   = CTF (*) image, translated by -shifts   (ctf + shifts, one zero-padded FFT)
+              (the CTF times exp(-B s^2 / 4), B = the particle's B-factor plus the
+              model's ``envelope_bfactor``: RELION's convention, src/ctf.h)
     output  = scale * clean + offset                 (the data's gray levels, Imaging)
 
 Two ways to give the CTF: a data-set defocus (B,) Å with the one ``Optics`` (no
@@ -17,6 +19,7 @@ The same function serves the Pyro model, the simulator and the benchmark.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -58,12 +61,18 @@ class ForwardModel(nn.Module):
     * ``shifts`` (B, 2) Å: RELION's (rlnOriginXAngst, rlnOriginYAngst); the image is
       translated by -shifts (a phase ramp in the CTF's FFT; ``cryosvi.physics.shifts``).
 
+    envelope_bfactor: Å^2, an envelope exp(-B s^2 / 4) every image gets on top of its
+    CTF's own (the optics' B-factor, or each particle's rlnCtfBfactor): the B a run's
+    ``NoiseModel`` fits relative to the model (``NoiseModel.bfactor``). It is added to
+    the CTF's B-factor, so it costs nothing; 0 (the default) leaves every path as it
+    was, bit for bit.
+
     The result is in the data's gray levels: ``imaging.scale`` times the image plus
     ``imaging.offset``.
     """
 
     def __init__(self, coords: Tensor, modes: Tensor, optics: Optics, imaging: Imaging,
-                 groups: OpticsGroups | None = None):
+                 groups: OpticsGroups | None = None, envelope_bfactor: float = 0.0):
         super().__init__()
         self.register_buffer("coords", torch.as_tensor(coords, dtype=torch.float32))
         self.register_buffer("modes", torch.as_tensor(modes, dtype=torch.float32))
@@ -71,6 +80,10 @@ class ForwardModel(nn.Module):
         self.imaging = imaging
         self.window = imaging.window or default_window(imaging.sigma, optics.pixel_size)
         self.groups = OpticsGroups.from_optics([optics]) if groups is None else groups
+        self.envelope_bfactor = float(envelope_bfactor)
+        # The one optics' CTF with the envelope added (hashable: the CTF basis cache).
+        self._ctf_optics = optics if not self.envelope_bfactor else dataclasses.replace(
+            optics, bfactor=optics.bfactor + self.envelope_bfactor)
 
     @property
     def n_modes(self) -> int:
@@ -111,11 +124,15 @@ class ForwardModel(nn.Module):
                 ctf: ParticleCTF | None = None, shifts: Tensor | None = None) -> Tensor:
         if ctf is None:
             image = self.project(enm_scale, rotation)
-            clean = apply_ctf(image, defocus, defocus, torch.zeros_like(defocus), self.optics,
-                              self.imaging.pad_factor, shifts=shifts)
+            clean = apply_ctf(image, defocus, defocus, torch.zeros_like(defocus),
+                              self._ctf_optics, self.imaging.pad_factor, shifts=shifts)
         else:
             if defocus is not None:
                 ctf = ctf.offset(defocus)
+            if self.envelope_bfactor:
+                own = 0.0 if ctf.bfactor is None else ctf.bfactor
+                ctf = ctf._replace(bfactor=torch.zeros_like(ctf.defocus_u) + own
+                                   + self.envelope_bfactor)
             image = self._project_groups(enm_scale, rotation, ctf.group)
             clean = apply_particle_ctf(image, ctf, self.groups, self.imaging.pad_factor,
                                        shifts=shifts)

@@ -284,8 +284,8 @@ class NoiseModel:
     error_weight: k in T = S + k D. contrast_mean, contrast_std, contrast_floor: mu, tau
     and the lower bound of the contrast prior, in units of the model images. bfactor:
     Å^2, the envelope exp(-B s^2 / 4) the model images need on top of the forward
-    model's CTF (``spectrum.apply_envelope``; a caller adds it to each particle's CTF
-    B-factor). cropped: the images are Fourier-cropped to an even box, so their Nyquist
+    model's CTF (``spectrum.apply_envelope``; ``Reference.forward_model`` adds it to each
+    particle's CTF B-factor, so the likelihood and the training simulations see it). cropped: the images are Fourier-cropped to an even box, so their Nyquist
     row and column are 0 and left out. origin: how it was made (free text, provenance).
     """
 
