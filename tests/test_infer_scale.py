@@ -255,10 +255,12 @@ def particle_file(source: Path, folder: Path, count: int, images: int) -> Path:
 
 def peak_memory(run: Path, particles: Path, output: Path) -> float:
     """Peak resident memory (MiB) of ``cryosvi infer`` (the guide alone) in a process of
-    its own (resource.getrusage of that process)."""
-    code = ("import resource, sys; from cryosvi.cli.main import main; "
+    its own: its VmHWM, not ru_maxrss, which after subprocess's vfork + exec also holds
+    pytest's own peak (see tests/test_simulate.py's bounded-memory test)."""
+    code = ("import re, sys; from cryosvi.cli.main import main; "
             "code = main(sys.argv[1:]); "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(code)")
+            "print(re.search(r'^VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read(), "
+            "re.M).group(1)); sys.exit(code)")
     arguments = ["infer", "--run", str(run), "--particles", str(particles), "-o",
                  str(output), "--importance", "0", "--device", "cpu", "--threads", "1",
                  "--quiet"]
