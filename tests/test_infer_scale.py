@@ -272,8 +272,7 @@ def peak_memory(run: Path, particles: Path, output: Path) -> float:
 
 def test_peak_memory_does_not_grow_with_the_particle_count(scale_run, tmp_path):
     """10x the particles (1 000 -> 10 000 at box 16, the guide alone): the peak resident
-    memory within 1.25x (measured on 2 000 -> 20 000: 1.04x; 200 000 particles 1.16x of
-    20 000)."""
+    memory within 1.25x."""
     small = particle_file(scale_run / "test" / "particles.star", tmp_path, 1000, 1000)
     large = particle_file(scale_run / "test" / "particles.star", tmp_path, 10000, 1000)
     first = peak_memory(scale_run / "run", small, tmp_path / "small.star")
