@@ -6,7 +6,9 @@ quadrature over the true (lognormal) contrast distribution."""
 
 from __future__ import annotations
 
+import importlib.util
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -102,34 +104,24 @@ def test_em_recovers_the_mixture_weights():
     assert torch.allclose(fit.p_junk, junk_probability(log_evidence, fit.weights))
 
 
-def _calibration_toy(seed: int, n: int = 3000, pi: float = 0.2, snr_u: float = 3.0,
-                     spread: float = 0.3, box: int = 20):
-    """Particles: template (whitened norm snr_u) times a lognormal contrast (mean 1,
-    log-std ``spread``) plus noise; junk: half empty, half structureless."""
-    g = torch.Generator().manual_seed(seed)
-    spectrum = toy_spectrum(box)
-    y, x = torch.meshgrid(*(torch.arange(box, dtype=torch.float64) - box // 2,) * 2,
-                          indexing="ij")
-    blob = torch.exp(-(x**2 + y**2) / 12.5)
-    template = torch.fft.irfft2(torch.fft.rfft2(blob) * torch.cos(sp.frequency_radius(box)
-                                                                   / 2.5), s=(box, box))
-    template = template * snr_u / whitened_products(template, template, spectrum)[2].sqrt()
-    u = torch.rand(n, generator=g, dtype=torch.float64)
-    kind = torch.where(u < pi / 2, 1, torch.where(u < pi, 2, 0))
-    contrast = torch.exp(spread * torch.randn(n, generator=g, dtype=torch.float64)
-                         - spread**2 / 2)
-    power = sp.shell_average(sp.power_spectrum(template)) * float(contrast.square().mean())
-    images = (coloured_noise(spectrum.expand(n, -1), box, g)
-              + (kind == 0)[:, None, None] * contrast[:, None, None] * template
-              + (kind == 2)[:, None, None] * coloured_noise(power.expand(n, -1), box, g))
-    noise = NoiseModel(box, 2.0, spectrum[None], signal_power=power[None])
-    return images, template.expand(n, box, box), kind, noise
+def _calibration_benchmark():
+    """benchmarks/noise/junk_calibration.py, whose toy (a known template under coloured
+    noise, with empty and structureless junk) and scores this test shares."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "noise" / "junk_calibration.py"
+    spec = importlib.util.spec_from_file_location("junk_calibration", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _calibration_toy(seed: int):
+    """3 000 images of 20 px: 20 % junk (half empty, half structureless), particles of
+    whitened norm 3 at contrast 1 with a lognormal contrast of log-std 0.3."""
+    return _calibration_benchmark().toy(seed, 3000, pi=0.2, snr_u=3.0, spread=0.3, box=20)
 
 
 def _expected_calibration_error(p: np.ndarray, junk: np.ndarray) -> float:
-    bins = np.clip((p * 10).astype(int), 0, 9)
-    return float(sum(abs(p[bins == b].mean() - junk[bins == b].mean()) * (bins == b).mean()
-                     for b in range(10) if (bins == b).any()))
+    return float(_calibration_benchmark().scores(p, junk)["ece"])
 
 
 def test_junk_probability_is_calibrated_with_the_contrast_floor():
