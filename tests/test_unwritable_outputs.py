@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from cryosvi.cli.main import main
+from test_safety import assert_one_error_line
 from cryosvi.guide import Architecture
 from cryosvi.reference import Reference
 from cryosvi.simulate import simulate_dataset
@@ -109,13 +110,7 @@ def assert_refused(capsys, argv, *fragments) -> None:
     """``cryosvi ARGV`` returns 2 with one ``error:`` line holding ``fragments``."""
     capsys.readouterr()
     code = main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert "Traceback" not in err
-    lines = [line for line in err.strip().splitlines() if "error:" in line]
-    assert len(lines) == 1, err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+    assert_one_error_line(code, capsys.readouterr().err, *fragments)
 
 
 def refuse_everywhere(capsys, inputs: Path, root: Path, folder: Path, name: str,
