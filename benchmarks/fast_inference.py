@@ -16,6 +16,10 @@ method of ``--methods``, one after the other in this process:
 * ``grid``, ``laplace``, ``laplace8`` (the Laplace path with 8 Gauss-Newton starts),
   ``smcN`` (the SMC with N moves): for comparisons.
 
+``--baseline-checkout DIR`` also times the first method with the library and this script
+of an earlier commit checked out in DIR (``git worktree add DIR COMMIT``), in a process
+of its own just before the others, and makes it the baseline: the speed of a default
+against the previous default as it was, when a change also sped up the previous default.
 Every method has ``--importance`` (64) samples per particle. Printed and written to the
 JSON: particles/s in wall and CPU time (``time.process_time``, which other jobs on a
 shared machine disturb less) and each method's speed over the first method's (the
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -154,6 +159,28 @@ class Setup:
         return out
 
 
+def earlier_commit(args, name: str) -> dict:
+    """Method ``name`` timed by the benchmark of the checkout ``args.baseline_checkout``
+    (its library and script) on the same particles, in a subprocess; its row of the
+    result with the checkout's commit."""
+    import subprocess
+    import tempfile
+
+    checkout = Path(args.baseline_checkout).resolve()
+    commit = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    with tempfile.TemporaryDirectory() as folder:
+        output = Path(folder) / "baseline.json"
+        subprocess.run([sys.executable, str(checkout / "benchmarks" / "fast_inference.py"),
+                        "--run", args.run, "--particles", args.particles, "-o", str(output),
+                        "--first", str(args.first), "--methods", name,
+                        "--importance", str(args.importance), "--batch", str(args.batch),
+                        "--threads", str(args.threads)],
+                       env={**os.environ, "PYTHONPATH": str(checkout / "src")}, check=True)
+        row = json.loads(output.read_text())["methods"][name]
+    return {**row, "commit": commit}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", required=True)
@@ -167,6 +194,11 @@ def main() -> None:
     parser.add_argument("--importance", type=int, default=64)
     parser.add_argument("--batch", type=int, default=64, help="particles per batch")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--baseline-checkout", metavar="DIR",
+                        help="a checkout of an earlier commit: the first method is also "
+                             "timed there (its own benchmarks/fast_inference.py, in a "
+                             "process of its own, just before this one's), and that is "
+                             "the baseline of the speed-ups")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     setup = Setup(args.run, args.particles)
@@ -178,7 +210,13 @@ def main() -> None:
               "dataset_snr": setup.snr, "first": len(index), "methods": {}}
     print(f"{args.run}: latents {', '.join(setup.config.latents)}, data set SNR "
           f"{setup.snr:.3g}; {len(index)} particles, {args.threads} thread(s)")
-    base = None
+    base, baseline = None, names[0]
+    if args.baseline_checkout:
+        row = earlier_commit(args, names[0])
+        base, baseline = row, f"{names[0]}@{row['commit']}"
+        record["methods"][baseline] = row
+        print(f"{names[0]} at {row['commit']}: {row['particles_per_s_wall']:.2f} "
+              f"particles/s wall ({row['particles_per_s_cpu']:.2f} CPU)", flush=True)
     for name in names:
         result = setup.refine(name, index, args.importance, args.batch)
         row = {k: v for k, v in result.items() if k != "summary"}
@@ -189,7 +227,7 @@ def main() -> None:
         record["methods"][name] = row
         print(f"{name:>9}: {row['particles_per_s_wall']:.2f} particles/s wall "
               f"({row['particles_per_s_cpu']:.2f} CPU); {row['speedup_wall']:.1f}x "
-              f"{names[0]}'s speed in wall time, {row['speedup_cpu']:.1f}x in CPU time; "
+              f"{baseline}'s speed in wall time, {row['speedup_cpu']:.1f}x in CPU time; "
               + ", ".join(f"{k} {row[k]:.3f}" for k in
                           ("spearman", "cov68", "cov95", "pose_median_deg", "pose_p90_deg",
                            "smc_fraction")

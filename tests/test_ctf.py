@@ -516,3 +516,33 @@ def test_ctf_even_in_ky_mirrored_half_equals_full_evaluation(size, pad_factor, m
     assert not ctf_module._is_even(
         ctf_module._group_coefficients(oblique, groups, images)[0],
         ctf_module._groups_layout(groups, pad_factor * size, images.device, images.dtype))
+
+
+@pytest.mark.parametrize("shifted", [False, True])
+def test_repeated_particles_share_their_transfer_and_equal_one_call_each(shifted):
+    """Samples of the same particles (their CTF rows repeated, S x B in (S, B) order, as
+    the refinement of a conformation with pose and CTF given makes them) take the
+    transfer functions computed once per particle; each row equals the particle's own
+    call with distinct rows only (which computes every CTF), with astigmatism, phase
+    shifts, envelopes, several groups and shifts, and the repeated call has gradients."""
+    ctf, n, repeats, size = particle_batch(seed=3), 6, 5, 16
+    shifts = 7 * torch.randn(n, 2, generator=torch.Generator().manual_seed(2), **F64) \
+        if shifted else None
+    tiled = type(ctf)(*(v.repeat(repeats) for v in ctf))
+    images = random_images(n * repeats, size, seed=9)
+    with torch.no_grad():
+        out = apply_particle_ctf(images, tiled, GROUPS, 2,
+                                 shifts=None if shifts is None else shifts.repeat(repeats, 1))
+    keys = ctf_module._group_coefficients(tiled, GROUPS, images)
+    assert ctf_module._shared_transfers(
+        keys[0], keys[1], None if shifts is None else shifts.repeat(repeats, 1),
+        ctf_module._groups_layout(GROUPS, 2 * size, images.device, images.dtype),
+        2 * size, False)[0].shape[0] == n
+    for s in range(repeats):
+        rows = slice(s * n, (s + 1) * n)
+        alone = apply_particle_ctf(images[rows], ctf, GROUPS, 2, shifts=shifts)
+        torch.testing.assert_close(out[rows], alone, rtol=0, atol=1e-12)
+    # Rows that repeat nothing, or an autograd call, take the per-row path unchanged.
+    grad_images = images.clone().requires_grad_()
+    apply_particle_ctf(grad_images, tiled, GROUPS, 2).sum().backward()
+    assert torch.isfinite(grad_images.grad).all()

@@ -139,7 +139,33 @@ def test_model_site_uses_each_particles_optics_group(forward):
     drawn = poutine.trace(model).get_trace(forward, Priors(mode_std=(1.0,)), noise,
                                            batch_size=5, conditions=conditions)
     assert drawn.nodes["measurement"]["value"].shape == (5, box, box)
-    # a float noise std keeps the white Normal site
+    # a float noise std keeps the white Normal density
     trace = poutine.trace(model).get_trace(forward, Priors(mode_std=(1.0,)), 0.5,
                                            images=images, conditions=conditions)
-    assert isinstance(trace.nodes["measurement"]["fn"], dist.Independent)
+    site = trace.nodes["measurement"]
+    torch.testing.assert_close(
+        site["fn"].log_prob(images),
+        dist.Normal(trace.nodes["_RETURN"]["value"], 0.5).to_event(2).log_prob(images),
+        rtol=1e-5, atol=0)
+
+
+def test_white_noise_is_the_independent_normal():
+    """``WhiteNoise`` (the model's measurement without a noise model) has torch's
+    Normal(clean, std).to_event(2) log density, in float64 to 1e-9, and samples of its
+    mean and variance."""
+    from cryosvi.distributions import WhiteNoise
+
+    generator = torch.Generator().manual_seed(0)
+    clean = torch.randn(3, 5, 8, 8, generator=generator, dtype=torch.float64)
+    value = clean + 0.7 * torch.randn(clean.shape, generator=generator, dtype=torch.float64)
+    expected = dist.Normal(clean, 0.7).to_event(2).log_prob(value)
+    measured = WhiteNoise(clean, 0.7)
+    assert measured.batch_shape == (3, 5) and measured.event_shape == (8, 8)
+    torch.testing.assert_close(measured.log_prob(value), expected, rtol=0, atol=1e-9)
+    torch.testing.assert_close(measured.expand((2, 3, 5)).log_prob(value),
+                               expected.expand(2, 3, 5), rtol=0, atol=1e-9)
+    torch.manual_seed(1)
+    draws = measured.sample((4000,)) - clean
+    assert abs(float(draws.mean())) < 0.01 and abs(float(draws.std()) - 0.7) < 0.01
+    with pytest.raises(ValueError):
+        WhiteNoise(clean, 0.0)

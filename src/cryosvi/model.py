@@ -10,6 +10,7 @@ For each particle i, inside ``pyro.plate("particles")``, one site per latent of
                          an offset dz ~ Normal(0, defocus_offset_std) around U and V
     shifts     s_i     ~ Normal(file's or 0, shift_std)      (B, 2) Å, only when inferred
     measurement Y_i    ~ Normal(scale * forward(...) + offset, noise_std)   (B, L, L)
+                         (``WhiteNoise``: the same density, summed per image)
                          or, given a NoiseModel, Measurement(forward(...), group, noise)
 
 ``scale`` and ``offset`` are the data set's gray levels (``Imaging``, applied by the
@@ -24,12 +25,11 @@ a data-set SNR afterwards).
 from __future__ import annotations
 
 import pyro
-import pyro.distributions as dist
 from pyro import poutine
 from torch import Tensor
 
 from cryosvi.config import Priors
-from cryosvi.distributions.measurement import Measurement
+from cryosvi.distributions.measurement import Measurement, WhiteNoise
 from cryosvi.latents import PAPER_SITES, forward_inputs, model_sites
 from cryosvi.physics.conditions import Conditions
 from cryosvi.physics.forward import ForwardModel
@@ -68,7 +68,7 @@ def model(forward: ForwardModel, priors: Priors, noise_std: float | NoiseModel,
             group = None if conditions.ctf is None else conditions.ctf.group
             pyro.sample("measurement", Measurement(clean, group, noise_std), obs=images)
         elif noise_std > 0:
-            pyro.sample("measurement", dist.Normal(clean, noise_std).to_event(2), obs=images)
+            pyro.sample("measurement", WhiteNoise(clean, noise_std), obs=images)
     return clean
 
 

@@ -1,9 +1,9 @@
 """Distributions and Markov kernels on the latents' spaces, torch and Pyro only (nothing
 here knows about cryo-EM): the projected normal family on spheres (the pose), weighted
 samples' moments, and symmetric random-walk proposals (the SMC's moves); and the
-measurement of images through a ``cryosvi.physics.noise.NoiseModel``."""
+measurement of images through a ``cryosvi.physics.noise.NoiseModel`` or white noise."""
 
-from cryosvi.distributions.measurement import Measurement
+from cryosvi.distributions.measurement import Measurement, WhiteNoise
 from cryosvi.distributions.normaliser import log_projected_normal_normaliser
 from cryosvi.distributions.projected_normal import (AntipodalProjectedNormal, ProjectedNormal,
                                                     ProjectedNormalMixture, pose_distribution,
@@ -13,6 +13,7 @@ from cryosvi.distributions.random_walk import (RandomWalk, gaussian_step, sum_ov
 
 __all__ = [
     "Measurement",
+    "WhiteNoise",
     "ProjectedNormal",
     "AntipodalProjectedNormal",
     "ProjectedNormalMixture",

@@ -57,6 +57,9 @@ from cryosvi.physics.shifts import phase_ramp, shift_frequencies
 # GPUs it only bounds the memory.
 _CPU_CHUNK_BYTES = 1 << 21
 _CUDA_CHUNK_BYTES = 1 << 28
+# Bytes the transfer functions of a batch's distinct particles may take when they are
+# computed once for all their rows (``_shared_transfers``).
+_SHARED_TRANSFER_BYTES = 1 << 26
 
 
 @functools.lru_cache(maxsize=64)
@@ -479,6 +482,36 @@ def _is_even(coefficients: Tensor, layout: _Layout) -> bool:
     return not bool(coefficients[:, layout.odd].any())
 
 
+def _shared_transfers(coefficients: Tensor, envelope_coefficients: Tensor | None,
+                      shift_px: Tensor | None, layout: _Layout, padded: int,
+                      even: bool) -> tuple[Tensor, Tensor] | None:
+    """(transfers (U, Q, P), which (B,)): the transfer function (CTF, times the shift's
+    phase ramp when shifted) of each of the U distinct rows of a batch in ``_spectrum``'s
+    layout, and each row's index among them; None when fewer than half the rows repeat
+    another or the U transfers would exceed ``_SHARED_TRANSFER_BYTES``.
+
+    The samples of a posterior over latents that leave the CTF and shifts alone (the
+    conformation of particles whose pose and CTF are given) repeat each particle's CTF
+    in every sample: computing it once per particle instead of once per row saves the
+    sine and the ramp of every other row (the same numbers to float rounding)."""
+    keys = [coefficients] + [part for part in (envelope_coefficients, shift_px)
+                             if part is not None]
+    distinct, which = torch.unique(torch.cat(keys, 1), dim=0, return_inverse=True)
+    count, rows = distinct.shape[0], coefficients.shape[0]
+    complex_bytes = 2 if shift_px is not None else 1
+    size = count * (padded // 2 + 1) * padded * coefficients.element_size() * complex_bytes
+    if 2 * count > rows or size > _SHARED_TRANSFER_BYTES:
+        return None
+    first = torch.empty(count, dtype=torch.long, device=which.device).scatter_(
+        0, which, torch.arange(rows, device=which.device))  # a row of each distinct one
+    transfers, _, _ = _ctf_chunk(coefficients[first],
+                                 None if envelope_coefficients is None
+                                 else envelope_coefficients[first], layout, padded, even)
+    if shift_px is not None:
+        transfers = transfers * phase_ramp(shift_px[first], padded).transpose(-1, -2)
+    return transfers, which
+
+
 class _ConvolveCTF(torch.autograd.Function):
     """images (B, L, L), CTF coefficients (B, K), envelope coefficients (B, G) or None,
     shifts (B, 2) pixels or None -> CTF-convolved (and translated) images (B, L, L).
@@ -511,16 +544,22 @@ class _ConvolveCTF(torch.autograd.Function):
         chunk = _chunk_size(images, padded)
         even = _is_even(coefficients, layout)
         buffers = _Buffers(images, chunk, padded)
+        shared = _shared_transfers(coefficients, envelope_coefficients, shift_px, layout,
+                                   padded, even)
         for start in range(0, n_images, chunk):
             rows = slice(start, start + chunk)
             spectrum = _spectrum(images[rows], padded, buffers)
-            ctf, _, _ = _ctf_chunk(coefficients[rows],
-                                   None if envelope_coefficients is None
-                                   else envelope_coefficients[rows], layout, padded, even,
-                                   buffers.take(spectrum.shape[0])[3])
-            spectrum.mul_(ctf)
-            if shift_px is not None:
-                spectrum.mul_(phase_ramp(shift_px[rows], padded).transpose(-1, -2))
+            if shared is not None:
+                transfers, which = shared
+                spectrum.mul_(transfers[which[rows]])
+            else:
+                ctf, _, _ = _ctf_chunk(coefficients[rows],
+                                       None if envelope_coefficients is None
+                                       else envelope_coefficients[rows], layout, padded,
+                                       even, buffers.take(spectrum.shape[0])[3])
+                spectrum.mul_(ctf)
+                if shift_px is not None:
+                    spectrum.mul_(phase_ramp(shift_px[rows], padded).transpose(-1, -2))
             out[rows] = _crop_inverse(spectrum, size, padded, buffers)
         ctx.save_for_backward(images, coefficients, envelope_coefficients, shift_px)
         ctx.layout, ctx.padded = layout, padded

@@ -136,6 +136,9 @@ class ForwardModel(nn.Module):
             image = self._project_groups(enm_scale, rotation, ctf.group)
             clean = apply_particle_ctf(image, ctf, self.groups, self.imaging.pad_factor,
                                        shifts=shifts)
+        if not torch.is_grad_enabled() and (self.imaging.scale, self.imaging.offset) != (1, 0):
+            # clean is this call's own: no second image-sized buffer
+            return clean.mul_(self.imaging.scale).add_(self.imaging.offset)
         return self.gray_levels(clean)
 
     def gray_levels(self, clean: Tensor) -> Tensor:
