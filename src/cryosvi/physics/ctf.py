@@ -502,14 +502,29 @@ def _shared_transfers(coefficients: Tensor, envelope_coefficients: Tensor | None
     size = count * (padded // 2 + 1) * padded * coefficients.element_size() * complex_bytes
     if 2 * count > rows or size > _SHARED_TRANSFER_BYTES:
         return None
-    first = torch.empty(count, dtype=torch.long, device=which.device).scatter_(
-        0, which, torch.arange(rows, device=which.device))  # a row of each distinct one
+    # Distinct rows in the order of their first row, so that the rows of samples tiled
+    # in (S, B) order read consecutive transfers (``_transfer_rows``: a view, no copy).
+    first = torch.full((count,), rows, dtype=torch.long, device=which.device).scatter_reduce_(
+        0, which, torch.arange(rows, device=which.device), "amin")
+    order = torch.argsort(first)
+    first = first[order]
+    which = torch.argsort(order)[which]
     transfers, _, _ = _ctf_chunk(coefficients[first],
                                  None if envelope_coefficients is None
                                  else envelope_coefficients[first], layout, padded, even)
     if shift_px is not None:
         transfers = transfers * phase_ramp(shift_px[first], padded).transpose(-1, -2)
     return transfers, which
+
+
+def _transfer_rows(transfers: Tensor, which: Tensor, rows: slice) -> Tensor:
+    """The transfers of the rows ``rows`` (``_shared_transfers``): a slice of
+    ``transfers`` where the rows read consecutive ones, else a gathered copy."""
+    index = which[rows]
+    begin = int(index[0])
+    if bool((index == torch.arange(begin, begin + len(index), device=index.device)).all()):
+        return transfers[begin:begin + len(index)]
+    return transfers[index]
 
 
 class _ConvolveCTF(torch.autograd.Function):
@@ -550,8 +565,7 @@ class _ConvolveCTF(torch.autograd.Function):
             rows = slice(start, start + chunk)
             spectrum = _spectrum(images[rows], padded, buffers)
             if shared is not None:
-                transfers, which = shared
-                spectrum.mul_(transfers[which[rows]])
+                spectrum.mul_(_transfer_rows(*shared, rows))
             else:
                 ctf, _, _ = _ctf_chunk(coefficients[rows],
                                        None if envelope_coefficients is None
