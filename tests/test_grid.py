@@ -92,7 +92,7 @@ def test_adaptive_lattice_against_a_dense_grid_on_two_peaks():
 
 
 def test_split_cells_against_correlated_gaussians():
-    """2-D: the default split grid (8 x 8 cells, 2 rounds of 4 splits: 128 evaluations)
+    """2-D: the default split grid (6 x 6 cells, 2 rounds of 4 splits: 100 evaluations)
     on correlated Gaussians (rho -0.75 to 0.75, posterior stds 0.04-0.2 of the box):
     mean within 0.05 posterior stds, std and correlation within 0.1 of the closed form
     (on 400 random smooth posteriors its mean error was median 0.02, p99 0.12-0.28
@@ -110,7 +110,7 @@ def test_split_cells_against_correlated_gaussians():
     assert (post.std / sd - 1).abs().max() < 0.1
     correlation = post.cov[:, 0, 1] / (post.std[:, 0] * post.std[:, 1])
     assert (correlation - rho).abs().max() < 0.1
-    assert (post.evaluations == 128).all()
+    assert (post.evaluations == 6 * 6 + 2 * 4 * 8).all()
     assert torch.allclose(post.weights.sum(0), torch.ones(3, dtype=post.weights.dtype))
 
 
@@ -132,7 +132,7 @@ def test_grid_refine_against_a_linear_gaussian_model(modes):
     """``grid_refine`` through ``Batch.log_target`` (the Pyro model's likelihood and
     priors) with a linear forward model: posterior N(P^-1 A^T (x - b) / s^2, P^-1), P =
     A^T A / s^2 + diag(1 / mode_std^2). 1 mode: mean, std and equal-tailed intervals within 1e-3
-    posterior stds; 2 modes (the split grid's 128 evaluations on posteriors 0.2-0.3 of
+    posterior stds; 2 modes (the split grid's 100 evaluations on posteriors 0.2-0.3 of
     the prior's width, where its p99 error on random Gaussians is 0.12): within 0.15."""
     torch.manual_seed(0)
     box, batch = 6, 5
@@ -220,7 +220,7 @@ def test_auto_takes_the_grid_for_the_amplitudes_alone():
     known = {"rotation": rotation, "defocus": torch.full((3,), 1e4)}
     guide = Guide(tiny_config(latents=("enm_scale",), n_modes=2))
     out = refine(guide, forward, reference.priors, 0.1, images, known, 8, method="auto")
-    assert (out["evaluations"] == 64 + 2 * 4 * 8).all() and "smc_fallback" not in out
+    assert (out["evaluations"] == 6 * 6 + 2 * 4 * 8).all() and "smc_fallback" not in out
     assert grid_dimension(("enm_scale",), tiny_config(n_modes=1)) == 1
     assert grid_dimension(("enm_scale",), tiny_config(n_modes=3)) is None
     assert grid_dimension(("defocus", "enm_scale"), tiny_config(n_modes=1)) is None

@@ -13,7 +13,7 @@ Summaries per particle: ``cryosvi.posterior``. Refinement with the physics likel
 * 'grid' (``cryosvi.inference.grid``): for a run that infers the conformational
   amplitudes alone (``train --latents modes``: pose, CTF and shifts given), at most 2
   of them: the exact posterior by deterministic quadrature (1 mode: an adaptive
-  lattice, 56 evaluations per particle; 2 modes: 8 x 8 cells, the heaviest split, 128),
+  lattice, 56 evaluations per particle; 2 modes: 6 x 6 cells, the heaviest split, 100),
   no guide and no random number. Against 'smc' with 12 moves in the same process
   (one thread; benchmarks/fast_inference.py, benchmarks/results/fast_inference/): 1
   mode 24-33x its speed, 2 modes 14-17x, at its accuracy (|Spearman| with the true
