@@ -179,13 +179,14 @@ def test_refine_at_a_cropped_working_box(made):
 
 def test_noise_model_travels_in_reference_npz(made, tmp_path):
     noise = NoiseModel(BOX, PIXEL, made["truth"], error=0.1 * made["truth"],
-                       contrast_std=0.2, contrast_floor=0.6, bfactor=80.0, origin="test")
+                       contrast_std=0.2, contrast_floor=0.6, bfactor=80.0, level_std=0.15,
+                       origin="test")
     reference = made["reference"].with_settings(noise_model=noise)
     reference.save(tmp_path / "reference.npz")
     loaded = Reference.load(tmp_path / "reference.npz").noise_model
     assert torch.equal(loaded.noise, noise.noise) and torch.equal(loaded.error, noise.error)
-    assert (loaded.contrast_std, loaded.contrast_floor, loaded.bfactor, loaded.origin) == (
-        0.2, 0.6, 80.0, "test")
+    assert (loaded.contrast_std, loaded.contrast_floor, loaded.bfactor, loaded.level_std,
+            loaded.origin) == (0.2, 0.6, 80.0, 0.15, "test")
     cropped = reference.at_box(32, PIXEL * BOX / 32).noise_model
     assert cropped.box == 32 and cropped.cropped
     # a damaged spectrum is one CryosviError naming the file
@@ -214,3 +215,17 @@ def test_normalisation_is_relion_preprocess(made, tmp_path):
     relion = mrcfile.read(tmp_path / "relion.mrcs")
     ours = mrcfile.read(made["root"] / "particles.mrcs")
     assert np.abs(relion - ours).max() < 1e-4
+
+
+def test_noise_levels_from_the_background(made, first, tmp_path):
+    """Each particle's noise level from its background against the group's spectrum
+    (``spectrum.background_levels``): the raw images, whose noise std varies as a
+    lognormal of log-std 0.1 (log lambda^2 std 0.2), give a level spread within 25 % of
+    0.2; RELION-normalised (each image by its own background) leave ~0."""
+    assert first.level_std < 0.05
+    text = (made["root"] / "particles.star").read_text().replace("@particles.mrcs",
+                                                                  "@raw.mrcs")
+    (made["root"] / "raw.star").write_text(text)
+    raw = ParticleData(read_particles(made["root"] / "raw.star"), BOX, True)
+    noise = estimate_noise_model(raw, made["reference"], seed=1)
+    assert noise.level_std == pytest.approx(2 * LEVEL_SPREAD, rel=0.25)

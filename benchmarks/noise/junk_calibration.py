@@ -29,9 +29,8 @@ import torch
 
 from cryosvi.inference.junk import fit_junk_mixture, null_log_evidence
 from cryosvi.physics import spectrum as sp
-from cryosvi.physics.noise import (NoiseModel, coloured_noise, contrast_floor,
-                                   contrast_marginal, contrast_prior, log_det,
-                                   whitened_products)
+from cryosvi.physics.contrast import contrast_floor, contrast_marginal, contrast_prior
+from cryosvi.physics.noise import NoiseModel, coloured_noise, log_det, whitened_products
 
 RULES = {
     "Gaussian (no floor)": lambda mu, tau: -math.inf,

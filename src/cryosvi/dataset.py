@@ -40,8 +40,10 @@ from cryosvi.physics.conditions import Conditions
 from cryosvi.physics.optics import OpticsGroups, ParticleCTF
 from cryosvi.physics.fourier import cropped_pixel_size, fourier_crop
 from cryosvi.physics.graylevels import estimate_gray_levels, mask_radius
-from cryosvi.physics.noise import NoiseModel, contrast_floor, contrast_prior
-from cryosvi.physics.spectrum import (apply_envelope, background_mask, bfactor_from_gain,
+from cryosvi.physics.contrast import contrast_floor, contrast_prior, level_spread
+from cryosvi.physics.noise import NoiseModel
+from cryosvi.physics.spectrum import (apply_envelope, background_levels, background_mask,
+                                      bfactor_from_gain,
                                       group_sums, power_spectrum, shell_average,
                                       shell_frequency, shell_gain, model_error_spectrum,
                                       spectrum_from_background, spectrum_from_residuals)
@@ -416,7 +418,10 @@ def estimate_noise_model(data: ParticleData, reference: Reference, seed: int, de
       (``mask_radius``: the molecule's radius plus a margin), with the model images'
       background, scaled by the contrast, subtracted (``spectrum_from_background``):
       particles normalised by RELION (each by its own background) are used as they come;
-    * the particles' mean signal power P = their mean power spectrum - S.
+    * the particles' mean signal power P = their mean power spectrum - S;
+    * the spread of the particles' own noise levels (``NoiseModel.level_std``) from each
+      one's background power against S's (``spectrum.background_levels``; RELION's
+      per-particle normalisation leaves it ~0).
 
     ``weights`` (N,) of every particle (e.g. 1 - p_junk) weigh the spectra and P; the
     gray levels are unweighted. Images Fourier-cropped to an even working box give a
@@ -448,9 +453,12 @@ def estimate_noise_model(data: ParticleData, reference: Reference, seed: int, de
                                      n_groups, particle_weights, signal=levels.scale * clean,
                                      signal_group=model_group)
     power = _signal_power(images, group, n_groups, particle_weights, noise, cropped)
+    spread = level_spread(*background_levels(images, background_mask(data.box, radius),
+                                             noise[group]), particle_weights)
     return NoiseModel(data.box, reference.optics.pixel_size, noise, signal_power=power,
                       contrast_mean=levels.scale, contrast_std=0.0, contrast_floor=0.0,
-                      cropped=cropped, origin=f"background of {n} particles"
+                      level_std=spread, cropped=cropped,
+                      origin=f"background of {n} particles"
                       + (", weighted" if weights is not None else ""))
 
 

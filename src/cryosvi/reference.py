@@ -233,7 +233,9 @@ ARRAYS = ("coords", "centroid", "modes", "eigenvalues")
 NOISE_MODEL_ARRAYS = ("noise", "error", "signal_power")
 """The NoiseModel's spectra, saved as ``noise_model_<name>`` (G, shells) float64."""
 NOISE_MODEL_NUMBERS = ("box", "pixel_size", "error_weight", "contrast_mean", "contrast_std",
-                       "contrast_floor", "bfactor", "cropped", "origin")
+                       "contrast_floor", "bfactor", "level_std", "cropped", "origin")
+NOISE_MODEL_DEFAULTS = {"level_std": 0.0}
+"""Numbers that files written before they existed lack, and their values there."""
 
 
 def _noise_model_entries(noise: NoiseModel) -> tuple[dict, dict]:
@@ -252,7 +254,8 @@ def _noise_model(numbers: dict | None, arrays: dict, where: str) -> NoiseModel |
         if value.dtype.kind != "f":
             raise CryosviError(f"{where}noise_model_{name} is not floating-point")
     try:
-        return NoiseModel(**{k: numbers[k] for k in NOISE_MODEL_NUMBERS},
+        return NoiseModel(**{k: numbers[k] if k in numbers else NOISE_MODEL_DEFAULTS[k]
+                             for k in NOISE_MODEL_NUMBERS},
                           **{k: torch.from_numpy(np.array(v, dtype=np.float64))
                              for k, v in arrays.items()})
     except CryosviError as error:

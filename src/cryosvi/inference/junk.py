@@ -53,8 +53,9 @@ def null_log_evidence(images: Tensor, noise: NoiseModel,
     total = noise.spectra(group, x)
     power = noise.signal_power.to(x.device)
     power = power[0] if group is None else power[group.to(x.device).long()]
-    return torch.stack([gaussian_log_likelihood(x, total, True, noise.cropped),
-                        gaussian_log_likelihood(x, total + power, True, noise.cropped)], -1)
+    return torch.stack([gaussian_log_likelihood(x, total, True, noise.cropped, noise.level_std),
+                        gaussian_log_likelihood(x, total + power, True, noise.cropped,
+                                                noise.level_std)], -1)
 
 
 def offset_log_density(images: Tensor, std: float, offset: float) -> Tensor:

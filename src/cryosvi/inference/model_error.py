@@ -53,6 +53,7 @@ from cryosvi.io.outputs import provenance
 from cryosvi.latents import REGISTRY, forward_inputs
 from cryosvi.physics.noise import NoiseModel
 from cryosvi.physics.spectrum import model_error_spectrum, shell_frequency
+from cryosvi.reference import NOISE_MODEL_ARRAYS, NOISE_MODEL_DEFAULTS, NOISE_MODEL_NUMBERS
 
 MODEL_ERROR_PARTICLES = 1000
 """The first pass's particles: 1 000 give each shell's residual power of a 48 px box
@@ -61,9 +62,6 @@ SUBSET_SEED = 15_485_863
 """Added to the inference's seed for the subset's draw (apart from the other subsets)."""
 FILE_NAME = "model_error.json"
 """The estimate in the work folder, and the suffix of the copy beside the STAR."""
-NUMBERS = ("box", "pixel_size", "error_weight", "contrast_mean", "contrast_std",
-           "contrast_floor", "bfactor", "cropped", "origin")
-SPECTRA = ("noise", "error", "signal_power")
 
 
 def beside(output: str | Path) -> Path:
@@ -152,15 +150,17 @@ def record(noise: NoiseModel, before: NoiseModel, particles: int, weight: float,
             "bfactor_shells": bfactor_shells,
             "contrast": [noise.contrast_mean, noise.contrast_std],
             "groups": groups,
-            "noise_model": {**{k: getattr(noise, k) for k in NUMBERS},
-                            **{k: getattr(noise, k).tolist() for k in SPECTRA}}}
+            "noise_model": {**{k: getattr(noise, k) for k in NOISE_MODEL_NUMBERS},
+                            **{k: getattr(noise, k).tolist() for k in NOISE_MODEL_ARRAYS}}}
 
 
 def noise_model(entry: dict) -> NoiseModel:
     """The NoiseModel of a ``record``."""
     numbers = entry["noise_model"]
-    return NoiseModel(**{k: numbers[k] for k in NUMBERS},
-                      **{k: torch.tensor(numbers[k], dtype=torch.float64) for k in SPECTRA})
+    return NoiseModel(**{k: numbers[k] if k in numbers else NOISE_MODEL_DEFAULTS[k]
+                         for k in NOISE_MODEL_NUMBERS},
+                      **{k: torch.tensor(numbers[k], dtype=torch.float64)
+                         for k in NOISE_MODEL_ARRAYS})
 
 
 def save(path: str | Path, entry: dict) -> None:

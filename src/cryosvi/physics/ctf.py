@@ -46,6 +46,8 @@ from torch.autograd.function import once_differentiable
 
 from cryosvi.config import Optics
 from cryosvi.physics.optics import OpticsGroups, ParticleCTF, electron_wavelength
+from cryosvi.physics.padded_fft import (SpectrumBuffers, crop_inverse, half_plane_weights,
+                                        padded_spectrum)
 from cryosvi.physics.shifts import phase_ramp, shift_frequencies
 
 
@@ -147,7 +149,7 @@ def _groups_basis(groups: OpticsGroups, size: int, device: torch.device,
 
 class _Layout(NamedTuple):
     """A ``_Basis`` reordered for ``_ConvolveCTF``, whose spectra are (c, Q, P): kx rows,
-    ky columns (``_spectrum``), and the same restricted to the H = P//2 + 1 columns
+    ky columns (``padded_spectrum``), and the same restricted to the H = P//2 + 1 columns
     ky >= 0 (``*_half``: a CTF even in ky is computed there and mirrored).
 
     argument: (K, Q*P); argument_half: (K, Q*H); envelope, envelope_half: (Q, P), (Q, H)
@@ -167,7 +169,7 @@ class _Layout(NamedTuple):
 
 def _reorder(rows: Tensor, size: int) -> tuple[Tensor, Tensor]:
     """(R, P*Q) rows of the rfft2 grid of a P = ``size`` image -> (R, Q*P) in the
-    (kx, ky) order of ``_spectrum`` and (R, Q*H), its columns ky >= 0."""
+    (kx, ky) order of ``padded_spectrum`` and (R, Q*H), its columns ky >= 0."""
     half = size // 2 + 1
     grid = rows.reshape(rows.shape[0], size, half).transpose(1, 2)  # (R, Q, P)
     return (grid.contiguous().reshape(rows.shape[0], -1),
@@ -378,78 +380,9 @@ def _chunk_size(images: Tensor, padded: int) -> int:
     return max(1, budget // spectrum_bytes)
 
 
-@functools.lru_cache(maxsize=64)
-def _half_plane_weights(padded: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """m_kx / P^2 for the columns of an rfft2 half plane: m = 1 for kx = 0 (and for the
-    Nyquist column of an even P), 2 for the columns that stand for a +-kx pair."""
-    with torch.inference_mode(False), torch.no_grad():
-        weights = torch.full((padded // 2 + 1,), 2.0, dtype=torch.float64)
-        weights[0] = 1.0
-        if padded % 2 == 0:
-            weights[-1] = 1.0
-        return (weights / padded**2).to(device=device, dtype=dtype)
-
-
-class _Buffers:
-    """Reused per-chunk buffers of one ``_ConvolveCTF`` call (fresh multi-MiB buffers
-    for every chunk would cost page faults). ``take(c)`` gives the first c images'.
-
-    columns: (c, Q, P) complex, the zero-padded input of the ky FFT (only its first L
-    columns are ever written); pitched: (c, Q, L + 1) complex, the ky-inverse's first L
-    columns at a row pitch that is not a power of two (a transposing copy that reads at
-    a stride of 2^k bytes thrashes the cache); rows: (c, L, Q) complex, the input of the
-    x inverse; ctf: (c, Q, P) real, the CTF.
-    """
-
-    def __init__(self, images: Tensor, chunk: int, padded: int):
-        count, size = min(chunk, images.shape[0]), images.shape[-1]
-        complex_dtype = torch.complex128 if images.dtype == torch.float64 else torch.complex64
-        options = dict(dtype=complex_dtype, device=images.device)
-        half = padded // 2 + 1
-        self.columns = torch.zeros(count, half, padded, **options)
-        self.pitched = torch.empty(count, half, size + 1, **options)
-        self.rows = torch.empty(count, size, half, **options)
-        self.ctf = images.new_empty(count, half, padded)
-
-    def take(self, count: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        return self.columns[:count], self.pitched[:count], self.rows[:count], self.ctf[:count]
-
-
-def _spectrum(images: Tensor, padded: int, buffers: _Buffers | None = None) -> Tensor:
-    """rfft2 of the images zero-padded (at the end) to P x P, as (c, Q, P): kx rows,
-    ky columns (the transpose of rfft2's (P, Q)), contiguous.
-
-    rfft along x of the L non-zero rows only; the (c, Q, L) result is transposed into the
-    first L columns of a zero (c, Q, P) buffer, and the ky FFT runs along contiguous
-    memory (torch's FFT along a strided dimension makes the same copies, and slower)."""
-    size = images.shape[-1]
-    rows = torch.fft.rfft(images, n=padded, dim=-1)
-    if buffers is None:
-        columns = rows.new_zeros(rows.shape[0], rows.shape[-1], padded)
-    else:
-        columns = buffers.take(images.shape[0])[0]
-    columns[..., :size] = rows.transpose(-1, -2)
-    return torch.fft.fft(columns, dim=-1)
-
-
-def _crop_inverse(spectrum: Tensor, size: int, padded: int,
-                  buffers: _Buffers | None = None) -> Tensor:
-    """The first L x L pixels of irfft2 of a (c, Q, P) spectrum in ``_spectrum``'s layout:
-    inverse along ky, keep L rows of y, then the inverse along x on those only."""
-    columns = torch.fft.ifft(spectrum, dim=-1)[..., :size]  # (c, Q, L)
-    if buffers is None:
-        rows = columns.transpose(-1, -2)
-    else:
-        _, pitched, rows, _ = buffers.take(spectrum.shape[0])
-        pitched = pitched[..., :size]
-        pitched.copy_(columns)
-        rows.copy_(pitched.transpose(-1, -2))
-    return torch.fft.irfft(rows, n=padded, dim=-1)[..., :size]
-
-
 def _ctf_chunk(coefficients: Tensor, envelope_coefficients, layout: _Layout, padded: int,
                even: bool = False, out: Tensor | None = None):
-    """(CTF, argument, envelope) of a chunk in ``_spectrum``'s layout, each (c, Q, P).
+    """(CTF, argument, envelope) of a chunk in ``padded_spectrum``'s layout, each (c, Q, P).
 
     When ``even`` (the CTFs are even in ky, ``_is_even``), the argument and envelope are
     computed on the H = P//2 + 1 columns ky >= 0 only, (c, Q, H), and the CTF's other
@@ -486,7 +419,7 @@ def _shared_transfers(coefficients: Tensor, envelope_coefficients: Tensor | None
                       shift_px: Tensor | None, layout: _Layout, padded: int,
                       even: bool) -> tuple[Tensor, Tensor] | None:
     """(transfers (U, Q, P), which (B,)): the transfer function (CTF, times the shift's
-    phase ramp when shifted) of each of the U distinct rows of a batch in ``_spectrum``'s
+    phase ramp when shifted) of each of the U distinct rows of a batch in ``padded_spectrum``'s
     layout, and each row's index among them; None when fewer than half the rows repeat
     another or the U transfers would exceed ``_SHARED_TRANSFER_BYTES``.
 
@@ -534,7 +467,7 @@ class _ConvolveCTF(torch.autograd.Function):
     The batch is walked in chunks (cache-sized on CPU), and each chunk's output is
     written straight into the result, so nothing of size B x P x P is held: backward
     recomputes what it needs from the saved inputs. Spectra are held as (c, Q, P), kx
-    rows and ky columns (``_spectrum``), and the CTF basis is stored in that order
+    rows and ky columns (``padded_spectrum``), and the CTF basis is stored in that order
     (``_Layout``). When no CTF of the batch has a 2 kx ky term, the CTF is even in ky:
     its sine is evaluated on the ky >= 0 half and mirrored (``_ctf_chunk``).
 
@@ -543,7 +476,7 @@ class _ConvolveCTF(torch.autograd.Function):
     whose adjoint is the convolution with irfft2(conj H): dL/dx = A_{conj H}(g) for the
     incoming gradient g (C is even, so without shifts A_H is self-adjoint). For H, write
     G = rfft2(pad(g)) and X = rfft2(pad(x)); irfft2's adjoint gives
-    <g, irfft2(Z)> = sum_k m_kx Re(Z_k conj(G_k)) / P^2 (``_half_plane_weights``), exact for
+    <g, irfft2(Z)> = sum_k m_kx Re(Z_k conj(G_k)) / P^2 (``half_plane_weights``), exact for
     any complex Z (irfft reads only the real part of its self-conjugate bins, and so
     does Re), so with W_k = m_kx X_k conj(G_k) R_k / P^2:
     dL/dC_k = Re(W_k); through C = sin(c @ basis) E, dL/dc = (dL/dC E cos(c @ basis)) @
@@ -558,12 +491,12 @@ class _ConvolveCTF(torch.autograd.Function):
         out = torch.empty_like(images, memory_format=torch.contiguous_format)
         chunk = _chunk_size(images, padded)
         even = _is_even(coefficients, layout)
-        buffers = _Buffers(images, chunk, padded)
+        buffers = SpectrumBuffers(images, chunk, padded)
         shared = _shared_transfers(coefficients, envelope_coefficients, shift_px, layout,
                                    padded, even)
         for start in range(0, n_images, chunk):
             rows = slice(start, start + chunk)
-            spectrum = _spectrum(images[rows], padded, buffers)
+            spectrum = padded_spectrum(images[rows], padded, buffers)
             if shared is not None:
                 spectrum.mul_(_transfer_rows(*shared, rows))
             else:
@@ -574,7 +507,7 @@ class _ConvolveCTF(torch.autograd.Function):
                 spectrum.mul_(ctf)
                 if shift_px is not None:
                     spectrum.mul_(phase_ramp(shift_px[rows], padded).transpose(-1, -2))
-            out[rows] = _crop_inverse(spectrum, size, padded, buffers)
+            out[rows] = crop_inverse(spectrum, size, padded, buffers)
         ctx.save_for_backward(images, coefficients, envelope_coefficients, shift_px)
         ctx.layout, ctx.padded = layout, padded
         return out
@@ -590,11 +523,11 @@ class _ConvolveCTF(torch.autograd.Function):
         grads = [torch.empty_like(x) if want else None for x, want in zip(
             (images, coefficients, envelope_coefficients, shift_px), ctx.needs_input_grad)]
         # m_kx / P^2 along the kx rows of the (c, Q, P) spectra.
-        weights = _half_plane_weights(padded, images.device, images.dtype)[:, None]
+        weights = half_plane_weights(padded, images.device, images.dtype)[:, None]
         chunk = _chunk_size(images, padded)
         for start in range(0, n_images, chunk):
             rows = slice(start, start + chunk)
-            grad_spectrum = _spectrum(grad_out[rows], padded)
+            grad_spectrum = padded_spectrum(grad_out[rows], padded)
             ctf, argument, envelope = _ctf_chunk(coefficients[rows],
                                                  None if envelope_coefficients is None
                                                  else envelope_coefficients[rows], layout,
@@ -602,7 +535,7 @@ class _ConvolveCTF(torch.autograd.Function):
             ramp = (None if shift_px is None
                     else phase_ramp(shift_px[rows], padded).transpose(-1, -2))
             if want_spectrum:
-                product = _spectrum(images[rows], padded) * grad_spectrum.conj()
+                product = padded_spectrum(images[rows], padded) * grad_spectrum.conj()
                 if ramp is not None:
                     product *= ramp
                 grad_ctf = product.real * weights
@@ -624,5 +557,5 @@ class _ConvolveCTF(torch.autograd.Function):
                 grad_spectrum.mul_(ctf)
                 if ramp is not None:
                     grad_spectrum.mul_(ramp.conj())
-                grads[0][rows] = _crop_inverse(grad_spectrum, size, padded)
+                grads[0][rows] = crop_inverse(grad_spectrum, size, padded)
         return (*grads, None, None)

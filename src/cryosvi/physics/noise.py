@@ -1,10 +1,11 @@
 """The noise of particle images: coloured (stationary) Gaussian noise per optics group, a
-per-particle contrast, and the exact likelihood of both.
+per-particle contrast and noise level, and the likelihood of them all.
 
 The measurement model (``NoiseModel``), for a particle of optics group g with clean
 model image m (the forward model's, gray levels applied):
 
-    x = a m + b + n,   n ~ N(0, C_g),   a ~ N(mu, tau^2) truncated to [floor, inf),
+    x = a m + b + n,   n ~ N(0, lambda^2 C_g),   a ~ N(mu, tau^2) truncated to [floor, inf),
+    log lambda^2 ~ N(-s^2 / 2, s^2)   (s = ``NoiseModel.level_std``; 0: lambda = 1),
 
 with C_g circulant of spectrum T_g = S_g + k D_g per radial shell (``physics.spectrum``
 for the grid and units): S_g the noise spectrum (RELION's sigma2_noise idea, Scheres
@@ -12,7 +13,8 @@ for the grid and units): S_g the noise spectrum (RELION's sigma2_noise idea, Sch
 does not explain) and k = ``ERROR_WEIGHT``. The offset b has a flat prior and is
 integrated out exactly by leaving the DC coefficient out of the likelihood (a constant
 image is the DC coefficient alone); the contrast a (ice thickness, dose, RELION's
-per-particle normalisation) is integrated out in closed form (``contrast_marginal``).
+per-particle normalisation) is integrated out in closed form and the level lambda^2 by
+Laplace's method (``cryosvi.physics.contrast``).
 
 The Gaussian log density of a residual r with spectrum T, exact for the circulant
 covariance (Parseval on the rfft2 half plane, weights w_k of
@@ -38,12 +40,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from cryosvi.errors import CryosviError
+from cryosvi.physics.contrast import ContrastMarginal, level_marginal, level_mode, truncated_normal
 from cryosvi.physics.spectrum import (coefficient_weights, counted_dimensions, expand_shells,
                                       n_shells)
 
@@ -125,17 +127,22 @@ def log_det(spectrum: Tensor, box: int, drop_dc: bool = True,
 
 
 def gaussian_log_likelihood(residuals: Tensor, spectrum: Tensor, drop_dc: bool = True,
-                            drop_nyquist: bool = False) -> Tensor:
+                            drop_nyquist: bool = False, level_std: float = 0.0) -> Tensor:
     """(...,): log N(r; 0, C) of residual images r (..., L, L) for the circulant C of
     per-shell spectrum S (..., n_shells), exact (module notes); ``drop_dc``: the density
-    of r's component orthogonal to constant images (offset-invariant)."""
+    of r's component orthogonal to constant images (offset-invariant); ``level_std``:
+    each image's noise level integrated out (``level_marginal``, C -> lambda^2 C)."""
     box = residuals.shape[-1]
     metric = _filter(spectrum, box, -1.0, drop_dc, drop_nyquist, residuals) * \
         coefficient_weights(box, drop_dc, drop_nyquist, residuals.device, residuals.dtype)
     quadratic = (metric * torch.fft.rfft2(residuals).abs().square()).sum((-2, -1)) / box**2
     dims = counted_dimensions(box, drop_dc, drop_nyquist)
-    return (-0.5 * quadratic - 0.5 * log_det(spectrum.to(residuals), box, drop_dc, drop_nyquist)
-            - 0.5 * dims * math.log(2 * math.pi))
+    determinant = log_det(spectrum.to(residuals), box, drop_dc, drop_nyquist)
+    if level_std > 0:
+        zero = torch.zeros_like(quadratic)
+        return level_marginal(quadratic, zero, zero, determinant, dims, 0.0, 0.0,
+                              level_std=level_std).log_likelihood.to(quadratic.dtype)
+    return -0.5 * quadratic - 0.5 * determinant - 0.5 * dims * math.log(2 * math.pi)
 
 
 def coloured_noise(spectrum: Tensor, box: int, generator: torch.Generator | None = None,
@@ -155,16 +162,7 @@ def coloured_noise(spectrum: Tensor, box: int, generator: torch.Generator | None
     return torch.fft.irfft2(torch.fft.rfft2(white) * filt, s=(box, box))
 
 
-# ------------------------------------------------------------------- the contrast
-
-
-class ContrastMarginal(NamedTuple):
-    """log_likelihood (...,): log p(x | m) with the contrast integrated out; mean, std
-    (...,): the contrast's posterior mean and std."""
-
-    log_likelihood: Tensor
-    mean: Tensor
-    std: Tensor
+# ------------------------------------------------------------ inner products
 
 
 def whitened_products(data: Tensor, model: Tensor, spectrum: Tensor,
@@ -187,88 +185,6 @@ def whitened_products(data: Tensor, model: Tensor, spectrum: Tensor,
             (metric * (fm.real.square() + fm.imag.square())).sum((-2, -1)))
 
 
-def contrast_marginal(rr: Tensor, ur: Tensor, uu: Tensor, log_det_c: Tensor | float,
-                      dims: int, mean: float, std: float,
-                      floor: float = -math.inf) -> ContrastMarginal:
-    """Closed-form marginal likelihood of x = a m + n, n ~ N(0, C), over the contrast
-    a ~ N(mu, tau^2) truncated to [floor, inf), from the whitened products of
-    r = x - mu m and m (``whitened_products`` with ``mean`` mu): with y and u the
-    whitened x and m, y ~ N(mu u, I + tau^2 u u^T), and Sherman-Morrison,
-    (I + b b^T)^-1 = I - b b^T / (1 + b^T b), with the matrix determinant lemma,
-    det(I + b b^T) = 1 + b^T b (Sherman & Morrison 1950; Harville, Matrix Algebra From a
-    Statistician's Perspective, 18.1), give, with D = 1 + tau^2 <u, u>,
-
-        log p = -dims/2 log 2 pi - 1/2 log det C - 1/2 log D - <r, r>/2
-                + tau^2 <u, r>^2 / (2 D).
-
-    The contrast's posterior is N(mu + tau^2 <u, r> / D, tau^2 / D) before the
-    truncation; the truncated prior multiplies p by Phi((m_post - floor) / s_post) /
-    Phi((mu - floor) / tau) (the posterior's and the prior's mass above the floor) and
-    makes the posterior a truncated normal (its mean and std returned). tau = 0 gives the
-    fixed-contrast likelihood. The per-particle arithmetic is float64."""
-    rr, ur, uu = rr.double(), ur.double(), uu.double()
-    tau2 = float(std) ** 2
-    d = 1 + tau2 * uu
-    log_p = (-0.5 * dims * math.log(2 * math.pi) - 0.5 * log_det_c - 0.5 * torch.log(d)
-             - 0.5 * rr + tau2 * ur.square() / (2 * d))
-    post_mean = mean + tau2 * ur / d
-    post_std = (tau2 / d).sqrt()
-    if std > 0 and math.isfinite(floor):
-        beta = (post_mean - floor) / post_std
-        log_mass = torch.special.log_ndtr(beta)
-        log_p = log_p + log_mass - float(torch.special.log_ndtr(
-            torch.tensor((mean - floor) / std, dtype=torch.float64)))
-        # The truncated normal's moments (Johnson, Kotz & Balakrishnan 1994, 10.1).
-        mills = torch.exp(-0.5 * beta.square() - 0.5 * math.log(2 * math.pi) - log_mass)
-        post_mean, post_std = (post_mean + post_std * mills,
-                               post_std * (1 - mills * (mills + beta)).clamp_min(0).sqrt())
-    return ContrastMarginal(log_p, post_mean, post_std)
-
-
-def contrast_prior(estimates: Tensor, stds: Tensor,
-                   weights: Tensor | None = None) -> tuple[float, float]:
-    """(mu, tau) of a Gaussian contrast prior from per-particle least-squares estimates
-    and their standard errors (method of moments: tau^2 = var(estimates) - mean(std^2),
-    >= 0); ``weights`` (e.g. 1 - p_junk) weigh the particles."""
-    estimates, stds = estimates.double(), stds.double()
-    w = torch.ones_like(estimates) if weights is None else weights.to(estimates)
-    w = w / w.sum()
-    mu = (w * estimates).sum()
-    var = (w * (estimates - mu).square()).sum() - (w * stds.square()).sum()
-    return float(mu), float(var.clamp_min(0).sqrt())
-
-
-CONTRAST_FLOOR_SIGMAS = 2.0
-"""The contrast prior's lower bound sits this many prior stds below its mean (and at or
-above 0): particles have a contrast, and a prior that reaches 0 lets the physics model
-explain an empty image at a small Occam cost, so the junk probability ranks but is too
-low. Measured on a toy whose true posterior is known (benchmarks/noise/
-junk_calibration.py, 27 settings: junk fraction 0.05-0.35, whitened particle SNR 2-5,
-lognormal contrast log-std 0.15-0.4; benchmarks/results/noise/junk_calibration.txt):
-the fitted junk fraction's error median 0.005 (max 0.043) and the junk probability's
-calibration error median 0.012 (max 0.046) with this floor, against 0.047 (0.20) and
-0.047 (0.20) for a Gaussian reaching 0, 0.022 (0.074) and 0.024 (0.074) truncated at 0
-or at 3 stds, and 0.001 (0.004) and 0.007 (0.015) for the true lognormal prior."""
-
-
-def contrast_floor(mean: float, std: float) -> float:
-    """The contrast prior's lower bound: max(0, mean - CONTRAST_FLOOR_SIGMAS std)."""
-    return max(0.0, mean - CONTRAST_FLOOR_SIGMAS * std)
-
-
-def truncated_normal(shape, mean: float, std: float, floor: float,
-                     generator: torch.Generator | None = None) -> Tensor:
-    """float64 draws of N(mean, std^2) truncated to [floor, inf) by inverting the CDF
-    (one uniform each, from ``generator`` or the global stream); std = 0 gives mean."""
-    where = generator.device if generator is not None else None
-    uniform = torch.rand(shape, generator=generator, dtype=torch.float64, device=where)
-    if not std > 0:
-        return torch.full(shape, float(mean), dtype=torch.float64, device=where)
-    low = torch.special.ndtr(torch.tensor((floor - mean) / std, dtype=torch.float64))
-    u = (low + (1 - low) * uniform).clamp(1e-300, 1 - 1e-16)
-    return mean + std * torch.special.ndtri(u)
-
-
 # ------------------------------------------------------------------ the noise model
 
 
@@ -285,7 +201,11 @@ class NoiseModel:
     and the lower bound of the contrast prior, in units of the model images. bfactor:
     Å^2, the envelope exp(-B s^2 / 4) the model images need on top of the forward
     model's CTF (``spectrum.apply_envelope``; ``Reference.forward_model`` adds it to each
-    particle's CTF B-factor, so the likelihood and the training simulations see it). cropped: the images are Fourier-cropped to an even box, so their Nyquist
+    particle's CTF B-factor, so the likelihood and the training simulations see it).
+    level_std: s, the spread of the images' own noise levels: image i's noise is
+    lambda_i^2 T with log lambda_i^2 ~ N(-s^2 / 2, s^2), integrated out in the likelihood
+    (``level_marginal``) and drawn in ``sample`` (0: every image has T). cropped: the
+    images are Fourier-cropped to an even box, so their Nyquist
     row and column are 0 and left out. origin: how it was made (free text, provenance).
     """
 
@@ -299,6 +219,7 @@ class NoiseModel:
     contrast_std: float = 0.0
     contrast_floor: float = 0.0
     bfactor: float = 0.0
+    level_std: float = 0.0
     cropped: bool = False
     origin: str = ""
 
@@ -312,7 +233,7 @@ class NoiseModel:
             set_(self, name, torch.zeros_like(noise) if value is None
                  else torch.as_tensor(value, dtype=torch.float64, device=noise.device))
         for name in ("pixel_size", "error_weight", "contrast_mean", "contrast_std",
-                     "contrast_floor", "bfactor"):
+                     "contrast_floor", "bfactor", "level_std"):
             set_(self, name, float(getattr(self, name)))
         set_(self, "box", int(self.box))
         set_(self, "cropped", bool(self.cropped) and self.box % 2 == 0)
@@ -342,7 +263,8 @@ class NoiseModel:
                   "contrast floor": not math.isnan(self.contrast_floor)
                   and self.contrast_floor < math.inf
                   and (self.contrast_std > 0 or self.contrast_floor <= self.contrast_mean),
-                  "B-factor": math.isfinite(self.bfactor), "box": self.box >= 2}
+                  "B-factor": math.isfinite(self.bfactor),
+                  "noise level spread": 0 <= self.level_std < math.inf, "box": self.box >= 2}
         for name, ok in checks.items():
             if not ok:
                 raise CryosviError(f"{where}bad noise model {name}")
@@ -428,15 +350,16 @@ class NoiseModel:
                            group: Tensor | None = None) -> ContrastMarginal:
         """The contrast-marginal log-likelihood of ``images`` (..., L, L) given the clean
         model images (..., L, L) (float64, (...,)) and the contrast's posterior mean and
-        std (``contrast_marginal``)."""
+        std (``contrast_marginal``; with ``level_std``, the noise level integrated out
+        too: ``level_marginal``)."""
         self._check_box(images)
         like = clean
         spectra = self.spectra(group, like)
         rr, ur, uu = whitened_products(images, clean, spectra, self.cropped,
                                        self.contrast_mean)
-        return contrast_marginal(rr, ur, uu, self._log_det_of(group, like).double(),
-                                 self.dimensions, self.contrast_mean, self.contrast_std,
-                                 self.contrast_floor)
+        return level_marginal(rr, ur, uu, self._log_det_of(group, like).double(),
+                              self.dimensions, self.contrast_mean, self.contrast_std,
+                              self.contrast_floor, self.level_std)
 
     def log_likelihood(self, images: Tensor, clean: Tensor,
                        group: Tensor | None = None) -> Tensor:
@@ -456,12 +379,22 @@ class NoiseModel:
         the model image only through its whitened norm, and the truncation left out
         (negligible for particles whose contrast is well above the floor). The
         posterior mean follows the model image (variable projection, Golub & Pereyra
-        1973), so the Jacobian of these residuals is the reduced problem's."""
+        1973), so the Jacobian of these residuals is the reduced problem's. With
+        ``level_std``, y and u are divided by each image's level at its mode (held
+        fixed)."""
         self._check_box(images)
         spectra = self.spectra(group, clean)
         y = whiten(images, spectra, self.cropped)
         u = whiten(clean, spectra, self.cropped)
         tau2 = self.contrast_std**2
+        if self.level_std > 0:  # the whitened images over the level at its mode
+            r = y - self.contrast_mean * u
+            products = [(a * b).sum((-2, -1)) for a, b in ((r, r), (u, r), (u, u))]
+            v = level_mode(*products, self._log_det_of(group, clean).double(),
+                           self.dimensions, self.contrast_mean, self.contrast_std,
+                           self.contrast_floor, self.level_std)
+            scale = torch.exp(-0.5 * v).to(y.dtype)[..., None, None]
+            y, u = y * scale, u * scale
         r = y - self.contrast_mean * u
         ur, uu = (u * r).sum((-2, -1)), u.square().sum((-2, -1))
         offset = tau2 * ur / (1 + tau2 * uu)  # a - mu
@@ -487,8 +420,9 @@ class NoiseModel:
                generator: torch.Generator | None = None, white: Tensor | None = None,
                contrast: Tensor | None = None) -> Tensor:
         """(..., L, L) images a * clean + n: a from the contrast prior (or ``contrast``
-        (...)), then n of each image's T from the white N(0, 1) pixels ``white`` (...,
-        L, L) or drawn, both from ``generator`` (None: the global stream) in that order.
+        (...)), then (with ``level_std``) each image's level lambda^2, then n of each
+        image's lambda^2 T from the white N(0, 1) pixels ``white`` (..., L, L) or drawn,
+        all from ``generator`` (None: the global stream) in that order.
         When ``cropped``, the Nyquist row and column of the result are 0, as in the
         data. In the dtype and device of ``clean``."""
         self._check_box(clean)
@@ -499,6 +433,11 @@ class NoiseModel:
         spectra = self.spectra(group, clean)
         spectra = spectra.expand(*torch.broadcast_shapes(spectra.shape[:-1], shape),
                                  spectra.shape[-1])
+        if self.level_std > 0:
+            where = generator.device if generator is not None else None
+            v = -0.5 * self.level_std**2 + self.level_std * torch.randn(
+                shape, generator=generator, dtype=torch.float64, device=where)
+            spectra = spectra * torch.exp(v).to(spectra)[..., None]
         noise = coloured_noise(spectra, self.box, generator, white, self.cropped,
                                clean.dtype, clean.device)
         signal = contrast[..., None, None] * clean

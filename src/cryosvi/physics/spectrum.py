@@ -286,6 +286,40 @@ def spectrum_from_background(images: Tensor, background: Tensor,
     return torch.maximum(spectrum, low[:, None])
 
 
+def background_levels(images: Tensor, background: Tensor, spectra: Tensor) -> tuple[Tensor, Tensor]:
+    """(v (B,), var (B,)): each image's log noise level v = log lambda^2, its background
+    power over what noise of its spectrum gives there, and the variance that v has from
+    sampling alone (noise of exactly that spectrum).
+
+    images (B, L, L); background (L, L) bool (``background_mask``); spectra (B, n_shells)
+    each image's noise spectrum S (pixel-variance units, the model's circulant noise).
+    With each image's background mean subtracted, P = sum_p (x_p - xbar)^2 over the n
+    background pixels has E P = n c(0) - (1/n) sum_pq c(p - q) and, Gaussian, var P =
+    2 sum_pq c(p - q)^2 (Isserlis; the mean's share left out), c the autocovariance
+    (the inverse DFT of S), the pair sums over the lags d weighted by the mask's own
+    pair counts A(d) (its linear autocorrelation); var v = var P / (E P)^2 (the delta
+    method). Images of noise lambda^2 S have v = log lambda^2 plus that sampling error,
+    whatever S's colour."""
+    box = images.shape[-1]
+    mask = background.to(images.device, torch.float64)
+    count = mask.sum()
+    pairs = torch.fft.irfft2(torch.fft.rfft2(mask, s=(2 * box, 2 * box)).abs().square(),
+                             s=(2 * box, 2 * box)).clamp_min(0)  # A(d), lags on 2L
+    full = expand_shells(spectra.to(images.device, torch.float64), box)
+    covariance = torch.fft.irfft2(full, s=(box, box))  # c(d) on the circular L grid
+    j = torch.arange(2 * box, device=images.device)
+    lag = torch.where(j < box, j, j - 2 * box) % box  # lag index on 2L -> L
+    covariance = covariance[..., lag[:, None], lag[None, :]]
+    summed = (pairs * covariance).sum((-2, -1))
+    expected = count * covariance[..., 0, 0] - summed / count
+    variance = 2 * (pairs * covariance.square()).sum((-2, -1))
+    x = images.double()
+    inside = background.to(images.device)
+    centred = x[:, inside] - x[:, inside].mean(1, keepdim=True)
+    power = centred.square().sum(1)
+    return torch.log(power / expected), variance / expected.square()
+
+
 def model_error_spectrum(residual_spectrum: Tensor, noise: Tensor, smooth: int = 1) -> Tensor:
     """(G, n_shells): the model-error spectrum D = max(R - S, 0), the residual power at
     the fitted latents (``spectrum_from_residuals``) beyond the noise spectrum S, which
