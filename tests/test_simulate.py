@@ -209,7 +209,8 @@ def effects(tmp_path_factory):
             "clean_effects": ["--snr", "inf", "--contrast-spread", "0.3", "--bfactor", "120"],
             "all": ["--noise-spectrum", "coloured", "--spectrum-excess", "2.5",
                     "--spectrum-nyquist", "0.5", "0.3", "--contrast-spread", "0.3",
-                    "--bfactor", "120"]}
+                    "--bfactor", "120"],
+            "levels": ["--noise-spread", "0.2"]}
     for name, options in runs.items():
         assert main(["simulate", "-o", str(root / name), "--quiet", *EFFECTS, *options]) == 0
     return root
@@ -270,8 +271,24 @@ def test_every_effect_recorded(effects):
     assert signal.var() / reference.noise.std**2 == pytest.approx(20.0, rel=1e-4)
 
 
+def test_noise_levels_scale_the_same_white_draws(effects):
+    """--noise-spread n: each particle's noise is the white run's (same seed) times its
+    recorded level lambda (lognormal, log-std n, E lambda^2 = 1), and the NoiseModel
+    records the levels' log lambda^2 std 2 n."""
+    clean = _stack(effects / "clean")
+    white = _stack(effects / "white") - clean
+    levels = _stack(effects / "levels") - clean
+    level = starfile.read(effects / "levels" / "particles.star",
+                          always_dict=True)["particles"]["cryosviTrueNoiseScale"].to_numpy()
+    std = Reference.load(effects / "white" / "reference.npz").noise.std
+    np.testing.assert_allclose(levels, white * level[:, None, None], atol=1e-5 * std)
+    assert Reference.load(effects / "levels" / "reference.npz").noise_model.level_std == 0.4
+    assert abs(np.log(level).std() - 0.2) < 0.07
+
+
 @pytest.mark.parametrize("arguments, message", [
     (["--spectrum-excess", "2"], "--noise-spectrum coloured"),
+    (["--noise-spread", "3"], "--noise-spread"),
     (["--noise-spectrum", "coloured", "--spectrum-width", "0.1", "0.1", "0.1"],
      "3 values for 2 optics group"),
     (["--contrast-spread", "-1"], "--contrast-spread"),

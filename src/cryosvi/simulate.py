@@ -108,15 +108,19 @@ class ImageEffects:
     (``physics.spectrum.coloured_spectrum``; a single entry serves every group), pixel
     variance that of the white noise; contrast_spread: c, each particle's signal times a
     lognormal contrast of mean 1 and log-std c (cryosviTrueContrast); bfactor: Å^2, every
-    clean image times the envelope exp(-B s^2 / 4). The defaults add nothing."""
+    clean image times the envelope exp(-B s^2 / 4); noise_spread: n, each particle's noise
+    times a lognormal level lambda of log-std n and E lambda^2 = 1 (ice thickness;
+    cryosviTrueNoiseScale). The defaults add nothing."""
 
     noise_spectrum: tuple = ()
     contrast_spread: float = 0.0
     bfactor: float = 0.0
+    noise_spread: float = 0.0
 
     @property
     def is_default(self) -> bool:
-        return not self.noise_spectrum and not self.contrast_spread and not self.bfactor
+        return not (self.noise_spectrum or self.contrast_spread or self.bfactor
+                    or self.noise_spread)
 
     def check(self, n_groups: int) -> None:
         """A CryosviError for values out of range or spectra that do not fit the groups."""
@@ -130,6 +134,8 @@ class ImageEffects:
                                    "cycle/px and Nyquist > 0")
         if not 0 <= self.contrast_spread <= 2:
             raise CryosviError(f"contrast spread must be in [0, 2], got {self.contrast_spread}")
+        if not 0 <= self.noise_spread <= 2:
+            raise CryosviError(f"noise spread must be in [0, 2], got {self.noise_spread}")
         if not 0 <= self.bfactor <= 1e4:
             raise CryosviError(f"B-factor must be in [0, 1e4] Å^2, got {self.bfactor}")
 
@@ -197,10 +203,11 @@ def simulate_dataset(reference: Reference, n_particles: int, output: str | Path,
                      effects: ImageEffects = ImageEffects()) -> Reference:
     """Write ``output/particles.mrcs``, ``particles.star``, ``reference.npz`` and the
     ``.cryosvi`` marker. ``acquisition``: shifts, astigmatism and optics groups
-    (default: the paper's data). ``effects``: coloured noise, contrast spread, B envelope
-    (default: none), recorded as the reference's ``noise_model`` (the truth: the noise
-    spectra per optics group, the contrast's mean 1 and std sqrt(exp(c^2) - 1) of the
-    lognormal, the B-factor, the signal's power per shell) unless the images are
+    (default: the paper's data). ``effects``: coloured noise, contrast spread, B envelope,
+    noise levels (default: none), recorded as the reference's ``noise_model`` (the truth:
+    the noise spectra per optics group, the contrast's mean 1 and std sqrt(exp(c^2) - 1)
+    of the lognormal, the B-factor, the levels' log lambda^2 std 2 n, the signal's power
+    per shell) unless the images are
     noise-free. ``progress``: tqdm bars on stderr.
 
     The data set is built in a hidden staging folder beside ``output`` (marked with this
@@ -289,6 +296,7 @@ def _simulate_into(reference: Reference, n: int, directory: Path, seed: int,
                     f"Å, box {box} px, mode std {reference.priors.mode_std[0]:g} Å)")
             noise_std = noise_std_for_snr(moments.variance, reference.noise.snr)
             generator = torch.Generator().manual_seed(seed + 1)
+            levels_generator = torch.Generator().manual_seed(seed + 3)  # its own draws
             noisy_moments, low, high = RunningMoments(), np.inf, -np.inf
             group = (np.concatenate(metadata["rlnOpticsGroup"]) - 1 if "rlnOpticsGroup"
                      in metadata else np.zeros(n, dtype=np.int64))
@@ -310,6 +318,14 @@ def _simulate_into(reference: Reference, n: int, directory: Path, seed: int,
                         torch.from_numpy(clean).double())), rows, len(groups))[0]
                 if effects.noise_spectrum:
                     noise = coloured_noise(shapes[rows], box, white=noise.double()).float()
+                if effects.noise_spread:
+                    spread = effects.noise_spread
+                    level = torch.exp(spread * torch.randn(
+                        stop - start, generator=levels_generator, dtype=torch.float64)
+                        - spread**2)  # E level^2 = 1
+                    truth.setdefault("cryosviTrueNoiseScale", []).append(level.numpy())
+                    noise = noise * level.float()[:, None, None]
+                if effects.noise_spectrum or effects.noise_spread:
                     noisy = clean + noise_std * noise.numpy()
                 else:  # the same float32 operations, in place
                     noisy = np.add(clean, np.multiply(noise.numpy(), np.float32(noise_std),
@@ -343,6 +359,7 @@ def _simulate_into(reference: Reference, n: int, directory: Path, seed: int,
             box, reference.optics.pixel_size, noise_std**2 * shapes,
             signal_power=power / torch.from_numpy(count), contrast_mean=1.0,
             contrast_std=float(np.sqrt(np.expm1(spread**2))), contrast_floor=0.0,
-            bfactor=effects.bfactor, origin="cryosvi simulate (the truth)"))
+            bfactor=effects.bfactor, level_std=2 * effects.noise_spread,
+            origin="cryosvi simulate (the truth)"))
     reference.save(directory / "reference.npz")
     return reference

@@ -92,6 +92,9 @@ def register(subparsers, summary: str) -> None:
     real.add_argument("--contrast-spread", type=number(0.0, 2.0), default=0.0,
                       help="log-std of each particle's contrast (lognormal, mean 1: ice "
                       "thickness, dose)")
+    real.add_argument("--noise-spread", type=number(0.0, 2.0), default=0.0,
+                      help="log-std of each particle's noise level (lognormal, mean square "
+                      "1: ice thickness)")
     real.add_argument("--bfactor", type=number(0.0, 1e4), default=0.0,
                       help="Å^2: the clean images times the envelope exp(-B s^2 / 4)")
     parser.add_argument("--seed", type=seed_int, default=0, help="random seed")
@@ -150,7 +153,7 @@ def effects_from_args(args):
     elif any(values is not None for values in given.values()):
         raise CryosviError("--spectrum-excess/-width/-nyquist need --noise-spectrum coloured")
     return ImageEffects(noise_spectrum=spectra, contrast_spread=args.contrast_spread,
-                        bfactor=args.bfactor)
+                        bfactor=args.bfactor, noise_spread=args.noise_spread)
 
 
 def run(args) -> None:
@@ -180,7 +183,9 @@ def run(args) -> None:
     extra = "".join([", coloured noise" if effects.noise_spectrum else "",
                      f", contrast spread {effects.contrast_spread:g}"
                      if effects.contrast_spread else "",
-                     f", B {effects.bfactor:g} Å^2" if effects.bfactor else ""])
+                     f", B {effects.bfactor:g} Å^2" if effects.bfactor else "",
+                     f", noise spread {effects.noise_spread:g}"
+                     if effects.noise_spread else ""])
     print(f"wrote {args.n_particles} particles of {reference.optics.box} px "
           f"({reference.n_atoms} pseudo-atoms, {reference.n_modes} mode(s), SNR {snr}, "
           f"noise std {reference.noise.std:.4g}{extra}) to {args.output}/")
