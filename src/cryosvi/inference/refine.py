@@ -54,8 +54,9 @@ from pyro import poutine
 
 from cryosvi.errors import CryosviError
 from cryosvi.guide import Guide
-from cryosvi.inference.laplace import gauss_newton, laplace_log_evidence, laplace_proposal
-from cryosvi.latents import PAPER_SITES, REGISTRY, Chart, forward_inputs, random_walks
+from cryosvi.inference.laplace import laplace_proposal
+from cryosvi.inference.laplace_fit import laplace_fit
+from cryosvi.latents import PAPER_SITES, random_walks
 from cryosvi.physics.conditions import Conditions
 from cryosvi.physics.noise import NoiseModel
 from cryosvi.model import model
@@ -167,11 +168,6 @@ class Settings:
     starts: int = 2
 
 
-def _tile(values: dict, n: int) -> dict:
-    """Values site -> (B, ...) repeated n times along the batch, (n * B, ...)."""
-    return {s: v.repeat(n, *([1] * (v.dim() - 1))) for s, v in values.items()}
-
-
 @torch.no_grad()
 def laplace_refine(guide: Guide, forward, priors, noise_std: float | NoiseModel,
                    images: torch.Tensor,
@@ -201,93 +197,23 @@ def laplace_refine(guide: Guide, forward, priors, noise_std: float | NoiseModel,
     'log_evidence' (B,) float64: log p(x) estimated by the importance sampling.
     ``noise_std``: the white noise's std or the run's ``NoiseModel`` (``log_joint``).
     """
-    known = dict(known or {})
     conditions = conditions or Conditions()
-    latents = guide.config.latents
     batch = images.shape[0]
-    chart = Chart(latents, guide.config)
-    guide_draws = posterior_summary(
-        guide, images, known, max(pool, starts), conditions=conditions,
-        noise=None if noise is None else noise.child(KEYS["laplace_pool"]))["samples"]
-    log_p = _log_target(forward, priors, noise_std, images, guide_draws, known, conditions,
-                        latents, chunk)
-    top = log_p.topk(starts, dim=0).indices  # (M, B)
-    columns = torch.arange(batch, device=images.device).expand(starts, batch)
-    # M starts of B particles are one batch of M B problems, in (M, B) order.
-    point = {s: v[top, columns].reshape(1, starts * batch, *v.shape[2:])
-             for s, v in guide_draws.items()}
-    tiled_images = images.repeat(starts, 1, 1)
-    tiled_known = _tile(known, starts)
-    tiled_conditions = conditions.expand(starts)
-    box = images.shape[-1]
-    frequency = torch.fft.fftfreq(box, device=images.device)
-    low_pass = torch.exp(-2 * (math.pi * blur * box) ** 2
-                         * (frequency[:, None] ** 2 + frequency[None, :] ** 2))
-
-    coloured = isinstance(noise_std, NoiseModel)
-    ctf = tiled_conditions.ctf
-    group = None if ctf is None else ctf.group  # the measurement site's (``model``)
-
-    def smoothed(residual):
-        return torch.fft.ifft2(torch.fft.fft2(residual) * low_pass).real
-
-    def residuals(values, smooth=False):
-        """(n, M B, P) whitened residuals of values site -> (n, M B, ...): (model - data)
-        / noise std, or with a noise model its ``NoiseModel.residuals`` (P = L^2 + 1)."""
-        out = []
-        for i in range(0, next(iter(values.values())).shape[0], chunk):
-            part = {s: v[i:i + chunk] for s, v in values.items()}
-            m = next(iter(part.values())).shape[0]
-            flat = {s: v.reshape(m * starts * batch, *v.shape[2:]) for s, v in part.items()}
-            clean = forward(**forward_inputs({**_tile(tiled_known, m), **flat},
-                                             tiled_conditions.expand(m)))
-            # (m, M B, L, L) against the images broadcast, not copied m times
-            clean = clean.view(m, *tiled_images.shape)
-            if coloured:
-                residual = noise_std.residuals(tiled_images, clean, group)
-                if smooth:  # the image part; the contrast prior's term as it is
-                    image = smoothed(residual[..., :-1].unflatten(-1, (box, box)))
-                    residual = torch.cat([image.flatten(-2), residual[..., -1:]], -1)
-            else:
-                residual = (clean - tiled_images) / noise_std
-                if smooth:
-                    residual = smoothed(residual)
-            out.append(residual.reshape(m, starts * batch, -1))
-        return torch.cat(out)
-
-    def log_prior(values):
-        """(n, M B) log prior of values site -> (n, M B, ...)."""
-        n = next(iter(values.values())).shape[0]
-        tiled = tiled_conditions.expand(n)
-        return sum(REGISTRY[s].prior(priors, tiled, forward.coords)
-                   .log_prob(values[s].reshape(n * starts * batch, *values[s].shape[2:]))
-                   for s in latents).reshape(n, starts * batch)
-
-    def select(mask, first, second):
-        return {s: torch.where(mask.view(1, -1, *([1] * (first[s].dim() - 2))),
-                               first[s], second[s]) for s in first}
-
-    steps = chart.steps(images)
-    if coarse:
-        point = gauss_newton(point, lambda v: residuals(v, smooth=True), log_prior,
-                             chart.retract, select, steps, iterations=coarse).point
-    result = gauss_newton(point, residuals, log_prior, chart.retract, select, steps,
-                          iterations=iterations)
-    evidence = laplace_log_evidence(result.objective, result.precision).view(starts, batch)
-    best = evidence.argmax(0) * batch + torch.arange(batch, device=images.device)
-    mode = {s: v[:, best] for s, v in result.point.items()}  # (1, B, ...)
+    problem = Batch(guide, forward, priors, noise_std, images, dict(known or {}),
+                    conditions, noise, chunk)
+    fit = laplace_fit(problem, starts=starts, pool=pool, coarse=coarse,
+                      iterations=iterations, blur=blur)
+    chart, mode = fit.chart, fit.mode
     eps = None if noise is None else noise.child(KEYS["laplace_proposal"]).normal(
-        (n_samples, batch, chart.dim), axis=1, dtype=result.precision.dtype)
-    delta, log_q = laplace_proposal(result.precision[best], n_samples, noise=eps)
+        (n_samples, batch, chart.dim), axis=1, dtype=fit.precision.dtype)
+    delta, log_q = laplace_proposal(fit.precision, n_samples, noise=eps)
     values = chart.retract(mode, delta.to(images.dtype))
     log_q = log_q - chart.log_volume(delta).double()
-    log_p = _log_target(forward, priors, noise_std, images, values, known, conditions,
-                        latents, chunk)
+    log_p = problem.log_target(values)
     weights, ess = importance_weights(log_p.double(), log_q)
     weights = weights.to(images.dtype)
     return {**weighted_summary(values, weights), "samples": values, "weights": weights,
-            "ess": ess.to(images.dtype), "objective": result.objective[best],
-            "misfit": result.misfit[best],
+            "ess": ess.to(images.dtype), "objective": fit.objective, "misfit": fit.misfit,
             "log_evidence": importance_log_evidence(log_p.double(), log_q)}
 
 
