@@ -59,6 +59,8 @@ def method(name: str, snr: float):
         return REFINERS["auto"], dict(snr=snr)
     if name == "laplace8":
         return REFINERS["laplace"], dict(starts=8, moves=12)
+    if name.startswith("joint"):  # jointN: N starts; the fallback's 12 moves as 'auto'
+        return REFINERS["joint"], dict(moves=12, starts=int(name[5:] or 2))
     if name.startswith("smc"):
         return REFINERS["smc"], dict(moves=int(name[3:] or 3))
     return REFINERS[name], dict(moves=12, snr=snr)
