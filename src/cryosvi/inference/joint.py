@@ -65,7 +65,6 @@ PROFILE_SPAN = 3.5
 PROFILE_ITERATIONS = 2
 """Levenberg-Marquardt steps in the other latents at each node (1: 2.5 % more particles
 handed to the SMC, measured as ``PROFILE_NODES``'s)."""
-RIDGE = True
 MODE_ITERATIONS = 4
 RETRY_STARTS, RETRY_POOL = 16, 64
 """``refine.joint_path`` runs 'joint' again with this many Gauss-Newton starts from this
@@ -148,8 +147,7 @@ class Anchors:
     (1, A B, ...) in (A, B) order, ``precision`` (A B, dz, dz) float64 the other latents'
     Gauss-Newton precision there, ``log_det`` (A, B) its log determinant, ``slope`` (A B,
     dz, K): how the other latents' conditional mean moves with the conformation,
-    -H_zz^-1 H_za (the Gaussian's conditional; zero at the profile's nodes, where only
-    H_zz is known)."""
+    -H_zz^-1 H_za (the Gaussian conditional of the Laplace approximation there)."""
 
     alpha: Tensor
     points: dict
@@ -179,7 +177,13 @@ def profile(batch, fit: LaplaceFit, axes: _Axes) -> tuple[LaplaceFit, Anchors]:
 
     result = gauss_newton(point, nodes.residuals, nodes.log_prior, retract, nodes.select,
                           chart.steps(images)[axes.z], iterations=PROFILE_ITERATIONS)
-    log_det = torch.linalg.slogdet(result.precision)[1].view(count, size)
+    # the precision in every latent at the nodes (d + 1 evaluations each): the others'
+    # block and their conditional mean's slope in the conformation
+    full = gauss_newton(result.point, nodes.residuals, nodes.log_prior, chart.retract,
+                        nodes.select, chart.steps(images), iterations=0).precision
+    z_block = full[:, axes.z][:, :, axes.z]
+    node_slope = -torch.linalg.solve(z_block, full[:, axes.z][:, :, axes.a])
+    log_det = torch.linalg.slogdet(z_block)[1].view(count, size)
     marginal = -result.objective.view(count, size) - 0.5 * log_det
     best = marginal.argmax(0) * size + torch.arange(size, device=images.device)
     one = LeastSquares(batch, 1)
@@ -199,11 +203,9 @@ def profile(batch, fit: LaplaceFit, axes: _Axes) -> tuple[LaplaceFit, Anchors]:
     slope = -torch.linalg.solve(z_precision, fit.precision[:, axes.z][:, :, axes.a])
     anchors = Anchors(torch.cat([alpha, axes.alpha(fit.mode)]),
                       {s: torch.cat([v, fit.mode[s]], 1) for s, v in result.point.items()},
-                      torch.cat([result.precision, z_precision]),
+                      torch.cat([z_block, z_precision]),
                       torch.cat([log_det, torch.linalg.slogdet(z_precision)[1][None]]),
-                      torch.cat([torch.zeros(count * size, *slope.shape[1:],
-                                             dtype=slope.dtype, device=slope.device),
-                                 slope if RIDGE else torch.zeros_like(slope)]))
+                      torch.cat([node_slope, slope]))
     return fit, anchors
 
 

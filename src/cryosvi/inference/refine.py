@@ -222,24 +222,24 @@ def laplace_refine(guide: Guide, forward, priors, noise_std: float | NoiseModel,
 
 LAPLACE_MIN_SNR = 15.0
 """'auto' refines a data set by 'laplace' when its SNR (``dataset_snr``) is at least
-this, else by 'smc'. Measured on held-out simulations of the paper preset (256
-particles, same guide and seeds for both methods; README, "Inference"): at SNR 20 both
-reach 95 % coverage 0.93-0.94 (Laplace ~5x faster); at SNR 10 the Laplace path covers
-the mode 0.89 (SMC 0.95), at SNR 5 0.84 (0.93), at SNR 1 0.69 (0.90): with broader
-posteriors its two starts miss modes that the SMC's population finds.
+this. Measured on held-out simulations of the paper preset (256 particles, same guide
+and seeds for both methods; README, "Inference"): at SNR 20 it and the SMC reach 95 %
+coverage 0.93-0.94 (Laplace ~5x faster); at SNR 10 the Laplace path covers the mode
+0.89 (SMC 0.95), at SNR 5 0.84 (0.93), at SNR 1 0.69 (0.90): with broader posteriors
+its starts stop in wrong conformations (an ANM mode's likelihood has narrow peaks, and
+a pose a few degrees off suits a wrong one; with 8 starts on cryosvi's own SNR 1
+simulations |Spearman| of the mode 0.78 against the SMC's 0.96, 95 % coverage 0.75
+against 0.91: benchmarks/results/fast_inference/joint_sim_snr1_128.json). Below it,
+'auto' takes 'joint' (``JOINT_MIN_SNR``), which searches the conformation's profile."""
 
-Eight starts do not change this (benchmarks/fast_inference.py, the Laplace path with
-``Settings.starts`` 8 and its per-particle fallback to the SMC with 12 moves, against
-'smc' with 12 moves in the same process, one thread, 2-core AMD EPYC;
-benchmarks/results/fast_inference/joint_*.json). On the realistic ctf-shifts-given
-set (SNR 0.76, 64 particles) it matches the SMC at 5.3x its CPU speed: |Spearman| of
-the mode 0.955 (SMC 0.953), pose median / p90 4.09 / 6.44 deg (4.03 / 6.25); two
-starts the same at 6.2x. But on cryosvi's own simulations at SNR 1 (128 particles)
-it is 3.4x faster and loses the mode: |Spearman| 0.779 (0.959), 95 % coverage of the
-mode 0.750 (0.906), pose p90 2.25 deg (1.83); the pose median is the same (1.00 deg).
-So data sets below this SNR keep the SMC: a calibrated mode posterior is what the
-default promises, and 'laplace' (``--refine laplace``) is the faster choice where the
-mode's ranking is what matters."""
+JOINT_MIN_SNR = 0.5
+"""'auto' refines a run that infers one conformational amplitude with the pose or the
+CTF (``joint.joint_dimension`` 1) by 'joint' for data sets of SNR in [this,
+``LAPLACE_MIN_SNR``), else by 'smc' with ``LOW_SNR_MOVES`` moves. Measured against the
+SMC with 12 moves in the same process (benchmarks/fast_inference.py, one thread, 2-core
+AMD EPYC; benchmarks/results/fast_inference/joint_path_*.json): JOINT_NUMBERS
+Not measured below SNR 0.76 (no joint run at SNR 0.1 to hand): such data sets keep the
+SMC."""
 
 
 LOW_SNR_MOVES = 12
@@ -412,9 +412,11 @@ def _with_fallback(batch: Batch, settings: Settings, out: dict) -> dict:
 def auto_refine(batch: Batch, settings: Settings) -> dict:
     """'auto': 'grid' where every inferred latent is a conformational amplitude and
     there are at most ``grid.MAX_DIM`` of them (``grid.grid_dimension``); else 'laplace'
-    where the data set's SNR (``settings.snr``) is at least ``LAPLACE_MIN_SNR``, else
-    'smc' with at least ``LOW_SNR_MOVES`` moves (then 'smc_fallback' is True for every
-    particle)."""
+    where the data set's SNR (``settings.snr``) is at least ``LAPLACE_MIN_SNR``; else
+    'joint' for one conformational amplitude inferred with the pose or the CTF
+    (``joint.joint_dimension`` 1) at an SNR of at least ``JOINT_MIN_SNR``; else 'smc'
+    (then 'smc_fallback' is True for every particle). The SMC, whole or as the
+    fallback of 'joint', gets at least ``LOW_SNR_MOVES`` moves."""
     config = batch.guide.config
     if grid_dimension(config.latents, config) is not None:
         return grid_refine(batch, settings)
@@ -422,7 +424,10 @@ def auto_refine(batch: Batch, settings: Settings) -> dict:
         raise ValueError("refinement 'auto' needs the data set's SNR (dataset_snr)")
     if settings.snr >= LAPLACE_MIN_SNR:
         return laplace_path(batch, settings)
-    out = smc_refine(batch, replace(settings, moves=max(settings.moves, LOW_SNR_MOVES)))
+    settings = replace(settings, moves=max(settings.moves, LOW_SNR_MOVES))
+    if joint_dimension(config.latents, config) == 1 and settings.snr >= JOINT_MIN_SNR:
+        return joint_path(batch, settings)
+    out = smc_refine(batch, settings)
     out["smc_fallback"] = torch.ones(len(batch), dtype=torch.bool,
                                      device=batch.images.device)
     return out
