@@ -96,7 +96,8 @@ def test_joint_against_a_coupled_linear_gaussian_model():
 def test_a_particles_joint_posterior_does_not_depend_on_its_batch():
     """With the real forward model (pose, defocus and one mode inferred, an untrained
     guide) a particle refined by 'joint' alone or among others gets the same summary and
-    draws, to float rounding (every decision and random number is the particle's own)."""
+    draws, to float rounding (every decision and random number is the particle's own),
+    whether 'joint' kept it or handed it to the SMC."""
     torch.manual_seed(0)
     reference = tiny_reference(n_modes=1, snr=2.0)
     forward = reference.forward_model()
@@ -111,7 +112,9 @@ def test_a_particles_joint_posterior_does_not_depend_on_its_batch():
                   Streams(3, torch.arange(5)))
     settings = Settings(16, moves=1, max_steps=3)
     full = joint_path(whole, settings)
-    for i in (0, 2, 4):
+    # both ways through: refined by 'joint' (most) and handed to the SMC (particle 1)
+    assert full["smc_fallback"].any() and not full["smc_fallback"].all()
+    for i in (0, 1, 4):
         alone = joint_path(whole.take(torch.tensor([i])), settings)
         for key in ("modes_mean", "modes_std", "defocus_mean", "rotation_mean", "ess",
                     "smc_fallback"):
@@ -137,7 +140,8 @@ def test_auto_takes_joint_for_one_mode_with_the_pose_between_the_snr_limits():
                               n_modes=1)).eval()
     arguments = (guide, forward, reference.priors, 0.1, images, {}, 8)
     snr = math.sqrt(JOINT_MIN_SNR * LAPLACE_MIN_SNR)
-    auto = refine(*arguments, method="auto", moves=1, snr=snr, noise=Streams(0, torch.arange(3)))
+    auto = refine(*arguments, method="auto", moves=1, snr=snr,
+                  noise=Streams(0, torch.arange(3)))
     joint = joint_path(Batch(guide, forward, reference.priors, 0.1, images, {},
                              Conditions(), Streams(0, torch.arange(3))),
                        Settings(8, moves=12, snr=snr))

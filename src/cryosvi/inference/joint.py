@@ -30,9 +30,10 @@ below S / 4) to the tempered SMC.
 
 Evaluations of the forward model per particle (d = dz + K chart dimensions, 1 mode:
 d = 5 with pose and defocus): the fit's pool + starts (coarse + iterations + 2) (d + 1)
-= 152, the profile's G (dz + 1) (iterations + 1) = 240 and the mode's 4 (d + 1) + d + 1
-= 30, the grid's 56, the draws' S = 64: about 540, against about 6 400 for the SMC with
-12 moves (64 (1 + 8.2 steps x 12)). Measured: benchmarks/results/fast_inference/.
+= 152; the profile's G ((dz + 1) (iterations + 1) - dz + d + 1) = 272 (Gauss-Newton in
+z, then the precision in every latent for the slopes); the mode's 5 (d + 1) = 30; the
+grid's 56; the draws' S = 64: about 570, against about 6 400 for the SMC with 12 moves
+(64 (1 + 8.2 steps x 12)). Measured: benchmarks/results/fast_inference/.
 """
 
 from __future__ import annotations
@@ -176,7 +177,8 @@ def profile(batch, fit: LaplaceFit, axes: _Axes) -> tuple[LaplaceFit, Anchors]:
         return chart.retract(values, axes.embed(dz))
 
     result = gauss_newton(point, nodes.residuals, nodes.log_prior, retract, nodes.select,
-                          chart.steps(images)[axes.z], iterations=PROFILE_ITERATIONS)
+                          chart.steps(images)[axes.z], iterations=PROFILE_ITERATIONS,
+                          final_precision=False)
     # the precision in every latent at the nodes (d + 1 evaluations each): the others'
     # block and their conditional mean's slope in the conformation
     full = gauss_newton(result.point, nodes.residuals, nodes.log_prior, chart.retract,
@@ -197,8 +199,9 @@ def profile(batch, fit: LaplaceFit, axes: _Axes) -> tuple[LaplaceFit, Anchors]:
         return torch.where(moved.view(-1, *([1] * (new.dim() - 1))), new, old)
 
     fit = LaplaceFit(one.select(moved, mode.point, fit.mode),
-                     pick(mode.precision, fit.precision), pick(mode.objective, fit.objective),
-                     pick(mode.misfit, fit.misfit), chart)
+                     pick(mode.precision, fit.precision),
+                     pick(mode.objective, fit.objective), pick(mode.misfit, fit.misfit),
+                     chart)
     z_precision = fit.precision[:, axes.z][:, :, axes.z]
     slope = -torch.linalg.solve(z_precision, fit.precision[:, axes.z][:, :, axes.a])
     anchors = Anchors(torch.cat([alpha, axes.alpha(fit.mode)]),
