@@ -56,17 +56,19 @@ from cryosvi.posterior import weighted_summary
 
 PROFILE_NODES = {1: 16, 2: 6}
 """Profile nodes per conformational axis, by the number of axes K (G = nodes^K). Measured
-on the first 256 held-out particles of cryosvi's own SNR 1 simulations (1 mode, CPU time
-of the joint path before the fallback / particles handed to the SMC): 8 nodes and 1
-iteration 4.3 s / 7.8 %, 12 nodes 5.6 s / 4.7 %, 16 nodes 6.5 s / 2.7 % (the 95 %
-coverage of the mode 0.90-0.91 in every case); each particle handed over costs about
-1 / 0.4 s of SMC, so 16 is the fastest in all. 2 modes: not measured (36 nodes)."""
+with a prototype of this code (the profile's anchors without slopes) on the first 256
+held-out particles of cryosvi's own SNR 1 simulations (1 mode; CPU time of the path
+before its fallback, and the particles it then flags): 8 nodes and 1 iteration 4.3 s /
+7.8 %, 12 nodes 5.6 s / 4.7 %, 16 nodes 6.5 s / 2.7 % (95 % coverage of the mode
+0.90-0.91 in every case); a particle handed to the SMC costs about as much as 12-40
+refined here, so 16 is the fastest in all. 2 modes: not measured (36 nodes)."""
 PROFILE_SPAN = 3.5
 """The profile's nodes cover the prior's mean +- this many prior stds per axis."""
 PROFILE_ITERATIONS = 2
 """Levenberg-Marquardt steps in the other latents at each node (1: 2.5 % more particles
 handed to the SMC, measured as ``PROFILE_NODES``'s)."""
 MODE_ITERATIONS = 4
+"""Levenberg-Marquardt steps in every latent from the profile's best node."""
 RETRY_STARTS, RETRY_POOL = 16, 64
 """``refine.joint_path`` runs 'joint' again with this many Gauss-Newton starts from this
 many guide draws for the particles that ``refine._stuck`` flags, before it hands those
