@@ -76,7 +76,6 @@ still flagged to the SMC. Measured on the first 64 particles of the realistic
 ctf-shifts-given set: 8 of 64 flagged after 2 starts; 8 starts from 64 draws left 2 of
 them flagged (1.0 s of CPU), 16 starts 1 (1.6 s), where the SMC with 12 moves took
 9.5 s for the 8."""
-"""Levenberg-Marquardt steps in every latent from the profile's best node."""
 
 
 def joint_dimension(latents, config) -> int | None:
