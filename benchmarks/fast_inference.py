@@ -12,8 +12,10 @@ method of ``--methods``, one after the other in this process:
 * ``smc12``: what ``--refine auto`` ran below SNR 15 up to commit 3a2d059 (modes-only
   runs included), tempered SMC with 12 moves (``--refine smc --moves 12``);
 * ``default``: ``--refine auto`` as it is now (the grid for a run that infers the mode
-  amplitudes alone, else the rule by the data set's SNR);
+  amplitudes alone, else the rule by the run's latents and the data set's SNR: 'joint'
+  for one mode inferred with the pose at SNR 0.5-15);
 * ``grid``, ``laplace``, ``laplace8`` (the Laplace path with 8 Gauss-Newton starts),
+  ``joint``, ``jointN`` (with N starts; the fallback's 12 moves, as 'auto' gives it),
   ``smcN`` (the SMC with N moves): for comparisons.
 
 ``--baseline-checkout DIR`` also times the first method with the library and this script
@@ -64,6 +66,8 @@ def method(name: str, snr: float):
         return REFINERS["auto"], dict(snr=snr)
     if name == "laplace8":
         return REFINERS["laplace"], dict(starts=8, moves=12)
+    if name.startswith("joint"):  # jointN: N starts; the fallback's 12 moves as 'auto'
+        return REFINERS["joint"], dict(moves=12, starts=int(name[5:] or 2))
     if name.startswith("smc"):
         return REFINERS["smc"], dict(moves=int(name[3:] or 3))
     return REFINERS[name], dict(moves=12, snr=snr)

@@ -79,13 +79,13 @@ STD_COLUMNS = {"rlnDefocusU": "cryosviDefocusStd", "rlnDefocusV": "cryosviDefocu
                "cryosviModeAmplitude2": "cryosviModeAmplitudeStd2"}
 
 
-@pytest.mark.parametrize("method", ["guide", "is", "smc", "laplace"])
+@pytest.mark.parametrize("method", ["guide", "is", "smc", "laplace", "joint"])
 def test_the_batch_size_does_not_change_the_posterior(scale_run, tmp_path, method):
     """--batch-size 7 and 16 write the same posterior: every column equal to 1e-5 (Å,
     degrees, Å RMS; measured: the same text) for the guide alone and importance
-    sampling. The SMC and the Laplace path run chains and Gauss-Newton steps, which can
-    turn a rounding difference of torch's kernels between batch shapes into another
-    Metropolis decision: measured, every column agreed to 1e-4 (the posteriors' stds are
+    sampling. The SMC and the Laplace and joint paths run chains and Gauss-Newton steps,
+    which can turn a rounding difference of torch's kernels between batch shapes into
+    another Metropolis decision: measured, every column agreed to 1e-4 (the posteriors' stds are
     10^2-10^4 times larger); asserted: all but 4 of the 40 particles to 1e-4, and every
     mean within half its posterior std."""
     extra = ["--importance", "0"] if method == "guide" else [

@@ -68,22 +68,23 @@ def register(subparsers, summary: str) -> None:
                         "fails (a misfit 4 sigma above the noise's, ESS < S/4) to 'smc'; "
                         "'smc' tempers from the guide to the posterior with resample-move "
                         "steps; 'is' is plain importance sampling with the guide as "
-                        "proposal; 'auto' takes 'grid' for the amplitudes alone, else "
-                        "'laplace' for data sets of SNR >= 15 "
-                        "(estimated once from up to 2000 particles; about 5x faster there, "
-                        "as accurate) and 'smc' with at least 12 moves below (where the "
-                        "Laplace path under-covers and 3 moves mix too slowly)")
+                        "proposal; 'joint' (pose, CTF or shifts inferred with 1-2 modes) "
+                        "runs the Laplace fit, searches the modes' profile with the other "
+                        "latents refitted at each node, integrates the modes on a grid "
+                        "with the others at their Laplace approximations and "
+                        "importance-samples that, retrying from 16 starts and then handing "
+                        "to 'smc' the particles where it fails; 'auto' takes 'grid' for "
+                        "the amplitudes alone, else 'laplace' for data sets of SNR >= 15 "
+                        "(estimated once from up to 2000 particles), 'joint' for one mode "
+                        "inferred with the pose or CTF at SNR 0.5-15 (8-12x the SMC's "
+                        "speed at SNR ~1, as accurate and calibrated), and 'smc' with at "
+                        "least 12 moves otherwise")
     parser.add_argument("--moves", type=integer_between(0, 1000), default=3,
-                        help="smc (and laplace's fallback): Metropolis moves per "
-                        "tempering step ('auto' uses at least 12 for data sets it hands "
-                        "to the SMC whole)")
+                        help="smc (and the fallback of laplace and joint): Metropolis "
+                        "moves per tempering step ('auto' uses at least 12 below SNR 15)")
     parser.add_argument("--starts", type=integer_between(1, 64), default=2,
-                        help="laplace (and auto above SNR 15): Gauss-Newton starts per "
-                        "particle from the guide's best draws; 8 with --refine laplace is "
-                        "the fast path for joint pose + defocus + mode at SNR ~1 (on the "
-                        "realistic ctf-shifts-given set 5.3x the SMC's speed, the same "
-                        "pose error and |Spearman|; on cryosvi's own SNR 1 simulations "
-                        "its mode intervals under-cover: 0.75 at 95 %%)")
+                        help="laplace and joint (and auto, which takes them): "
+                        "Gauss-Newton starts per particle from the guide's best draws")
     parser.add_argument("--max-junk", type=number(0.0, 1.0, low_open=True), default=None,
                         metavar="P",
                         help="write only the particles whose cryosviJunkProbability is "

@@ -41,14 +41,15 @@ Point = Any
 @dataclass
 class GaussNewtonResult:
     """point: the B modes found; objective (B,): -log p(x, z) + const there (|r|^2 / 2 -
-    log prior); precision (B, d, d) float64: the Gauss-Newton precision at the mode;
+    log prior); precision (B, d, d) float64: the Gauss-Newton precision at the mode
+    (None when not asked for: ``gauss_newton``'s ``final_precision``);
     accepted (B,): the number of iterations that lowered the objective; misfit (B,)
     float64: |r|^2 / 2 there, the objective's likelihood part (for whitened residuals of
     a correct model, chi^2_P / 2: mean P / 2, std sqrt(P / 2), for P residuals)."""
 
     point: Point
     objective: Tensor
-    precision: Tensor
+    precision: Tensor | None
     accepted: Tensor
     misfit: Tensor
 
@@ -84,8 +85,8 @@ def _linearise(point: Point, residual: Tensor, prior: Tensor, residuals, log_pri
 def gauss_newton(point: Point, residuals: Callable[[Point], Tensor],
                  log_prior: Callable[[Point], Tensor],
                  retract: Callable[[Point, Tensor], Point], select: Callable,
-                 steps: Tensor, iterations: int = 6,
-                 damping: float = 1e-3) -> GaussNewtonResult:
+                 steps: Tensor, iterations: int = 6, damping: float = 1e-3,
+                 final_precision: bool = True) -> GaussNewtonResult:
     """Levenberg-Marquardt from ``point`` (B problems) towards each posterior mode.
 
     Points carry a leading dimension: ``point`` is (1, B) points. residuals(points) ->
@@ -95,7 +96,8 @@ def gauss_newton(point: Point, residuals: Callable[[Point], Tensor],
     against the posterior's width, large against rounding). Each iteration solves
     (H + damping diag H) delta = -g and keeps the move where it lowers the objective
     (then damping / 3, else damping * 10, per problem). Residual evaluations: d + 1
-    per iteration, d + 1 at the start.
+    per iteration, d + 1 at the start. ``final_precision`` False: no linearisation after
+    the last iteration (d evaluations fewer; the result's precision is then None).
     """
     residual, prior = residuals(point)[0], log_prior(point)[0]
     objective, gradient, precision = _linearise(point, residual, prior, residuals,
@@ -103,7 +105,7 @@ def gauss_newton(point: Point, residuals: Callable[[Point], Tensor],
     batch = objective.shape[0]
     lam = torch.full((batch,), damping, dtype=torch.float64, device=objective.device)
     accepted = torch.zeros(batch, dtype=torch.long, device=objective.device)
-    for _ in range(iterations):
+    for step in range(iterations):
         diagonal = torch.diagonal(precision, dim1=-2, dim2=-1).clamp_min(1e-12)
         system = precision + torch.diag_embed(lam[:, None] * diagonal + 1e-12)
         delta = -torch.linalg.solve(system, gradient[..., None])[..., 0]
@@ -116,8 +118,11 @@ def gauss_newton(point: Point, residuals: Callable[[Point], Tensor],
         prior = torch.where(better, new_prior, prior)
         accepted += better.long()
         lam = torch.where(better, lam / 3, lam * 10)
-        objective, gradient, precision = _linearise(point, residual, prior, residuals,
-                                                    log_prior, retract, steps)
+        if step == iterations - 1 and not final_precision:
+            objective, precision = _objective(residual, prior), None
+        else:
+            objective, gradient, precision = _linearise(point, residual, prior, residuals,
+                                                        log_prior, retract, steps)
     misfit = 0.5 * residual.double().square().sum(-1)
     return GaussNewtonResult(point, objective, precision, accepted, misfit)
 

@@ -20,10 +20,17 @@ Summaries per particle: ``cryosvi.posterior``. Refinement with the physics likel
   conformation on the realistic poses-given set 0.886 against 0.885 on 256 particles,
   0.9016 on all 2 000) and calibration (95 % coverage on cryosvi's own SNR 0.1
   simulations 0.938 with 1 mode, 0.945 with 2, on 2 000 particles);
+* 'joint' (``cryosvi.inference.joint``): for a run that infers 1-2 conformational
+  amplitudes with the pose, CTF or shifts: the Laplace fit, the amplitudes' profile
+  (the other latents refitted at each node), the amplitudes on the grid with the
+  others at their Laplace approximations, importance sampling from that; a retry from
+  more starts, then 'smc', for the particles where it fails. At SNR ~1 (one mode):
+  8-12x the speed of 'smc' with 12 moves at its accuracy and calibration
+  (``JOINT_MIN_SNR``);
 * 'auto' (the default): 'grid' where it applies (every inferred latent
   ``conformational``, at most ``grid.MAX_DIM`` dimensions), else 'laplace' for data
-  sets of SNR >= 15 (``dataset_snr``), else 'smc' with 12 moves (the Laplace path with
-  8 starts was measured there and not taken: ``LAPLACE_MIN_SNR``);
+  sets of SNR >= 15 (``dataset_snr``), else 'joint' for one amplitude inferred with
+  other latents at SNR >= 0.5 (``JOINT_MIN_SNR``), else 'smc' with 12 moves;
 * 'is': importance sampling with the guide as proposal (weights p(x | z) p(z) / q(z |
   x), self-normalised; the effective sample size (sum w)^2 / sum w^2 per particle);
 * 'smc': adaptive tempered SMC from the guide to the posterior (resample-move with
@@ -33,8 +40,8 @@ A particle's result depends only on the particle, the run, the settings and the 
 every random number comes from the particle's own stream (``Batch.noise``, a
 ``cryosvi.randomness.Streams``; the grid draws none), 'auto' decides by the run's
 latents and the data set's SNR, the grid's extra levels are decided per particle, the
-Laplace path hands a particle to the SMC by a test of that particle alone (``_stuck``),
-and the SMC stops each particle's chain when it reaches the posterior.
+Laplace and joint paths hand a particle on by a test of that particle alone
+(``_stuck``), and the SMC stops each particle's chain when it reaches the posterior.
 
 Adding a method: a function ``(batch: Batch, settings: Settings) -> dict`` (the summary
 keys of ``weighted_summary`` plus 'samples', 'weights' and 'ess', and 'log_evidence'
@@ -54,21 +61,25 @@ from pyro import poutine
 
 from cryosvi.errors import CryosviError
 from cryosvi.guide import Guide
-from cryosvi.inference.laplace import gauss_newton, laplace_log_evidence, laplace_proposal
-from cryosvi.latents import PAPER_SITES, REGISTRY, Chart, forward_inputs, random_walks
+from cryosvi.inference.laplace import laplace_proposal
+from cryosvi.inference.laplace_fit import laplace_fit
+from cryosvi.latents import PAPER_SITES, random_walks
 from cryosvi.physics.conditions import Conditions
 from cryosvi.physics.noise import NoiseModel
 from cryosvi.model import model
 from cryosvi.posterior import posterior_summary, weighted_summary
 from cryosvi.inference.grid import check_grid, grid_dimension, grid_refine
 from cryosvi.inference.importance import importance_log_evidence, importance_weights
+from cryosvi.inference.joint import (RETRY_POOL, RETRY_STARTS, check_joint,
+                                     joint_dimension, joint_refine)
 from cryosvi.inference.smc import tempered_smc
 
-KEYS = {"guide": 1, "smc": 2, "laplace_pool": 3, "laplace_proposal": 4}
+KEYS = {"guide": 1, "smc": 2, "laplace_pool": 3, "laplace_proposal": 4, "joint": 5}
 """The first part of the key of each stage's draws in a particle's stream: the guide's
-samples (the guide alone, 'is', 'smc' and the Laplace path's fallback, which so gives a
-particle the result 'smc' would), the SMC's moves, the Laplace path's pool of guide
-draws and its proposal. A new method takes a number of its own."""
+samples (the guide alone, 'is', 'smc' and the fallbacks of the Laplace and joint paths,
+which so give a particle the result 'smc' would), the SMC's moves, the pool of guide
+draws of the Laplace and joint paths' fit, the Laplace proposal and the joint path's
+draws. A new method takes a number of its own."""
 
 
 @torch.no_grad()
@@ -167,11 +178,6 @@ class Settings:
     starts: int = 2
 
 
-def _tile(values: dict, n: int) -> dict:
-    """Values site -> (B, ...) repeated n times along the batch, (n * B, ...)."""
-    return {s: v.repeat(n, *([1] * (v.dim() - 1))) for s, v in values.items()}
-
-
 @torch.no_grad()
 def laplace_refine(guide: Guide, forward, priors, noise_std: float | NoiseModel,
                    images: torch.Tensor,
@@ -201,116 +207,52 @@ def laplace_refine(guide: Guide, forward, priors, noise_std: float | NoiseModel,
     'log_evidence' (B,) float64: log p(x) estimated by the importance sampling.
     ``noise_std``: the white noise's std or the run's ``NoiseModel`` (``log_joint``).
     """
-    known = dict(known or {})
     conditions = conditions or Conditions()
-    latents = guide.config.latents
     batch = images.shape[0]
-    chart = Chart(latents, guide.config)
-    guide_draws = posterior_summary(
-        guide, images, known, max(pool, starts), conditions=conditions,
-        noise=None if noise is None else noise.child(KEYS["laplace_pool"]))["samples"]
-    log_p = _log_target(forward, priors, noise_std, images, guide_draws, known, conditions,
-                        latents, chunk)
-    top = log_p.topk(starts, dim=0).indices  # (M, B)
-    columns = torch.arange(batch, device=images.device).expand(starts, batch)
-    # M starts of B particles are one batch of M B problems, in (M, B) order.
-    point = {s: v[top, columns].reshape(1, starts * batch, *v.shape[2:])
-             for s, v in guide_draws.items()}
-    tiled_images = images.repeat(starts, 1, 1)
-    tiled_known = _tile(known, starts)
-    tiled_conditions = conditions.expand(starts)
-    box = images.shape[-1]
-    frequency = torch.fft.fftfreq(box, device=images.device)
-    low_pass = torch.exp(-2 * (math.pi * blur * box) ** 2
-                         * (frequency[:, None] ** 2 + frequency[None, :] ** 2))
-
-    coloured = isinstance(noise_std, NoiseModel)
-    ctf = tiled_conditions.ctf
-    group = None if ctf is None else ctf.group  # the measurement site's (``model``)
-
-    def smoothed(residual):
-        return torch.fft.ifft2(torch.fft.fft2(residual) * low_pass).real
-
-    def residuals(values, smooth=False):
-        """(n, M B, P) whitened residuals of values site -> (n, M B, ...): (model - data)
-        / noise std, or with a noise model its ``NoiseModel.residuals`` (P = L^2 + 1)."""
-        out = []
-        for i in range(0, next(iter(values.values())).shape[0], chunk):
-            part = {s: v[i:i + chunk] for s, v in values.items()}
-            m = next(iter(part.values())).shape[0]
-            flat = {s: v.reshape(m * starts * batch, *v.shape[2:]) for s, v in part.items()}
-            clean = forward(**forward_inputs({**_tile(tiled_known, m), **flat},
-                                             tiled_conditions.expand(m)))
-            # (m, M B, L, L) against the images broadcast, not copied m times
-            clean = clean.view(m, *tiled_images.shape)
-            if coloured:
-                residual = noise_std.residuals(tiled_images, clean, group)
-                if smooth:  # the image part; the contrast prior's term as it is
-                    image = smoothed(residual[..., :-1].unflatten(-1, (box, box)))
-                    residual = torch.cat([image.flatten(-2), residual[..., -1:]], -1)
-            else:
-                residual = (clean - tiled_images) / noise_std
-                if smooth:
-                    residual = smoothed(residual)
-            out.append(residual.reshape(m, starts * batch, -1))
-        return torch.cat(out)
-
-    def log_prior(values):
-        """(n, M B) log prior of values site -> (n, M B, ...)."""
-        n = next(iter(values.values())).shape[0]
-        tiled = tiled_conditions.expand(n)
-        return sum(REGISTRY[s].prior(priors, tiled, forward.coords)
-                   .log_prob(values[s].reshape(n * starts * batch, *values[s].shape[2:]))
-                   for s in latents).reshape(n, starts * batch)
-
-    def select(mask, first, second):
-        return {s: torch.where(mask.view(1, -1, *([1] * (first[s].dim() - 2))),
-                               first[s], second[s]) for s in first}
-
-    steps = chart.steps(images)
-    if coarse:
-        point = gauss_newton(point, lambda v: residuals(v, smooth=True), log_prior,
-                             chart.retract, select, steps, iterations=coarse).point
-    result = gauss_newton(point, residuals, log_prior, chart.retract, select, steps,
-                          iterations=iterations)
-    evidence = laplace_log_evidence(result.objective, result.precision).view(starts, batch)
-    best = evidence.argmax(0) * batch + torch.arange(batch, device=images.device)
-    mode = {s: v[:, best] for s, v in result.point.items()}  # (1, B, ...)
+    problem = Batch(guide, forward, priors, noise_std, images, dict(known or {}),
+                    conditions, noise, chunk)
+    fit = laplace_fit(problem, starts=starts, pool=pool, coarse=coarse,
+                      iterations=iterations, blur=blur)
+    chart, mode = fit.chart, fit.mode
     eps = None if noise is None else noise.child(KEYS["laplace_proposal"]).normal(
-        (n_samples, batch, chart.dim), axis=1, dtype=result.precision.dtype)
-    delta, log_q = laplace_proposal(result.precision[best], n_samples, noise=eps)
+        (n_samples, batch, chart.dim), axis=1, dtype=fit.precision.dtype)
+    delta, log_q = laplace_proposal(fit.precision, n_samples, noise=eps)
     values = chart.retract(mode, delta.to(images.dtype))
     log_q = log_q - chart.log_volume(delta).double()
-    log_p = _log_target(forward, priors, noise_std, images, values, known, conditions,
-                        latents, chunk)
+    log_p = problem.log_target(values)
     weights, ess = importance_weights(log_p.double(), log_q)
     weights = weights.to(images.dtype)
     return {**weighted_summary(values, weights), "samples": values, "weights": weights,
-            "ess": ess.to(images.dtype), "objective": result.objective[best],
-            "misfit": result.misfit[best],
+            "ess": ess.to(images.dtype), "objective": fit.objective, "misfit": fit.misfit,
             "log_evidence": importance_log_evidence(log_p.double(), log_q)}
 
 
 LAPLACE_MIN_SNR = 15.0
 """'auto' refines a data set by 'laplace' when its SNR (``dataset_snr``) is at least
-this, else by 'smc'. Measured on held-out simulations of the paper preset (256
-particles, same guide and seeds for both methods; README, "Inference"): at SNR 20 both
-reach 95 % coverage 0.93-0.94 (Laplace ~5x faster); at SNR 10 the Laplace path covers
-the mode 0.89 (SMC 0.95), at SNR 5 0.84 (0.93), at SNR 1 0.69 (0.90): with broader
-posteriors its two starts miss modes that the SMC's population finds.
+this. Measured on held-out simulations of the paper preset (256 particles, same guide
+and seeds for both methods; README, "Inference"): at SNR 20 it and the SMC reach 95 %
+coverage 0.93-0.94 (Laplace ~5x faster); at SNR 10 the Laplace path covers the mode
+0.89 (SMC 0.95), at SNR 5 0.84 (0.93), at SNR 1 0.69 (0.90): with broader posteriors
+its starts stop in wrong conformations (an ANM mode's likelihood has narrow peaks, and
+a pose a few degrees off suits a wrong one; with 8 starts on cryosvi's own SNR 1
+simulations |Spearman| of the mode 0.78 against the SMC's 0.96, 95 % coverage 0.75
+against 0.91: benchmarks/results/fast_inference/joint_sim_snr1_128.json). Below it,
+'auto' takes 'joint' (``JOINT_MIN_SNR``), which searches the conformation's profile."""
 
-Eight starts do not change this (benchmarks/fast_inference.py, the Laplace path with
-``Settings.starts`` 8 and its per-particle fallback to the SMC with 12 moves, against
-'smc' with 12 moves in the same process, one thread, 2-core AMD EPYC;
-benchmarks/results/fast_inference/joint_*.json). On the realistic ctf-shifts-given
-set (SNR 0.76, 64 particles) it matches the SMC at 5.3x its CPU speed: |Spearman| of
-the mode 0.955 (SMC 0.953), pose median / p90 4.09 / 6.44 deg (4.03 / 6.25); two
-starts the same at 6.2x. But on cryosvi's own simulations at SNR 1 (128 particles)
-it is 3.4x faster and loses the mode: |Spearman| 0.779 (0.959), 95 % coverage of the
-mode 0.750 (0.906), pose p90 2.25 deg (1.83); the pose median is the same (1.00 deg).
-So data sets below this SNR keep the SMC: a calibrated mode posterior is what the
-default promises, and 'laplace' (``--refine laplace``) is the faster choice where the
-mode's ranking is what matters."""
+JOINT_MIN_SNR = 0.5
+"""'auto' refines a run that infers one conformational amplitude with the pose or the
+CTF (``joint.joint_dimension`` 1) by 'joint' for data sets of SNR in [this,
+``LAPLACE_MIN_SNR``), else by 'smc' with ``LOW_SNR_MOVES`` moves. Measured against the
+SMC with 12 moves in the same process (benchmarks/fast_inference.py, one thread, 2-core
+AMD EPYC; benchmarks/results/fast_inference/joint_path_*.json), with its fallback's 12
+moves: on cryosvi's own SNR 1 simulations (256 particles) 6.5x the SMC's CPU speed
+(6.2x wall), |Spearman| of the mode with the truth 0.954 (SMC 0.946), 95 % / 68 %
+coverage of the mode 0.926 / 0.723 (0.922 / 0.727), pose median / p90 1.02 / 1.81 deg
+(1.03 / 1.82), 2.7 % of the particles handed to the SMC; on the first 64 of them 5.6x,
+0.971 (0.954), 0.922 / 0.719 (0.859 / 0.688); on the realistic ctf-shifts-given set
+(SNR 0.76, 64 particles) 6.1x (5.8x wall), |Spearman| 0.953 (0.953), pose 4.08 / 6.29
+deg (4.03 / 6.25). Not measured below SNR 0.76 (no joint run at SNR 0.1 to hand): such
+data sets keep the SMC."""
 
 
 LOW_SNR_MOVES = 12
@@ -442,10 +384,40 @@ def laplace_path(batch: Batch, settings: Settings) -> dict:
                          starts=settings.starts, chunk=batch.chunk,
                          conditions=batch.conditions, noise=batch.noise)
     out.pop("objective")
+    return _with_fallback(batch, settings, out)
+
+
+def joint_path(batch: Batch, settings: Settings) -> dict:
+    """'joint': ``cryosvi.inference.joint.joint_refine`` (the conformation on a grid,
+    the other latents by their profile's Laplace approximations, importance sampling);
+    for the particles where that is not to be trusted (``_stuck``, as 'laplace') the same
+    again from more starts (``joint.RETRY_STARTS``), and 'smc' for those still flagged
+    ('smc_fallback' (B,) says which)."""
+    out = joint_refine(batch, settings)
+    rows = _stuck(out["misfit"], out["ess"], settings.n_samples, batch.pixels) \
+        .nonzero()[:, 0]
+    if len(rows):
+        again = joint_refine(batch.take(rows), replace(settings, starts=RETRY_STARTS),
+                             pool=RETRY_POOL)
+        _put_rows(out, again, rows)
+        out["ess"][rows] = again["ess"]
+    return _with_fallback(batch, settings, out)
+
+
+def _with_fallback(batch: Batch, settings: Settings, out: dict) -> dict:
+    """``out`` with the result of 'smc' for the particles that ``_stuck`` flags by their
+    'misfit' (popped) and 'ess'; 'smc_fallback' (B,) says which. The few particles
+    handed over evaluate up to chunk x B samples at once, the batch's budget (the SMC's
+    cost on a handful of particles is the number of its likelihood calls: measured, one
+    particle with 64 samples took 1.5-2.5 s in chunks of 16, 1.0-1.6 s in one; the
+    result differs only by the rounding of batched kernels)."""
     stuck = _stuck(out.pop("misfit"), out["ess"], settings.n_samples, batch.pixels)
     rows = stuck.nonzero()[:, 0]
     if len(rows):
-        _put_rows(out, smc_refine(batch.take(rows), settings), rows)
+        part = batch.take(rows)
+        part.chunk = max(batch.chunk, min(settings.n_samples,
+                                          batch.chunk * len(batch) // len(rows)))
+        _put_rows(out, smc_refine(part, settings), rows)
     out["smc_fallback"] = stuck
     return out
 
@@ -453,9 +425,11 @@ def laplace_path(batch: Batch, settings: Settings) -> dict:
 def auto_refine(batch: Batch, settings: Settings) -> dict:
     """'auto': 'grid' where every inferred latent is a conformational amplitude and
     there are at most ``grid.MAX_DIM`` of them (``grid.grid_dimension``); else 'laplace'
-    where the data set's SNR (``settings.snr``) is at least ``LAPLACE_MIN_SNR``, else
-    'smc' with at least ``LOW_SNR_MOVES`` moves (then 'smc_fallback' is True for every
-    particle)."""
+    where the data set's SNR (``settings.snr``) is at least ``LAPLACE_MIN_SNR``; else
+    'joint' for one conformational amplitude inferred with the pose or the CTF
+    (``joint.joint_dimension`` 1) at an SNR of at least ``JOINT_MIN_SNR``; else 'smc'
+    (then 'smc_fallback' is True for every particle). The SMC, whole or as the
+    fallback of 'joint', gets at least ``LOW_SNR_MOVES`` moves."""
     config = batch.guide.config
     if grid_dimension(config.latents, config) is not None:
         return grid_refine(batch, settings)
@@ -463,15 +437,18 @@ def auto_refine(batch: Batch, settings: Settings) -> dict:
         raise ValueError("refinement 'auto' needs the data set's SNR (dataset_snr)")
     if settings.snr >= LAPLACE_MIN_SNR:
         return laplace_path(batch, settings)
-    out = smc_refine(batch, replace(settings, moves=max(settings.moves, LOW_SNR_MOVES)))
+    settings = replace(settings, moves=max(settings.moves, LOW_SNR_MOVES))
+    if joint_dimension(config.latents, config) == 1 and settings.snr >= JOINT_MIN_SNR:
+        return joint_path(batch, settings)
+    out = smc_refine(batch, settings)
     out["smc_fallback"] = torch.ones(len(batch), dtype=torch.bool,
                                      device=batch.images.device)
     return out
 
 
 REFINERS: dict[str, Callable[[Batch, Settings], dict]] = {
-    "auto": auto_refine, "laplace": laplace_path, "smc": smc_refine,
-    "is": importance_refine, "grid": grid_refine}
+    "auto": auto_refine, "joint": joint_path, "laplace": laplace_path,
+    "smc": smc_refine, "is": importance_refine, "grid": grid_refine}
 """The refinements by name (``refine``'s ``method``, ``cryosvi infer --refine``)."""
 METHODS = tuple(REFINERS)
 
@@ -484,6 +461,8 @@ def check_refinement(method: str, config) -> None:
         raise CryosviError(f"unknown refinement {method!r} ({', '.join(METHODS)})")
     if method == "grid":
         check_grid(config)
+    if method == "joint":
+        check_joint(config)
 
 
 @torch.no_grad()
@@ -493,7 +472,7 @@ def refine(guide: Guide, forward, priors, noise_std: float, images: torch.Tensor
            conditions: Conditions | None = None, noise=None,
            snr: float | None = None, noise_model: NoiseModel | None = None) -> dict:
     """Refine the guide's posterior of images (B, L, L) with the physics likelihood by
-    ``method`` (``REFINERS``: 'auto', 'laplace', 'smc', 'is', 'grid'); ``moves``,
+    ``method`` (``REFINERS``: 'auto', 'joint', 'laplace', 'smc', 'is', 'grid'); ``moves``,
     ``max_steps``, ``ess_target``: the SMC's (``Settings``); ``chunk``: samples per likelihood
     evaluation; ``noise``: the particles' random streams (``cryosvi.randomness.Streams``;
     None: torch's global generator); ``snr``: the data set's SNR ('auto' needs it);
@@ -504,7 +483,7 @@ def refine(guide: Guide, forward, priors, noise_std: float, images: torch.Tensor
     'laplace' with the Laplace proposal, also where the SMC then ran), 'weights' (S, B),
     'samples', 'log_evidence' (B,) float64: the estimate of log p(x) (the junk
     probability's, ``cryosvi.inference.junk``) and, for smc, 'steps' (B,) and
-    'acceptance' (B,); 'laplace' and 'auto' add 'smc_fallback' (B,) bool.
+    'acceptance' (B,); 'laplace', 'joint' and 'auto' add 'smc_fallback' (B,) bool.
     """
     if method not in REFINERS:
         raise ValueError(f"unknown refinement {method!r} ({', '.join(METHODS)})")
