@@ -76,8 +76,8 @@ def register(subparsers, summary: str) -> None:
                         "to 'smc' the particles where it fails; 'auto' takes 'grid' for "
                         "the amplitudes alone, else 'laplace' for data sets of SNR >= 15 "
                         "(estimated once from up to 2000 particles), 'joint' for one mode "
-                        "inferred with the pose or CTF at SNR 0.5-15 (8-12x the SMC's "
-                        "speed at SNR ~1, as accurate and calibrated), and 'smc' with at "
+                        "inferred with the pose or CTF at SNR 0.75-15 (about 6x the "
+                        "SMC's speed at SNR ~1, as accurate and calibrated), and 'smc' with at "
                         "least 12 moves otherwise")
     parser.add_argument("--moves", type=integer_between(0, 1000), default=3,
                         help="smc (and the fallback of laplace and joint): Metropolis "

@@ -14,23 +14,24 @@ Summaries per particle: ``cryosvi.posterior``. Refinement with the physics likel
   amplitudes alone (``train --latents modes``: pose, CTF and shifts given), at most 2
   of them: the exact posterior by deterministic quadrature (1 mode: an adaptive
   lattice, 56 evaluations per particle; 2 modes: 6 x 6 cells, the heaviest split, 100),
-  no guide and no random number. Against 'smc' with 12 moves in the same process
+  no guide and no random number. Against 'smc' with 12 moves on the same particles
   (one thread; benchmarks/fast_inference.py, benchmarks/results/fast_inference/): 1
-  mode 24-33x its speed, 2 modes 14-17x, at its accuracy (|Spearman| with the true
-  conformation on the realistic poses-given set 0.886 against 0.885 on 256 particles,
-  0.9016 on all 2 000) and calibration (95 % coverage on cryosvi's own SNR 0.1
-  simulations 0.938 with 1 mode, 0.945 with 2, on 2 000 particles);
+  mode 27-29x its CPU speed, 2 modes 21-22x (32-39x and 22-29x that of commit 391a5bb's
+  SMC, the previous default), at its accuracy (|Spearman| with the true conformation
+  on the realistic poses-given set 0.886 against 0.885 on 256 particles, 0.9016 on all
+  2 000) and calibration (95 % coverage on cryosvi's own SNR 0.1 simulations 0.938
+  with 1 mode, 0.945 with 2, on 2 000 particles);
 * 'joint' (``cryosvi.inference.joint``): for a run that infers 1-2 conformational
   amplitudes with the pose, CTF or shifts: the Laplace fit, the amplitudes' profile
   (the other latents refitted at each node), the amplitudes on the grid with the
   others at their Laplace approximations, importance sampling from that; a retry from
   more starts, then 'smc', for the particles where it fails. At SNR ~1 (one mode):
-  8-12x the speed of 'smc' with 12 moves at its accuracy and calibration
+  5.6-6.5x the speed of 'smc' with 12 moves at its accuracy and calibration
   (``JOINT_MIN_SNR``);
 * 'auto' (the default): 'grid' where it applies (every inferred latent
   ``conformational``, at most ``grid.MAX_DIM`` dimensions), else 'laplace' for data
   sets of SNR >= 15 (``dataset_snr``), else 'joint' for one amplitude inferred with
-  other latents at SNR >= 0.5 (``JOINT_MIN_SNR``), else 'smc' with 12 moves;
+  other latents at SNR >= 0.75 (``JOINT_MIN_SNR``), else 'smc' with 12 moves;
 * 'is': importance sampling with the guide as proposal (weights p(x | z) p(z) / q(z |
   x), self-normalised; the effective sample size (sum w)^2 / sum w^2 per particle);
 * 'smc': adaptive tempered SMC from the guide to the posterior (resample-move with
@@ -239,7 +240,7 @@ simulations |Spearman| of the mode 0.78 against the SMC's 0.96, 95 % coverage 0.
 against 0.91: benchmarks/results/fast_inference/joint_sim_snr1_128.json). Below it,
 'auto' takes 'joint' (``JOINT_MIN_SNR``), which searches the conformation's profile."""
 
-JOINT_MIN_SNR = 0.5
+JOINT_MIN_SNR = 0.75
 """'auto' refines a run that infers one conformational amplitude with the pose or the
 CTF (``joint.joint_dimension`` 1) by 'joint' for data sets of SNR in [this,
 ``LAPLACE_MIN_SNR``), else by 'smc' with ``LOW_SNR_MOVES`` moves. Measured against the
