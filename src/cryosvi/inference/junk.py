@@ -94,7 +94,8 @@ def log_bayes_factor(log_evidence: Tensor, weights) -> Tensor:
 
 
 class JunkMixture(NamedTuple):
-    """weights (3,): the mixture weights (``MODELS`` order); junk_fraction: w_1 + w_2;
+    """weights (K,): the mixture weights (``MODELS`` order, or the caller's K models with
+    the particle first); junk_fraction: the nulls' weights summed;
     p_junk (N,): each image's junk probability; iterations: EM steps taken;
     log_likelihood: the mixture's log-likelihood of the data set at the weights."""
 
@@ -105,22 +106,24 @@ class JunkMixture(NamedTuple):
     log_likelihood: float
 
 
-def fit_junk_mixture(log_evidence: Tensor, initial=(0.9, 0.05, 0.05),
+def fit_junk_mixture(log_evidence: Tensor, initial: float = 0.9,
                      iterations: int = 1000, tol: float = 1e-9,
                      min_weight: float = 1e-8) -> JunkMixture:
-    """The mixture weights of the three models by EM from the images' log evidences
-    (N, 3) (``MODELS`` order; float64 in the computation): the E-step's
-    responsibilities are the models' posterior probabilities, the M-step's weights their
-    means over the images (Dempster, Laird & Rubin 1977), until no weight moves by more
-    than ``tol``. The likelihood never decreases. Weights are kept >= ``min_weight`` so
-    that a model can come back."""
+    """The mixture weights of the models by EM from the images' log evidences (N, K)
+    (the particle first, then K - 1 >= 1 nulls: ``MODELS`` for an inference; float64 in
+    the computation), from the particle's weight ``initial`` and the nulls' sharing the
+    rest: the E-step's responsibilities are the models' posterior probabilities, the
+    M-step's weights their means over the images (Dempster, Laird & Rubin 1977), until
+    no weight moves by more than ``tol``. The likelihood never decreases. Weights are
+    kept >= ``min_weight`` so that a model can come back."""
     log_evidence = torch.as_tensor(log_evidence).double()
-    if log_evidence.dim() != 2 or log_evidence.shape[1] != len(MODELS) or \
+    if log_evidence.dim() != 2 or log_evidence.shape[1] < 2 or \
             not torch.isfinite(log_evidence).all():
-        raise ValueError(f"log evidences must be finite (N, {len(MODELS)}), got "
+        raise ValueError(f"log evidences must be finite (N, K >= 2), got "
                          f"{tuple(log_evidence.shape)}")
-    weights = torch.as_tensor(initial, dtype=torch.float64).to(log_evidence.device)
-    weights = weights / weights.sum()
+    nulls = log_evidence.shape[1] - 1
+    weights = torch.tensor([initial] + [(1 - initial) / nulls] * nulls, dtype=torch.float64,
+                           device=log_evidence.device)
     step = 0
     for step in range(1, iterations + 1):
         new = _log_posteriors(log_evidence, weights).exp().mean(0).clamp_min(min_weight)
@@ -150,7 +153,7 @@ def assess_junk(log_evidence) -> JunkMixture:
         fit = fit_junk_mixture(log_evidence[finite])
         weights, iterations, total = fit.weights, fit.iterations, fit.log_likelihood
     else:
-        weights = torch.tensor((0.9, 0.05, 0.05), dtype=torch.float64)
+        weights = torch.tensor((0.9, 0.05, 0.05), dtype=torch.float64)  # fit's start
         iterations, total = 0, float("nan")
     nulls_ok = torch.isfinite(log_evidence[:, 1:]).all(1)
     p_junk = torch.where(nulls_ok, junk_probability(log_evidence.nan_to_num(nan=0.0),

@@ -209,9 +209,8 @@ def junk_weights(log_bayes: Tensor) -> tuple[Tensor, float]:
     empty image) fitted by EM over the particles (``cryosvi.inference.junk``). Empty
     images and images without the molecule's structure at its pose (phase-scrambled
     particles, aggregates) gain nothing from the amplitudes and get weight ~0."""
-    evidence = torch.stack([log_bayes.double(), torch.zeros_like(log_bayes, dtype=torch.float64),
-                            torch.zeros_like(log_bayes, dtype=torch.float64)], -1)
-    mixture = fit_junk_mixture(evidence)
+    log_bayes = log_bayes.double()
+    mixture = fit_junk_mixture(torch.stack([log_bayes, torch.zeros_like(log_bayes)], -1))
     return 1.0 - mixture.p_junk, mixture.junk_fraction
 
 
