@@ -213,7 +213,10 @@ class ParticleSet:
         chosen = codes[indices]
         for k in np.unique(chosen):
             where = np.flatnonzero(chosen == k)
-            out[where] = self.stack(int(k)).data[index[indices[where]]]
+            part = out[where] if where.size < indices.size else out
+            self.stack(int(k)).read(index[indices[where]], part)
+            if part is not out:
+                out[where] = part
         bad = ~np.isfinite(out).all(axis=(1, 2))
         if bad.any():
             row = int(indices[np.flatnonzero(bad)[0]])
