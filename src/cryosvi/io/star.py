@@ -302,30 +302,47 @@ def _typed(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 WRITE_ROWS = 1 << 15
-"""Particle rows formatted at a time by ``write_star``."""
+"""Particle rows formatted at a time."""
 
 
 def write_star(path: str | Path, particles: pd.DataFrame, optics: pd.DataFrame,
                columns: list[str] | None = None) -> None:
     """Write ``data_optics`` + ``data_particles`` (RELION 3.1 layout; the particles'
-    ``columns``, default all) to ``path`` atomically: what ``starfile.write`` writes,
-    formatted ``WRITE_ROWS`` rows at a time (starfile formats a whole table at once,
+    ``columns``, default all) to ``path`` atomically (``write_star_pieces``)."""
+    columns = list(particles.columns) if columns is None else list(columns)
+    write_star_pieces(path, (particles.iloc[start:start + WRITE_ROWS] for start in
+                             range(0, max(len(particles), 1), WRITE_ROWS)), optics, columns)
+
+
+def write_star_pieces(path: str | Path, pieces, optics: pd.DataFrame,
+                      columns: list[str]) -> None:
+    """Write ``data_optics`` + ``data_particles`` (RELION 3.1 layout) to ``path``
+    atomically, the particle rows given as tables of consecutive rows (``pieces``, an
+    iterable: each formatted when it comes, so the rows need never be in memory at
+    once) with the ``columns``: what ``starfile.write`` writes of the rows as one
+    table, formatted WRITE_ROWS rows at a time (starfile formats a whole table at once,
     through a Python object per value: gigabytes for 10^6 particles)."""
     from starfile.writer import StarWriter, loop_block
 
-    columns = list(particles.columns) if columns is None else list(columns)
+    columns = list(columns)
+    head = len(columns) + 3  # data_particles, '', loop_, the labels
 
     def write(temporary: Path) -> None:
         with open(temporary, "w") as handle:
             for line in StarWriter({"optics": optics}).lines():
                 handle.write(line + "\n")
-            head = len(columns) + 3  # data_particles, '', loop_, the labels
-            for line in list(loop_block("particles", particles.iloc[:0][columns]))[:head]:
-                handle.write(line + "\n")
-            for start in range(0, len(particles), WRITE_ROWS):
-                block = particles.iloc[start:start + WRITE_ROWS][columns]
-                for line in list(loop_block("particles", block))[head:-2]:
-                    handle.write(line + "\n")
+            labels = None
+            for piece in pieces:
+                if labels is None:
+                    labels = list(loop_block("particles", piece.iloc[:0][columns]))[:head]
+                    handle.write("".join(line + "\n" for line in labels))
+                for start in range(0, len(piece), WRITE_ROWS):
+                    block = piece.iloc[start:start + WRITE_ROWS][columns]
+                    for line in list(loop_block("particles", block))[head:-2]:
+                        handle.write(line + "\n")
+            if labels is None:
+                raise ValueError("write_star_pieces needs at least one piece (it gives "
+                                 "the columns' types)")
             handle.write("\n\n")
 
     write_atomically(path, write)
