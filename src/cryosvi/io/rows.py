@@ -46,9 +46,12 @@ class ImageNames:
             block_codes, names = pd.factorize(files)
             ids = np.array([self.known.setdefault(str(n), len(self.known)) for n in names],
                            dtype=np.int64)
-            self.parts.append((index, ids[block_codes]))
+            # 4 bytes each: a stack of 2^31 images would be 8 TB at the smallest box
+            self.parts.append((index.astype(np.int32 if index.max(initial=0) < 2**31
+                                            else np.int64), ids[block_codes].astype(np.int32)))
 
     def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(index (N,), stack id (N,), stack names) of every name added."""
         if not self.parts:
             return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, str)
         return (np.concatenate([p[0] for p in self.parts]),
