@@ -30,7 +30,7 @@ import pandas as pd
 
 from cryosvi.errors import CryosviError, CryosviWarning  # noqa: F401 (re-exported)
 from cryosvi.io.mrc import Stack, open_stack
-from cryosvi.io.relion import (ANGLES, ORIGINS, per_row_optics, relion30_rows,
+from cryosvi.io.relion import (ANGLES, NUMERIC, ORIGINS, per_row_optics, relion30_rows,
                                relion31_rows, warn)
 from cryosvi.io.rows import ImageNames, StarRows
 
@@ -98,8 +98,10 @@ class ParticleSet:
         rows = np.asarray(rows, dtype=np.int64)
         frame = self.__dict__.get("_frame")
         if frame is not None:
-            return frame.select_dtypes("number").iloc[rows]
-        names = [c for c in self._rows.columns if self._rows.at_hand(c)]
+            names = [c for c in frame.columns if frame[c].dtype.kind in "biuf"
+                     and (c in NUMERIC or c.startswith("cryosvi"))]
+        else:
+            names = [c for c in self._rows.columns if self._rows.at_hand(c)]
         return pd.DataFrame({c: self.column(c, rows) for c in names})
 
     def pieces(self) -> Iterator[pd.DataFrame]:
