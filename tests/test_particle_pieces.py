@@ -190,3 +190,53 @@ def test_images_of_a_file_read_in_pieces(tmp_path, small_pieces):
     rows = np.array([0, 299, 5, 6, 7])
     np.testing.assert_array_equal(particles.images(rows), images[rows % 5])
     assert particles.stack_names() == ["Particles/s.mrcs"]
+
+
+MEMORY_CHILD = """
+import re, sys
+import numpy as np
+from cryosvi.io import star
+from cryosvi.io.particles import read_particles, write_particles
+star.LOOP_BLOCK_BYTES = 1 << 18  # many pieces at either size: what is held shows
+particles = read_particles(sys.argv[1])
+names = ["cryosviA", "cryosviB", "rlnAngleRot"]
+write_particles(sys.argv[2], particles, added=names,
+                values=lambda a, b: {n: np.arange(a, b) * (k + 0.5) for k, n in enumerate(names)})
+print(re.search(r"^VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read(), re.M).group(1))
+"""
+
+
+def test_reading_and_writing_hold_a_few_numbers_per_particle(tmp_path):
+    """read_particles then write_particles (3 columns set) of 2x10^4 and 2x10^5 rows
+    of 12 columns, each in a process of its own: the peak resident memory grows by
+    under 200 bytes per particle. Kept: 8 known numeric columns, the image and the
+    optics group, 76 bytes; measured (2026-12-06) 155, the rest the heap's pieces
+    between them; the whole table as pandas holds it, strings included, with the
+    file's text, measured 379 bytes per particle."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    peaks = {}
+    for count in (20_000, 200_000):
+        path = tmp_path / f"p{count}.star"
+        with open(path, "w") as handle:
+            text = relion31_text(n=0)
+            handle.write(text)
+            rng = np.random.default_rng(0)
+            for start in range(0, count, 10_000):
+                numbers = rng.uniform(0, 1000, (10_000, 8))
+                handle.write("".join(
+                    f"{i % 5 + 1:06d}@Particles/s.mrcs Movies/m_{i // 40:06d}.mrc "
+                    + " ".join(f"{v:.6f}" for v in row) + f" {i % 2 + 1} {i % 3 + 1}\n"
+                    for i, row in zip(range(start, start + 10_000), numbers)))
+        source = str(Path(__file__).resolve().parents[1] / "src")
+        done = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(path),
+                               str(tmp_path / f"out{count}.star")], capture_output=True,
+                              text=True, timeout=600,
+                              env={**os.environ, "PYTHONPATH": source})
+        assert done.returncode == 0, done.stderr[-2000:]
+        peaks[count] = int(done.stdout.split()[-1]) * 1024
+    per_particle = (peaks[200_000] - peaks[20_000]) / 180_000
+    assert per_particle < 200, (peaks, per_particle)

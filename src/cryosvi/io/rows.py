@@ -199,7 +199,7 @@ class StarRows:
         for name in list(parts):
             kept[name] = np.concatenate(parts.pop(name))
         found = cls(block, convert, pieces, list(head.frame.columns), dtypes, kept, constant,
-                    derived, group.astype(np.int32 if len(optics) < 2**31 else np.int64),
+                    derived, group.astype(np.int32),
                     source != "relion3.1")
         names = names.result() if "rlnImageName" in head.frame else None
         return found, optics, head.columns, names
