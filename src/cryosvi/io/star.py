@@ -7,7 +7,9 @@ starts a block; a block is either ``loop_`` + ``_label [#n]`` lines + one row pe
 Every row must have exactly one value per label; a row with fewer or more (a file cut
 mid-row, a damaged line) is an error naming the line, never silently dropped. The rows of
 a loop are parsed by pandas' C reader and their token counts checked by numpy, so a
-10^6-row file needs no Python loop over rows.
+10^6-row file needs no Python loop over rows. ``scan_star`` finds the blocks and where
+each loop's rows are in one pass without holding the file; ``loop_pieces`` reads the rows
+LOOP_BLOCK_BYTES of whole lines at a time, so memory never holds a long loop's text.
 
 What the blocks mean (optics groups, RELION 3.0 per-particle optics) is decided in
 :mod:`cryosvi.io.particles`.
