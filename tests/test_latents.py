@@ -101,7 +101,7 @@ def test_guide_and_model_sites_match_with_shifts():
 
 
 class Table:
-    """The two attributes of a ParticleSet that ``known`` reads."""
+    """What ``known`` reads of a ParticleSet."""
 
     def __init__(self, frame):
         self.metadata, self.path = frame, "table.star"
@@ -111,6 +111,13 @@ class Table:
 
     def require(self, *columns):
         assert all(c in self.metadata for c in columns)
+
+    def has(self, *columns):
+        return all(c in self.metadata for c in columns)
+
+    def column(self, name, rows=None):
+        values = self.metadata[name].to_numpy()
+        return values if rows is None else values[rows]
 
 
 def test_known_values_and_output_columns_round_trip():
@@ -216,6 +223,9 @@ class Sized:
 
     def ensure_image_size(self):
         pass
+
+    def column(self, name):
+        return self.metadata[name].to_numpy()
 
 
 @pytest.mark.parametrize("data_box", [256, 400])

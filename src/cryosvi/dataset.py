@@ -65,7 +65,7 @@ def model_optics(particles: ParticleSet) -> Optics:
     differ in box or pixel size."""
     box, pixel_size = data_box(particles), data_pixel_size(particles)
     first = int(np.flatnonzero(group_index(particles).numpy() == 0)[0])
-    values = {name: float(particles.metadata[column].iloc[first])
+    values = {name: float(particles.column(column, [first])[0])
               for column, name in MODEL_OPTICS.items() if name not in ("box", "pixel_size")}
     return Optics(box=box, pixel_size=pixel_size, **values)
 
@@ -73,7 +73,7 @@ def model_optics(particles: ParticleSet) -> Optics:
 def data_box(particles: ParticleSet) -> int:
     """L (px): the image side every optics group shares, or a CryosviError."""
     particles.ensure_image_size()
-    sizes = np.unique(particles.metadata["rlnImageSize"].to_numpy(np.int64))
+    sizes = np.unique(particles.column("rlnImageSize").astype(np.int64))
     if sizes.size > 1:
         raise CryosviError(f"{particles.path}: the optics groups have different image sizes "
                            f"({', '.join(map(str, sizes))} px); cryosvi needs one box "
@@ -83,7 +83,7 @@ def data_box(particles: ParticleSet) -> int:
 
 def data_pixel_size(particles: ParticleSet) -> float:
     """The pixel size (Å) every optics group shares, or a CryosviError."""
-    pixels = np.unique(particles.metadata["rlnImagePixelSize"].to_numpy(float))
+    pixels = np.unique(particles.column("rlnImagePixelSize").astype(float))
     if not np.allclose(pixels, pixels[0], rtol=1e-4, atol=0):
         raise CryosviError(f"{particles.path}: the optics groups have different pixel sizes "
                            f"({', '.join(f'{p:g}' for p in pixels[:4])} Å); cryosvi needs "
@@ -94,8 +94,7 @@ def data_pixel_size(particles: ParticleSet) -> float:
 # ------------------------------------------------------------------ optics and CTF
 def _group_codes(particles: ParticleSet) -> tuple[np.ndarray, np.ndarray]:
     """(codes (N,) int64 in 0..G-1, labels (G,) the sorted rlnOpticsGroup values)."""
-    labels, codes = np.unique(particles.metadata["rlnOpticsGroup"].to_numpy(),
-                              return_inverse=True)
+    labels, codes = np.unique(particles.column("rlnOpticsGroup"), return_inverse=True)
     return codes.reshape(-1).astype(np.int64), labels
 
 
@@ -113,16 +112,16 @@ def optics_groups(particles: ParticleSet, pixel_size: float | None = None) -> Op
     share one data pixel size)."""
     codes, labels = _group_codes(particles)
     first = np.unique(codes, return_index=True)[1]  # first row of each group 0..G-1
-    frame = particles.metadata.iloc[first]
-    pixels = frame["rlnImagePixelSize"].to_numpy(float)
+    def values(column: str) -> tuple:
+        return tuple(particles.column(column, first).astype(float).tolist())
+
+    pixels = values("rlnImagePixelSize")
     if pixel_size is not None:
         data_pixel_size(particles)
-        pixels = np.full(len(labels), float(pixel_size))
+        pixels = (float(pixel_size),) * len(labels)
     return OpticsGroups(
-        voltage=tuple(frame["rlnVoltage"].to_numpy(float).tolist()),
-        spherical_aberration=tuple(frame["rlnSphericalAberration"].to_numpy(float).tolist()),
-        amplitude_contrast=tuple(frame["rlnAmplitudeContrast"].to_numpy(float).tolist()),
-        pixel_size=tuple(pixels.tolist()))
+        voltage=values("rlnVoltage"), spherical_aberration=values("rlnSphericalAberration"),
+        amplitude_contrast=values("rlnAmplitudeContrast"), pixel_size=pixels)
 
 
 def _rows(particles: ParticleSet, rows) -> np.ndarray:
@@ -136,7 +135,7 @@ def _rows(particles: ParticleSet, rows) -> np.ndarray:
 
 
 def _column(particles: ParticleSet, column: str, rows: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(particles.metadata[column].to_numpy(np.float32)[rows])
+    return torch.from_numpy(particles.column(column, rows).astype(np.float32))
 
 
 def known_shifts(particles: ParticleSet, rows=None) -> torch.Tensor:
@@ -163,9 +162,9 @@ def has_ctf_estimates(particles: ParticleSet) -> bool:
     """Whether rlnDefocusU holds per-particle estimates: present and not one value for
     every particle (a constant is a placeholder, e.g. simulated without defocus spread;
     a lone particle counts when its U is not 0)."""
-    if "rlnDefocusU" not in particles.metadata:
+    if not particles.has("rlnDefocusU"):
         return False
-    u = particles.metadata["rlnDefocusU"].to_numpy(float)
+    u = particles.column("rlnDefocusU").astype(float)
     return bool(u[0] != 0) if u.size == 1 else bool((u != u[0]).any())
 
 
@@ -249,7 +248,7 @@ def priors_from_particles(particles: ParticleSet, reference: Reference) -> Refer
                      spherical_aberration=optics.spherical_aberration,
                      amplitude_contrast=optics.amplitude_contrast)
     priors = reference.priors
-    if "rlnDefocusU" in particles.metadata:
+    if particles.has("rlnDefocusU"):
         defocus = mean_defocus(particles)
         if len(defocus) > 1 and np.isfinite(defocus).all() and defocus.std() > 0:
             priors = replace(priors, defocus_mean=float(defocus.mean()),

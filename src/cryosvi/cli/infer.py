@@ -130,8 +130,6 @@ def register(subparsers, summary: str) -> None:
 
 
 def run(args) -> None:
-    import numpy as np
-
     from cryosvi.inference import distributed
     from cryosvi.inference.driver import infer
 
@@ -141,42 +139,42 @@ def run(args) -> None:
 
     ranks = distributed.start(torch.device(args.device))
     try:
-        frame = infer(args.run, args.particles, args.output, samples=args.samples,
-                      importance=args.importance, method=args.refine, moves=args.moves,
-                      starts=args.starts,
-                      turns=args.turns, batch_size=args.batch_size,
-                      device=args.device, progress=not args.quiet, datadir=args.datadir,
-                      invert=args.invert, seed=args.seed, resume=args.resume,
-                      force=args.force, chunk_size=args.chunk_size, ranks=ranks,
-                      max_junk=args.max_junk, model_error=args.model_error == "on")
+        written = infer(args.run, args.particles, args.output, samples=args.samples,
+                        importance=args.importance, method=args.refine, moves=args.moves,
+                        starts=args.starts,
+                        turns=args.turns, batch_size=args.batch_size,
+                        device=args.device, progress=not args.quiet, datadir=args.datadir,
+                        invert=args.invert, seed=args.seed, resume=args.resume,
+                        force=args.force, chunk_size=args.chunk_size, ranks=ranks,
+                        max_junk=args.max_junk, model_error=args.model_error == "on",
+                        table=False)
     finally:
         distributed.stop(ranks)
-    if frame is None:  # another rank wrote the result
+    if written is None:  # another rank wrote the result
         return
     extra = ""
-    if "cryosviESS" in frame:
-        ess = frame["cryosviESS"].to_numpy()
+    if written.ess_median is not None:
         proposal = {"laplace": "the Laplace approximation",
                     "auto": "the Laplace approximation or (SMC) the guide"}.get(
                         args.refine, "the guide")
         extra = (f"; ESS of importance sampling from {proposal}: median "
-                 f"{np.median(ess):.1f} of {args.importance}")
+                 f"{written.ess_median:.1f} of {args.importance}")
         if getattr(args, "grid", False):
-            extra = f"; effective grid cells (cryosviESS): median {np.median(ess):.1f}"
-    if "cryosviRefinedBySMC" in frame:
-        extra += (f"; {int(frame['cryosviRefinedBySMC'].sum())} particles refined by SMC "
-                  "instead")
+            extra = f"; effective grid cells (cryosviESS): median {written.ess_median:.1f}"
+    if written.refined_by_smc is not None:
+        extra += f"; {written.refined_by_smc} particles refined by SMC instead"
     npz = f" and {args.samples} samples per particle to " \
           f"{samples_path(args.output)}" if args.samples else ""
-    if "junk_fraction" in frame.attrs:
-        extra += f"; fitted junk fraction {frame.attrs['junk_fraction']:.3f}"
+    if "junk_fraction" in written.attrs:
+        extra += f"; fitted junk fraction {written.attrs['junk_fraction']:.3f}"
     left = "" if args.max_junk is None else \
         f" (those with junk probability below {args.max_junk:g})"
-    print(f"wrote the posterior of {len(frame)} particles{left} to {args.output}{npz}{extra}")
-    if "model_error" in frame.attrs:
+    print(f"wrote the posterior of {written.particles} particles{left} to {args.output}"
+          f"{npz}{extra}")
+    if "model_error" in written.attrs:
         from cryosvi.inference.model_error import beside, summary_line
 
-        print(f"{summary_line(frame.attrs['model_error'])}; wrote {beside(args.output)}")
+        print(f"{summary_line(written.attrs['model_error'])}; wrote {beside(args.output)}")
 
 
 def infer_device(name: str) -> str:

@@ -215,10 +215,44 @@ def run_chunks(work: WorkFolder, chunks: list[range], to_do: list[int], ranks: R
         bar.close()
 
 
-def assemble_columns(work: WorkFolder, n_chunks: int) -> dict[str, np.ndarray]:
-    """Every chunk's STAR columns, concatenated in the particles' order."""
-    parts = [work.read(k, COLUMN) for k in range(n_chunks)]
+def assemble_columns(work: WorkFolder, n_chunks: int,
+                     names=None) -> dict[str, np.ndarray]:
+    """Every chunk's STAR columns (those in ``names`` alone; None: all), concatenated
+    in the particles' order."""
+    parts = [work.read(k, COLUMN, names) for k in range(n_chunks)]
     return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+
+class ChunkColumns:
+    """The STAR columns of any run of consecutive particles, from the chunk files that
+    hold them (``read``): memory holds those particles' columns and one chunk's, never
+    every particle's."""
+
+    def __init__(self, work: WorkFolder, chunks: list[range], skip=()):
+        self.work, self.skip = work, set(skip)
+        self.starts = np.asarray([chunk.start for chunk in chunks], dtype=np.int64)
+        self.cached: tuple[int, dict] | None = None
+
+    def names(self) -> list[str]:
+        """The columns, in the chunk files' order (``skip`` left out)."""
+        return [name for name in self._chunk(0) if name not in self.skip]
+
+    def _chunk(self, k: int) -> dict[str, np.ndarray]:
+        if self.cached is None or self.cached[0] != k:  # a chunk shared by two runs
+            self.cached = (k, self.work.read(k, COLUMN))
+        return self.cached[1]
+
+    def read(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        """{column: (stop - start,)} of the particles start..stop-1."""
+        first = int(np.searchsorted(self.starts, start, side="right")) - 1
+        last = int(np.searchsorted(self.starts, stop - 1, side="right")) - 1
+        parts = []
+        for k in range(first, last + 1):
+            offset = int(self.starts[k])
+            columns = self._chunk(k)
+            parts.append({name: value[max(start - offset, 0):stop - offset]
+                          for name, value in columns.items() if name not in self.skip})
+        return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
 
 def write_samples(path: Path, work: WorkFolder, chunks: list[range],

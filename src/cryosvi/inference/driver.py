@@ -4,6 +4,7 @@ posterior STAR (and .cs, and samples)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +14,9 @@ import torch
 from cryosvi.dataset import junk_null_model, run_particles
 from cryosvi.errors import CryosviError
 from cryosvi.guide import check_turns
-from cryosvi.inference.chunks import (CHUNK_PARTICLES, WorkFolder, assemble_columns,
-                                      chunk_ranges, fingerprint, run_chunks,
-                                      work_folder_path, write_samples)
+from cryosvi.inference.chunks import (CHUNK_PARTICLES, ChunkColumns, WorkFolder,
+                                      assemble_columns, chunk_ranges, fingerprint,
+                                      run_chunks, work_folder_path, write_samples)
 from cryosvi.inference.distributed import Ranks, auto_device
 from cryosvi.inference.grid import grid_dimension
 from cryosvi.inference.importance import importance_log_evidence
@@ -38,6 +39,20 @@ JUNK_DRAWS = 16
 where the refinement gives none (``--importance 0``: the guide alone)."""
 
 
+@dataclass
+class Written:
+    """What ``infer`` wrote, without the table (``table=False``): particles, the
+    number of particles written; attrs: 'junk_fraction' and, with a model error
+    estimate, 'model_error' (as the table's attrs); ess_median: the median of the
+    cryosviESS column, refined_by_smc: the sum of cryosviRefinedBySMC (None where the
+    posterior has no such column)."""
+
+    particles: int
+    attrs: dict
+    ess_median: float | None = None
+    refined_by_smc: int | None = None
+
+
 @preserved_rng()
 def infer(run: str | Path, particles: str | Path, output: str | Path, samples: int = 0,
           importance: int = 64, method: str = "auto", moves: int = 3, starts: int = 2,
@@ -47,7 +62,7 @@ def infer(run: str | Path, particles: str | Path, output: str | Path, samples: i
           invert: bool = False, seed: int = 0, resume: bool = False,
           force: bool = False, chunk_size: int = CHUNK_PARTICLES,
           ranks: Ranks | None = None, max_junk: float | None = None,
-          model_error: bool = True) -> pd.DataFrame | None:
+          model_error: bool = True, table: bool = True) -> pd.DataFrame | Written | None:
     """Posterior of every particle of ``particles`` (STAR or cryoSPARC .cs, read by
     ``cryosvi.io.read_particles`` with ``datadir`` and ``invert``) under the trained run
     ``run``.
@@ -72,7 +87,15 @@ def infer(run: str | Path, particles: str | Path, output: str | Path, samples: i
     settings and seed), ``force`` starts afresh over one; without either, a work folder
     there is an error. ``ranks``: this process's place among several (``torchrun``;
     ``cryosvi.inference.distributed.start``): each takes a block of the chunks, rank 0
-    writes the result. Returns the particle table written (None on the other ranks).
+    writes the result. Returns the particle table written (None on the other ranks),
+    or with ``table`` False what was written, in numbers (``Written``).
+
+    Memory does not grow with the particles beyond a few numbers each: the particle
+    file's rows are read a piece at a time and what inference needs of them kept
+    (``cryosvi.io.particles``), the images a batch at a time, and the STAR is written
+    a piece of the input's rows at a time with the columns of the chunk files that
+    hold them (the returned table, with ``table``, is the exception: it is the whole
+    table).
 
     Junk: every particle's log evidence under the physics model (the refinement's
     estimate, or importance sampling of JUNK_DRAWS guide draws) and under the two nulls
@@ -100,9 +123,10 @@ def infer(run: str | Path, particles: str | Path, output: str | Path, samples: i
     guide.turns = turns
     if importance:
         check_refinement(method, guide.config)
-    table = read_particles(particles, datadir, invert)
+    source = read_particles(particles, datadir, invert)
     config = guide.config
-    data, known = run_particles(table, config, reference)
+    data, known = run_particles(source, config, reference)
+    source.forget()  # a latent's known values may have read the whole table
     output = Path(output)
     work = WorkFolder(work_folder_path(output))
     model_error = bool(model_error) and reference.noise_model is not None
@@ -187,7 +211,7 @@ def infer(run: str | Path, particles: str | Path, output: str | Path, samples: i
         for start in range(0, len(indices), batch_size):
             index = indices[start:start + batch_size]
             summary = summarise(index, model)
-            rows = table.metadata.iloc[index]
+            rows = source.numbers(index)
             for key, value in summary_columns(summary, config.latents, rows, config).items():
                 columns.setdefault(key, []).append(value)
             for key, value in zip(EVIDENCE_COLUMNS, summary["log_evidence"].T):
@@ -200,23 +224,22 @@ def infer(run: str | Path, particles: str | Path, output: str | Path, samples: i
                     drawn.setdefault("weights", []).append(
                         summary["weights"][:samples].T.cpu().numpy())
             advance(len(index))
-        table.close()  # the stacks' memory maps, and the pages of them read, go
         return ({k: np.concatenate(v) for k, v in columns.items()},
                 {k: np.concatenate(v) for k, v in drawn.items()})
 
-    chunks = chunk_ranges(len(table), chunk_size)
+    chunks = chunk_ranges(len(source), chunk_size)
     to_do = sorted(set(range(len(chunks))) - work.finished())
     run_chunks(work, chunks, to_do, ranks, compute, progress)
     ranks.barrier()  # every chunk is written
-    frame = None
+    result = None
     if ranks.leader:
-        frame = _write_result(output, table, work, chunks, samples, max_junk)
+        result = _write_result(output, source, work, chunks, samples, max_junk, table)
         if estimate is not None:
             errors.save(errors.beside(output), estimate)
-            frame.attrs["model_error"] = estimate
-    table.close()
+            result.attrs["model_error"] = estimate
+    source.close()
     ranks.barrier()  # the result is written before any rank returns
-    return frame
+    return result
 
 
 def _guide_log_evidence(batch: Batch, summary: dict | None) -> torch.Tensor:
@@ -241,28 +264,44 @@ def _null_log_evidence(batch: Batch, nulls) -> torch.Tensor:
     return out
 
 
-def _write_result(output: Path, table, work: WorkFolder, chunks: list[range],
-                  samples: int, max_junk: float | None = None) -> pd.DataFrame:
+def _write_result(output: Path, source, work: WorkFolder, chunks: list[range],
+                  samples: int, max_junk: float | None = None,
+                  table: bool = True) -> pd.DataFrame | Written:
     """The STAR (and .cs) of every chunk's columns with the junk probability from the
     mixture fitted over all particles (those below ``max_junk`` alone), the samples'
-    .npz, then the work folder removed."""
-    columns = assemble_columns(work, len(chunks))
-    evidence = np.stack([columns.pop(name) for name in EVIDENCE_COLUMNS], -1)
-    junk = assess_junk(torch.from_numpy(evidence))
-    columns[JUNK_COLUMN] = junk.p_junk.numpy()
-    frame = table.metadata  # the table is this call's own: no copy
-    for key, value in columns.items():
-        frame[key] = value
-    keep = None
-    if max_junk is not None:
-        keep = np.asarray(columns[JUNK_COLUMN] < max_junk)  # NaN (broken) left out
-        frame = frame[keep]
-        if table.cs is not None:
-            table.cs = table.cs[keep]
-    write_particles(output, table, frame, list(columns))
+    .npz, then the work folder removed. The STAR is written a piece of the input's rows
+    at a time (``write_particles``), each with its particles' columns from the chunk
+    files (``ChunkColumns``). Returns the table written (``table``: held whole, the
+    input's columns and the inferred ones) or ``Written``."""
+    evidence = assemble_columns(work, len(chunks), set(EVIDENCE_COLUMNS))
+    junk = assess_junk(torch.from_numpy(np.stack([evidence.pop(name)
+                                                  for name in EVIDENCE_COLUMNS], -1)))
+    p_junk = junk.p_junk.numpy()
+    keep = None if max_junk is None else np.asarray(p_junk < max_junk)  # NaN (broken) out
+    reader = ChunkColumns(work, chunks, skip=EVIDENCE_COLUMNS)
+    names = [*reader.names(), JUNK_COLUMN]
+
+    def values(start: int, stop: int) -> dict[str, np.ndarray]:
+        return {**reader.read(start, stop), JUNK_COLUMN: p_junk[start:stop]}
+
+    write_particles(output, source, added=names, values=values, keep=keep)
     if samples:
         write_samples(output.with_suffix(".npz"), work, chunks,
                       provenance_array("samples"), keep)
+    if table:
+        result = source.metadata  # the table is this call's own: no copy
+        for key, value in values(0, len(source)).items():
+            result[key] = value
+        if keep is not None:
+            result = result[keep]
+    else:
+        kept = slice(None) if keep is None else keep
+        summary = assemble_columns(work, len(chunks), {"cryosviESS", "cryosviRefinedBySMC"})
+        result = Written(len(source) if keep is None else int(keep.sum()), {})
+        if "cryosviESS" in summary:
+            result.ess_median = float(np.median(summary["cryosviESS"][kept]))
+        if "cryosviRefinedBySMC" in summary:
+            result.refined_by_smc = int(summary["cryosviRefinedBySMC"][kept].sum())
     work.remove()
-    frame.attrs["junk_fraction"] = junk.junk_fraction
-    return frame
+    result.attrs["junk_fraction"] = junk.junk_fraction
+    return result
