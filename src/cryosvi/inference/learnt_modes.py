@@ -461,7 +461,7 @@ def learn_modes_from_particles(table: ParticleSet, reference: Reference, n_modes
     directions' fit, so that junk does not pull them. Returns the learnt reference and
     ``learn_modes``'s summary, with 'basis' (what the basis is) and 'fitted_particles'.
     """
-    missing = [c for c in (*ANGLES, "rlnDefocusU") if c not in table.metadata]
+    missing = [c for c in (*ANGLES, "rlnDefocusU") if not table.has(c)]
     if missing or not has_ctf_estimates(table):
         raise CryosviError(f"{table.path}: learning modes needs every particle's pose and "
                            f"CTF estimate (a consensus refinement); missing: "
@@ -496,8 +496,8 @@ def learn_modes_from_particles(table: ParticleSet, reference: Reference, n_modes
         reference = reference.with_settings(noise=replace(reference.noise,
                                                           std=float(noise_std)))
     weights = None
-    if JUNK_COLUMN in table.metadata:
-        junk = table.metadata[JUNK_COLUMN].to_numpy(np.float64)[rows]
+    if table.has(JUNK_COLUMN):
+        junk = table.column(JUNK_COLUMN, rows).astype(np.float64)
         weights = torch.from_numpy(np.nan_to_num(1.0 - junk, nan=0.0).clip(0.0, 1.0))
         if not float(weights.sum()) > 0:
             raise CryosviError(f"{table.path}: every particle has junk probability 1")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -57,7 +58,8 @@ class Modes(GaussianLatent):
     def known(self, particles, config):
         columns = [MODE_COLUMN.format(k + 1) for k in range(config.n_modes)]
         particles.require(*columns)
-        return torch.tensor(particles.metadata[columns].to_numpy(float), dtype=torch.float32)
+        return torch.tensor(np.stack([particles.column(c).astype(float) for c in columns], -1),
+                            dtype=torch.float32)
 
     def value_columns(self, value, frame, config):
         mean = value.cpu().numpy()

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from cryosvi.distributions import ProjectedNormal, ProjectedNormalMixture, RandomWalk
 from cryosvi.io.particles import ANGLES, numeric_column
-from cryosvi.latents.base import (CREDIBLE_LEVELS, ErrorScore, Latent, _column,
+from cryosvi.latents.base import (CREDIBLE_LEVELS, ErrorScore, Latent,
                                   categorical_from_uniform)
 from cryosvi.physics.rotations import (euler_geodesic_error, euler_to_matrix, heaviest_component_mean, matrix_to_euler, matrix_to_quaternion, pose_credible_radii_deg, pose_std_deg, quarter_turn_quaternion, quaternion_geodesic_angle, quaternion_product, quaternion_to_matrix, rotation_vector_to_quaternion, weighted_pose)
 
@@ -194,7 +194,7 @@ class Pose(Latent):
 
     def known(self, particles, config):
         particles.require(*ANGLES)
-        angles = [torch.tensor(_column(particles.metadata, c), dtype=torch.float64)
+        angles = [torch.tensor(particles.column(c).astype(float), dtype=torch.float64)
                   for c in ANGLES]
         return matrix_to_quaternion(euler_to_matrix(*angles)).float()
 
