@@ -8,6 +8,7 @@ where images, spectra and the ``NoiseModel`` are."""
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -79,6 +80,14 @@ LEVEL_STEP = 1e-3
 """The step in v = log lambda^2 of the finite differences of ``level_marginal``."""
 
 
+def _differences(joint, v: Tensor):
+    """(f, f', f'', marginal) at v of f = joint(v)[0] by central differences of step
+    ``LEVEL_STEP``, and joint's ContrastMarginal at v."""
+    h = LEVEL_STEP
+    (f0, marginal), (up, _), (down, _) = (joint(v + d) for d in (0.0, h, -h))
+    return f0, (up - down) / (2 * h), (up - 2 * f0 + down) / h**2, marginal
+
+
 def level_mode(rr: Tensor, ur: Tensor, uu: Tensor, log_det_c: Tensor | float, dims: int,
                mean: float, std: float, floor: float, level_std: float) -> Tensor:
     """(...,) float64, no gradient: the mode in v = log lambda^2 of p(x, v) (``_level_terms``),
@@ -87,16 +96,13 @@ def level_mode(rr: Tensor, ur: Tensor, uu: Tensor, log_det_c: Tensor | float, di
     is log-concave near its mode and as sharp as 1 / sqrt(dims) in v)."""
     with torch.no_grad():
         rr, ur, uu = rr.double(), ur.double(), uu.double()
+        joint = functools.partial(_level_terms, rr, ur, uu, log_det_c, dims, mean, std,
+                                  floor, level_std)
         tau2 = float(std) ** 2
         q = (rr - tau2 * ur.square() / (1 + tau2 * uu)).clamp_min(1e-300)
         v = torch.log(q / dims)
-        h = LEVEL_STEP
         for _ in range(4):
-            f0 = _level_terms(rr, ur, uu, log_det_c, dims, mean, std, floor, level_std, v)[0]
-            up = _level_terms(rr, ur, uu, log_det_c, dims, mean, std, floor, level_std, v + h)[0]
-            down = _level_terms(rr, ur, uu, log_det_c, dims, mean, std, floor, level_std,
-                                v - h)[0]
-            slope, curvature = (up - down) / (2 * h), (up - 2 * f0 + down) / h**2
+            _, slope, curvature, _ = _differences(joint, v)
             step = torch.where(curvature < 0, -slope / curvature, torch.sign(slope) * 0.5)
             v = v + step.nan_to_num(0.0).clamp(-1.0, 1.0)
         return v
@@ -119,12 +125,11 @@ def level_marginal(rr: Tensor, ur: Tensor, uu: Tensor, log_det_c: Tensor | float
     if not level_std > 0:
         return contrast_marginal(rr, ur, uu, log_det_c, dims, mean, std, floor)
     v = level_mode(rr, ur, uu, log_det_c, dims, mean, std, floor, level_std)
-    h = LEVEL_STEP
-    terms = [_level_terms(rr, ur, uu, log_det_c, dims, mean, std, floor, level_std, v + d)
-             for d in (0.0, h, -h)]
-    curvature = (terms[1][0] - 2 * terms[0][0] + terms[2][0]) / h**2
-    log_p = terms[0][0] + 0.5 * math.log(2 * math.pi) - 0.5 * torch.log(-curvature)
-    return ContrastMarginal(log_p, terms[0][1].mean, terms[0][1].std)
+    joint = functools.partial(_level_terms, rr, ur, uu, log_det_c, dims, mean, std, floor,
+                              level_std)
+    log_joint, _, curvature, marginal = _differences(joint, v)
+    log_p = log_joint + 0.5 * math.log(2 * math.pi) - 0.5 * torch.log(-curvature)
+    return ContrastMarginal(log_p, marginal.mean, marginal.std)
 
 
 def contrast_prior(estimates: Tensor, stds: Tensor,
