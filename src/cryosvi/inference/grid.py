@@ -87,15 +87,21 @@ def grid_dimension(latents, config) -> int | None:
     return dim if dim <= MAX_DIM else None
 
 
+def refusal(method: str, needs: str, config) -> CryosviError:
+    """The error of ``--refine METHOD``, which integrates the amplitudes on the grid, for
+    a run (guide settings ``config``) it cannot take; ``needs``: what it takes."""
+    from cryosvi.latents import names
+    return CryosviError(
+        f"--refine {method} integrates up to {MAX_DIM} conformational amplitudes {needs}; "
+        f"this run infers {', '.join(names(config.latents))} ({config.n_modes} mode(s)): "
+        "use --refine auto, laplace or smc")
+
+
 def check_grid(config) -> None:
     """CryosviError unless the grid can refine a run with guide settings ``config``."""
     if grid_dimension(config.latents, config) is None:
-        from cryosvi.latents import names
-        raise CryosviError(
-            f"--refine grid integrates up to {MAX_DIM} conformational amplitudes with "
-            f"everything else given (a run trained with --latents modes and at most "
-            f"{MAX_DIM} modes); this run infers {', '.join(names(config.latents))} "
-            f"({config.n_modes} mode(s)): use --refine auto, laplace or smc")
+        raise refusal("grid", "with everything else given (a run trained with --latents "
+                      f"modes and at most {MAX_DIM} modes)", config)
 
 
 class _Coordinates:

@@ -44,8 +44,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from cryosvi.errors import CryosviError
-from cryosvi.inference.grid import GRIDS, MAX_DIM, WIDTH
+from cryosvi.inference.grid import GRIDS, MAX_DIM, WIDTH, refusal
 from cryosvi.inference.importance import importance_log_evidence, importance_weights
 from cryosvi.inference.laplace import gauss_newton, laplace_log_evidence, laplace_proposal
 from cryosvi.inference.laplace_fit import LaplaceFit, LeastSquares, laplace_fit
@@ -91,12 +90,8 @@ def joint_dimension(latents, config) -> int | None:
 def check_joint(config) -> None:
     """CryosviError unless 'joint' can refine a run with guide settings ``config``."""
     if joint_dimension(config.latents, config) is None:
-        from cryosvi.latents import names
-        raise CryosviError(
-            f"--refine joint integrates up to {MAX_DIM} conformational amplitudes inferred "
-            f"with other latents (train --latents pose,defocus,modes, at most {MAX_DIM} "
-            f"modes); this run infers {', '.join(names(config.latents))} "
-            f"({config.n_modes} mode(s)): use --refine auto, laplace or smc")
+        raise refusal("joint", "inferred with other latents (train --latents "
+                      f"pose,defocus,modes, at most {MAX_DIM} modes)", config)
 
 
 class _Axes:
