@@ -34,7 +34,7 @@ median over 27 settings, against 0.047 without it).
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import torch
 from torch import Tensor
@@ -69,17 +69,30 @@ def offset_log_density(images: Tensor, std: float, offset: float) -> Tensor:
     return -0.5 * (coordinate / std).square() - 0.5 * math.log(2 * math.pi * std**2)
 
 
+ROW_BLOCK = 1 << 16
+"""Images whose models' posteriors are computed at a time: the temporaries of a
+million images' (N, K) float64 evidences would otherwise be a few hundred MB."""
+
+
+def _blocks(count: int) -> Iterator[slice]:
+    return (slice(start, start + ROW_BLOCK) for start in range(0, count, ROW_BLOCK))
+
+
 def _log_posteriors(log_evidence: Tensor, weights: Tensor) -> Tensor:
-    """(N, 3) log posterior probabilities of the three models."""
+    """(N, K) log posterior probabilities of the K models."""
     joint = log_evidence.double() + weights.double().log().to(log_evidence.device)
     return joint - torch.logsumexp(joint, -1, keepdim=True)
 
 
 def junk_probability(log_evidence: Tensor, weights) -> Tensor:
     """(N,) the posterior probability that each image is junk, 1 - p(particle | x), from
-    its log evidences (N, 3) (``MODELS`` order) and the mixture weights (3,)."""
+    its log evidences (N, K) (``MODELS`` order) and the mixture weights (K,)."""
     weights = torch.as_tensor(weights, dtype=torch.float64)
-    return -torch.expm1(_log_posteriors(torch.as_tensor(log_evidence), weights)[:, 0])
+    log_evidence = torch.as_tensor(log_evidence)
+    out = torch.empty(len(log_evidence), dtype=torch.float64, device=log_evidence.device)
+    for rows in _blocks(len(log_evidence)):
+        out[rows] = -torch.expm1(_log_posteriors(log_evidence[rows], weights)[:, 0])
+    return out
 
 
 def log_bayes_factor(log_evidence: Tensor, weights) -> Tensor:
@@ -126,16 +139,18 @@ def fit_junk_mixture(log_evidence: Tensor, initial: float = 0.9,
                            device=log_evidence.device)
     step = 0
     for step in range(1, iterations + 1):
-        new = _log_posteriors(log_evidence, weights).exp().mean(0).clamp_min(min_weight)
+        new = sum(_log_posteriors(log_evidence[rows], weights).exp().sum(0)
+                  for rows in _blocks(len(log_evidence)))
+        new = (new / len(log_evidence)).clamp_min(min_weight)
         new = new / new.sum()
         done = bool((new - weights).abs().max() < tol)
         weights = new
         if done:
             break
-    log_joint = log_evidence + weights.log()
-    p_junk = -torch.expm1(log_joint[:, 0] - torch.logsumexp(log_joint, -1))
-    return JunkMixture(weights, float(weights[1:].sum()), p_junk, step,
-                       float(torch.logsumexp(log_joint, -1).sum()))
+    total = sum(float(torch.logsumexp(log_evidence[rows] + weights.log(), -1).sum())
+                for rows in _blocks(len(log_evidence)))
+    return JunkMixture(weights, float(weights[1:].sum()),
+                       junk_probability(log_evidence, weights), step, total)
 
 
 def assess_junk(log_evidence) -> JunkMixture:
@@ -150,12 +165,11 @@ def assess_junk(log_evidence) -> JunkMixture:
                                           posinf=-torch.inf)
     finite = torch.isfinite(log_evidence).all(1)
     if bool(finite.any()):
-        fit = fit_junk_mixture(log_evidence[finite])
+        fit = fit_junk_mixture(log_evidence if bool(finite.all()) else log_evidence[finite])
         weights, iterations, total = fit.weights, fit.iterations, fit.log_likelihood
     else:
         weights = torch.tensor((0.9, 0.05, 0.05), dtype=torch.float64)  # fit's start
         iterations, total = 0, float("nan")
-    nulls_ok = torch.isfinite(log_evidence[:, 1:]).all(1)
-    p_junk = torch.where(nulls_ok, junk_probability(log_evidence.nan_to_num(nan=0.0),
-                                                     weights), torch.nan)
+    p_junk = junk_probability(log_evidence, weights)  # NaN where a null's is NaN
+    p_junk[~torch.isfinite(log_evidence[:, 1:]).all(1)] = torch.nan
     return JunkMixture(weights, float(weights[1:].sum()), p_junk, iterations, total)
