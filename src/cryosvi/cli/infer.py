@@ -12,6 +12,7 @@ from cryosvi.errors import CryosviError
 
 def register(subparsers, summary: str) -> None:
     from cryosvi.inference.chunks import CHUNK_PARTICLES
+    from cryosvi.inference.laplace_fit import LAPLACE_STARTS
     from cryosvi.inference.refine import METHODS
 
     parser = subparsers.add_parser(
@@ -82,7 +83,7 @@ def register(subparsers, summary: str) -> None:
     parser.add_argument("--moves", type=integer_between(0, 1000), default=3,
                         help="smc (and the fallback of laplace and joint): Metropolis "
                         "moves per tempering step ('auto' uses at least 12 below SNR 15)")
-    parser.add_argument("--starts", type=integer_between(1, 64), default=2,
+    parser.add_argument("--starts", type=integer_between(1, 64), default=LAPLACE_STARTS,
                         help="laplace and joint (and auto, which takes them): "
                         "Gauss-Newton starts per particle from the guide's best draws")
     parser.add_argument("--max-junk", type=number(0.0, 1.0, low_open=True), default=None,

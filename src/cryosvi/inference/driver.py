@@ -22,6 +22,7 @@ from cryosvi.inference.grid import grid_dimension
 from cryosvi.inference.importance import importance_log_evidence
 from cryosvi.inference.junk import MODELS, assess_junk, null_log_evidence, offset_log_density
 from cryosvi.inference import model_error as errors
+from cryosvi.inference.laplace_fit import LAPLACE_STARTS
 from cryosvi.inference.refine import (METHODS, REFINERS, Batch, Settings,
                                       check_refinement, dataset_snr, guide_alone)
 from cryosvi.io.outputs import provenance_array
@@ -55,8 +56,8 @@ class Written:
 
 @preserved_rng()
 def infer(run: str | Path, particles: str | Path, output: str | Path, samples: int = 0,
-          importance: int = 64, method: str = "auto", moves: int = 3, starts: int = 2,
-          turns: int = 1, batch_size: int = 256,
+          importance: int = 64, method: str = "auto", moves: int = 3,
+          starts: int = LAPLACE_STARTS, turns: int = 1, batch_size: int = 256,
           device: str = "auto", summary_samples: int = 64,
           progress: bool = True, datadir: str | Path | None = None,
           invert: bool = False, seed: int = 0, resume: bool = False,

@@ -119,8 +119,12 @@ class LeastSquares:
                                first[s], second[s]) for s in first}
 
 
+LAPLACE_STARTS = 2
+"""Gauss-Newton starts per particle of the Laplace and joint paths (``--starts``)."""
+
+
 @torch.no_grad()
-def laplace_fit(batch, starts: int = 2, pool: int = 32, coarse: int = 4,
+def laplace_fit(batch, starts: int = LAPLACE_STARTS, pool: int = 32, coarse: int = 4,
                 iterations: int = 4, blur: float = 0.1) -> LaplaceFit:
     """Levenberg-Marquardt from the guide's best draws to the posterior mode of each
     particle of ``batch`` (``cryosvi.inference.refine.Batch``).

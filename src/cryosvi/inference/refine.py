@@ -63,7 +63,7 @@ from pyro import poutine
 from cryosvi.errors import CryosviError
 from cryosvi.guide import Guide
 from cryosvi.inference.laplace import laplace_proposal
-from cryosvi.inference.laplace_fit import laplace_fit
+from cryosvi.inference.laplace_fit import LAPLACE_STARTS, laplace_fit
 from cryosvi.latents import PAPER_SITES, random_walks
 from cryosvi.physics.conditions import Conditions
 from cryosvi.physics.noise import NoiseModel
@@ -176,13 +176,14 @@ class Settings:
     max_steps: int = 40
     ess_target: float = 0.5
     snr: float | None = None
-    starts: int = 2
+    starts: int = LAPLACE_STARTS
 
 
 @torch.no_grad()
 def laplace_refine(guide: Guide, forward, priors, noise_std: float | NoiseModel,
                    images: torch.Tensor,
-                   known: dict | None, n_samples: int, starts: int = 2, pool: int = 32,
+                   known: dict | None, n_samples: int, starts: int = LAPLACE_STARTS,
+                   pool: int = 32,
                    coarse: int = 4, iterations: int = 4, blur: float = 0.1,
                    chunk: int = 16, conditions: Conditions | None = None,
                    noise=None) -> dict:
