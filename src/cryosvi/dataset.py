@@ -395,43 +395,6 @@ def noise_groups(data: ParticleData, rows=None) -> tuple[torch.Tensor, int]:
     return ctf.group[torch.from_numpy(rows)], data.groups.n_groups
 
 
-ENVELOPE_ROUNDS = 6
-"""At most this many rounds of the background spectrum and the B-factor fitted in turn
-(the background's signal correction depends on the envelope)."""
-ENVELOPE_TOLERANCE = 1.0
-"""Å^2: the envelope's fixed point is reached when a round moves B by less."""
-BACKGROUND_ACCURACY = 0.02
-"""The relative accuracy of a background noise spectrum per shell (measured within 2 %
-from 2 000 particles), counted in the error of the signal power beyond it."""
-
-
-def _envelope_from_power(images, group, weights, noise, model_images, cropped,
-                         pixel_size: float) -> float:
-    """B (Å^2) of the envelope exp(-B s^2 / 4) that takes the model images' mean power
-    spectrum to the particles' signal power (their power beyond the noise spectra
-    ``noise`` (G, shells) of their groups), without poses: both are orientation averages
-    over the same distribution of views and CTFs. A Guinier line through the amplitude
-    gain sqrt(P_data / P_model) from BFACTOR_LOW to Nyquist (``bfactor_from_gain``),
-    each shell's standard error from the particles' scatter plus BACKGROUND_ACCURACY of
-    its noise, by the delta method; nan when fewer than 3 shells are measurable."""
-    power = shell_average(power_spectrum(images.double()), True, cropped) - noise[group]
-    w = torch.ones(len(images), dtype=torch.float64) if weights is None else weights
-    w = w / w.sum()
-    data = (w[:, None] * power).sum(0)
-    spread = (w[:, None] * (power - data).square()).sum(0) * w.square().sum()
-    background = (w[:, None] * noise[group]).sum(0) * BACKGROUND_ACCURACY
-    se = (spread + background.square()).sqrt()
-    model = shell_average(power_spectrum(model_images.double()), True, cropped).mean(0)
-    usable = (data > 0) & (model > 0)
-    gain = torch.where(usable, (data / model.clamp_min(1e-300)).clamp_min(0).sqrt(), 0.0)
-    gain_se = torch.where(usable, se / (2 * (data * model).clamp_min(1e-300).sqrt()),
-                          math.inf)
-    box = images.shape[-1]
-    bfactor, _, _ = bfactor_from_gain(gain, gain_se, shell_frequency(box, pixel_size),
-                                      BFACTOR_LOW, 1 / (2 * pixel_size))
-    return bfactor
-
-
 def _signal_power(images, group, n_groups, weights, total, cropped) -> torch.Tensor:
     """(G, shells) the particles' mean power per shell beyond the noise, >= 0."""
     power = shell_average(power_spectrum(images.double()), True, cropped)
@@ -450,8 +413,6 @@ def estimate_noise_model(data: ParticleData, reference: Reference, seed: int, de
     * the contrast's mean from second moments inside and outside the molecule's mask
       (``physics.graylevels.estimate_gray_levels``, whose equations hold for any
       stationary noise); its spread is not measurable without poses (tau = 0);
-    * the B-factor envelope from the particles' signal power against the model images'
-      (``_envelope_from_power``), the contrast scaled to keep the signal's variance;
     * each group's noise spectrum S from the background, the pixels beyond the mask
       (``mask_radius``: the molecule's radius plus a margin), with the model images'
       background, scaled by the contrast, subtracted (``spectrum_from_background``):
@@ -487,41 +448,15 @@ def estimate_noise_model(data: ParticleData, reference: Reference, seed: int, de
     radius = mask_radius(reference.coords, reference.optics.pixel_size, data.box)
     levels = estimate_gray_levels(images, clean, radius)
     cropped = data.box < data_box(data.particles)
-    mask, pixel_size = background_mask(data.box, radius), reference.optics.pixel_size
-
-    def background(bfactor: float) -> tuple[torch.Tensor, float]:
-        """(S (G, shells), the contrast) with the envelope B: the moments matched the
-        images' whole variance, so the envelope's loss goes back into the contrast, and
-        the background's signal correction takes the dimmed model images."""
-        signal = apply_envelope(clean, pixel_size, bfactor)
-        contrast = levels.scale * math.sqrt(float(clean.var(dim=(-2, -1)).mean()
-                                                  / signal.var(dim=(-2, -1)).mean()))
-        return spectrum_from_background(images, mask, group, n_groups, particle_weights,
-                                        signal=contrast * signal,
-                                        signal_group=model_group), contrast
-
-    # B solves B = fit(S(B)): S's signal correction depends on the envelope (a map of
-    # slope ~0.6 here), by secant steps from B = 0
-    bfactor, (noise, contrast) = 0.0, background(0.0)
-    tried = []
-    for _ in range(ENVELOPE_ROUNDS):
-        fitted = _envelope_from_power(images, group, particle_weights, noise,
-                                      levels.scale * clean, cropped, pixel_size)
-        if not math.isfinite(fitted):
-            break
-        tried.append((bfactor, fitted - bfactor))
-        if abs(fitted - bfactor) < ENVELOPE_TOLERANCE:
-            break
-        if len(tried) > 1 and tried[-1][1] != tried[-2][1]:
-            (b0, h0), (b1, h1) = tried[-2:]
-            fitted = b1 - h1 * (b1 - b0) / (h1 - h0)
-        bfactor = fitted
-        noise, contrast = background(bfactor)
+    noise = spectrum_from_background(images, background_mask(data.box, radius), group,
+                                     n_groups, particle_weights, signal=levels.scale * clean,
+                                     signal_group=model_group)
     power = _signal_power(images, group, n_groups, particle_weights, noise, cropped)
-    spread = level_spread(*background_levels(images, mask, noise[group]), particle_weights)
+    spread = level_spread(*background_levels(images, background_mask(data.box, radius),
+                                             noise[group]), particle_weights)
     return NoiseModel(data.box, reference.optics.pixel_size, noise, signal_power=power,
-                      contrast_mean=contrast, contrast_std=0.0, contrast_floor=0.0,
-                      level_std=spread, bfactor=bfactor, cropped=cropped,
+                      contrast_mean=levels.scale, contrast_std=0.0, contrast_floor=0.0,
+                      level_std=spread, cropped=cropped,
                       origin=f"background of {n} particles"
                       + (", weighted" if weights is not None else ""))
 
