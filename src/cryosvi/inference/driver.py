@@ -18,13 +18,13 @@ from cryosvi.inference.chunks import (CHUNK_PARTICLES, ChunkColumns, WorkFolder,
                                       assemble_columns, chunk_ranges, fingerprint,
                                       run_chunks, work_folder_path, write_samples)
 from cryosvi.inference.distributed import Ranks, auto_device
-from cryosvi.inference.grid import grid_dimension
 from cryosvi.inference.importance import importance_log_evidence
 from cryosvi.inference.junk import MODELS, assess_junk, null_log_evidence, offset_log_density
 from cryosvi.inference import model_error as errors
 from cryosvi.inference.laplace_fit import LAPLACE_STARTS
 from cryosvi.inference.refine import (METHODS, REFINERS, Batch, Settings,
-                                      check_refinement, dataset_snr, guide_alone)
+                                      check_refinement, dataset_snr, guide_alone,
+                                      needs_snr)
 from cryosvi.io.outputs import provenance_array
 from cryosvi.io.particles import read_particles, write_particles
 from cryosvi.latents import JUNK_COLUMN, summary_columns
@@ -147,9 +147,8 @@ def infer(run: str | Path, particles: str | Path, output: str | Path, samples: i
     ranks.barrier()
 
     noise_std = reference.noise.std
-    # 'auto' decides by the data set's SNR where the grid cannot take the run
-    snr = dataset_snr(data, noise_std) if importance and method == "auto" \
-        and grid_dimension(config.latents, config) is None else None
+    snr = dataset_snr(data, noise_std) if importance and needs_snr(method, config) \
+        else None
     refine = Settings(importance, moves, snr=snr, starts=starts)
     draws = max(summary_samples, samples, importance)
 

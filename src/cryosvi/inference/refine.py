@@ -424,6 +424,12 @@ def _with_fallback(batch: Batch, settings: Settings, out: dict) -> dict:
     return out
 
 
+def needs_snr(method: str, config) -> bool:
+    """Whether refinement ``method`` of a run with guide settings ``config`` needs the
+    data set's SNR (``Settings.snr``): 'auto' where the grid cannot take the run."""
+    return method == "auto" and grid_dimension(config.latents, config) is None
+
+
 def auto_refine(batch: Batch, settings: Settings) -> dict:
     """'auto': 'grid' where every inferred latent is a conformational amplitude and
     there are at most ``grid.MAX_DIM`` of them (``grid.grid_dimension``); else 'laplace'
@@ -433,7 +439,7 @@ def auto_refine(batch: Batch, settings: Settings) -> dict:
     (then 'smc_fallback' is True for every particle). The SMC, whole or as the
     fallback of 'joint', gets at least ``LOW_SNR_MOVES`` moves."""
     config = batch.guide.config
-    if grid_dimension(config.latents, config) is not None:
+    if not needs_snr("auto", config):
         return grid_refine(batch, settings)
     if settings.snr is None:
         raise ValueError("refinement 'auto' needs the data set's SNR (dataset_snr)")
