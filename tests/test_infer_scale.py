@@ -285,9 +285,10 @@ def test_peak_memory_does_not_grow_with_the_particle_count(scale_run, tmp_path):
 @pytest.mark.slow
 def test_peak_memory_at_a_million_particles(tmp_path):
     """10^6 particles at box 32 against 10^5 (the guide alone), each image its own, in
-    one 4 GB stack: within 1.25x (measured on a shared 2-core EPYC, 2026-12-06: 706
-    and 804 MiB; 1 071 and 2 573 MiB before the particle table was read and written a
-    piece at a time and the images read without a memory map)."""
+    one 4 GB stack: within 1.25x (measured on a shared 2-core EPYC, 2026-12-06: 611
+    and 717 MiB, 1.17x; 623 and 785 MiB, 1.26x, before the junk mixture was fitted a
+    block of rows at a time; 1 071 and 2 573 MiB before the particle table was read and
+    written a piece at a time and the images read without a memory map)."""
     reference = tiny_reference(n_modes=1, box=32)
     simulate_dataset(reference, 64, tmp_path / "train", seed=0)
     train(tmp_path / "train" / "particles.star",
