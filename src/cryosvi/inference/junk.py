@@ -170,6 +170,6 @@ def assess_junk(log_evidence) -> JunkMixture:
     else:
         weights = torch.tensor((0.9, 0.05, 0.05), dtype=torch.float64)  # fit's start
         iterations, total = 0, float("nan")
-    p_junk = junk_probability(log_evidence, weights)  # NaN where a null's is NaN
-    p_junk[~torch.isfinite(log_evidence[:, 1:]).all(1)] = torch.nan
+    p_junk = junk_probability(log_evidence, weights)
+    p_junk[~torch.isfinite(log_evidence[:, 1:]).all(1)] = torch.nan  # a broken image
     return JunkMixture(weights, float(weights[1:].sum()), p_junk, iterations, total)
