@@ -34,7 +34,8 @@ median over 27 settings, against 0.047 without it).
 from __future__ import annotations
 
 import math
-from typing import Iterator, NamedTuple
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
