@@ -15,6 +15,7 @@ import pytest
 import scipy.stats
 import torch
 
+from cryosvi.inference import junk as junk_module
 from cryosvi.inference.junk import (fit_junk_mixture, junk_probability, log_bayes_factor,
                                     null_log_evidence)
 from cryosvi.physics import spectrum as sp
@@ -76,10 +77,11 @@ def test_evidences_and_posterior_equal_dense_gaussians():
                                junk_probability(ours, weights).numpy(), rtol=1e-9, atol=1e-15)
 
 
-def test_em_recovers_the_mixture_weights():
+def test_em_recovers_the_mixture_weights(monkeypatch):
     """Evidences from the closed forms of a 16 px toy (known template, fixed contrast)
     for 6 000 images drawn from the mixture (0.75, 0.15, 0.10): every weight within 0.015,
-    the likelihood never decreasing along the iterations."""
+    the likelihood never decreasing along the iterations; the fit a block of 999 rows at
+    a time (the last block partial) equal to the fit in one block."""
     box, n = 16, 6000
     generator = torch.Generator().manual_seed(1)
     spectrum = toy_spectrum(box)
@@ -101,6 +103,12 @@ def test_em_recovers_the_mixture_weights():
                    for k in (1, 2, 4, 8, 16)]
     assert all(b >= a - 1e-9 for a, b in zip(likelihoods, likelihoods[1:]))
     assert torch.allclose(fit.p_junk, junk_probability(log_evidence, fit.weights))
+    monkeypatch.setattr(junk_module, "ROW_BLOCK", 999)
+    blocked = fit_junk_mixture(log_evidence)
+    assert blocked.iterations == fit.iterations
+    torch.testing.assert_close(blocked.weights, fit.weights, rtol=0, atol=1e-12)
+    torch.testing.assert_close(blocked.p_junk, fit.p_junk, rtol=0, atol=1e-12)
+    assert blocked.log_likelihood == pytest.approx(fit.log_likelihood, rel=1e-12)
 
 
 def _calibration_benchmark():

@@ -183,8 +183,7 @@ class Settings:
 def laplace_refine(guide: Guide, forward, priors, noise_std: float | NoiseModel,
                    images: torch.Tensor,
                    known: dict | None, n_samples: int, starts: int = LAPLACE_STARTS,
-                   pool: int = 32,
-                   coarse: int = 4, iterations: int = 4, blur: float = 0.1,
+                   pool: int = 32, coarse: int = 4, iterations: int = 4, blur: float = 0.1,
                    chunk: int = 16, conditions: Conditions | None = None,
                    noise=None) -> dict:
     """Gauss-Newton from the guide's best draws to the posterior mode, then importance
