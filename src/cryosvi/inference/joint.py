@@ -221,9 +221,7 @@ def joint_refine(batch, settings, pool: int = 32) -> dict:
     images = batch.images
     size, dtype, device = len(batch), images.dtype, images.device
     n_samples = settings.n_samples
-    config = batch.guide.config
-    if joint_dimension(config.latents, config) is None:
-        check_joint(config)
+    check_joint(batch.guide.config)
     fit = laplace_fit(batch, starts=settings.starts, pool=max(pool, settings.starts))
     chart = fit.chart
     axes = _Axes(chart, batch)
@@ -260,20 +258,15 @@ def joint_refine(batch, settings, pool: int = 32) -> dict:
     half_width = WIDTH * axes.scale.to(dtype)
     if rule.split is None:
         post = adaptive_grid_posterior(log_density, centre, half_width, rule.sizes)
-        half = 0.5 * torch.diagonal(post.cell, dim1=-2, dim2=-1)[None].expand_as(post.nodes)
     else:
         post = split_grid_posterior(log_density, centre, half_width, rule.sizes[0],
                                     *rule.split)
-        half = post.half_widths
     dz_dim = len(axes.z)
     pick, inside, eps = _draws(batch, n_samples, k, dz_dim)
     # a cell by its mass (inverse CDF of the uniform ``pick``), a point uniform inside it
-    cumulative = post.weights.double().cumsum(0)
-    cumulative = cumulative / cumulative[-1:]
-    cell = torch.searchsorted(cumulative.T.contiguous(), pick.T.contiguous()).T
-    cell = cell.clamp(max=post.nodes.shape[0] - 1)
+    cell = post.cells(pick)
     columns = torch.arange(size, device=device)
-    h = half[cell, columns]  # (S, B, K)
+    h = post.half_extents()[cell, columns]  # (S, B, K)
     alpha = axes.origin + post.nodes[cell, columns] + h * (2 * inside.to(dtype) - 1)
     log_q = torch.log(post.weights.double()[cell, columns]) \
         - torch.log(2 * h.double()).sum(-1)

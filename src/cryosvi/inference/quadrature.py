@@ -90,12 +90,10 @@ class GridPosterior:
         each cell's mass spread uniformly over its extent (``marginal_quantiles``, an
         O(cell) approximation)."""
         p = torch.as_tensor(probabilities, dtype=torch.float64, device=self.nodes.device)
-        if self.half_widths is not None:
-            return marginal_quantiles(self.nodes, self.weights, self.half_widths, p)
         diagonal = torch.diag_embed(torch.diagonal(self.cell, dim1=-2, dim2=-1))
-        if bool((self.cell == diagonal).all()):
+        if self.half_widths is None and bool((self.cell == diagonal).all()):
             return lattice_quantiles(self.nodes, self.weights, self.cell, p)
-        return marginal_quantiles(self.nodes, self.weights, 0.5 * self.cell.abs().sum(-1), p)
+        return marginal_quantiles(self.nodes, self.weights, self.half_extents(), p)
 
     def effective_cells(self) -> Tensor:
         """(B,) 1 / sum_g w_g^2: how many cells effectively carry the mass (the Kish
@@ -103,17 +101,28 @@ class GridPosterior:
         Gaussian of std s on cells of width h about 2 sqrt(pi) s / h)."""
         return 1.0 / self.weights.double().square().sum(0)
 
+    def cells(self, u: Tensor) -> Tensor:
+        """(n, B) the cell of each uniform u (n, B) in [0, 1) by the inverse of the cells'
+        cumulative mass: a cell drawn by its mass."""
+        cumulative = self.weights.double().cumsum(0)
+        cumulative = cumulative / cumulative[-1:]
+        cumulative[-1] = 1.0  # rounding must not leave the last draw unassigned
+        index = torch.searchsorted(cumulative.T.contiguous(), u.double().T.contiguous()).T
+        return index.clamp(max=self.nodes.shape[0] - 1)
+
+    def half_extents(self) -> Tensor:
+        """(G, B, d) each cell's half-width along every axis (of the box about it)."""
+        if self.half_widths is not None:
+            return self.half_widths
+        return (0.5 * self.cell.abs().sum(-1))[None].expand_as(self.nodes)
+
     def draws(self, n: int) -> Tensor:
         """(n, B, d) equally weighted draws without randomness: systematic resampling of
         the nodes with the fixed offset 1/2 (node g gets n w_g copies, rounded; Kitagawa
         1996), so the same problem always gives the same draws."""
-        cumulative = self.weights.double().cumsum(0)
-        cumulative[-1] = 1.0  # rounding must not leave the last draw unassigned
-        points = (torch.arange(n, dtype=torch.float64, device=cumulative.device) + 0.5) / n
-        batch = cumulative.shape[1]
-        index = torch.searchsorted(cumulative.T.contiguous(),
-                                   points.expand(batch, n).contiguous()).T
-        index = index.clamp(max=self.nodes.shape[0] - 1)
+        batch = self.nodes.shape[1]
+        points = (torch.arange(n, dtype=torch.float64, device=self.nodes.device) + 0.5) / n
+        index = self.cells(points[:, None].expand(n, batch))
         columns = torch.arange(batch, device=index.device).expand(n, -1)
         return self.nodes[index, columns]
 
