@@ -30,8 +30,8 @@ import pandas as pd
 
 from cryosvi.errors import CryosviError, CryosviWarning  # noqa: F401 (re-exported)
 from cryosvi.io.mrc import Stack, open_stack
-from cryosvi.io.relion import (ANGLES, NUMERIC, ORIGINS, per_row_optics, relion30_rows,
-                               relion31_rows, warn)
+from cryosvi.io.relion import (ANGLES, ORIGINS, is_numeric, per_row_optics,
+                               relion30_rows, relion31_rows, warn)
 from cryosvi.io.rows import ImageNames, StarRows
 
 MODE_COLUMN = "cryosviModeAmplitude{}"
@@ -81,7 +81,7 @@ class ParticleSet:
     def column(self, name: str, rows=None) -> np.ndarray:
         """(N,) one metadata column, or (k,) its values at ``rows`` (indices). Without
         the whole table at hand: the optics columns from each particle's group, the
-        known numeric ones (``NUMERIC``, ``cryosvi*``) as kept when the file was read;
+        known numeric ones (``relion.is_numeric``) as kept when the file was read;
         any other (strings, e.g. rlnImageName) read from the file, a piece at a time.
         KeyError if absent."""
         frame = self.__dict__.get("_frame")
@@ -99,7 +99,7 @@ class ParticleSet:
         frame = self.__dict__.get("_frame")
         if frame is not None:
             names = [c for c in frame.columns if frame[c].dtype.kind in "biuf"
-                     and (c in NUMERIC or c.startswith("cryosvi"))]
+                     and is_numeric(c)]
         else:
             names = [c for c in self._rows.columns if self._rows.at_hand(c)]
         return pd.DataFrame({c: self.column(c, rows) for c in names})

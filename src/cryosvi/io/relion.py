@@ -39,6 +39,12 @@ NUMERIC = (*PER_ROW_OPTICS, "rlnOpticsGroup", "rlnDefocusU", "rlnDefocusV",
 """Columns that must hold finite numbers (with every ``cryosvi*`` column)."""
 
 
+def is_numeric(column: str) -> bool:
+    """Whether a particle column must hold finite numbers: ``NUMERIC`` or cryosvi's own
+    (the numbers a particle set keeps of each row)."""
+    return column in NUMERIC or column.startswith("cryosvi")
+
+
 def warn(message: str) -> None:
     warnings.warn(message, CryosviWarning, stacklevel=3)
 
@@ -206,7 +212,7 @@ def check_numeric(frame: pd.DataFrame, where) -> None:
     """Known numeric columns as float/int, every value finite; else one error naming
     the column and the first bad row."""
     for column in frame.columns:
-        if column not in NUMERIC and not column.startswith("cryosvi"):
+        if not is_numeric(column):
             continue
         values = pd.to_numeric(frame[column], errors="coerce")
         finite = np.isfinite(values.to_numpy(float))

@@ -21,8 +21,8 @@ import pandas as pd
 
 from cryosvi.errors import CryosviError
 from cryosvi.io.mrc import parse_image_names
-from cryosvi.io.relion import (DEFAULTS, NUMERIC, OPTICS_VALUES, ORIGINS, PIXEL_ORIGINS,
-                               optics_of, warn_origins)
+from cryosvi.io.relion import (DEFAULTS, OPTICS_VALUES, ORIGINS, PIXEL_ORIGINS,
+                               is_numeric, optics_of, warn_origins)
 
 NAME_BLOCK = 1 << 16
 """Image names parsed at a time."""
@@ -177,7 +177,7 @@ class StarRows:
                 dtypes[name] = (np.result_type(known, dtype) if known.kind in "biuf"
                                 and dtype.kind in "biuf" else known if known == dtype
                                 else np.dtype(object))
-                if (name in NUMERIC or name.startswith("cryosvi")) and dtype.kind in "biuf" \
+                if is_numeric(name) and dtype.kind in "biuf" \
                         and name not in derived and name not in constant:
                     parts.setdefault(name, []).append(frame[name].to_numpy())
             first += len(frame)
