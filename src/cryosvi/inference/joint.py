@@ -131,6 +131,13 @@ class _Axes:
             at += dim
         return out
 
+    def conditional(self, precision: Tensor) -> tuple[Tensor, Tensor]:
+        """(H_zz (n, dz, dz), -H_zz^-1 H_za (n, dz, K)) of a chart precision (n, d, d): the
+        other latents' block and how their conditional mean moves with the
+        conformation."""
+        z_block = precision[:, self.z][:, :, self.z]
+        return z_block, -torch.linalg.solve(z_block, precision[:, self.z][:, :, self.a])
+
     def embed(self, dz: Tensor) -> Tensor:
         """Chart deltas (..., d) that move the other latents by dz (..., dz) alone."""
         out = dz.new_zeros(*dz.shape[:-1], self.chart.dim)
@@ -179,8 +186,7 @@ def profile(batch, fit: LaplaceFit, axes: _Axes) -> tuple[LaplaceFit, Anchors]:
     # block and their conditional mean's slope in the conformation
     full = gauss_newton(result.point, nodes.residuals, nodes.log_prior, chart.retract,
                         nodes.select, chart.steps(images), iterations=0).precision
-    z_block = full[:, axes.z][:, :, axes.z]
-    node_slope = -torch.linalg.solve(z_block, full[:, axes.z][:, :, axes.a])
+    z_block, node_slope = axes.conditional(full)
     log_det = torch.linalg.slogdet(z_block)[1].view(count, size)
     marginal = -result.objective.view(count, size) - 0.5 * log_det
     best = marginal.argmax(0) * size + torch.arange(size, device=images.device)
@@ -198,8 +204,7 @@ def profile(batch, fit: LaplaceFit, axes: _Axes) -> tuple[LaplaceFit, Anchors]:
                      pick(mode.precision, fit.precision),
                      pick(mode.objective, fit.objective), pick(mode.misfit, fit.misfit),
                      chart)
-    z_precision = fit.precision[:, axes.z][:, :, axes.z]
-    slope = -torch.linalg.solve(z_precision, fit.precision[:, axes.z][:, :, axes.a])
+    z_precision, slope = axes.conditional(fit.precision)
     anchors = Anchors(torch.cat([alpha, axes.alpha(fit.mode)]),
                       {s: torch.cat([v, fit.mode[s]], 1) for s, v in result.point.items()},
                       torch.cat([z_block, z_precision]),
