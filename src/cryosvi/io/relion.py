@@ -192,8 +192,7 @@ def per_row_optics(frame: pd.DataFrame, path: Path, columns: list[str], where,
     optics = optics_of(unique, values)
     if "rlnOpticsGroup" not in columns:
         columns = [*columns, "rlnOpticsGroup"]
-    return Rows(finish(frame, optics, path, where, amplitude_defaulted=True), optics,
-                columns)
+    return Rows(finish(frame, optics, path, where), optics, columns)
 
 
 def optics_of(unique: np.ndarray, values: list[str]) -> pd.DataFrame:
@@ -223,14 +222,11 @@ def check_numeric(frame: pd.DataFrame, where) -> None:
         frame[column] = values
 
 
-def finish(frame: pd.DataFrame, optics: pd.DataFrame, path: Path, where,
-           amplitude_defaulted: bool = False) -> pd.DataFrame:
+def finish(frame: pd.DataFrame, optics: pd.DataFrame, path: Path, where) -> pd.DataFrame:
     """Defaults (in place, ``optics`` too), physical checks of every optics group; the
     rows indexed from 0."""
     if "rlnAmplitudeContrast" not in frame:
-        if not amplitude_defaulted:
-            warn(f"{path.name}: no amplitude contrast given; using "
-                 f"{DEFAULT_AMPLITUDE_CONTRAST}")
+        warn(f"{path.name}: no amplitude contrast given; using {DEFAULT_AMPLITUDE_CONTRAST}")
         frame["rlnAmplitudeContrast"] = DEFAULT_AMPLITUDE_CONTRAST
         optics["rlnAmplitudeContrast"] = DEFAULT_AMPLITUDE_CONTRAST
     for column, value in DEFAULTS.items():
