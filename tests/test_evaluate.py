@@ -15,9 +15,10 @@ from scipy.spatial.transform import Rotation
 from cryosvi.cli.main import main
 from cryosvi.config import Optics
 from cryosvi.errors import CryosviError
-from cryosvi.evaluate import PLOT_FILES, evaluate_tables, gaussian_coverage, pearson_r, rmse
+from cryosvi.evaluate import (PLOT_FILES, evaluate_tables, format_table, gaussian_coverage,
+                              pearson_r, rmse)
 from cryosvi.physics.rotations import euler_geodesic_error, quaternion_geodesic_error
-from cryosvi.latents.pose import pose_coverage
+from cryosvi.latents.pose import frame_alignment, pose_coverage
 from cryosvi.io.particles import ParticleSet, read_particles
 from cryosvi.io.star import optics_table, write_star
 from cryosvi.physics.rotations import euler_to_matrix, matrix_to_euler
@@ -337,3 +338,102 @@ def test_row_order_only_when_asked(tmp_path, capsys):
     assert main([*argv, "--match-by-order"]) == 0
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["matched_by"] == "row order"
+
+
+# ------------------------------------------------------- frame alignment and junk rows
+
+
+def relion_matrices(angles):
+    return euler_to_matrix(*torch.tensor(angles, dtype=torch.float64).unbind(-1)).numpy()
+
+
+def angles_of(matrices):
+    return torch.stack(matrix_to_euler(torch.tensor(matrices)), -1).numpy()
+
+
+def test_frame_alignment_recovers_a_frame_that_turns_with_the_conformation():
+    # The posterior sees the molecule turned by G(c) = exp(g0 + c g1) (scipy's rotation
+    # vectors, not roma's), each pose also off by its own 0.5 deg isotropic error, and 5 %
+    # of the poses are wrong views: the fit gives g0 and g1 back, and the aligned errors
+    # are the 0.5 deg errors alone.
+    rng = np.random.default_rng(3)
+    n = 400
+    truth = random_angles(n, rng)
+    conformation = rng.uniform(0, 30, n)
+    g0, g1 = np.array([1.5, -0.5, 0.8]), np.array([0.08, 0.0, -0.1])
+    frame = Rotation.from_rotvec(np.deg2rad(g0 + conformation[:, None] * g1)).as_matrix()
+    own = Rotation.from_rotvec(np.deg2rad(rng.normal(0, 0.5, (n, 3)))).as_matrix()
+    predicted = angles_of(own @ relion_matrices(truth) @ frame.transpose(0, 2, 1))
+    wrong = rng.choice(n, 20, replace=False)
+    predicted[wrong] = random_angles(20, rng)
+    coefficients, errors, fitted = frame_alignment(truth, predicted, conformation[:, None])
+    np.testing.assert_allclose(coefficients[0], g0, atol=0.1)
+    np.testing.assert_allclose(coefficients[1], g1, atol=0.006)
+    assert not fitted[wrong].any() and fitted.sum() >= n - 25
+    right = np.setdiff1d(np.arange(n), wrong)
+    own_error = np.rad2deg(Rotation.from_matrix(own[right]).magnitude())
+    np.testing.assert_allclose(errors[right], own_error, atol=0.1)
+    raw = euler_geodesic_error(truth, predicted)
+    assert np.median(raw) > 2.5 * np.median(errors)
+    # through evaluate_tables, with the truth's conformation column
+    names = [f"{i + 1:06d}@stack.mrcs" for i in range(n)]
+    columns = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
+    truth_table = pd.DataFrame(truth, columns=columns).assign(
+        rlnImageName=names, cryosviTrueConformation=conformation)
+    posterior = pd.DataFrame(predicted, columns=columns).assign(
+        rlnImageName=names, cryosviPoseStdDeg=0.5)
+    pose = evaluate_tables(as_table(posterior), as_table(truth_table))["pose"]
+    aligned = pose["frame_aligned"]
+    assert aligned["covariates"] == ["cryosviTrueConformation"]
+    assert aligned["median_error_deg"] == pytest.approx(np.median(errors))
+    assert pose["median_error_deg"] == pytest.approx(np.median(raw))
+    # 95 % of chi_3 x 0.5 deg covers the aligned errors of the right views only
+    assert aligned["coverage95"] == pytest.approx(0.95 * 380 / 400, abs=0.03)
+    assert pose["coverage95"] < 0.3
+
+
+def test_frame_alignment_leaves_errors_that_no_frame_explains():
+    # Every pose 3 deg off about the viewing axis: a different molecule-frame axis for
+    # each view, which one rotation of the frame cannot take out.
+    posterior, truth = make_tables(n=300, k=0)
+    pose = evaluate_tables(as_table(posterior), as_table(truth))["pose"]
+    aligned = pose["frame_aligned"]
+    assert aligned["covariates"] == []
+    assert np.linalg.norm(aligned["rotation_deg"]) < 0.5
+    assert aligned["median_error_deg"] == pytest.approx(3.0, rel=0.03)
+    # too few particles to fit a frame: said, not guessed
+    few = evaluate_tables(as_table(posterior[:8]), as_table(truth[:8]))
+    assert few["pose"]["frame_aligned"] is None
+    assert any("frame alignment" in reason for reason in few["skipped"])
+
+
+def test_junk_rows_are_left_out_and_their_probability_is_ranked():
+    posterior, truth = make_tables(n=120, k=1, seed=4)
+    rng = np.random.default_rng(5)
+    is_junk = np.zeros(120, bool)
+    is_junk[rng.choice(120, 15, replace=False)] = True
+    truth["cryosviTrueJunk"] = is_junk.astype(int)
+    junk_posterior = posterior.copy()
+    junk_posterior.loc[is_junk, ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]] = \
+        random_angles(15, rng)
+    junk_posterior.loc[is_junk, "rlnDefocusU"] = 30000.0
+    p = np.clip(rng.normal(np.where(is_junk, 0.7, 0.2), 0.2), 0, 1)
+    p[:3] = 0.5  # ties
+    junk_posterior["cryosviJunkProbability"] = p
+    metrics = evaluate_tables(as_table(junk_posterior), as_table(truth))
+    alone = evaluate_tables(as_table(posterior[~is_junk]), as_table(truth[~is_junk]))
+    assert metrics["n_particles"] == 105
+    assert metrics["pose"]["mean_error_deg"] == pytest.approx(alone["pose"]["mean_error_deg"])
+    assert metrics["latents"]["defocus"]["rmse"] == pytest.approx(
+        alone["latents"]["defocus"]["rmse"])
+    # AUC: the fraction of (junk, real) pairs ranked right, ties half, by brute force
+    pairs = p[is_junk][:, None] - p[~is_junk][None, :]
+    expected = np.mean((pairs > 0) + 0.5 * (pairs == 0))
+    junk = metrics["junk"]
+    assert junk["auc"] == pytest.approx(expected)
+    assert junk["particles"] == 15 and junk["real_particles"] == 105
+    assert junk["real_above_half"] == pytest.approx(np.mean(p[~is_junk] > 0.5))
+    assert "junk" in format_table(metrics)
+    assert alone["junk"]["particles"] == 0 and alone["junk"]["auc"] is None
+    assert evaluate_tables(as_table(posterior), as_table(truth.drop(
+        columns="cryosviTrueJunk")))["junk"] is None

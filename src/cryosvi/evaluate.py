@@ -14,6 +14,17 @@ Metrics
   chi_3^-1(p)`` with sigma = ``cryosviPoseStdDeg``, because a small isotropic Gaussian
   rotation error with per-axis std sigma has a rotation angle distributed as sigma times
   a chi variable with 3 degrees of freedom. A calibrated posterior gives coverage ~= p.
+* pose after the frame alignment (``frame_aligned``): the same numbers once the rotation
+  between the two files' molecule frames is taken out (``latents.pose.frame_alignment``:
+  one rotation, plus one per unit of each of the truth's conformation coordinates,
+  ``cryosviTrueConformation*`` and ``cryosviModeAmplitude*`` columns). A flexible
+  molecule has no single frame: a learnt mode's rigid-body part, or a reference turned
+  against the truth's, turns every pose by a rotation the images cannot tell from the
+  pose's own, so this is the pose's error as the posterior can know it.
+* junk: where the truth has ``cryosviTrueJunk`` (1: the image holds no particle), those
+  particles have no pose, defocus or conformation and are left out of every metric
+  above; with ``cryosviJunkProbability`` in the posterior, its AUC (the probability that
+  a junk image scores above a real one, ties counted half) and the fractions above 0.5.
 
 Only the latents the truth has columns for are scored (a RELION refinement has angles
 and defocus but no mode amplitudes); the others are listed under ``skipped``. Rows are
@@ -26,6 +37,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -35,9 +47,14 @@ from scipy import stats
 from cryosvi.errors import CryosviError
 from cryosvi.io.atomic import write_atomically
 from cryosvi.io.particles import ParticleSet, numeric_column
-from cryosvi.latents import CREDIBLE_LEVELS, REGISTRY
+from cryosvi.latents import CREDIBLE_LEVELS, JUNK_COLUMN, REGISTRY
 
 NAME_COLUMN = "rlnImageName"
+TRUE_JUNK_COLUMN = "cryosviTrueJunk"
+"""Truth column: 1 where the image holds no particle (junk), else 0."""
+TRUE_CONFORMATION_PREFIX = "cryosviTrueConformation"
+"""Truth columns of conformation coordinates that are not mode amplitudes (the realistic
+benchmark's hinge angle)."""
 
 COVERAGE_LEVELS = {f"coverage{round(100 * p)}": p for p in CREDIBLE_LEVELS}
 """The two headline credible levels, by their key in the metrics."""
@@ -81,6 +98,15 @@ def gaussian_coverage(truth: np.ndarray, mean: np.ndarray, std: np.ndarray,
     inside = np.abs(np.asarray(truth, float) - np.asarray(mean, float)) \
         <= gaussian_radius(level) * np.asarray(std, float)
     return float(np.mean(inside))
+
+
+def junk_auc(p_junk: np.ndarray, is_junk: np.ndarray) -> float:
+    """P(a junk image's score > a real one's), ties counted half: the Mann-Whitney U of
+    the two groups over the product of their counts (NaN without both kinds)."""
+    junk, real = p_junk[is_junk], p_junk[~is_junk]
+    if not (len(junk) and len(real)):
+        return math.nan
+    return float(stats.mannwhitneyu(junk, real).statistic) / (len(junk) * len(real))
 
 
 def error_summary(error_deg: np.ndarray) -> dict:
@@ -183,6 +209,17 @@ def evaluate_tables(posterior: ParticleSet, truth: ParticleSet,
                            f"latent in common ({', '.join(labels)}, "
                            "cryosviModeAmplitude1..K)")
     order, matched_by = match_rows(posterior, truth, match_by_order)
+    junk = None
+    if truth.has(TRUE_JUNK_COLUMN):
+        is_junk = numeric_column(truth, TRUE_JUNK_COLUMN)[order] == 1
+        if is_junk.all():
+            raise CryosviError(f"{truth.path}: every particle is junk ({TRUE_JUNK_COLUMN} "
+                               "1): nothing to score")
+        junk = _junk_metrics(posterior, is_junk)
+        if is_junk.any():  # a junk image has no pose, defocus or conformation
+            posterior, order = _rows(posterior, ~is_junk), order[~is_junk]
+    covariates = [c for c in truth.columns
+                  if c.startswith(TRUE_CONFORMATION_PREFIX)] + truth.mode_columns()
 
     latents: dict[str, dict] = {}
     arrays: dict[str, dict] = {}
@@ -198,7 +235,8 @@ def evaluate_tables(posterior: ParticleSet, truth: ParticleSet,
     extra = [c for c in truth.mode_columns() if c not in posterior.mode_columns()]
     if extra:
         skipped.append(f"{len(extra)} truth mode(s) not in the posterior: {', '.join(extra)}")
-    by_error = {score.name: _error_metrics(score, posterior, truth, order, arrays, skipped)
+    by_error = {score.name: _error_metrics(score, posterior, truth, order, covariates,
+                                           arrays, skipped)
                 for score in errors}
 
     calibration = {"levels": list(CALIBRATION_LEVELS)}
@@ -219,23 +257,34 @@ def evaluate_tables(posterior: ParticleSet, truth: ParticleSet,
         "coverage_levels": dict(COVERAGE_LEVELS),
         "latents": latents,
         **{latent.name: None for latent in REGISTRY.values() if latent.scored_by_error},
-        **by_error, "calibration": calibration,
+        **by_error, "junk": junk, "calibration": calibration,
         "skipped": skipped, "_arrays": arrays,
     }
 
 
-def _error_metrics(score, posterior: ParticleSet, truth: ParticleSet, order: np.ndarray,
-                   arrays: dict, skipped: list[str]) -> dict:
-    """A latent scored by the size of its error (``latents.ErrorScore``, e.g. the pose's
-    geodesic angle): its summary and coverage; fills ``arrays[score.name]``."""
-    error = score.error(posterior, truth, order)
-    std = None
-    if score.std_column in posterior.metadata.columns:
-        std = _std_column(posterior, score.std_column)
-    else:
-        skipped.append(f"coverage of {score.name}: no column {score.std_column} in the "
-                       "posterior")
-    metrics = {"unit": score.unit, **error_summary(error), "std_column": score.std_column}
+def _rows(table: ParticleSet, keep: np.ndarray) -> ParticleSet:
+    """The particles of ``table`` where keep (N,) is True, as a table of their own."""
+    frame = table.metadata.iloc[np.flatnonzero(keep)].reset_index(drop=True)
+    return replace(table, metadata=frame, cs=None, _stacks={}, _names=None)
+
+
+def _junk_metrics(posterior: ParticleSet, is_junk: np.ndarray) -> dict:
+    """The junk's count and, with ``JUNK_COLUMN`` in the posterior, how it ranks them."""
+    out = {"particles": int(is_junk.sum()), "real_particles": int((~is_junk).sum()),
+           "auc": None, "junk_above_half": None, "real_above_half": None}
+    if posterior.has(JUNK_COLUMN):
+        p = numeric_column(posterior, JUNK_COLUMN)
+        auc = junk_auc(p, is_junk)
+        out.update(auc=auc if math.isfinite(auc) else None,
+                   junk_above_half=float(np.mean(p[is_junk] > 0.5)) if is_junk.any() else None,
+                   real_above_half=float(np.mean(p[~is_junk] > 0.5)))
+    return out
+
+
+def _coverages(score, posterior: ParticleSet, error: np.ndarray, std) -> dict:
+    """coverage68/95 of errors (N,) on the credible radius columns, else on the spread,
+    each with the interval it was scored on."""
+    metrics = {}
     for key, level in COVERAGE_LEVELS.items():
         interval = score.intervals.get(level)
         if interval in posterior.metadata.columns:
@@ -246,8 +295,38 @@ def _error_metrics(score, posterior: ParticleSet, truth: ParticleSet, order: np.
         else:
             interval = metrics[key] = None
         metrics[f"{key}_interval"] = interval
+    return metrics
+
+
+def _error_metrics(score, posterior: ParticleSet, truth: ParticleSet, order: np.ndarray,
+                   covariates: list[str], arrays: dict, skipped: list[str]) -> dict:
+    """A latent scored by the size of its error (``latents.ErrorScore``, e.g. the pose's
+    geodesic angle): its summary and coverage, and the same once the frames are aligned
+    (with the truth's ``covariates`` columns); fills ``arrays[score.name]``."""
+    error = score.error(posterior, truth, order)
+    std = None
+    if score.std_column in posterior.metadata.columns:
+        std = _std_column(posterior, score.std_column)
+    else:
+        skipped.append(f"coverage of {score.name}: no column {score.std_column} in the "
+                       "posterior")
+    metrics = {"unit": score.unit, **error_summary(error), "std_column": score.std_column,
+               **_coverages(score, posterior, error, std)}
     metrics[f"median_posterior_std_{score.unit}"] = None if std is None else float(np.median(std))
     arrays[score.name] = {"error": error, "std": std, "coverage": score.std_coverage}
+    if score.aligned is not None:
+        values = np.stack([numeric_column(truth, c)[order] for c in covariates], -1) \
+            if covariates else np.zeros((len(order), 0))
+        found = score.aligned(posterior, truth, order, values)
+        metrics["frame_aligned"] = None
+        if found is None:
+            skipped.append(f"{score.name} after the frame alignment: too few particles")
+        else:
+            aligned, frame = found
+            metrics["frame_aligned"] = {"covariates": covariates, **frame,
+                                        **error_summary(aligned),
+                                        **_coverages(score, posterior, aligned, std)}
+            arrays[score.name]["aligned"] = aligned
     return metrics
 
 
@@ -288,6 +367,19 @@ def format_table(metrics: dict) -> str:
         lines.append(f"pose error (deg): median {pose['median_error_deg']:.3g}, "
                      f"mean {pose['mean_error_deg']:.3g}, 90th percentile "
                      f"{pose['p90_error_deg']:.3g}  ({metrics['n_particles']} particles)")
+        aligned = pose.get("frame_aligned")
+        if aligned is not None:
+            lines.append(f"  after the frame alignment: median {aligned['median_error_deg']:.3g}, "
+                         f"90th percentile {aligned['p90_error_deg']:.3g}, cov68 "
+                         f"{number(aligned['coverage68'], '.3f')}, cov95 "
+                         f"{number(aligned['coverage95'], '.3f')}")
+    junk = metrics.get("junk")
+    if junk is not None:
+        lines.append(f"junk: {junk['particles']} particles left out of the scores"
+                     + ("" if junk["auc"] is None else
+                        f"; {JUNK_COLUMN} AUC {junk['auc']:.4f}, above 0.5: junk "
+                        f"{number(junk['junk_above_half'], '.3f')}, real "
+                        f"{number(junk['real_above_half'], '.3f')}"))
     for reason in metrics["skipped"]:
         lines.append(f"skipped: {reason}")
     return "\n".join(lines)
@@ -341,6 +433,11 @@ def _plot_pose_error(metrics: dict, arrays: dict):
     low = max(min(float(error.min()), high / 10), floor)
     bins = np.geomspace(low, high * 1.0001, 40)
     axis.hist(np.clip(error, low, None), bins=bins, color="C0", alpha=0.8)
+    aligned = arrays["pose"].get("aligned")
+    if aligned is not None:
+        axis.hist(np.clip(aligned, low, None), bins=bins, histtype="step", color="k",
+                  lw=1.2, label="after the frame alignment (median "
+                                f"{pose['frame_aligned']['median_error_deg']:.3g}°)")
     axis.set_xscale("log")
     median = max(pose["median_error_deg"], low)
     axis.axvline(median, color="C3", lw=2, label=f"median {pose['median_error_deg']:.3g}°")
@@ -408,7 +505,12 @@ def write_report(metrics: dict, posterior: ParticleSet, truth: ParticleSet,
          "pose": null (not scored) | {"unit": "deg", "median_error_deg", "mean_error_deg", "p90_error_deg",
                   "std_column": str, "coverage68": float|null, "coverage95": float|null,
                   "coverage68_interval", "coverage95_interval": the radius column scored,
-                  "chi3 x cryosviPoseStdDeg" or null, "median_posterior_std_deg": float|null},
+                  "chi3 x cryosviPoseStdDeg" or null, "median_posterior_std_deg": float|null,
+                  "frame_aligned": null | {"covariates": [truth column, ...],
+                     "rotation_deg": [3], "per_unit_deg": [[3], ...], "particles_fitted": int,
+                     the error summary and coverages as above}},
+         "junk": null (no cryosviTrueJunk in the truth) | {"particles", "real_particles": int,
+                  "auc", "junk_above_half", "real_above_half": float|null},
          "calibration": {"levels": [0.1, ..., 0.99], "<latent>" | "pose": [observed, ...]},
          "skipped": [str, ...]}
     """

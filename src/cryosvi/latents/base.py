@@ -30,7 +30,10 @@ class ErrorScore(NamedTuple):
     posterior's spread column; intervals: {level: the column of the radius of the
     credible region at that level}; std_coverage(error, std, level) -> the fraction
     inside the region that a spread implies (where the files lack the radius columns and
-    for the calibration curve), with ``std_label`` naming that rule.
+    for the calibration curve), with ``std_label`` naming that rule; aligned(posterior,
+    truth, order, covariates) -> (errors (N,), the fitted frame as a dict) once the
+    molecule frames of the two files are aligned, or None where too few particles fix
+    it (the field None: the latent has no frame).
     """
 
     name: str
@@ -40,6 +43,7 @@ class ErrorScore(NamedTuple):
     intervals: dict
     std_coverage: Callable
     std_label: str
+    aligned: Callable | None = None
 
 
 def _column(frame, column: str) -> np.ndarray:

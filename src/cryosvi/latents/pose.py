@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import roma
 import torch
 import torch.nn.functional as F
 from scipy import stats
@@ -44,6 +45,79 @@ def pose_error(posterior, truth, order) -> np.ndarray:
     true_angles = np.stack([numeric_column(truth, c)[order] for c in ANGLES], -1)
     mean_angles = np.stack([numeric_column(posterior, c) for c in ANGLES], -1)
     return euler_geodesic_error(true_angles, mean_angles)
+
+
+FRAME_OUTLIER_FACTOR = 3.0
+"""Particles whose error, once aligned, exceeds this many times the median are left out
+of the frame's fit (a flipped pose or a wrong view says nothing about the frame)."""
+FRAME_PARTICLES_PER_PARAMETER = 10
+"""The frame's fit needs at least this many particles per fitted rotation vector."""
+
+
+def frame_alignment(truth_deg: np.ndarray, predicted_deg: np.ndarray,
+                    covariates: np.ndarray, iterations: int = 8):
+    """The rotation between the molecule frames of the truth and of a posterior, and each
+    particle's pose error once it is taken out.
+
+    A flexible molecule has no single frame. A reference turned a little against the
+    truth's, or a conformational mode with a rigid-body part (learnt modes have one:
+    ``cryosvi.inference.learnt_modes``), holds the molecule turned by a rotation that
+    depends on the conformation; the images cannot tell that rotation from the poses', so
+    a posterior is right up to it. Modelled as G(c) = exp([g_0 + sum_k c_k g_k]_x) in the
+    molecule frame, with c the truth's conformation coordinates: with RELION's matrices A
+    (``physics.rotations``: the atoms seen at A r), a posterior in the frame turned by G
+    sees A_truth G^T, so A_post^T A_truth = G. The rotation vectors g (degrees; g_k per
+    unit of c_k) are fitted by Gauss-Newton steps, least squares on the residual rotation
+    vectors log(G(c)^T A_post^T A_truth), over the particles whose residual angle is
+    within ``FRAME_OUTLIER_FACTOR`` times the median.
+
+    truth_deg, predicted_deg: (N, 3) RELION (rot, tilt, psi), degrees; covariates:
+    (N, K) (K may be 0). Returns (coefficients (1 + K, 3) degrees, errors (N,) degrees
+    after alignment, fitted (N,) bool), or None with fewer than
+    ``FRAME_PARTICLES_PER_PARAMETER`` (1 + K) particles to fit.
+    """
+    count = len(truth_deg)
+    design = torch.cat([torch.ones(count, 1, dtype=torch.float64),
+                        torch.tensor(np.asarray(covariates, float),
+                                        dtype=torch.float64).reshape(count, -1)], 1)
+    needed = FRAME_PARTICLES_PER_PARAMETER * design.shape[1]
+    if count < needed:
+        return None
+    truth, predicted = (torch.as_tensor(np.asarray(a, float), dtype=torch.float64)
+                        for a in (truth_deg, predicted_deg))
+    discrepancy = (euler_to_matrix(*predicted.unbind(-1)).transpose(-1, -2)
+                   @ euler_to_matrix(*truth.unbind(-1)))
+    coefficients = torch.zeros(design.shape[1], 3, dtype=torch.float64)
+
+    def residual() -> Tensor:
+        frame = roma.rotvec_to_rotmat(design @ coefficients)
+        return roma.rotmat_to_rotvec(frame.transpose(-1, -2) @ discrepancy)
+
+    for _ in range(iterations):
+        vectors = residual()
+        angle = vectors.norm(dim=-1)
+        fitted = angle <= FRAME_OUTLIER_FACTOR * angle.median()
+        if int(fitted.sum()) < needed:
+            return None
+        step = torch.linalg.lstsq(design[fitted], vectors[fitted]).solution
+        coefficients = coefficients + step
+    errors = torch.rad2deg(residual().norm(dim=-1))
+    return torch.rad2deg(coefficients).numpy(), errors.numpy(), fitted.numpy()
+
+
+def aligned_pose_error(posterior, truth, order, covariates: np.ndarray):
+    """``frame_alignment`` of the rows of ``posterior`` against truth rows ``order``:
+    (errors (N,) degrees, {"rotation_deg": g_0, "per_unit_deg": [g_k, ...],
+    "particles_fitted": count}), or None."""
+    true_angles = np.stack([numeric_column(truth, c)[order] for c in ANGLES], -1)
+    mean_angles = np.stack([numeric_column(posterior, c) for c in ANGLES], -1)
+    found = frame_alignment(true_angles, mean_angles, covariates)
+    if found is None:
+        return None
+    coefficients, errors, fitted = found
+    return errors, {"rotation_deg": coefficients[0].tolist(),
+                    "per_unit_deg": coefficients[1:].tolist(),
+                    "particles_fitted": int(fitted.sum())}
 
 
 def pose_radius_column(level: float) -> str:
@@ -214,7 +288,7 @@ class Pose(Latent):
             return None
         return ErrorScore("pose", "deg", pose_error, POSE_STD_COLUMN,
                           {level: pose_radius_column(level) for level in CREDIBLE_LEVELS},
-                          pose_coverage, f"chi3 x {POSE_STD_COLUMN}")
+                          pose_coverage, f"chi3 x {POSE_STD_COLUMN}", aligned_pose_error)
 
 
 def pose_spread(rotation: Tensor, weights: Tensor) -> Tensor:
