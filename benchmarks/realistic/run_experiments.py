@@ -3,7 +3,8 @@
     python benchmarks/realistic/run_experiments.py -w WORKDIR [--n 2000] [--epochs 40]
         [--threads 2] [--structure-options "--stride 1 --beads residue --sigma 2 --n-modes 1"]
         [--learn-modes OPTIONS | --no-learn-modes] [--infer-options ""]
-        [--experiments poses-given,ctf-shifts-given] [--data realistic|clean] [--tag latest]
+        [--experiments poses-given,ctf-shifts-given] [--data realistic|clean] [--seed 0]
+        [--tag latest]
 
 The defaults are the measured best (benchmarks/realistic/README.md): the mode learnt
 from the particles (``cryosvi learn-modes``), residue beads, 40 epochs, the default
@@ -125,6 +126,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="results go to results/experiments_TAG.json; name a kept "
                         "result by the commit it measures and the experiment, e.g. "
                         "--snapshot --tag cacc39f_poses_given")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="the data sets' seed (make_dataset.py --seed; default 0): "
+                             "another seed makes other particles, e.g. to check settings "
+                             "chosen on seed 0")
     parser.add_argument("--remake-data", action="store_true",
                         help="make the data sets again even when WORKDIR has them")
     parser.add_argument("--snapshot", action="store_true",
@@ -163,11 +168,13 @@ def make_data(preset: str, args, log: list[dict]) -> Path | None:
     if truth.is_file() and not args.remake_data:
         settings = json.loads(truth.read_text())["settings"]
         if settings.get("n") == args.n and settings.get("preset") == preset and \
-                bool(settings.get("realistic")) == realistic:
+                bool(settings.get("realistic")) == realistic and \
+                settings.get("seed", 0) == args.seed:
             log.append({"command": f"(reused {output})", "rc": 0, "wall_s": 0.0})
             return output
     command = [sys.executable, str(HERE / "make_dataset.py"), "-o", str(output),
                "--preset", preset, "--n", str(args.n), "--oracle", "0",
+               "--seed", str(args.seed),
                *(["--realistic"] if realistic else [])]
     return output if run(command, log) else None
 

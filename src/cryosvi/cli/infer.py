@@ -14,6 +14,7 @@ def register(subparsers, summary: str) -> None:
     from cryosvi.inference.chunks import CHUNK_PARTICLES
     from cryosvi.inference.laplace_fit import LAPLACE_STARTS
     from cryosvi.inference.refine import METHODS
+    from cryosvi.physics.noise import ERROR_WEIGHT
 
     parser = subparsers.add_parser(
         "infer", help=summary,
@@ -96,7 +97,8 @@ def register(subparsers, summary: str) -> None:
                         "--seed measures the residual power the model leaves beyond the "
                         "noise, per optics group and shell (model error D), and the B "
                         "envelope from the per-shell gain; every particle is then inferred "
-                        "with the noise spectrum S + 2D, so the intervals widen where the "
+                        f"with the noise spectrum S + {ERROR_WEIGHT:g} D, so the intervals "
+                        "widen where the "
                         "model misfits (on the model's own simulations D ~ 0 and they stay "
                         "as they were). Writes the estimate to OUTPUT.model_error.json. "
                         "'off': the run's noise model as trained. A run with white noise "

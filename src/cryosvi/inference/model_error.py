@@ -5,11 +5,9 @@ A model that misses something (a conformation it has no mode for, a density that
 only close, an envelope it lacks) leaves residual power R beyond the noise spectrum S.
 With S alone in the likelihood the posterior is too narrow: the misfit acts as signal.
 Counting it as one more Gaussian error per optics group and shell, T = S + k D with
-D = max(R - S, 0) and k = ``physics.noise.ERROR_WEIGHT`` (2), widens the posterior along
-the directions the misfit touches. On cryosvi's own simulations R = S, hence D ~ 0, and
-the intervals stay as they were. (Measured with local Laplace posteriors on RELION-
-projected data, 800 particles, SNR 1: pose cover95 0.81 with S alone, 0.91 with S + 2D;
-defocus 0.93 -> 0.97; own simulations 0.94 either way.)
+D = max(R - S, 0) and k = ``physics.noise.ERROR_WEIGHT`` (8, measured there), widens the
+posterior along the directions the misfit touches. On cryosvi's own simulations R = S,
+hence D ~ 0, and the intervals stay as they were.
 
 The estimate (``estimate``), before the main pass of a run with a noise model:
 
@@ -51,7 +49,7 @@ from cryosvi.inference.junk import assess_junk
 from cryosvi.io.atomic import write_atomically
 from cryosvi.io.outputs import provenance
 from cryosvi.latents import REGISTRY, forward_inputs
-from cryosvi.physics.noise import NoiseModel
+from cryosvi.physics.noise import ERROR_WEIGHT, NoiseModel
 from cryosvi.physics.spectrum import model_error_spectrum, shell_frequency
 from cryosvi.reference import NOISE_MODEL_ARRAYS, NOISE_MODEL_DEFAULTS, NOISE_MODEL_NUMBERS
 
@@ -118,7 +116,7 @@ def estimate(summarise: Callable[[np.ndarray], dict], images_at_means: Callable,
     # cannot tell a misfit that fills the box from noise, and the run's S is what the
     # guide was trained with.
     error = model_error_spectrum(refined.residual_spectrum, noise.noise)
-    out = fitted.replace(noise=noise.noise, error=error)
+    out = fitted.replace(noise=noise.noise, error=error, error_weight=ERROR_WEIGHT)
     # P, the particles' power beyond T, follows the new T (P + T is what was measured)
     out = out.replace(signal_power=(fitted.signal_power + fitted.total - out.total)
                       .clamp_min(0))
