@@ -24,7 +24,7 @@ from cryosvi.inference import model_error
 from cryosvi.inference.chunks import work_folder_path
 from cryosvi.inference.driver import infer
 from cryosvi.io.particles import read_particles
-from cryosvi.physics.noise import coloured_noise
+from cryosvi.physics.noise import ERROR_WEIGHT, coloured_noise
 from cryosvi.physics.spectrum import n_shells
 from cryosvi.reference import Reference
 from cryosvi.simulate import ImageEffects, simulate_dataset
@@ -122,7 +122,8 @@ def test_known_misfit_is_recovered_and_the_intervals_cover(runs):
 def test_resume_reads_the_stored_estimate(runs, tmp_path, monkeypatch):
     """A stopped inference keeps its estimate in the work folder; the resumed one uses
     that (here altered: the resumed run must use the alteration) and not a new one; a
-    resume with the other --model-error setting is refused (the fingerprint)."""
+    resume with the other --model-error setting or another weight is refused (the
+    fingerprint)."""
     root, _, _, _ = runs
     star, output = root / "misfit" / "particles.star", tmp_path / "post.star"
     original = driver.run_chunks
@@ -137,11 +138,15 @@ def test_resume_reads_the_stored_estimate(runs, tmp_path, monkeypatch):
     monkeypatch.setattr(driver, "run_chunks", original)
     stored = work_folder_path(output) / model_error.FILE_NAME
     entry = model_error.load(stored)
+    assert entry["noise_model"]["error_weight"] == ERROR_WEIGHT
     entry["noise_model"]["contrast_mean"] = 0.987654321
     model_error.save(stored, entry)
     with pytest.raises(CryosviError, match="another inference"):
         infer(root / "run", star, output, chunk_size=100, resume=True, model_error=False,
               **INFER)
+    with pytest.raises(CryosviError, match="another inference"):
+        infer(root / "run", star, output, chunk_size=100, resume=True,
+              model_error_weight=ERROR_WEIGHT / 2, **INFER)
     frame = infer(root / "run", star, output, chunk_size=100, resume=True, **INFER)
     assert frame.attrs["model_error"]["noise_model"]["contrast_mean"] == 0.987654321
 

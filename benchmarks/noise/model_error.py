@@ -1,10 +1,11 @@
-"""``cryosvi infer`` with and without the model-error term (``--model-error on|off``) on
-the same trained run, scored against the truth, through the CLI as a user would.
+"""``cryosvi infer`` with and without the model-error term (``--model-error on|off``, and
+on with each ``--model-error-weight`` k of ``--weights``) on the same trained run, scored
+against the truth, through the CLI as a user would.
 
     python benchmarks/noise/model_error.py own -w WORKDIR [--n 1000] [--test 300]
-        [--snr 1] [--epochs 10] [--latents pose,defocus,modes] [--threads 1]
+        [--snr 1] [--epochs 10] [--latents pose,defocus,modes] [--threads 1] [--weights 8]
     python benchmarks/noise/model_error.py realistic -w WORKDIR [--preset ctf-shifts-given]
-        [--run run-ctf-shifts-given] [--reuse]
+        [--run run-ctf-shifts-given] [--reuse] [--weights 2,4,8]
 
 * ``own``: cryosvi's own simulation (``cryosvi simulate --preset paper --noise-spectrum
   coloured``: a training set of N and a held-out set of TEST particles, other seeds),
@@ -16,13 +17,16 @@ the same trained run, scored against the truth, through the CLI as a user would.
   noise, B 100, contrast spread and junk; WORKDIR/run-PRESET, or ``--run`` NAME, e.g.
   run-PRESET-anm, the first pass's run with the ANM mode; WORKDIR/data-PRESET).
 
-``--reuse``: score the posteriors WORKDIR/posterior-model-error-{off,on}.star that are
-there instead of inferring them again (e.g. one made by run_experiments.py's infer).
+``--reuse``: score the posteriors WORKDIR/posterior-model-error-{off,kK}.star that are
+there instead of inferring them again.
 
 Scores over the real particles (cryosviTrueJunk 0 where the data have junk), computed
 here from the STAR files: the median geodesic pose error (deg); pose cover95: the
 fraction whose error is within cryosviPoseRadius95Deg (the 95 % credible ball about the
-posterior mean); the median radius95; defocus cover95: |U - U_true| <= 1.96
+posterior mean); the same two once the frames are aligned (``cryosvi.latents.pose.
+frame_alignment`` with the true conformation, as ``cryosvi evaluate`` does: a learnt
+mode's rigid-body part turns the molecule's frame with the conformation); the median
+radius95; defocus cover95: |U - U_true| <= 1.96
 cryosviDefocusStd, and the median std; |Spearman| (scipy) of cryosviModeAmplitude1 with
 the true conformation (realistic: cryosviTrueConformation; own: the true amplitude).
 Results go to benchmarks/results/noise/model_error_MODE[_TAG].json with the wall times,
@@ -44,6 +48,9 @@ import numpy as np
 import scipy.stats
 import starfile
 import torch
+
+from cryosvi.latents.pose import frame_alignment
+from cryosvi.physics.noise import ERROR_WEIGHT
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results" / "noise"
@@ -88,8 +95,15 @@ def score(posterior: Path, truth_star: Path, realistic: bool) -> dict:
     if "cryosviPoseRadius95Deg" in inferred:
         error = pose_error(inferred, truth, true_pose)
         radius = inferred["cryosviPoseRadius95Deg"].to_numpy(float)
+        conformation = truth["cryosviTrueConformation" if realistic
+                             else "cryosviModeAmplitude1"].to_numpy(float)[:, None]
+        angles = [[frame[f"{name}{a}"].to_numpy(float) for a in ("Rot", "Tilt", "Psi")]
+                  for frame, name in ((truth, true_pose), (inferred, "rlnAngle"))]
+        aligned = frame_alignment(*(np.stack(a, -1) for a in angles), conformation)[1]
         out.update(pose_median_deg=float(np.median(error)),
                    pose_cover95=float(np.mean(error <= radius)),
+                   pose_aligned_median_deg=float(np.median(aligned)),
+                   pose_aligned_cover95=float(np.mean(aligned <= radius)),
                    pose_radius95_median_deg=float(np.median(radius)),
                    pose_std_median_deg=float(np.median(inferred["cryosviPoseStdDeg"])))
     if "cryosviDefocusStd" in inferred:
@@ -107,21 +121,24 @@ def score(posterior: Path, truth_star: Path, realistic: bool) -> dict:
     return out
 
 
-def infer_both(rundir: Path, particles: Path, work: Path, truth: Path, realistic: bool,
-               threads: list[str], options: str, log: list, reuse: bool = False) -> dict:
+def infer_all(rundir: Path, particles: Path, work: Path, truth: Path, realistic: bool,
+              threads: list[str], options: str, weights: list[float], log: list,
+              reuse: bool = False) -> dict:
     scores, estimates = {}, {}
-    for setting in ("off", "on"):
+    for setting in ["off", *(f"k{k:g}" for k in weights)]:
         posterior = work / f"posterior-model-error-{setting}.star"
         inferred = not (reuse and posterior.is_file())
+        model = (["--model-error", "off"] if setting == "off" else
+                 ["--model-error", "on", "--model-error-weight", setting[1:]])
         if inferred:
             run(cryosvi("infer", "--run", str(rundir), "--particles", str(particles), "-o",
-                        str(posterior), "--model-error", setting, "--force", "--quiet",
+                        str(posterior), *model, "--force", "--quiet",
                         *shlex.split(options), *threads), log)
         scores[setting] = score(posterior, truth, realistic)
         if inferred:
             scores[setting]["infer_wall_s"] = log[-1]["wall_s"]
         beside = posterior.with_suffix(".model_error.json")
-        if setting == "on" and beside.is_file():
+        if setting != "off" and beside.is_file():
             entry = json.loads(beside.read_text())
             estimates = {k: entry[k] for k in ("particles", "weight", "bfactor_added",
                                                "contrast")}
@@ -147,15 +164,16 @@ def own(args, log: list) -> dict:
                     args.latents, "--epochs", str(args.epochs), "--noise-model", "reference",
                     "-o", str(rundir), "--force", "--quiet", *threads), log)
     test = work / "test" / "particles.star"
-    return infer_both(rundir, test, work, test, False, threads, args.infer_options, log)
+    return infer_all(rundir, test, work, test, False, threads, args.infer_options,
+                     args.weights, log, args.reuse)
 
 
 def realistic(args, log: list) -> dict:
     work = Path(args.workdir)
     data = work / f"data-{args.preset}"
-    return infer_both(work / (args.run or f"run-{args.preset}"), data / "particles.star",
-                      work, data / "particles.star", True, ["--threads", str(args.threads)],
-                      args.infer_options, log, args.reuse)
+    return infer_all(work / (args.run or f"run-{args.preset}"), data / "particles.star",
+                     work, data / "particles.star", True, ["--threads", str(args.threads)],
+                     args.infer_options, args.weights, log, args.reuse)
 
 
 def main(argv=None) -> None:
@@ -174,6 +192,10 @@ def main(argv=None) -> None:
     parser.add_argument("--run", default=None, help="realistic: the run's folder in WORKDIR")
     parser.add_argument("--reuse", action="store_true")
     parser.add_argument("--tag", default="")
+    parser.add_argument("--weights", type=lambda text: [float(k) for k in text.split(",")],
+                        default=[ERROR_WEIGHT],
+                        help=f"comma-separated k of --model-error-weight (default "
+                             f"{ERROR_WEIGHT:g}, the library's)")
     args = parser.parse_args(argv)
     log: list = []
     start = time.perf_counter()

@@ -103,6 +103,11 @@ def register(subparsers, summary: str) -> None:
                         "as they were). Writes the estimate to OUTPUT.model_error.json. "
                         "'off': the run's noise model as trained. A run with white noise "
                         "has none")
+    parser.add_argument("--model-error-weight", type=number(0.0, 1000.0),
+                        default=ERROR_WEIGHT, metavar="K",
+                        help="k in the noise spectrum S + k D of --model-error: the larger, "
+                        "the wider the intervals where the model misfits (default: "
+                        "%(default)g, measured: see README)")
     parser.add_argument("--turns", type=int, choices=[1, 2, 4], default=1,
                         help="the guide's posterior as the mixture of its posteriors for "
                         "this many quarter turns of each image: more accurate means, "
@@ -150,6 +155,7 @@ def run(args) -> None:
                         invert=args.invert, seed=args.seed, resume=args.resume,
                         force=args.force, chunk_size=args.chunk_size, ranks=ranks,
                         max_junk=args.max_junk, model_error=args.model_error == "on",
+                        model_error_weight=args.model_error_weight,
                         table=False)
     finally:
         distributed.stop(ranks)

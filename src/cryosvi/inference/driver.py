@@ -27,6 +27,7 @@ from cryosvi.inference.refine import (METHODS, REFINERS, Batch, Settings,
                                       needs_snr)
 from cryosvi.io.outputs import provenance_array
 from cryosvi.io.particles import read_particles, write_particles
+from cryosvi.physics.noise import ERROR_WEIGHT
 from cryosvi.latents import JUNK_COLUMN, summary_columns
 from cryosvi.randomness import Streams, preserved_rng
 from cryosvi.rundir import CHECKPOINT, REFERENCE_FILE, RUN_FILE, load_trained, select_device
@@ -63,7 +64,8 @@ def infer(run: str | Path, particles: str | Path, output: str | Path, samples: i
           invert: bool = False, seed: int = 0, resume: bool = False,
           force: bool = False, chunk_size: int = CHUNK_PARTICLES,
           ranks: Ranks | None = None, max_junk: float | None = None,
-          model_error: bool = True, table: bool = True) -> pd.DataFrame | Written | None:
+          model_error: bool = True, model_error_weight: float = ERROR_WEIGHT,
+          table: bool = True) -> pd.DataFrame | Written | None:
     """Posterior of every particle of ``particles`` (STAR or cryoSPARC .cs, read by
     ``cryosvi.io.read_particles`` with ``datadir`` and ``invert``) under the trained run
     ``run``.
@@ -110,8 +112,8 @@ def infer(run: str | Path, particles: str | Path, output: str | Path, samples: i
     Model error (``model_error``, for a run with a noise model): before the main pass, a
     first pass over a fixed subset of the particles (``cryosvi.inference.model_error``)
     gives the residual power the model leaves beyond the noise; every particle is then
-    inferred with the refined noise model (T = S + k D, the B envelope and the contrast
-    prior from those residuals). The estimate is kept in the work folder (a resumed run
+    inferred with the refined noise model (T = S + k D with k = ``model_error_weight``,
+    the B envelope and the contrast prior from those residuals). The estimate is kept in the work folder (a resumed run
     and every process use the same numbers) and written beside the STAR
     (``model_error.beside``); the returned table's ``attrs['model_error']`` holds it.
     """
@@ -133,6 +135,7 @@ def infer(run: str | Path, particles: str | Path, output: str | Path, samples: i
     model_error = bool(model_error) and reference.noise_model is not None
     settings = dict(importance=importance, method=method, moves=moves, starts=starts,
                     turns=turns, model_error=model_error,
+                    model_error_weight=model_error_weight,
                     samples=samples, summary_samples=summary_samples, seed=seed,
                     chunk_size=chunk_size, invert=invert,
                     datadir=None if datadir is None else str(Path(datadir).resolve()))
@@ -198,7 +201,7 @@ def infer(run: str | Path, particles: str | Path, output: str | Path, samples: i
 
             errors.save(stored, errors.estimate(
                 lambda index: summarise(index, first), images_at_means, data, reference,
-                reference.noise_model, seed, batch_size, progress))
+                reference.noise_model, seed, batch_size, progress, model_error_weight))
         ranks.barrier()  # rank 0 has written the estimate
         estimate = errors.load(stored)
         reference = reference.with_settings(noise_model=errors.noise_model(estimate))

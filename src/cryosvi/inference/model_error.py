@@ -85,8 +85,9 @@ def mean_images(forward, summary: dict, known: dict, conditions, latents) -> tor
 
 def estimate(summarise: Callable[[np.ndarray], dict], images_at_means: Callable,
              data, reference, noise: NoiseModel, seed: int, batch_size: int,
-             progress: bool = True) -> dict:
-    """The refined noise model of a run's particles (module notes), as a ``record``.
+             progress: bool = True, weight: float = ERROR_WEIGHT) -> dict:
+    """The refined noise model of a run's particles (module notes), as a ``record``,
+    with k = ``weight`` in T = S + k D.
 
     summarise(index) -> the refinement's summary of the particles ``index`` (with
     'log_evidence' (B, 3): the physics model's and the two nulls'); images_at_means(index,
@@ -116,7 +117,7 @@ def estimate(summarise: Callable[[np.ndarray], dict], images_at_means: Callable,
     # cannot tell a misfit that fills the box from noise, and the run's S is what the
     # guide was trained with.
     error = model_error_spectrum(refined.residual_spectrum, noise.noise)
-    out = fitted.replace(noise=noise.noise, error=error, error_weight=ERROR_WEIGHT)
+    out = fitted.replace(noise=noise.noise, error=error, error_weight=weight)
     # P, the particles' power beyond T, follows the new T (P + T is what was measured)
     out = out.replace(signal_power=(fitted.signal_power + fitted.total - out.total)
                       .clamp_min(0))
