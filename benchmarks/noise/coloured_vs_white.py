@@ -22,7 +22,7 @@ settings) on its held-out set is scored against the truth: defocus RMSE (Å) and
 coverage of the 95 % interval, the mode's |Spearman| with the true amplitude (scipy)
 and, with the pose inferred, the median pose error (deg).
 
-Results go to benchmarks/results/noise/coloured_vs_white.json and a table is printed.
+Results go to benchmarks/results/noise/coloured_vs_white_snrS.json and a table is printed.
 Expect the coloured data to be harder than the white data at the same pixel SNR: the
 spectrum puts 4x the noise where the particle's low-frequency signal is (the research
 prototype measured the matched-filter SNR of this spectrum at 0.35x the white one's).
@@ -43,7 +43,7 @@ import scipy.stats
 import starfile
 
 ROOT = Path(__file__).resolve().parents[2]
-RESULT = ROOT / "benchmarks" / "results" / "noise" / "coloured_vs_white.json"
+RESULTS = ROOT / "benchmarks" / "results" / "noise"
 
 
 def run(command: list[str], log: list) -> None:
@@ -115,9 +115,12 @@ def main(argv=None) -> None:
                     str(work / f"{kind}-test" / "particles.star"), "-o", str(posterior),
                     "--force", "--quiet", *shlex.split(args.infer_options), *threads), log)
         scores[name] = score(posterior, work / f"{kind}-test" / "particles.star")
-    record = {"settings": vars(args), "scores": scores, "commands": log}
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(json.dumps(record, indent=1))
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, cwd=ROOT).stdout.strip()
+    record = {"settings": vars(args), "commit": commit, "scores": scores, "commands": log}
+    result = RESULTS / f"coloured_vs_white_snr{args.snr:g}.json"
+    result.parent.mkdir(parents=True, exist_ok=True)
+    result.write_text(json.dumps(record, indent=1))
     keys = sorted({k for s in scores.values() for k in s})
     print(f"{'run':40s}" + "".join(f"{k:>24s}" for k in keys))
     for name, values in scores.items():
