@@ -27,8 +27,8 @@ from cryosvi.inference.refine import (METHODS, REFINERS, Batch, Settings,
                                       needs_snr)
 from cryosvi.io.outputs import provenance_array
 from cryosvi.io.particles import read_particles, write_particles
-from cryosvi.physics.noise import ERROR_WEIGHT
 from cryosvi.latents import JUNK_COLUMN, summary_columns
+from cryosvi.physics.noise import ERROR_WEIGHT
 from cryosvi.randomness import Streams, preserved_rng
 from cryosvi.rundir import CHECKPOINT, REFERENCE_FILE, RUN_FILE, load_trained, select_device
 
@@ -113,9 +113,9 @@ def infer(run: str | Path, particles: str | Path, output: str | Path, samples: i
     first pass over a fixed subset of the particles (``cryosvi.inference.model_error``)
     gives the residual power the model leaves beyond the noise; every particle is then
     inferred with the refined noise model (T = S + k D with k = ``model_error_weight``,
-    the B envelope and the contrast prior from those residuals). The estimate is kept in the work folder (a resumed run
-    and every process use the same numbers) and written beside the STAR
-    (``model_error.beside``); the returned table's ``attrs['model_error']`` holds it.
+    the B envelope and the contrast prior from those residuals). The estimate is kept in
+    the work folder (a resumed run and every process use the same numbers) and written
+    beside the STAR (``model_error.beside``); the returned table's ``attrs['model_error']`` holds it.
     """
     check_turns(turns)  # before the run is loaded
     if method not in REFINERS:
