@@ -86,11 +86,16 @@ draws. A new method takes a number of its own."""
 @torch.no_grad()
 def log_joint(forward, priors, noise_std: float | NoiseModel, images: torch.Tensor,
               values: dict, conditions: Conditions | None = None,
-              latents=PAPER_SITES) -> torch.Tensor:
-    """log p(x, z) of the model for samples ``values`` (site -> (S, B, ...)) of images
-    (B, L, L) with the batch's ``conditions``; returns (S, B). ``noise_std``: the white
-    noise's std, or the run's ``NoiseModel`` (coloured noise per optics group, offset and
-    contrast integrated out: ``cryosvi.model``)."""
+              latents=PAPER_SITES, given=()) -> torch.Tensor:
+    """log p(x, z | given) of the model for samples ``values`` (site -> (S, B, ...)) of
+    images (B, L, L) with the batch's ``conditions``; returns (S, B). ``noise_std``: the
+    white noise's std, or the run's ``NoiseModel`` (coloured noise per optics group,
+    offset and contrast integrated out: ``cryosvi.model``). The sites ``given`` (values
+    the particle file fixes, e.g. consensus poses) are conditioned on: their priors are
+    not counted, so that what integrates this over z is the evidence p(x | given), on the
+    same footing as the junk nulls' p(x) (``cryosvi.inference.junk``). Counting them
+    would add a per-particle log density of the given values (about -12 nats for a pose
+    and a defocus) that the nulls lack."""
     n_samples, batch = next(iter(values.values())).shape[:2]
     flat = {s: v.reshape(n_samples * batch, *v.shape[2:]) for s, v in values.items()}
     tiled = images.unsqueeze(0).expand(n_samples, *images.shape).reshape(
@@ -100,8 +105,8 @@ def log_joint(forward, priors, noise_std: float | NoiseModel, images: torch.Tens
         forward, priors, noise_std, images=tiled, conditions=tiled_conditions,
         latents=latents)
     trace.compute_log_prob()
-    total = sum(node["log_prob"] for node in trace.nodes.values()
-                if node["type"] == "sample")
+    total = sum(node["log_prob"] for name, node in trace.nodes.items()
+                if node["type"] == "sample" and name not in given)
     return total.reshape(n_samples, batch)
 
 
@@ -157,7 +162,7 @@ class Batch:
         return None if self.noise is None else self.noise.child(KEYS[stage])
 
     def log_target(self, values: dict) -> torch.Tensor:
-        """log p(x, z) (S, B) of values site -> (S, B, ...) with the known sites,
+        """log p(x, z | known) (S, B) of values site -> (S, B, ...) given the known sites,
         ``chunk`` samples at a time; NaN (a broken image) becomes -inf."""
         return _log_target(self.forward, self.priors, self.likelihood, self.images, values,
                            self.known, self.conditions, self.guide.config.latents,
@@ -300,13 +305,14 @@ def _stuck(misfit: torch.Tensor, ess: torch.Tensor, n_samples: int, pixels: int,
 
 def _log_target(forward, priors, noise_std, images, values, known, conditions, latents,
                 chunk):
-    """log p(x, z) (S, B) of values site -> (S, B, ...) with the fixed sites ``known``
-    (B, ...), ``chunk`` samples at a time; NaN (a broken image) becomes -inf."""
+    """log p(x, z | known) (S, B) of values site -> (S, B, ...) with the fixed sites
+    ``known`` (B, ...), ``chunk`` samples at a time; NaN (a broken image) becomes -inf."""
     n = next(iter(values.values())).shape[0]
     values = {**{s: v.unsqueeze(0).expand(n, *v.shape) for s, v in known.items()},
               **values}
     parts = [log_joint(forward, priors, noise_std, images,
-                       {s: v[i:i + chunk] for s, v in values.items()}, conditions, latents)
+                       {s: v[i:i + chunk] for s, v in values.items()}, conditions, latents,
+                       given=tuple(known))
              for i in range(0, n, chunk)]
     return torch.nan_to_num(torch.cat(parts), nan=-math.inf)
 
