@@ -39,12 +39,17 @@ def pose_coverage(error_deg: np.ndarray, std_deg: np.ndarray, level: float) -> f
     return float(np.mean(inside))
 
 
+def _angles(posterior, truth, order) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 3) RELION angles (degrees) of truth rows ``order[i]`` and of the posterior's
+    rows."""
+    return tuple(np.stack([numeric_column(table, c)[rows] for c in ANGLES], -1)
+                 for table, rows in ((truth, order), (posterior, slice(None))))
+
+
 def pose_error(posterior, truth, order) -> np.ndarray:
     """(N,) degrees: the geodesic angle between each posterior row's rotation and that of
     truth row ``order[i]`` (RELION angles of both ParticleSets)."""
-    true_angles = np.stack([numeric_column(truth, c)[order] for c in ANGLES], -1)
-    mean_angles = np.stack([numeric_column(posterior, c) for c in ANGLES], -1)
-    return euler_geodesic_error(true_angles, mean_angles)
+    return euler_geodesic_error(*_angles(posterior, truth, order))
 
 
 FRAME_OUTLIER_FACTOR = 3.0
@@ -79,7 +84,7 @@ def frame_alignment(truth_deg: np.ndarray, predicted_deg: np.ndarray,
     count = len(truth_deg)
     design = torch.cat([torch.ones(count, 1, dtype=torch.float64),
                         torch.tensor(np.asarray(covariates, float),
-                                        dtype=torch.float64).reshape(count, -1)], 1)
+                                     dtype=torch.float64).reshape(count, -1)], 1)
     needed = FRAME_PARTICLES_PER_PARAMETER * design.shape[1]
     if count < needed:
         return None
@@ -109,9 +114,7 @@ def aligned_pose_error(posterior, truth, order, covariates: np.ndarray):
     """``frame_alignment`` of the rows of ``posterior`` against truth rows ``order``:
     (errors (N,) degrees, {"rotation_deg": g_0, "per_unit_deg": [g_k, ...],
     "particles_fitted": count}), or None."""
-    true_angles = np.stack([numeric_column(truth, c)[order] for c in ANGLES], -1)
-    mean_angles = np.stack([numeric_column(posterior, c) for c in ANGLES], -1)
-    found = frame_alignment(true_angles, mean_angles, covariates)
+    found = frame_alignment(*_angles(posterior, truth, order), covariates)
     if found is None:
         return None
     coefficients, errors, fitted = found
