@@ -99,7 +99,8 @@ def score(posterior: Path, truth_star: Path, realistic: bool) -> dict:
                              else "cryosviModeAmplitude1"].to_numpy(float)[:, None]
         angles = [[frame[f"{name}{a}"].to_numpy(float) for a in ("Rot", "Tilt", "Psi")]
                   for frame, name in ((truth, true_pose), (inferred, "rlnAngle"))]
-        aligned = frame_alignment(*(np.stack(a, -1) for a in angles), conformation)[1]
+        found = frame_alignment(*(np.stack(a, -1) for a in angles), conformation)
+        aligned = np.full_like(error, np.nan) if found is None else found[1]
         out.update(pose_median_deg=float(np.median(error)),
                    pose_cover95=float(np.mean(error <= radius)),
                    pose_aligned_median_deg=float(np.median(aligned)),
