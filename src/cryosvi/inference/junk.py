@@ -1,8 +1,10 @@
 """Junk: images that hold no particle (empty ice, aggregates, contamination), told from
 particles by their evidence under three models of an image x of optics group g:
 
-* particle: the physics model, its evidence Z_0 = p(x | particle) with every latent
-  integrated out (a Laplace or SMC estimate; the caller's);
+* particle: the physics model, its evidence Z_0 = p(x | particle) with every inferred
+  latent integrated out and those the particle file gives (consensus poses, CTF
+  defocus) held at their values, their priors not counted (``refine.log_joint``): a
+  Laplace, grid or SMC estimate, the caller's;
 * noise (empty ice): x ~ N(0, T_g), the noise alone;
 * structureless (aggregates, contamination, phase-scrambled particles): x ~ N(0, T_g +
   P_g), a stationary Gaussian with the noise's spectrum plus the particles' mean signal
