@@ -185,7 +185,8 @@ def evaluate_tables(posterior: ParticleSet, truth: ParticleSet,
     must be in common. Optional (coverage): cryosviDefocusStd,
     cryosviModeAmplitudeStd{k}, cryosviPoseStdDeg, cryosviPoseRadius68Deg/95Deg. Undefined numbers (e.g. r of a
     constant column, a skipped coverage) are None; ``pose`` is None when not scored.
-    Schema: see ``write_report``; the per-particle arrays are under the private key
+    Rows the truth marks as junk (``TRUE_JUNK_COLUMN`` 1) are left out of every score
+    ('n_particles' counts the rest) and scored under 'junk'. Schema: see ``write_report``; the per-particle arrays are under the private key
     ``"_arrays"`` (removed before writing JSON). ``match_by_order``: see ``match_rows``.
     """
     skipped: list[str] = []
