@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -218,7 +217,7 @@ def evaluate_tables(posterior: ParticleSet, truth: ParticleSet,
                                "1): nothing to score")
         junk = _junk_metrics(posterior, is_junk)
         if is_junk.any():  # a junk image has no pose, defocus or conformation
-            posterior, order = _rows(posterior, ~is_junk), order[~is_junk]
+            posterior, order = posterior.subset(np.flatnonzero(~is_junk)), order[~is_junk]
     covariates = [c for c in truth.columns
                   if c.startswith(TRUE_CONFORMATION_PREFIX)] + truth.mode_columns()
 
@@ -261,12 +260,6 @@ def evaluate_tables(posterior: ParticleSet, truth: ParticleSet,
         **by_error, "junk": junk, "calibration": calibration,
         "skipped": skipped, "_arrays": arrays,
     }
-
-
-def _rows(table: ParticleSet, keep: np.ndarray) -> ParticleSet:
-    """The particles of ``table`` where keep (N,) is True, as a table of their own."""
-    frame = table.metadata.iloc[np.flatnonzero(keep)].reset_index(drop=True)
-    return replace(table, metadata=frame, cs=None, _stacks={}, _names=None)
 
 
 def _junk_metrics(posterior: ParticleSet, is_junk: np.ndarray) -> dict:

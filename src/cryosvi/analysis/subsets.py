@@ -12,7 +12,6 @@ from the fields the posterior updates (``cryosvi.io.cryosparc.write_cs``).
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -78,8 +77,7 @@ def write_subsets(table: ParticleSet, bins, directory: Path, cs: np.ndarray | No
         if not len(rows):
             written.append([])
             continue
-        subset = replace(table, metadata=frame.iloc[rows].reset_index(drop=True),
-                         cs=None if cs is None else cs[rows], _stacks={}, _names=None)
+        subset = table.subset(rows, frame, cs)
         written.append(write_particles(directory / f"bin_{k + 1}.star", subset,
                                        subset.metadata, []))
     return written

@@ -21,7 +21,7 @@ caller asks for it, and ``ParticleSet.pieces`` gives it a piece at a time (what
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -70,6 +70,16 @@ class ParticleSet:
     def __len__(self) -> int:
         frame = self.__dict__.get("_frame")
         return len(frame) if frame is not None else self._rows.count
+
+    def subset(self, rows, metadata: pd.DataFrame | None = None,
+               cs: np.ndarray | None = None) -> "ParticleSet":
+        """The particles ``rows`` (indices) as a set of their own, in memory: their rows
+        of ``metadata`` (default: this set's table) and of ``cs`` (default: this set's
+        .cs array), the optics and source as they are."""
+        frame = (self.metadata if metadata is None else metadata).iloc[rows]
+        cs = self.cs if cs is None else cs
+        return replace(self, metadata=frame.reset_index(drop=True),
+                       cs=None if cs is None else cs[rows], _stacks={}, _names=None)
 
     # ------------------------------------------------------------------- columns
     @property
