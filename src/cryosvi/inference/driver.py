@@ -115,7 +115,8 @@ def infer(run: str | Path, particles: str | Path, output: str | Path, samples: i
     inferred with the refined noise model (T = S + k D with k = ``model_error_weight``,
     the B envelope and the contrast prior from those residuals). The estimate is kept in
     the work folder (a resumed run and every process use the same numbers) and written
-    beside the STAR (``model_error.beside``); the returned table's ``attrs['model_error']`` holds it.
+    beside the STAR (``model_error.beside``); the returned table's
+    ``attrs['model_error']`` holds it.
     """
     check_turns(turns)  # before the run is loaded
     if method not in REFINERS:
