@@ -435,6 +435,48 @@ def test_level_marginal_against_quadrature(level_std):
     assert torch.equal(same.log_likelihood, plain.log_likelihood)
 
 
+def test_gauss_newton_residuals_with_levels_profile_the_level():
+    """With level_std, half the residuals' squared norm + 1/2 log D is -log p(x, v) at
+    the level's mode v up to one constant, for images from far too faint to far too
+    bright a model: the profile min_v of -log p(x, v) written out here from the whitened
+    products (the level's lognormal prior, the contrast's Gaussian prior integrated out)
+    and minimised by scipy. Without the level's own residual the half squared norm
+    stays near n / 2 (the level absorbs the misfit), and Gauss-Newton's steps, judged by
+    it, would weigh the latents' priors too much."""
+    import scipy.optimize
+
+    box, level_std, mu, tau = 16, 0.2, 0.9, 0.3
+    generator = torch.Generator().manual_seed(12)
+    model = NoiseModel(box, 2.0, toy_spectrum(box)[None], contrast_mean=mu,
+                       contrast_std=tau, contrast_floor=-math.inf, level_std=level_std)
+    clean = torch.randn(1, box, box, generator=generator, dtype=torch.float64) * 0.3
+    image = model.sample(clean, None, generator, contrast=torch.tensor([1.0]))
+    scales = torch.tensor([0.0, 0.5, 1.0, 1.5, 3.0], dtype=torch.float64)
+    models = scales[:, None, None] * clean
+    residuals = model.residuals(image.expand(5, -1, -1), models)
+    assert residuals.shape == (5, box * box + 2)
+    y, n, m = model.whiten(image)[0], model.dimensions, -0.5 * level_std**2
+
+    def minus_log_p(v: float, u: torch.Tensor) -> tuple[float, float]:
+        r = y - mu * u
+        rr, ur, uu = (math.exp(-v) * float((a * b).sum()) for a, b in ((r, r), (u, r), (u, u)))
+        quadratic = rr - tau**2 * ur**2 / (1 + tau**2 * uu)
+        log_d = math.log(1 + tau**2 * uu)
+        return (0.5 * quadratic + 0.5 * log_d + 0.5 * n * v
+                + 0.5 * (v - m) ** 2 / level_std**2), log_d
+
+    gaps = []
+    for k in range(5):
+        u = model.whiten(models[k:k + 1])[0]
+        best = scipy.optimize.minimize_scalar(lambda v: minus_log_p(v, u)[0],
+                                              bounds=(-3.0, 5.0), method="bounded",
+                                              options={"xatol": 1e-10})
+        half = 0.5 * float(residuals[k].square().sum())
+        gaps.append(half + 0.5 * minus_log_p(best.x, u)[1] - best.fun)
+    assert max(gaps) - min(gaps) < 1e-5, gaps
+    assert float(residuals[:, -1].min()) >= 0
+
+
 def test_noise_model_levels_sample_and_score():
     """A NoiseModel with level_std: its draws have that spread of levels (measured on
     the background of empty images), its likelihood is differentiable and equals

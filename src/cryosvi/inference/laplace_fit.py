@@ -64,7 +64,8 @@ class LeastSquares:
 
     def residuals(self, values: dict, smooth: bool = False) -> Tensor:
         """(n, M B, P) whitened residuals of values site -> (n, M B, ...): (model - data)
-        / noise std, or with a noise model its ``NoiseModel.residuals`` (P = L^2 + 1)."""
+        / noise std, or with a noise model its ``NoiseModel.residuals`` (P = L^2 + 1 or
+        L^2 + 2)."""
         batch, noise_std, rows = self.batch, self.noise_std, self.copies * self.size
         box = self.images.shape[-1]
         out = []
@@ -78,9 +79,10 @@ class LeastSquares:
             clean = clean.view(m, *self.images.shape)
             if isinstance(noise_std, NoiseModel):
                 residual = noise_std.residuals(self.images, clean, self.group)
-                if smooth:  # the image part; the contrast prior's term as it is
-                    image = self._smoothed(residual[..., :-1].unflatten(-1, (box, box)))
-                    residual = torch.cat([image.flatten(-2), residual[..., -1:]], -1)
+                if smooth:  # the image part; the prior's and level's terms as they are
+                    pixels = box * box
+                    image = self._smoothed(residual[..., :pixels].unflatten(-1, (box, box)))
+                    residual = torch.cat([image.flatten(-2), residual[..., pixels:]], -1)
             else:
                 residual = (clean - self.images) / noise_std
                 if smooth:

@@ -375,18 +375,26 @@ class NoiseModel:
         return out.to(torch.promote_types(images.dtype, clean.dtype))
 
     def residuals(self, images: Tensor, clean: Tensor, group: Tensor | None = None) -> Tensor:
-        """(..., L^2 + 1): Gauss-Newton residuals whose half squared norm is the
-        likelihood's quadratic part: the whitened residual y - a u at the contrast's
-        (untruncated) posterior mean a, flattened, and the prior's (a - mu) / tau (0 for
-        tau = 0). Indeed min_a |y - a u|^2 + (a - mu)^2 / tau^2 = <r,r> - tau^2 <u,r>^2 / D
-        (``contrast_marginal``), the minimiser being the posterior mean; so
-        -log p = |residuals|^2 / 2 + 1/2 log D + const, with 1/2 log D, which depends on
-        the model image only through its whitened norm, and the truncation left out
-        (negligible for particles whose contrast is well above the floor). The
-        posterior mean follows the model image (variable projection, Golub & Pereyra
-        1973), so the Jacobian of these residuals is the reduced problem's. With
-        ``level_std``, y and u are divided by each image's level at its mode (held
-        fixed)."""
+        """(..., L^2 + 1), or (..., L^2 + 2) with ``level_std``: Gauss-Newton residuals
+        whose half squared norm is the likelihood's quadratic part: the whitened residual
+        y - a u at the contrast's (untruncated) posterior mean a, flattened, and the
+        prior's (a - mu) / tau (0 for tau = 0). Indeed min_a |y - a u|^2 + (a - mu)^2 /
+        tau^2 = <r,r> - tau^2 <u,r>^2 / D (``contrast_marginal``), the minimiser being the
+        posterior mean; so -log p = |residuals|^2 / 2 + 1/2 log D + const, with 1/2 log D,
+        which depends on the model image only through its whitened norm, and the
+        truncation left out (negligible for particles whose contrast is well above the
+        floor). The posterior mean follows the model image (variable projection, Golub &
+        Pereyra 1973), so the Jacobian of these residuals is the reduced problem's.
+
+        With ``level_std`` the noise level is profiled: y and u are divided by each
+        image's level lambda at its mode v = log lambda^2 (``level_mode``, held fixed), and
+        a last residual (``_level_residual``: sqrt(n v + (v - m)^2 / s^2 + const), n the
+        dimensions, m = -s^2 / 2, s = level_std) carries the rest of -2 log p(x, v): the
+        log determinant and the level's prior. Without it the half squared norm would be
+        about n / 2 whatever the fit (the level absorbs the misfit), and Gauss-Newton's
+        steps, judged by it against the latents' priors, would shrink toward the prior.
+        At the mode v is stationary, so this residual's derivative through v is 0: its
+        Jacobian is 0, as computed with v held fixed."""
         self._check_box(images)
         spectra = self.spectra(group, clean)
         y = whiten(images, spectra, self.cropped)
@@ -405,7 +413,24 @@ class NoiseModel:
         offset = tau2 * ur / (1 + tau2 * uu)  # a - mu
         image = (r - offset[..., None, None] * u).flatten(-2)
         prior = offset / self.contrast_std if tau2 > 0 else torch.zeros_like(offset)
-        return torch.cat([image, prior[..., None]], -1)
+        parts = [image, prior[..., None]]
+        if self.level_std > 0:
+            parts.append(self._level_residual(v).to(image.dtype)[..., None])
+        return torch.cat(parts, -1)
+
+    def _level_residual(self, v: Tensor) -> Tensor:
+        """sqrt(f(v) - f(v_low)), f(v) = n v + (v - m)^2 / s^2 (``residuals``), with v_low =
+        m - min(n s^2 / 2, 1): f rises from its minimum at m - n s^2 / 2, so this is real
+        for v >= v_low, and of the order of n rather than of f's depth n^2 s^2 / 4
+        (which float32 sums of squares would not resolve). Below v_low (an image with
+        under e^-1 of the noise of its group's spectrum) it is 0."""
+        n, s2 = self.dimensions, self.level_std**2
+        m = -0.5 * s2
+
+        def f(x):
+            return n * x + (x - m) ** 2 / s2
+
+        return (f(v) - f(m - min(0.5 * n * s2, 1.0))).clamp_min(0).sqrt()
 
     def fit_contrast(self, images: Tensor, clean: Tensor,
                      group: Tensor | None = None) -> tuple[Tensor, Tensor]:
