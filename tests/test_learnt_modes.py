@@ -211,7 +211,8 @@ def test_reading_the_stack_in_chunks_gives_the_numbers_of_the_whole_stack(tmp_pa
     as the whole-stack computation, for the same seed. Particles with shifts,
     astigmatism and two optics groups; a random subset of them; the gray levels from a
     part of it (GRAY_LEVEL_IMAGES made smaller) in several chunks; the small basis of
-    the reference's mode and the rigid motions (a fast fit)."""
+    the reference's mode and the rigid motions (a fast fit); white noise (the
+    whole-stack computation's)."""
     import cryosvi.inference.learnt_modes as learnt_modes
     from cryosvi.dataset import ParticleData
     from cryosvi.io.particles import read_particles
@@ -235,7 +236,8 @@ def test_reading_the_stack_in_chunks_gives_the_numbers_of_the_whole_stack(tmp_pa
 
     monkeypatch.setattr(ParticleData, "images", counted)
     learnt, summary = learnt_modes.learn_modes_from_particles(
-        table, base, blocks=None, max_particles=48, seed=3, iterations=3, chunk_size=16)
+        table, base, blocks=None, max_particles=48, seed=3, iterations=3, chunk_size=16,
+        noise_model="white")
     # the gray levels' 40 images 16 at a time, the fit's batch (up to 64), the gray
     # levels at the fitted amplitudes, and a second fit if the scale moved
     assert reads[:7] == [16, 16, 8, 48, 16, 16, 8] and reads[7:] in ([], [48])

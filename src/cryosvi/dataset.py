@@ -461,6 +461,32 @@ def estimate_noise_model(data: ParticleData, reference: Reference, seed: int, de
                       + (", weighted" if weights is not None else ""))
 
 
+NOISE_MODELS = ("auto", "reference", "estimate", "white")
+"""The noise of a command's likelihood (``cryosvi train`` and ``learn-modes``
+--noise-model): 'reference', the reference's own noise model where it has one (``cryosvi
+simulate`` records the truth of its coloured noise, ``learn-modes`` its estimate), else
+white noise; 'estimate', the particles' coloured noise per optics group from their
+background before any latent is known (``estimate_noise_model``); 'white', white noise
+of the noise std (the paper's model); 'auto' (``resolve_noise_model``): 'reference' where
+the reference knows the noise, else 'estimate'."""
+
+
+def resolve_noise_model(choice: str, reference: Reference,
+                        noise_std: float | None = None) -> str:
+    """``choice`` (one of NOISE_MODELS) with 'auto' resolved: 'reference' when the
+    reference has a noise model of its own, or the noise std is known (``noise_std``
+    given, or the reference's: a cryosvi simulation of white noise); else 'estimate':
+    particles from elsewhere, whose gray levels and noise are measured from the images,
+    get their own spectrum rather than an assumed white one."""
+    if choice not in NOISE_MODELS:
+        raise CryosviError(f"unknown noise model {choice!r} (choose from "
+                           f"{', '.join(NOISE_MODELS)})")
+    if choice != "auto":
+        return choice
+    known = reference.noise_model is not None or bool(noise_std) or reference.noise.std > 0
+    return "reference" if known else "estimate"
+
+
 def junk_null_model(data: ParticleData, reference: Reference, seed: int) -> NoiseModel:
     """The noise model of the junk nulls (``cryosvi.inference.junk``) of a run: its own
     ``reference.noise_model`` where it has one (the likelihood's); else white noise of

@@ -7,7 +7,8 @@ import sys
 from cryosvi.cli.common import (HelpFormatter, add_particle_source_arguments,
                                 add_threads_argument, check_device, device_name,
                                 integer_between, number, positive, seed_int)
-from cryosvi.cli.train import add_reference_arguments, reference_from_args
+from cryosvi.cli.train import (add_noise_model_argument, add_reference_arguments,
+                               reference_from_args)
 from cryosvi.errors import CryosviError
 
 KIND = "reference"
@@ -51,6 +52,8 @@ def register(subparsers, summary: str) -> None:
                         help="noise std, for images already in the model's gray levels "
                         "(default: the reference's, else fitted with the gray levels "
                         "against the model at the given poses)")
+    add_noise_model_argument(parser, "It whitens the fit, and the learnt reference keeps "
+                             "it for 'cryosvi train' (whose 'auto' then takes it)")
     parser.add_argument("--max-particles", type=integer_between(2), default=20000,
                         help="fit at most this many particles (a random subset)")
     parser.add_argument("--prior-std", type=number(0.0, 1e3, low_open=True), default=10.0,
@@ -102,12 +105,12 @@ def run(args) -> None:
             table, reference, args.learnt_modes,
             args.blocks if args.basis == "blocks" else None, args.box, args.max_particles,
             args.seed, args.noise_std, args.prior_std, args.iterations, device, progress,
-            args.reference or "ANM")
+            args.reference or "ANM", noise_model=args.noise_model)
     output.parent.mkdir(parents=True, exist_ok=True)
     learnt.save(output)
     print(f"gray levels: scale {summary['scale']:.4g}, offset {summary['offset']:.4g}, "
           f"noise std {summary['noise_std']:.4g} ({summary['fitting_passes']} fitting "
-          "pass(es))", file=sys.stderr)
+          f"pass(es)); noise model: {summary['noise_model']}", file=sys.stderr)
     for k, (std, rigid) in enumerate(zip(summary["mode_std"], summary["rigid_fraction"])):
         print(f"learnt mode {k + 1}: particles' std {std:.3g} Å RMS, rigid part "
               f"{100 * rigid ** 2:.0f} % of its square norm")

@@ -125,16 +125,7 @@ def register(subparsers, summary: str) -> None:
                         help="noise std of the particles, for images already in the "
                         "model's gray levels (default: the reference's, else the gray "
                         "levels and noise are estimated from the images)")
-    parser.add_argument("--noise-model", choices=["reference", "estimate", "white"],
-                        default="reference",
-                        help="the noise of the likelihood and of the training simulations: "
-                        "'estimate' measures the particles' coloured noise spectrum per "
-                        "optics group from the background around the molecule (for real "
-                        "micrographs); 'white' is white noise of the noise std (the "
-                        "paper's); 'reference' takes the reference's own noise model where "
-                        "it has one ('cryosvi simulate' with --noise-spectrum, "
-                        "--contrast-spread or --bfactor records its truth), else white. "
-                        "The run keeps it; 'cryosvi infer' uses it")
+    add_noise_model_argument(parser, "The run keeps it; 'cryosvi infer' uses it")
     parser.add_argument("--box", type=integer_between(16, 4096),
                         help="working box, px (even): the particles are Fourier-cropped to "
                         "it (default: min(64, the particles' box))")
@@ -168,6 +159,23 @@ def register(subparsers, summary: str) -> None:
                         "cryosvi did not make)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
+
+
+def add_noise_model_argument(parser, keeps: str) -> None:
+    """--noise-model (``cryosvi.dataset.NOISE_MODELS``)."""
+    from cryosvi.dataset import NOISE_MODELS
+
+    parser.add_argument("--noise-model", choices=NOISE_MODELS, default="auto",
+                        help="the noise of the likelihood and of the training simulations: "
+                        "'estimate' measures the particles' coloured noise spectrum per "
+                        "optics group from the background around the molecule (for real "
+                        "micrographs); 'white' is white noise of the noise std (the "
+                        "paper's); 'reference' takes the reference's own noise model where "
+                        "it has one ('cryosvi simulate' with --noise-spectrum, "
+                        "--contrast-spread or --bfactor records its truth, 'cryosvi "
+                        "learn-modes' its estimate), else white; 'auto': 'reference' when "
+                        "the reference knows the noise (a cryosvi simulation, a learnt "
+                        "reference) or --noise-std is given, else 'estimate'. " + keeps)
 
 
 def architecture_from_args(args):

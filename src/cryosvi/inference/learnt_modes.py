@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cryosvi.dataset import (ParticleData, has_ctf_estimates, priors_from_particles,
-                             working_reference)
+from cryosvi.dataset import (ParticleData, estimate_noise_model, has_ctf_estimates,
+                             priors_from_particles, resolve_noise_model, working_reference)
 from cryosvi.errors import CryosviError
 from cryosvi.io.particles import ANGLES, ParticleSet
 from cryosvi.latents import BY_NAME, JUNK_COLUMN
@@ -253,7 +253,8 @@ def learn_modes(reference: Reference, basis: np.ndarray, images, rotation: Tenso
                 ctf, shifts: Tensor | None, groups, n_modes: int = 1,
                 prior_std: float = 10.0, iterations: int = 10, source: dict | None = None,
                 progress=None, chunk_size: int = 256,
-                weights: Tensor | None = None) -> tuple[Reference, dict]:
+                weights: Tensor | None = None,
+                estimate_noise=None) -> tuple[Reference, dict]:
     """The reference of ``n_modes`` modes learnt from particles of known pose.
 
     reference: at the images' box and pixel size; basis (D, N, 3): the fitting basis of
@@ -270,7 +271,10 @@ def learn_modes(reference: Reference, basis: np.ndarray, images, rotation: Tenso
     ``progress``: as in ``fit_amplitudes``, over every fitting pass. Returns the learnt
     reference (``learnt_reference``) and its summary, with the gray levels and fitting
     passes. The reference's ``noise_model``, where it has one, whitens the fit's
-    residuals (``fit_amplitudes``); ``weights`` (n,): each particle's weight in the
+    residuals (``fit_amplitudes``); ``estimate_noise``, a function of the reference at
+    its gray levels returning the images' ``NoiseModel`` (e.g. ``dataset.estimate_noise_model``),
+    replaces it whenever the gray levels are set (its contrast is relative to them);
+    ``weights`` (n,): each particle's weight in the
     directions' likelihood (``principal_directions``; e.g. 1 - its junk probability)."""
     device = rotation.device
     read = images if callable(images) else images.__getitem__
@@ -298,9 +302,14 @@ def learn_modes(reference: Reference, basis: np.ndarray, images, rotation: Tenso
                              shifts=None if shifts is None else shifts[rows.to(device)])
             pooled.add(read(rows), clean)
         fitted = pooled.gray_levels()
-        return reference.with_settings(
+        return with_noise(reference.with_settings(
             imaging=replace(reference.imaging, scale=fitted.scale, offset=fitted.offset),
-            noise=replace(reference.noise, std=fitted.noise_std))
+            noise=replace(reference.noise, std=fitted.noise_std)))
+
+    def with_noise(settings: Reference) -> Reference:
+        if estimate_noise is None:
+            return settings
+        return settings.with_settings(noise_model=estimate_noise(settings))
 
     def fit() -> AmplitudeFit:
         noise = None if reference.noise_model is None else reference.noise_model.to(device)
@@ -308,8 +317,8 @@ def learn_modes(reference: Reference, basis: np.ndarray, images, rotation: Tenso
                               reference.noise.std, prior_std, iterations, progress=progress,
                               noise_model=noise)
 
-    if fit_levels:
-        reference = with_levels(torch.zeros(n, len(basis)))
+    reference = with_levels(torch.zeros(n, len(basis))) if fit_levels \
+        else with_noise(reference)
     fitted = fit()
     passes = 1
     if fit_levels:
@@ -444,7 +453,8 @@ def learn_modes_from_particles(table: ParticleSet, reference: Reference, n_modes
                                noise_std: float | None = None, prior_std: float = 10.0,
                                iterations: int = 10, device="cpu", progress=None,
                                reference_name: str = "ANM",
-                               chunk_size: int = 256) -> tuple[Reference, dict]:
+                               chunk_size: int = 256,
+                               noise_model: str = "auto") -> tuple[Reference, dict]:
     """``cryosvi learn-modes``: the reference of ``n_modes`` modes learnt from the
     particles of ``table`` (a consensus refinement: poses and CTF estimates; CryosviError
     without them) and ``reference`` (at the particles' box and pixel size).
@@ -460,6 +470,10 @@ def learn_modes_from_particles(table: ParticleSet, reference: Reference, n_modes
     ``cryosvi infer``) weighs each particle by 1 - its junk probability in the
     directions' fit, so that junk does not pull them. Returns the learnt reference and
     ``learn_modes``'s summary, with 'basis' (what the basis is) and 'fitted_particles'.
+    ``noise_model`` (``dataset.NOISE_MODELS``; 'auto' resolved by
+    ``dataset.resolve_noise_model``): 'estimate' measures the particles' coloured noise
+    (``dataset.estimate_noise_model``) at the fitted gray levels; it whitens the fit and
+    the learnt reference keeps it for ``cryosvi train``.
     """
     missing = [c for c in (*ANGLES, "rlnDefocusU") if not table.has(c)]
     if missing or not has_ctf_estimates(table):
@@ -492,9 +506,14 @@ def learn_modes_from_particles(table: ParticleSet, reference: Reference, n_modes
     rotation = BY_NAME["pose"].known(table, None)[rows_t]
     ctf = data.conditions.ctf.take(rows_t)
     shifts = None if data.conditions.shifts is None else data.conditions.shifts[rows_t]
+    choice = resolve_noise_model(noise_model, reference, noise_std)
     if noise_std:
         reference = reference.with_settings(noise=replace(reference.noise,
                                                           std=float(noise_std)))
+    if choice == "white":
+        reference = reference.with_settings(noise_model=None)
+    estimate_noise = None if choice != "estimate" else \
+        lambda settings: estimate_noise_model(data, settings, seed, device)
     weights = None
     if table.has(JUNK_COLUMN):
         junk = table.column(JUNK_COLUMN, rows).astype(np.float64)
@@ -506,6 +525,8 @@ def learn_modes_from_particles(table: ParticleSet, reference: Reference, n_modes
         None if shifts is None else shifts.to(device), data.groups, n_modes, prior_std,
         iterations, {"particles": str(table.path), "fitted_particles": int(len(rows)),
                      "fitting_basis": basis,
-                     "junk_weighted": weights is not None}, progress, chunk_size, weights)
+                     "junk_weighted": weights is not None, "noise_model": choice},
+        progress, chunk_size, weights, estimate_noise)
     # (a copy: the learnt reference's source holds ``summary`` itself)
-    return learnt, {**summary, "basis": basis, "fitted_particles": int(len(rows))}
+    return learnt, {**summary, "basis": basis, "fitted_particles": int(len(rows)),
+                    "noise_model": choice}

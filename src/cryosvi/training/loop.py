@@ -28,7 +28,7 @@ from pyro.optim.clipped_adam import ClippedAdam
 from tqdm.auto import tqdm
 
 from cryosvi import __version__
-from cryosvi.dataset import ParticleData
+from cryosvi.dataset import ParticleData, resolve_noise_model
 from cryosvi.errors import CryosviError
 from cryosvi.guide import Guide, GuideConfig, trunk_bf16
 from cryosvi.io.outputs import directory_kind, mark_directory
@@ -111,7 +111,9 @@ def train(particles: str | Path, reference: Reference | None, output: str | Path
     if device:
         options = replace(options, device=device)
     device = select_device(rank_device(options.device, world))
-    options = replace(options, device=str(device))  # 'auto' resolved
+    # 'auto' resolved, as run.json records them
+    options = replace(options, device=str(device), noise_model=resolve_noise_model(
+        options.noise_model, reference, options.noise_std))
     table, data, reference, config, known = prepare(particles, reference, options,
                                                     datadir, invert)
     config = _keep_init_parameterisation(config, options.init_from)

@@ -13,8 +13,8 @@ import torch
 
 from cryosvi.config import SIM_EPOCHS
 from cryosvi.dataset import (ParticleData, estimate_levels, estimate_noise_model,
-                             image_statistics,
-                             priors_from_particles, uses_ctf_estimates, working_reference)
+                             image_statistics, priors_from_particles, resolve_noise_model,
+                             uses_ctf_estimates, working_reference)
 from cryosvi.errors import CryosviError
 from cryosvi.guide import Architecture, Guide, GuideConfig
 from cryosvi.io.outputs import check_output_directory, directory_kind
@@ -31,13 +31,6 @@ PRIOR_OVERRIDES = {"defocus_offset_std": 500.0, "shift_std": 2.0}
 """The prior settings ``cryosvi train`` sets whatever the reference says (its
 --defocus-offset-std and --shift-std defaults)."""
 RUN_KIND = "run"
-NOISE_MODELS = ("reference", "estimate", "white")
-"""``TrainOptions.noise_model``: 'reference', the reference's own noise model where it has
-one (``cryosvi simulate`` records the truth of its coloured noise), else white noise;
-'estimate', the particles' coloured noise per optics group estimated from their
-background before any latent is known (``dataset.estimate_noise_model``); 'white', white
-noise of the noise std (the paper's model). The run keeps it in its reference.npz;
-training simulations draw from it and ``cryosvi infer`` evaluates its likelihood."""
 
 
 @dataclass
@@ -60,8 +53,11 @@ class TrainOptions:
     priors: dict = field(default_factory=lambda: dict(PRIOR_OVERRIDES))
     """Fields of :class:`cryosvi.config.Priors` that replace the reference's (the
     command's prior options, e.g. defocus_offset_std and shift_std)."""
-    noise_model: str = "reference"
-    """The noise of the likelihood and of the simulations (``NOISE_MODELS``)."""
+    noise_model: str = "auto"
+    """The noise of the likelihood and of the simulations (``dataset.NOISE_MODELS``);
+    ``train`` resolves 'auto' (``dataset.resolve_noise_model``) and records the result.
+    The run keeps the noise model in its reference.npz: training simulations draw from
+    it and ``cryosvi infer`` evaluates its likelihood."""
     precision: str = "auto"
     """The conv trunk's arithmetic (``cryosvi.config.PRECISIONS``): 'auto' is bf16 where
     the device has it natively (``Guide.bf16``), else fp32."""
@@ -88,6 +84,7 @@ def prepare(particles: str | Path, reference: Reference, options: TrainOptions,
     _, image_std = image_statistics(data, seed=options.seed)
     if not image_std > 0:
         raise CryosviError(f"{table.path}: the particle images are constant")
+    choice = resolve_noise_model(options.noise_model, reference, options.noise_std)
     noise_std = options.noise_std or reference.noise.std
     if not noise_std > 0:
         levels = estimate_levels(data, reference, options.seed, options.device)
@@ -95,12 +92,9 @@ def prepare(particles: str | Path, reference: Reference, options: TrainOptions,
             reference.imaging, scale=levels.scale, offset=levels.offset))
         noise_std = levels.noise_std
     reference = reference.with_settings(noise=replace(reference.noise, std=float(noise_std)))
-    if options.noise_model not in NOISE_MODELS:
-        raise CryosviError(f"unknown noise model {options.noise_model!r} (choose from "
-                           f"{', '.join(NOISE_MODELS)})")
-    if options.noise_model == "white":
+    if choice == "white":
         reference = reference.with_settings(noise_model=None)
-    elif options.noise_model == "estimate":
+    elif choice == "estimate":  # at the gray levels just set: its contrast is relative
         reference = reference.with_settings(noise_model=estimate_noise_model(
             data, reference, options.seed, options.device))
     priors = reference.priors
