@@ -13,10 +13,10 @@ from the particles (``cryosvi learn-modes``), residue beads, 40 epochs, the defa
 The data (``--data``): 'realistic' (the default) adds what micrographs add
 (``make_dataset.py --realistic``: coloured noise per optics group, B 100 Å^2, a
 per-particle contrast and noise level, 10 % junk: empty and phase-scrambled images); the
-runs then measure their noise model from the particles (``cryosvi train --noise-model
-estimate``), the scores count the real particles only, and the junk probability's AUC
-is scored. 'clean' is the data set before those effects (white noise, no junk; the
-runs' noise is white, as before).
+runs measure their noise model from the particles (the default ``--noise-model auto``
+of ``learn-modes`` and ``train``), the scores count the real particles only, and the
+junk probability's AUC is scored. 'clean' is the data set before those effects (white
+noise, no junk; the runs' noise is white, ``--noise-model white``, as before).
 
 For each experiment:
 1. the data set (``make_dataset.py -o WORKDIR/data-PRESET[-clean] --preset PRESET --n N
@@ -214,6 +214,12 @@ def score(posterior: Path, data: Path) -> dict:
     return out
 
 
+def noise_options(args) -> list[str]:
+    """The realistic data take the commands' default noise model (their own estimate);
+    the clean data keep the white noise they were first measured with."""
+    return [] if args.data == "realistic" else ["--noise-model", "white"]
+
+
 def train_and_infer(preset: str, name: str, data: Path, reference: list[str], args,
                     steps: list[dict]) -> Path | None:
     """``cryosvi train`` (the reference options ``reference``) into WORKDIR/run-NAME and
@@ -224,7 +230,7 @@ def train_and_infer(preset: str, name: str, data: Path, reference: list[str], ar
     train = ["cryosvi", "train", "--particles", str(data / "particles.star"), *reference,
              "--latents", EXPERIMENTS[preset]["latents"], "--epochs", str(args.epochs),
              "--device", args.device,
-             *(["--noise-model", "estimate"] if args.data == "realistic" else []),
+             *noise_options(args),
              *shlex.split(args.train_options), "-o", str(rundir),
              "--quiet", *common]
     if (rundir / "run.json").exists():
@@ -262,8 +268,8 @@ def experiment(preset: str, args) -> dict:
                                        + ("" if args.data == "realistic" else "-clean") + ".npz")
         # the structure options build its pseudo-atoms (their --n-modes: modes learnt)
         command = ["cryosvi", "learn-modes", "--particles", str(particles), "--datadir",
-                   str(data), *reference, *shlex.split(args.learn_modes), "-o",
-                   str(learnt), "--force", "--quiet",
+                   str(data), *reference, *noise_options(args),
+                   *shlex.split(args.learn_modes), "-o", str(learnt), "--force", "--quiet",
                    "--threads", str(args.threads)]
         if not run(command, steps):
             record["status"] = "learn-modes failed"
