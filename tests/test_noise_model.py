@@ -477,6 +477,26 @@ def test_gauss_newton_residuals_with_levels_profile_the_level():
     assert float(residuals[:, -1].min()) >= 0
 
 
+@pytest.mark.parametrize("level_std", [0.0, 0.3])
+def test_misfit_limit_passes_the_true_model_and_flags_a_wrong_one(level_std):
+    """``misfit_limit(4)``: residuals at the true model images of 400 draws (contrast and
+    noise level from the prior) stay below it; an image whose signal the model lacks
+    entirely (5x the noise power) goes above it, with or without levels."""
+    box, n = 24, 400
+    generator = torch.Generator().manual_seed(13)
+    model = NoiseModel(box, 2.0, toy_spectrum(box)[None], contrast_mean=1.0,
+                       contrast_std=0.2, contrast_floor=0.3, level_std=level_std)
+    clean = torch.randn(n, box, box, generator=generator, dtype=torch.float64)
+    images = model.sample(clean, None, generator)
+    limit = model.misfit_limit(4.0)
+    half = 0.5 * model.residuals(images, clean).square().sum(-1)
+    assert float(half.max()) < limit
+    signal = model.whiten(clean[:1]).square().mean()
+    loud = 2.0 * clean[:1] / signal.sqrt() + images[:1] - clean[:1]
+    wrong = 0.5 * model.residuals(loud, torch.zeros_like(loud)).square().sum()
+    assert float(wrong) > limit
+
+
 def test_noise_model_levels_sample_and_score():
     """A NoiseModel with level_std: its draws have that spread of levels (measured on
     the background of empty images), its likelihood is differentiable and equals

@@ -292,14 +292,17 @@ above its expected value."""
 
 
 def _stuck(misfit: torch.Tensor, ess: torch.Tensor, n_samples: int, pixels: int,
-           outlier: float = STUCK_SIGMAS, min_ess: float = 0.25) -> torch.Tensor:
+           noise_model: NoiseModel | None = None, outlier: float = STUCK_SIGMAS,
+           min_ess: float = 0.25) -> torch.Tensor:
     """(B,) bool: the particles whose Laplace refinement is not to be trusted, each
     judged alone: a mode whose misfit |r|^2 / 2 over the P whitened pixels lies more
     than ``outlier`` standard deviations above what the noise model expects at the true
     one (|r|^2 is then chi^2_P: |r|^2 / 2 has mean P / 2 and std sqrt(P / 2); a local
-    mode fits the image worse), or an ESS below ``min_ess`` S (a posterior far from
-    Gaussian)."""
-    limit = pixels / 2 + outlier * math.sqrt(pixels / 2)
+    mode fits the image worse; with a ``noise_model``, its ``misfit_limit``, which
+    allows for per-particle noise levels), or an ESS below ``min_ess`` S (a posterior
+    far from Gaussian)."""
+    limit = pixels / 2 + outlier * math.sqrt(pixels / 2) if noise_model is None \
+        else noise_model.misfit_limit(outlier)
     return (misfit > limit) | (ess < min_ess * n_samples)
 
 
@@ -401,8 +404,8 @@ def joint_path(batch: Batch, settings: Settings) -> dict:
     again from more starts (``joint.RETRY_STARTS``), and 'smc' for those still flagged
     ('smc_fallback' (B,) says which)."""
     out = joint_refine(batch, settings)
-    rows = _stuck(out["misfit"], out["ess"], settings.n_samples, batch.pixels) \
-        .nonzero()[:, 0]
+    rows = _stuck(out["misfit"], out["ess"], settings.n_samples, batch.pixels,
+                  batch.noise_model).nonzero()[:, 0]
     if len(rows):
         again = joint_refine(batch.take(rows), replace(settings, starts=RETRY_STARTS),
                              pool=RETRY_POOL)
@@ -418,7 +421,8 @@ def _with_fallback(batch: Batch, settings: Settings, out: dict) -> dict:
     cost on a handful of particles is the number of its likelihood calls: measured, one
     particle with 64 samples took 1.5-2.5 s in chunks of 16, 1.0-1.6 s in one; the
     result differs only by the rounding of batched kernels)."""
-    stuck = _stuck(out.pop("misfit"), out["ess"], settings.n_samples, batch.pixels)
+    stuck = _stuck(out.pop("misfit"), out["ess"], settings.n_samples, batch.pixels,
+                   batch.noise_model)
     rows = stuck.nonzero()[:, 0]
     if len(rows):
         part = batch.take(rows)

@@ -432,6 +432,19 @@ class NoiseModel:
 
         return (f(v) - f(m - min(0.5 * n * s2, 1.0))).clamp_min(0).sqrt()
 
+    def misfit_limit(self, sigmas: float) -> float:
+        """The largest half squared norm of ``residuals`` at a particle's mode that this
+        noise explains, ``sigmas`` standard deviations above its expectation: n / 2 +
+        sigmas sqrt(n / 2) (|r|^2 is chi^2_n); with ``level_std``, a worse fit is
+        explained by a higher level (noisier ice), so the limit is that of the level
+        v = m + sigmas sqrt(s^2 + 2 / n) (its prior's std and the spread of its estimate
+        from n coefficients): n / 2 plus half ``_level_residual(v)``^2."""
+        n = self.dimensions
+        if not self.level_std > 0:
+            return n / 2 + sigmas * math.sqrt(n / 2)
+        v = -0.5 * self.level_std**2 + sigmas * math.sqrt(self.level_std**2 + 2 / n)
+        return n / 2 + 0.5 * float(self._level_residual(torch.tensor(v, dtype=torch.float64))) ** 2
+
     def fit_contrast(self, images: Tensor, clean: Tensor,
                      group: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(a, std) (...,) float64: each image's least-squares contrast <y, u> / <u, u>
