@@ -79,7 +79,8 @@ def simulate_along(tmp_path, direction: np.ndarray, base: Reference):
 
 
 def test_recovers_a_hinge_of_one_block_by_default(tmp_path, capsys):
-    """A domain hinging on the rest (the default basis: rigid blocks)."""
+    """A domain hinging on the rest (the default basis: rigid blocks, the default noise
+    model: the particles' own estimate, which the learnt reference keeps)."""
     base = reference_with(1)
     direction = hinge_of_block(base.coords, rigid_blocks(base.coords, 3), 0)
     data = simulate_along(tmp_path, direction, base)
@@ -87,10 +88,14 @@ def test_recovers_a_hinge_of_one_block_by_default(tmp_path, capsys):
     assert main(["learn-modes", "--particles", str(data / "particles.star"), "--stride",
                  str(STRIDE), "--structure", str(default_structure_path()), "--chain", "A",
                  "-o", str(learnt_path), "--quiet"]) == 0
-    assert "rigid motions of 3 blocks" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "rigid motions of 3 blocks" in captured.out
+    assert "noise model: estimate" in captured.err  # a bare structure: 'auto' estimates
     learnt = Reference.load(learnt_path)
     assert abs(float(learnt.modes.reshape(-1) @ direction)) > 0.97
+    # the fit whitened by the estimate (with its per-particle levels) keeps the spread
     assert learnt.priors.mode_std[0] == pytest.approx(1.5, rel=0.15)
+    assert learnt.noise_model is not None  # kept for train
 
 
 def test_recovers_a_change_that_is_no_anm_mode_and_moves_the_molecule(tmp_path, capsys):

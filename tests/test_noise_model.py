@@ -468,7 +468,7 @@ def test_gauss_newton_residuals_with_levels_profile_the_level():
     gaps = []
     for k in range(5):
         u = model.whiten(models[k:k + 1])[0]
-        best = scipy.optimize.minimize_scalar(lambda v: minus_log_p(v, u)[0],
+        best = scipy.optimize.minimize_scalar(lambda v, u=u: minus_log_p(v, u)[0],
                                               bounds=(-3.0, 5.0), method="bounded",
                                               options={"xatol": 1e-10})
         half = 0.5 * float(residuals[k].square().sum())

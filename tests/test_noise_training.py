@@ -85,6 +85,36 @@ def test_train_keeps_the_noise_model_it_was_asked_for(coloured_run):
     assert float((ratio / ratio.median() - 1).abs().max()) < 0.35, ratio
 
 
+def test_auto_noise_model_estimates_unless_the_reference_knows_the_noise(coloured_run,
+                                                                          tmp_path):
+    """'auto' (the default): the reference's own noise model where it has one, white where
+    the noise std is known (given, or a white simulation's), else the particles' own
+    estimate, which a training run from a bare reference records and keeps."""
+    import dataclasses
+    import json
+
+    from cryosvi.dataset import resolve_noise_model
+    from cryosvi.errors import CryosviError
+
+    known = Reference.load(coloured_run / "data" / "reference.npz")
+    white = known.with_settings(noise_model=None)
+    bare = white.with_settings(noise=dataclasses.replace(white.noise, std=0.0))
+    assert resolve_noise_model("auto", known) == "reference"
+    assert resolve_noise_model("auto", white) == "reference"
+    assert resolve_noise_model("auto", bare) == "estimate"
+    assert resolve_noise_model("auto", bare, noise_std=0.5) == "reference"
+    assert resolve_noise_model("white", known) == "white"
+    with pytest.raises(CryosviError, match="unknown noise model"):
+        resolve_noise_model("pink", known)
+    train(coloured_run / "data" / "particles.star", bare, tmp_path / "auto",
+          TrainOptions(latents=("defocus", "enm_scale"), schedule=tiny_schedule(epochs=1),
+                       **TINY), progress=False)
+    assert json.loads((tmp_path / "auto" / "run.json").read_text())["noise_model"] == "estimate"
+    kept = load_trained(tmp_path / "auto")[1].noise_model
+    ratio = kept.noise[0, 1:9] / known.noise_model.noise[0, 1:9]
+    assert float((ratio / ratio.median() - 1).abs().max()) < 0.35, ratio
+
+
 def test_infer_uses_the_runs_noise_model(coloured_run, tmp_path):
     """The same particles through the run with the true noise model give finite junk
     probabilities and a defocus no worse than through the white run (each from its own

@@ -272,9 +272,9 @@ def learn_modes(reference: Reference, basis: np.ndarray, images, rotation: Tenso
     reference (``learnt_reference``) and its summary, with the gray levels and fitting
     passes. The reference's ``noise_model``, where it has one, whitens the fit's
     residuals (``fit_amplitudes``); ``estimate_noise``, a function of the reference at
-    its gray levels returning the images' ``NoiseModel`` (e.g. ``dataset.estimate_noise_model``),
-    replaces it whenever the gray levels are set (its contrast is relative to them);
-    ``weights`` (n,): each particle's weight in the
+    its gray levels returning the images' ``NoiseModel`` (e.g.
+    ``dataset.estimate_noise_model``), replaces it whenever the gray levels are set (its
+    contrast is relative to them); ``weights`` (n,): each particle's weight in the
     directions' likelihood (``principal_directions``; e.g. 1 - its junk probability)."""
     device = rotation.device
     read = images if callable(images) else images.__getitem__

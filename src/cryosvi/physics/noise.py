@@ -443,7 +443,8 @@ class NoiseModel:
         if not self.level_std > 0:
             return n / 2 + sigmas * math.sqrt(n / 2)
         v = -0.5 * self.level_std**2 + sigmas * math.sqrt(self.level_std**2 + 2 / n)
-        return n / 2 + 0.5 * float(self._level_residual(torch.tensor(v, dtype=torch.float64))) ** 2
+        rest = self._level_residual(torch.tensor(v, dtype=torch.float64))
+        return n / 2 + 0.5 * float(rest) ** 2
 
     def fit_contrast(self, images: Tensor, clean: Tensor,
                      group: Tensor | None = None) -> tuple[Tensor, Tensor]:
