@@ -166,7 +166,7 @@ def add_noise_model_argument(parser, keeps: str) -> None:
     from cryosvi.dataset import NOISE_MODELS
 
     parser.add_argument("--noise-model", choices=NOISE_MODELS, default="auto",
-                        help="the noise of the likelihood and of the training simulations: "
+                        help="the noise of the likelihood (and of the training simulations): "
                         "'estimate' measures the particles' coloured noise spectrum per "
                         "optics group from the background around the molecule (for real "
                         "micrographs); 'white' is white noise of the noise std (the "
