@@ -185,8 +185,9 @@ def evaluate_tables(posterior: ParticleSet, truth: ParticleSet,
     cryosviModeAmplitudeStd{k}, cryosviPoseStdDeg, cryosviPoseRadius68Deg/95Deg. Undefined numbers (e.g. r of a
     constant column, a skipped coverage) are None; ``pose`` is None when not scored.
     Rows the truth marks as junk (``TRUE_JUNK_COLUMN`` 1) are left out of every score
-    ('n_particles' counts the rest) and scored under 'junk'. Schema: see ``write_report``; the per-particle arrays are under the private key
-    ``"_arrays"`` (removed before writing JSON). ``match_by_order``: see ``match_rows``.
+    ('n_particles' counts the rest) and scored under 'junk'. Schema: see
+    ``write_report``; the per-particle arrays are under the private key ``"_arrays"``
+    (removed before writing JSON). ``match_by_order``: see ``match_rows``.
     """
     skipped: list[str] = []
     # Scalar latents and those scored by the size of their error, each as its latent

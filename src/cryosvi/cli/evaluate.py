@@ -19,8 +19,8 @@ def register(subparsers, summary: str) -> None:
         "(degrees) and its coverage, also after aligning the two files' molecule frames "
         "(one rotation, plus one per unit of the truth's conformation columns), for the "
         "latents the truth has columns for; rows whose cryosviTrueJunk is 1 are left out "
-        "and score cryosviJunkProbability's AUC. Rows are "
-        "matched by rlnImageName; by row order only with --match-by-order. Writes "
+        "and score cryosviJunkProbability's AUC. Rows are matched by rlnImageName; by "
+        "row order only with --match-by-order. Writes "
         "metrics.json, truth_vs_prediction.png, pose_error.png and calibration.png into "
         "the output directory: a new or empty one, or with --force one an earlier "
         "'cryosvi evaluate' wrote.",

@@ -97,11 +97,11 @@ def register(subparsers, summary: str) -> None:
                         "--seed measures the residual power the model leaves beyond the "
                         "noise, per optics group and shell (model error D), and the B "
                         "envelope from the per-shell gain; every particle is then inferred "
-                        f"with the noise spectrum S + {ERROR_WEIGHT:g} D, so the intervals "
-                        "widen where the model misfits (on the model's own simulations "
-                        "D ~ 0 and they stay as they were). Writes the estimate to OUTPUT.model_error.json. "
-                        "'off': the run's noise model as trained. A run with white noise "
-                        "has none")
+                        "with the noise spectrum S + k D (--model-error-weight), so the "
+                        "intervals widen where the model misfits (on the model's own "
+                        "simulations D ~ 0 and they stay as they were). Writes the "
+                        "estimate to OUTPUT.model_error.json. 'off': the run's noise model "
+                        "as trained. A run with white noise has none")
     parser.add_argument("--model-error-weight", type=number(0.0, 1000.0),
                         default=ERROR_WEIGHT, metavar="K",
                         help="k in the noise spectrum S + k D of --model-error: the larger, "
