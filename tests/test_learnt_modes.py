@@ -12,7 +12,7 @@ from cryosvi.cli.main import main
 from cryosvi.config import PAPER_PRESET, Noise, Priors
 from cryosvi.inference.learnt_modes import fitting_basis, rigid_blocks
 from cryosvi.reference import Reference, build_reference
-from cryosvi.simulate import Acquisition, simulate_dataset
+from cryosvi.simulate import Acquisition, ImageEffects, simulate_dataset
 from cryosvi.physics.structure import default_structure_path
 
 STRIDE = 3
@@ -67,14 +67,16 @@ def hinge_of_block(coords, labels, block) -> np.ndarray:
     return motion.ravel() / np.linalg.norm(motion)
 
 
-def simulate_along(tmp_path, direction: np.ndarray, base: Reference):
+def simulate_along(tmp_path, direction: np.ndarray, base: Reference,
+                   effects: ImageEffects = ImageEffects()):
     truth = base.with_settings(
         modes=direction.reshape(1, -1, 3), eigenvalues=np.ones(1),
         priors=Priors(mode_std=(1.5,), defocus_mean=10000.0, defocus_std=2500.0),
         noise=Noise(snr=2.0))
     data = tmp_path / "data"
     simulate_dataset(truth, 400, data, seed=5, progress=False,
-                     acquisition=Acquisition(max_shift=4.0, astigmatism=500.0))
+                     acquisition=Acquisition(max_shift=4.0, astigmatism=500.0),
+                     effects=effects)
     return data
 
 
@@ -98,6 +100,29 @@ def test_recovers_a_hinge_of_one_block_by_default(tmp_path, capsys):
     assert learnt.noise_model is not None  # kept for train
 
 
+def test_fits_the_envelope_nobody_states_and_keeps_it_for_train(tmp_path, capsys):
+    """Particles with a B = 100 Å^2 envelope and coloured noise that the bare structure
+    knows nothing of: the learnt reference's noise model carries B (the Guinier fit of
+    the model's per-shell gain at the fitted hinge), and the amplitudes fitted again
+    with it keep the hinge and its spread."""
+    base = reference_with(1)
+    direction = hinge_of_block(base.coords, rigid_blocks(base.coords, 3), 0)
+    data = simulate_along(tmp_path, direction, base, ImageEffects(
+        noise_spectrum=((3.0, 0.05, 0.4),), bfactor=100.0))
+    learnt_path = tmp_path / "learnt.npz"
+    assert main(["learn-modes", "--particles", str(data / "particles.star"), "--stride",
+                 str(STRIDE), "--structure", str(default_structure_path()), "--chain", "A",
+                 "-o", str(learnt_path), "--quiet"]) == 0
+    assert "B envelope" in capsys.readouterr().err
+    learnt = Reference.load(learnt_path)
+    # the fit's amplitudes also fit some noise at high frequency: B comes out low (82;
+    # 96 at the true amplitudes); no envelope would read 0
+    assert 75.0 < learnt.noise_model.bfactor < 105.0
+    assert learnt.source["learnt"]["bfactor_shells"] >= 3
+    assert abs(float(learnt.modes.reshape(-1) @ direction)) > 0.97
+    assert learnt.priors.mode_std[0] == pytest.approx(1.5, rel=0.15)
+
+
 def test_recovers_a_change_that_is_no_anm_mode_and_moves_the_molecule(tmp_path, capsys):
     """Particles whose conformations vary along ANM mode 3 plus a rigid rotation (the
     kind of change a hinge makes in a consensus frame); learn-modes --basis anm from their
@@ -114,8 +139,10 @@ def test_recovers_a_change_that_is_no_anm_mode_and_moves_the_molecule(tmp_path, 
                  "--basis", "anm", "--anm-modes", "4", "-o", str(learnt_path),
                  "--quiet"]) == 0
     out, err = capsys.readouterr()
-    assert "learnt mode 1" in out and "2 fitting pass(es)" in err
+    # the amplitudes, again at the refitted gray levels, again with the fitted envelope
+    assert "learnt mode 1" in out and "3 fitting pass(es)" in err
     learnt = Reference.load(learnt_path)
+    assert abs(learnt.noise_model.bfactor) < 10.0  # the simulation has no envelope
     overlap = abs(float(learnt.modes.reshape(-1) @ direction))
     assert overlap > 0.97
     assert learnt.priors.mode_std[0] == pytest.approx(1.5, rel=0.15)

@@ -45,7 +45,7 @@ from cryosvi.physics.noise import NoiseModel
 from cryosvi.physics.spectrum import (apply_envelope, background_levels, background_mask,
                                       bfactor_from_gain,
                                       group_sums, power_spectrum, shell_average,
-                                      shell_frequency, shell_gain, model_error_spectrum,
+                                      shell_frequency, shell_gain_sums, model_error_spectrum,
                                       spectrum_from_background, spectrum_from_residuals)
 from cryosvi.reference import Reference
 
@@ -507,6 +507,19 @@ def junk_null_model(data: ParticleData, reference: Reference, seed: int) -> Nois
     return white.replace(signal_power=power, origin=f"white, P from {n} particles")
 
 
+def envelope_bfactor(cross: torch.Tensor, power: torch.Tensor,
+                     noise: NoiseModel) -> tuple[float, int]:
+    """(B Å^2, shells used): the envelope exp(-B s^2 / 4) the particles show beyond their
+    model images, from the sums of ``spectrum.shell_gain_sums`` (n_shells,) in the metric
+    of ``noise``: the Guinier line of the gain cross / power from BFACTOR_LOW to Nyquist
+    (``spectrum.bfactor_from_gain``); B is nan when fewer than 3 shells are measurable."""
+    power = power.clamp_min(1e-300)
+    fitted, _, used = bfactor_from_gain(cross / power, power.rsqrt(),
+                                        shell_frequency(noise.box, noise.pixel_size),
+                                        BFACTOR_LOW, 1 / (2 * noise.pixel_size))
+    return fitted, used
+
+
 class NoiseRefinement(NamedTuple):
     """noise: the refined NoiseModel; contrast, contrast_std (k,): each particle's
     least-squares contrast and its standard error (whitened, after the envelope);
@@ -533,7 +546,7 @@ def refine_noise_model(noise: NoiseModel, data: ParticleData, reference: Referen
 
     1. B (``fit_bfactor``): the per-shell gain of the model images against the data
        (``shell_gain``, linear in the data), a Guinier line from BFACTOR_LOW to Nyquist
-       (``bfactor_from_gain``); the model images get its envelope and it adds to
+       (``envelope_bfactor``); the model images get its envelope and it adds to
        ``noise.bfactor`` (kept when fewer than 3 shells are measurable);
     2. each particle's least-squares contrast a_i, and the prior's mean and std by
        the method of moments (``contrast_prior``), its floor ``contrast_floor``;
@@ -556,10 +569,9 @@ def refine_noise_model(noise: NoiseModel, data: ParticleData, reference: Referen
     w = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
     bfactor, used = noise.bfactor, 0
     if fit_bfactor:
-        gain, se = shell_gain(images, model, noise.spectra(group, images), w, noise.cropped)
-        frequency = shell_frequency(noise.box, noise.pixel_size)
-        fitted, _, used = bfactor_from_gain(gain, se, frequency, BFACTOR_LOW,
-                                            1 / (2 * noise.pixel_size))
+        fitted, used = envelope_bfactor(
+            *shell_gain_sums(images, model, noise.spectra(group, images), w, noise.cropped),
+            noise)
         if math.isfinite(fitted):
             model = apply_envelope(model, noise.pixel_size, fitted)
             bfactor += fitted

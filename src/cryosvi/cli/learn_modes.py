@@ -110,7 +110,11 @@ def run(args) -> None:
     learnt.save(output)
     print(f"gray levels: scale {summary['scale']:.4g}, offset {summary['offset']:.4g}, "
           f"noise std {summary['noise_std']:.4g} ({summary['fitting_passes']} fitting "
-          f"pass(es)); noise model: {summary['noise_model']}", file=sys.stderr)
+          f"pass(es)); noise model: {summary['noise_model']}"
+          + ("" if summary["bfactor"] is None else
+             f", B envelope {summary['bfactor']:.1f} Å^2"
+             + ("" if summary["bfactor_shells"] else " (not measurable; none fitted)")),
+          file=sys.stderr)
     for k, (std, rigid) in enumerate(zip(summary["mode_std"], summary["rigid_fraction"])):
         print(f"learnt mode {k + 1}: particles' std {std:.3g} Å RMS, rigid part "
               f"{100 * rigid ** 2:.0f} % of its square norm")

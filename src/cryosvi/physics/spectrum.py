@@ -375,6 +375,16 @@ def shell_gain(data: Tensor, model: Tensor, spectrum: Tensor,
     the noise averages out without being subtracted (unlike P_data - S, which needs S
     better than the per-shell SNR). g(s) = a exp(-B s^2 / 4) rho(s), with a the mean
     contrast and rho the agreement of model and data (1 for a perfect model)."""
+    cross, power = shell_gain_sums(data, model, spectrum, weights, drop_nyquist)
+    power = power.clamp_min(1e-300)
+    return cross / power, power.rsqrt()
+
+
+def shell_gain_sums(data: Tensor, model: Tensor, spectrum: Tensor,
+                    weights: Tensor | None = None,
+                    drop_nyquist: bool = False) -> tuple[Tensor, Tensor]:
+    """(numerator, denominator) (n_shells,) float64 of ``shell_gain``: sums over the
+    particles, so that batches of them add up to the gain of all."""
     box = data.shape[-1]
     full = expand_shells(spectrum.to(data.device, torch.float64), box)
     w = coefficient_weights(box, True, drop_nyquist, data.device)
@@ -388,8 +398,7 @@ def shell_gain(data: Tensor, model: Tensor, spectrum: Tensor,
         0, index, (metric * (fx.conj() * fm).real).sum(0).reshape(-1))
     power = torch.zeros_like(cross).index_add_(
         0, index, (metric * fm.abs().square()).sum(0).reshape(-1))
-    power = power.clamp_min(1e-300)
-    return cross / power, power.rsqrt()
+    return cross, power
 
 
 def bfactor_from_gain(gain: Tensor, se: Tensor, frequency: Tensor, low: float,
