@@ -216,33 +216,53 @@ def junk_weights(log_bayes: Tensor) -> tuple[Tensor, float]:
     return 1.0 - mixture.p_junk, mixture.junk_fraction
 
 
-def fitted_envelope(forward: ForwardModel, images, amplitudes: Tensor, rotation: Tensor,
-                    ctf, shifts: Tensor | None, noise_model: NoiseModel, weights: Tensor,
+ENVELOPE_NODES = 3
+"""Gauss-Hermite nodes per learnt mode of ``fitted_envelope``'s average over the
+conformations (exact for model images quadratic to quintic in the amplitudes)."""
+
+
+def fitted_envelope(learnt: Reference, groups, images, rotation: Tensor, ctf,
+                    shifts: Tensor | None, weights: Tensor,
                     chunk_size: int = 256) -> tuple[float, int]:
-    """(B Å^2, shells used) of the envelope exp(-B s^2 / 4) the particles show beyond
-    ``forward``'s model images at their fitted ``amplitudes`` (n, D) and given poses:
-    the per-shell gain of the model images against the images in ``noise_model``'s
-    metric, weighted by ``weights`` (n,), summed a chunk at a time
-    (``spectrum.shell_gain_sums``), and its Guinier line (``dataset.envelope_bfactor``,
-    as ``cryosvi infer`` refines it at the posterior's latents). Arguments as in
-    ``fit_amplitudes``; B is nan when fewer than 3 shells are measurable. The fit's
-    amplitudes also fit some of the images' noise, most where the signal is weakest, so
-    B comes out low: 82-87 Å^2 for 100 on a simulation of SNR 2 (18 block motions; 96-102
-    at the true amplitudes)."""
+    """(B Å^2, shells used): the envelope exp(-B s^2 / 4) the particles show beyond the
+    ``learnt`` reference's model images (its noise model's envelope included) at their
+    given poses, CTFs and shifts (as in ``fit_amplitudes``), weights (n,).
+
+    Against each particle's model image averaged over the learnt prior of the
+    conformations, m_i = E_a m_i(a) (Gauss-Hermite, ENVELOPE_NODES per mode), the data's
+    per-shell gain sum x_i . m_i / sum |m_i|^2 in the noise model's metric
+    (``spectrum.shell_gain_sums``, a chunk at a time) has expectation g(s), the envelope
+    times the contrast, when the particles' conformations follow that prior: no fitted
+    quantity of the particle enters m_i. Then its Guinier line
+    (``dataset.envelope_bfactor``). At each particle's fitted amplitudes instead, the
+    amplitudes fit the noise too, most at high frequency: B came out 82 for 100 at SNR
+    2 and -27 on the realistic set at SNR 0.1. B is nan when fewer than 3 shells are
+    measurable."""
     read = images if callable(images) else images.__getitem__
-    device = forward.coords.device
+    noise_model = learnt.noise_model
+    forward = learnt.forward_model(groups).to(rotation.device)
+    device = rotation.device
+    nodes, node_weights = np.polynomial.hermite_e.hermegauss(ENVELOPE_NODES)
+    std = torch.tensor(learnt.priors.mode_std, dtype=torch.float64)
+    grid = torch.cartesian_prod(*[torch.from_numpy(nodes)] * learnt.n_modes).reshape(
+        -1, learnt.n_modes) * std
+    share = torch.cartesian_prod(*[torch.from_numpy(node_weights / node_weights.sum())]
+                                 * learnt.n_modes).reshape(-1, learnt.n_modes).prod(1)
+    count = len(grid)
     sums = torch.zeros(2, n_shells(noise_model.box), dtype=torch.float64)
     for start in range(0, rotation.shape[0], chunk_size):
         rows = torch.arange(start, min(rotation.shape[0], start + chunk_size))
-        batch_ctf = ctf.take(rows)
+        every = rows.repeat_interleave(count)
         with torch.no_grad():
-            model = forward(amplitudes[rows].float().to(device), rotation[rows.to(device)],
-                            None, ctf=batch_ctf,
-                            shifts=None if shifts is None else shifts[rows.to(device)])
+            model = forward(grid.repeat(len(rows), 1).float().to(device),
+                            rotation[every.to(device)], None, ctf=ctf.take(every),
+                            shifts=None if shifts is None else shifts[every.to(device)])
+        mean = (model.cpu().double().reshape(len(rows), count, *model.shape[1:])
+                * share[:, None, None]).sum(1)
         data = read(rows).double()
-        group = (torch.zeros(len(rows), dtype=torch.long) if batch_ctf.group is None
-                 else batch_ctf.group.cpu())
-        sums += torch.stack(shell_gain_sums(data, model.cpu(), noise_model.spectra(group, data),
+        group = ctf.take(rows).group
+        group = torch.zeros(len(rows), dtype=torch.long) if group is None else group.cpu()
+        sums += torch.stack(shell_gain_sums(data, mean, noise_model.spectra(group, data),
                                             weights[rows], noise_model.cropped))
     return envelope_bfactor(*sums, noise_model)
 
@@ -307,10 +327,9 @@ def learn_modes(reference: Reference, basis: np.ndarray, images, rotation: Tenso
     residuals (``fit_amplitudes``); ``estimate_noise``, a function of the reference at
     its gray levels returning the images' ``NoiseModel`` (e.g.
     ``dataset.estimate_noise_model``), replaces it whenever the gray levels are set (its
-    contrast is relative to them); with a noise model, the B envelope the particles show
-    beyond the model is fitted at the fitted amplitudes (``fitted_envelope``), kept in the
-    noise model, and the amplitudes fitted again with it (one more pass). ``weights``
-    (n,): each particle's weight in the directions' likelihood and the envelope's fit
+    contrast is relative to them); with a noise model, the learnt reference's keeps the
+    B envelope the particles show beyond it (``fitted_envelope``). ``weights`` (n,):
+    each particle's weight in the directions' likelihood and the envelope's fit
     (``principal_directions``; e.g. 1 - its junk probability)."""
     device = rotation.device
     read = images if callable(images) else images.__getitem__
@@ -368,31 +387,22 @@ def learn_modes(reference: Reference, basis: np.ndarray, images, rotation: Tenso
     # Junk (empty ice, structureless images) would pull the directions: each particle
     # counts by its own probability of holding the molecule, times the given weight.
     own, junk_fraction = junk_weights(fitted.log_bayes)
-    bfactor_shells = 0
-    if reference.noise_model is not None:
-        # The envelope nobody states (``cryosvi train``'s simulations and ``infer``'s
-        # likelihood take it from the learnt reference's noise model), then the
-        # amplitudes again against the model that has it.
-        particle_weights = own if weights is None else own * weights.double()
-        bfactor, bfactor_shells = fitted_envelope(
-            model_at(reference), read, fitted.means, rotation, ctf, shifts,
-            reference.noise_model, particle_weights, chunk_size)
-        if math.isfinite(bfactor):
-            reference = reference.with_settings(noise_model=reference.noise_model.replace(
-                bfactor=reference.noise_model.bfactor + bfactor))
-            fitted = fit()
-            passes += 1
-            own, junk_fraction = junk_weights(fitted.log_bayes)
-        else:
-            bfactor_shells = 0
     weights = own if weights is None else own * weights.double()
     learnt, summary = learnt_reference(reference, basis, fitted.means, fitted.covariances,
                                        n_modes, source or {}, weights)
+    bfactor_shells = 0
+    if learnt.noise_model is not None:
+        # the envelope nobody states, for ``train``'s simulations and ``infer``
+        bfactor, bfactor_shells = fitted_envelope(learnt, groups, read, rotation, ctf,
+                                                  shifts, weights, chunk_size)
+        if math.isfinite(bfactor):
+            learnt = learnt.with_settings(noise_model=learnt.noise_model.replace(
+                bfactor=learnt.noise_model.bfactor + bfactor))
     summary.update(fitting_passes=passes, scale=reference.imaging.scale,
                    offset=reference.imaging.offset, noise_std=reference.noise.std,
                    junk_fraction=round(junk_fraction, 4),
-                   bfactor=None if reference.noise_model is None
-                   else round(reference.noise_model.bfactor, 2),
+                   bfactor=None if learnt.noise_model is None
+                   else round(learnt.noise_model.bfactor, 2),
                    bfactor_shells=bfactor_shells)
     return learnt, summary
 
