@@ -226,7 +226,8 @@ def fitted_envelope(learnt: Reference, groups, images, rotation: Tensor, ctf,
                     chunk_size: int = 256) -> tuple[float, int]:
     """(B Å^2, shells used): the envelope exp(-B s^2 / 4) the particles show beyond the
     ``learnt`` reference's model images (its noise model's envelope included) at their
-    given poses, CTFs and shifts (as in ``fit_amplitudes``), weights (n,).
+    given poses, CTFs and shifts (as in ``fit_amplitudes``), weights (n,); at most
+    ``chunk_size`` model images at a time.
 
     Against each particle's model image averaged over the learnt prior of the
     conformations, m_i = E_a m_i(a) (Gauss-Hermite, ENVELOPE_NODES per mode), the data's
@@ -249,9 +250,10 @@ def fitted_envelope(learnt: Reference, groups, images, rotation: Tensor, ctf,
     share = torch.cartesian_prod(*[torch.from_numpy(node_weights / node_weights.sum())]
                                  * learnt.n_modes).reshape(-1, learnt.n_modes).prod(1)
     count = len(grid)
+    step = max(1, chunk_size // count)  # at most chunk_size model images at a time
     sums = torch.zeros(2, n_shells(noise_model.box), dtype=torch.float64)
-    for start in range(0, rotation.shape[0], chunk_size):
-        rows = torch.arange(start, min(rotation.shape[0], start + chunk_size))
+    for start in range(0, rotation.shape[0], step):
+        rows = torch.arange(start, min(rotation.shape[0], start + step))
         every = rows.repeat_interleave(count)
         with torch.no_grad():
             model = forward(grid.repeat(len(rows), 1).float().to(device),
