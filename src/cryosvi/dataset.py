@@ -43,9 +43,8 @@ from cryosvi.physics.graylevels import estimate_gray_levels, mask_radius
 from cryosvi.physics.contrast import contrast_floor, contrast_prior, level_spread
 from cryosvi.physics.noise import NoiseModel
 from cryosvi.physics.spectrum import (apply_envelope, background_levels, background_mask,
-                                      bfactor_from_gain,
-                                      group_sums, power_spectrum, shell_average,
-                                      shell_frequency, shell_gain_sums, model_error_spectrum,
+                                      bfactor_from_gain_sums, group_sums, model_error_spectrum,
+                                      power_spectrum, shell_average, shell_gain_sums,
                                       spectrum_from_background, spectrum_from_residuals)
 from cryosvi.reference import Reference
 
@@ -377,12 +376,6 @@ def run_particles(table: ParticleSet, config, reference: Reference):
 NOISE_IMAGES = 2000
 """Particles (and as many prior model images) a noise model is estimated from: 2 000
 gave every shell of a 48 px box within 2 % from residuals."""
-BFACTOR_LOW = 1 / 20
-"""1/Å: the B-factor's Guinier fit uses the shells from here to Nyquist. From 1/50 Å
-the fit gave 116-126 Å^2 for 100 added; from 1/20 Å 102.5 and 103.5 (RELION-projected
-data, 2 000 particles, SNR 0.1 and 1)."""
-
-
 def noise_groups(data: ParticleData, rows=None) -> tuple[torch.Tensor, int]:
     """((k,) int64, G): the noise model's group of the particles ``rows`` (None: all)
     and the number of groups: the optics group of their CTF (``ParticleData``'s
@@ -507,19 +500,6 @@ def junk_null_model(data: ParticleData, reference: Reference, seed: int) -> Nois
     return white.replace(signal_power=power, origin=f"white, P from {n} particles")
 
 
-def envelope_bfactor(cross: torch.Tensor, power: torch.Tensor,
-                     noise: NoiseModel) -> tuple[float, int]:
-    """(B Å^2, shells used): the envelope exp(-B s^2 / 4) the particles show beyond their
-    model images, from the sums of ``spectrum.shell_gain_sums`` (n_shells,) in the metric
-    of ``noise``: the Guinier line of the gain cross / power from BFACTOR_LOW to Nyquist
-    (``spectrum.bfactor_from_gain``); B is nan when fewer than 3 shells are measurable."""
-    power = power.clamp_min(1e-300)
-    fitted, _, used = bfactor_from_gain(cross / power, power.rsqrt(),
-                                        shell_frequency(noise.box, noise.pixel_size),
-                                        BFACTOR_LOW, 1 / (2 * noise.pixel_size))
-    return fitted, used
-
-
 class NoiseRefinement(NamedTuple):
     """noise: the refined NoiseModel; contrast, contrast_std (k,): each particle's
     least-squares contrast and its standard error (whitened, after the envelope);
@@ -545,8 +525,8 @@ def refine_noise_model(noise: NoiseModel, data: ParticleData, reference: Referen
     weight 0). In the metric of ``noise``'s T:
 
     1. B (``fit_bfactor``): the per-shell gain of the model images against the data
-       (``shell_gain``, linear in the data), a Guinier line from BFACTOR_LOW to Nyquist
-       (``envelope_bfactor``); the model images get its envelope and it adds to
+       (``shell_gain``, linear in the data), a Guinier line from 1/20 Å to Nyquist
+       (``spectrum.bfactor_from_gain_sums``); the model images get its envelope and it adds to
        ``noise.bfactor`` (kept when fewer than 3 shells are measurable);
     2. each particle's least-squares contrast a_i, and the prior's mean and std by
        the method of moments (``contrast_prior``), its floor ``contrast_floor``;
@@ -569,9 +549,9 @@ def refine_noise_model(noise: NoiseModel, data: ParticleData, reference: Referen
     w = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
     bfactor, used = noise.bfactor, 0
     if fit_bfactor:
-        fitted, used = envelope_bfactor(
+        fitted, used = bfactor_from_gain_sums(
             *shell_gain_sums(images, model, noise.spectra(group, images), w, noise.cropped),
-            noise)
+            noise.box, noise.pixel_size)
         if math.isfinite(fitted):
             model = apply_envelope(model, noise.pixel_size, fitted)
             bfactor += fitted

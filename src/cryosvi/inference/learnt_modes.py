@@ -32,9 +32,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cryosvi.dataset import (ParticleData, envelope_bfactor, estimate_noise_model,
-                             has_ctf_estimates, priors_from_particles, resolve_noise_model,
-                             working_reference)
+from cryosvi.dataset import (ParticleData, estimate_noise_model, has_ctf_estimates,
+                             priors_from_particles, resolve_noise_model, working_reference)
 from cryosvi.errors import CryosviError
 from cryosvi.io.particles import ANGLES, ParticleSet
 from cryosvi.latents import BY_NAME, JUNK_COLUMN
@@ -42,7 +41,7 @@ from cryosvi.physics.anm import rigid_basis
 from cryosvi.physics.forward import ForwardModel
 from cryosvi.physics.graylevels import MEASURABLE_Z, GrayLevels
 from cryosvi.physics.noise import NoiseModel
-from cryosvi.physics.spectrum import n_shells, shell_gain_sums
+from cryosvi.physics.spectrum import bfactor_from_gain_sums, n_shells, shell_gain_sums
 from cryosvi.inference.junk import fit_junk_mixture
 from cryosvi.inference.laplace import gauss_newton
 from cryosvi.inference.ppca import principal_directions
@@ -230,15 +229,13 @@ def fitted_envelope(learnt: Reference, groups, images, rotation: Tensor, ctf,
     ``chunk_size`` model images at a time.
 
     Against each particle's model image averaged over the learnt prior of the
-    conformations, m_i = E_a m_i(a) (Gauss-Hermite, ENVELOPE_NODES per mode), the data's
+    conformations, m_i = E_a m_i(a) (Gauss-Hermite, ENVELOPE_NODES per mode), the
     per-shell gain sum x_i . m_i / sum |m_i|^2 in the noise model's metric
-    (``spectrum.shell_gain_sums``, a chunk at a time) has expectation g(s), the envelope
-    times the contrast, when the particles' conformations follow that prior: no fitted
-    quantity of the particle enters m_i. Then its Guinier line
-    (``dataset.envelope_bfactor``). At each particle's fitted amplitudes instead, the
-    amplitudes fit the noise too, most at high frequency: B came out 82 for 100 at SNR
-    2 and -27 on the realistic set at SNR 0.1. B is nan when fewer than 3 shells are
-    measurable."""
+    (``spectrum.shell_gain_sums``) has expectation g(s), the envelope times the contrast,
+    when the conformations follow that prior: no fitted quantity of a particle enters
+    m_i. Then its Guinier line (``spectrum.bfactor_from_gain_sums``; B nan when fewer
+    than 3 shells are measurable). At each particle's fitted amplitudes instead, they fit
+    the noise too: B came out 82 for 100 at SNR 2, -27 on the realistic set at SNR 0.1."""
     read = images if callable(images) else images.__getitem__
     noise_model = learnt.noise_model
     forward = learnt.forward_model(groups).to(rotation.device)
@@ -266,7 +263,7 @@ def fitted_envelope(learnt: Reference, groups, images, rotation: Tensor, ctf,
         group = torch.zeros(len(rows), dtype=torch.long) if group is None else group.cpu()
         sums += torch.stack(shell_gain_sums(data, mean, noise_model.spectra(group, data),
                                             weights[rows], noise_model.cropped))
-    return envelope_bfactor(*sums, noise_model)
+    return bfactor_from_gain_sums(*sums, noise_model.box, noise_model.pixel_size)
 
 
 class _PooledLeastSquares:
