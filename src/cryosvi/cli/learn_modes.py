@@ -53,7 +53,8 @@ def register(subparsers, summary: str) -> None:
                         "(default: the reference's, else fitted with the gray levels "
                         "against the model at the given poses)")
     add_noise_model_argument(parser, "It whitens the fit, and the learnt reference keeps "
-                             "it for 'cryosvi train' (whose 'auto' then takes it)")
+                             "it for 'cryosvi train' (whose 'auto' then takes it) with "
+                             "the B envelope the particles show beyond the learnt model")
     parser.add_argument("--max-particles", type=integer_between(2), default=20000,
                         help="fit at most this many particles (a random subset)")
     parser.add_argument("--prior-std", type=number(0.0, 1e3, low_open=True), default=10.0,
