@@ -19,10 +19,14 @@ Printed and written (--json): |Spearman| of the posterior means with the true hi
 over the real particles under each prior (true junk left out of the score and of the
 refinement), and the refined B and contrast prior: what the data allow, against which to
 read the product's |Spearman| on the same set (learnt direction, trained guide, grid).
+``--blocks K``: the same along the hinge's part in the span of learn-modes' fitting basis
+(K rigid blocks); ``--learnt``: along learnt references' first modes, under their own
+priors (the product's model, without the guide).
 
     python benchmarks/realistic/make_dataset.py -o DATA --preset poses-given --realistic \
         --oracle 0
-    PYTHONPATH=src python benchmarks/noise/ceiling.py DATA [--json OUT.json]
+    PYTHONPATH=src python benchmarks/noise/ceiling.py DATA [--blocks 3] \
+        [--learnt LEARNT.npz ...] [--json OUT.json]
 """
 
 from __future__ import annotations
@@ -44,10 +48,10 @@ from cryosvi.dataset import (ParticleData, data_box, data_pixel_size,
                              estimate_noise_model, refine_noise_model)
 from cryosvi.io.particles import read_particles
 from cryosvi.latents import BY_NAME
+from cryosvi.inference.learnt_modes import fitting_basis
 from cryosvi.physics.forward import ForwardModel
-from cryosvi.physics.noise import NoiseModel
 from cryosvi.physics.spectrum import apply_envelope
-from cryosvi.reference import build_reference
+from cryosvi.reference import Reference, build_reference
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -63,6 +67,11 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data", type=Path, help="a make_dataset.py --realistic output")
     parser.add_argument("--json", type=Path, help="write the numbers here")
+    parser.add_argument("--blocks", type=int, help="also the exact hinge projected on the "
+                        "rigid motions of this many blocks (learn-modes' fitting basis)")
+    parser.add_argument("--learnt", type=Path, nargs="*", default=[],
+                        help="also the first mode of these learnt references (cryosvi "
+                        "learn-modes), under a flat prior and its own")
     args = parser.parse_args()
     torch.set_num_threads(1)
     start = time.time()
@@ -80,8 +89,8 @@ def main() -> None:
     unit = hinge_displacement(reference, truth["settings"]).ravel()
     largest = float(np.linalg.norm(unit) / np.sqrt(reference.n_atoms))  # Å RMS
     unit = torch.tensor(unit / np.linalg.norm(unit), dtype=torch.float32)
-    forward = ForwardModel(reference.coords, unit.reshape(1, -1, 3), reference.optics,
-                           reference.imaging, data.groups)
+    exact = ForwardModel(reference.coords, unit.reshape(1, -1, 3), reference.optics,
+                         reference.imaging, data.groups)
     n = len(table)
     rows = np.arange(n)
     images = torch.from_numpy(data.images(rows)).double()
@@ -91,58 +100,88 @@ def main() -> None:
     real = meta.get("cryosviTrueJunk", 0 * meta["rlnOpticsGroup"]).to_numpy() == 0
     weights = torch.from_numpy(real.astype(np.float64))
 
-    def model_at(value: float) -> torch.Tensor:
-        with torch.no_grad():
-            return forward(torch.full((n, 1), value), rotation, None, ctf=ctf,
-                           shifts=shifts).double()
+    angle = meta["cryosviTrueConformation"].to_numpy()
 
-    at_zero = model_at(0.0)
+    def scan(forward: ForwardModel, starts: dict, priors: dict) -> dict:
+        """Per likelihood: the B and contrast prior refined against ``forward``'s images
+        at amplitude 0, and |Spearman| of the grid posterior means under each prior."""
+        def model_at(value: float) -> torch.Tensor:
+            with torch.no_grad():
+                return forward(torch.full((n, 1), value), rotation, None, ctf=ctf,
+                               shifts=shifts).double()
+
+        at_zero, models, result = model_at(0.0), {}, {}
+        for name, start_model in starts.items():
+            refined = refine_noise_model(start_model, data, reference, rows, at_zero,
+                                         weights).noise
+            # the spectrum as given (the refinement's own S and D left out)
+            models[name] = refined.replace(noise=start_model.noise, error=None)
+        values = {name: torch.empty(len(GRID), n, dtype=torch.float64) for name in models}
+        for j, value in enumerate(GRID.tolist()):
+            model = model_at(value)
+            for name, noise in models.items():
+                enveloped = apply_envelope(model, pixel, noise.bfactor)
+                values[name][j] = noise.log_likelihood(images, enveloped, group)
+        for name, noise in models.items():
+            scores = {}
+            for prior, log_prior in priors.items():
+                posterior = torch.softmax(values[name] + log_prior, 0)
+                mean = (posterior * GRID.double()[:, None]).sum(0).numpy()
+                scores[prior] = round(abs(float(stats.spearmanr(
+                    mean[real], angle[real]).statistic)), 4)
+            result[name] = {"bfactor": round(noise.bfactor, 1),
+                            "contrast_mean": round(noise.contrast_mean, 4),
+                            "contrast_std": round(noise.contrast_std, 4),
+                            "abs_spearman_real": scores}
+            print(f"  {name:9s} |Spearman| {scores}  B {noise.bfactor:.1f} Å^2  contrast "
+                  f"{noise.contrast_mean:.3f} +- {noise.contrast_std:.3f}")
+        return result
+
     estimate = estimate_noise_model(data, reference, seed=0, weights=weights.numpy())
     background = float(estimate.noise[:, 1:].mean())
     starts = {"true": estimate.replace(noise=truth_spectrum(table, truth)),
               "estimate": estimate,
               "white": estimate.replace(noise=torch.full_like(estimate.noise, background))}
-    models: dict[str, NoiseModel] = {}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False,
                             capture_output=True, text=True, cwd=HERE).stdout.strip()
     out = {"data": str(args.data), "commit": commit, "date": time.strftime("%Y-%m-%d"),
            "seed": truth["settings"]["seed"], "particles": n,
            "real_particles": int(real.sum()),
            "grid": [float(GRID[0]), float(GRID[-1]), len(GRID)],
-           "largest_hinge_amplitude": round(largest, 4), "likelihoods": {}}
-    for name, start_model in starts.items():
-        refined = refine_noise_model(start_model, data, reference, rows, at_zero,
-                                     weights).noise
-        # the spectrum as given (the refinement's own S and D left out)
-        models[name] = refined.replace(noise=start_model.noise, error=None)
-        out["likelihoods"][name] = {"bfactor": round(refined.bfactor, 1),
-                                    "contrast_mean": round(refined.contrast_mean, 4),
-                                    "contrast_std": round(refined.contrast_std, 4)}
-    log_likelihood = {name: torch.empty(len(GRID), n, dtype=torch.float64)
-                      for name in models}
-    for j, value in enumerate(GRID.tolist()):
-        model = model_at(value)
-        for name, noise in models.items():
-            enveloped = apply_envelope(model, pixel, noise.bfactor)
-            log_likelihood[name][j] = noise.log_likelihood(images, enveloped, group)
-    angle = meta["cryosviTrueConformation"].to_numpy()
+           "largest_hinge_amplitude": round(largest, 4)}
     inside = ((GRID >= 0) & (GRID <= largest + 1e-6)).double()[:, None]
+    flat = torch.zeros_like(inside)
     # the truth's mean and variance in a Gaussian, the shape a model's prior has
     gaussian = -0.5 * ((GRID.double()[:, None] - largest / 2) / (largest / 12 ** 0.5)) ** 2
-    for name, values in log_likelihood.items():
-        scores = {}
-        for prior, log_prior in (("uniform_8", torch.zeros_like(inside)),
-                                 ("truth_prior", torch.log(inside + 1e-300)),
-                                 ("gaussian_of_truth", gaussian)):
-            posterior = torch.softmax(values + log_prior, 0)
-            mean = (posterior * GRID.double()[:, None]).sum(0).numpy()
-            scores[prior] = abs(float(stats.spearmanr(mean[real], angle[real]).statistic))
-        out["likelihoods"][name]["abs_spearman_real"] = {k: round(v, 4)
-                                                         for k, v in scores.items()}
-        print(f"{name:9s} |Spearman| {scores['uniform_8']:.4f} (the truth's prior "
-              f"{scores['truth_prior']:.4f}, a Gaussian of its mean and variance "
-              f"{scores['gaussian_of_truth']:.4f})  B {models[name].bfactor:.1f} Å^2  "
-              f"contrast {models[name].contrast_mean:.3f} +- {models[name].contrast_std:.3f}")
+    truth_priors = {"uniform_8": flat, "truth_prior": torch.log(inside + 1e-300),
+                    "gaussian_of_truth": gaussian}
+    print("the exact hinge")
+    out["likelihoods"] = scan(exact, starts, truth_priors)
+    if args.blocks:
+        basis = fitting_basis(reference, args.blocks).reshape(-1, unit.numel())
+        q, _ = np.linalg.qr(basis.T)
+        projected = q @ (q.T @ unit.double().numpy())
+        overlap = float(np.linalg.norm(projected))
+        print(f"the exact hinge in the span of {args.blocks} blocks (overlap "
+              f"{overlap:.4f})")
+        direction = torch.tensor(projected / overlap, dtype=torch.float32).reshape(1, -1, 3)
+        out["blocks"] = {"blocks": args.blocks, "overlap_with_hinge": round(overlap, 4),
+                         "likelihoods": scan(
+                             ForwardModel(reference.coords, direction, reference.optics,
+                                          reference.imaging, data.groups),
+                             {"estimate": estimate}, truth_priors)}
+    for path in args.learnt:
+        learnt = Reference.load(path)
+        overlap = abs(float(learnt.modes[0].reshape(-1) @ unit.double().numpy()))
+        print(f"{path}: its first learnt mode (overlap with the hinge {overlap:.4f})")
+        own = -0.5 * (GRID.double()[:, None] / learnt.priors.mode_std[0]) ** 2
+        out.setdefault("learnt", {})[str(path)] = {
+            "overlap_with_hinge": round(overlap, 4), "mode_std": learnt.priors.mode_std[0],
+            "likelihoods": scan(
+                ForwardModel(learnt.coords,
+                             torch.tensor(learnt.modes[:1], dtype=torch.float32),
+                             reference.optics, reference.imaging, data.groups),
+                {"estimate": estimate}, {"uniform_8": flat, "its_own_prior": own})}
     out["wall_s"] = round(time.time() - start, 1)
     if args.json:
         args.json.write_text(json.dumps(out, indent=1) + "\n")
