@@ -43,9 +43,10 @@ from cryosvi.physics.graylevels import estimate_gray_levels, mask_radius
 from cryosvi.physics.contrast import contrast_floor, contrast_prior, level_spread
 from cryosvi.physics.noise import NoiseModel
 from cryosvi.physics.spectrum import (apply_envelope, background_levels, background_mask,
-                                      bfactor_from_gain_sums, group_sums, model_error_spectrum,
-                                      power_spectrum, shell_average, shell_gain_sums,
-                                      spectrum_from_background, spectrum_from_residuals)
+                                      bfactor_from_gain_sums, group_sums,
+                                      model_error_spectrum, power_spectrum, shell_average,
+                                      shell_gain_sums, spectrum_from_background,
+                                      spectrum_from_residuals)
 from cryosvi.reference import Reference
 
 MODEL_OPTICS = {"rlnImageSize": "box", "rlnImagePixelSize": "pixel_size",
@@ -376,6 +377,8 @@ def run_particles(table: ParticleSet, config, reference: Reference):
 NOISE_IMAGES = 2000
 """Particles (and as many prior model images) a noise model is estimated from: 2 000
 gave every shell of a 48 px box within 2 % from residuals."""
+
+
 def noise_groups(data: ParticleData, rows=None) -> tuple[torch.Tensor, int]:
     """((k,) int64, G): the noise model's group of the particles ``rows`` (None: all)
     and the number of groups: the optics group of their CTF (``ParticleData``'s
@@ -526,8 +529,8 @@ def refine_noise_model(noise: NoiseModel, data: ParticleData, reference: Referen
 
     1. B (``fit_bfactor``): the per-shell gain of the model images against the data
        (``shell_gain``, linear in the data), a Guinier line from 1/20 Å to Nyquist
-       (``spectrum.bfactor_from_gain_sums``); the model images get its envelope and it adds to
-       ``noise.bfactor`` (kept when fewer than 3 shells are measurable);
+       (``spectrum.bfactor_from_gain_sums``); the model images get its envelope and it
+       adds to ``noise.bfactor`` (kept when fewer than 3 shells are measurable);
     2. each particle's least-squares contrast a_i, and the prior's mean and std by
        the method of moments (``contrast_prior``), its floor ``contrast_floor``;
     3. R, the spectrum of the residuals x_i - a_i m_i (``spectrum_from_residuals``);

@@ -217,7 +217,7 @@ def junk_weights(log_bayes: Tensor) -> tuple[Tensor, float]:
 
 ENVELOPE_NODES = 3
 """Gauss-Hermite nodes per learnt mode of ``fitted_envelope``'s average over the
-conformations (exact for model images quadratic to quintic in the amplitudes)."""
+conformations (exact for model images polynomial in the amplitudes up to degree 5)."""
 
 
 def fitted_envelope(learnt: Reference, groups, images, rotation: Tensor, ctf,

@@ -427,7 +427,7 @@ data, 2 000 particles, SNR 0.1 and 1)."""
 
 
 def bfactor_from_gain_sums(cross: Tensor, power: Tensor, box: int,
-                     pixel_size: float) -> tuple[float, int]:
+                           pixel_size: float) -> tuple[float, int]:
     """(B Å^2, shells used): the envelope exp(-B s^2 / 4) the particles show beyond their
     model images, from the sums of ``shell_gain_sums`` (n_shells,) over them: the
     Guinier line of the gain cross / power from BFACTOR_LOW to Nyquist
