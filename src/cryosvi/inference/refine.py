@@ -66,7 +66,7 @@ from cryosvi.inference.laplace import laplace_proposal
 from cryosvi.inference.laplace_fit import LAPLACE_STARTS, laplace_fit
 from cryosvi.latents import PAPER_SITES, random_walks
 from cryosvi.physics.conditions import Conditions
-from cryosvi.physics.noise import NoiseModel
+from cryosvi.physics.noise import NoiseModel, chi2_misfit_limit
 from cryosvi.model import model
 from cryosvi.posterior import posterior_summary, weighted_summary
 from cryosvi.inference.grid import check_grid, grid_dimension, grid_refine
@@ -296,12 +296,11 @@ def _stuck(misfit: torch.Tensor, ess: torch.Tensor, n_samples: int, pixels: int,
            min_ess: float = 0.25) -> torch.Tensor:
     """(B,) bool: the particles whose Laplace refinement is not to be trusted, each
     judged alone: a mode whose misfit |r|^2 / 2 over the P whitened pixels lies more
-    than ``outlier`` standard deviations above what the noise model expects at the true
-    one (|r|^2 is then chi^2_P: |r|^2 / 2 has mean P / 2 and std sqrt(P / 2); a local
-    mode fits the image worse; with a ``noise_model``, its ``misfit_limit``, which
-    allows for per-particle noise levels), or an ESS below ``min_ess`` S (a posterior
-    far from Gaussian)."""
-    limit = pixels / 2 + outlier * math.sqrt(pixels / 2) if noise_model is None \
+    than ``outlier`` standard deviations above what the noise expects at the true one
+    (``chi2_misfit_limit``; with a ``noise_model``, its ``misfit_limit``, which allows
+    for per-particle noise levels; a local mode fits the image worse), or an ESS below
+    ``min_ess`` S (a posterior far from Gaussian)."""
+    limit = chi2_misfit_limit(pixels, outlier) if noise_model is None \
         else noise_model.misfit_limit(outlier)
     return (misfit > limit) | (ess < min_ess * n_samples)
 

@@ -112,6 +112,13 @@ def _filter(spectrum: Tensor, box: int, power: float, drop_dc: bool,
     return values * keep
 
 
+def chi2_misfit_limit(dimensions: int, sigmas: float) -> float:
+    """The largest half squared norm of ``dimensions`` whitened residuals that noise
+    alone explains, ``sigmas`` standard deviations above its expectation: |r|^2 is
+    chi^2_n, so |r|^2 / 2 has mean n / 2 and std sqrt(n / 2)."""
+    return dimensions / 2 + sigmas * math.sqrt(dimensions / 2)
+
+
 def whiten(images: Tensor, spectrum: Tensor, drop_nyquist: bool = False) -> Tensor:
     """(..., L, L): irfft2(rfft2(x) / sqrt(S)) with DC (and with ``drop_nyquist`` the
     Nyquist row and column) at 0: noise of spectrum S becomes white noise of unit
@@ -434,14 +441,14 @@ class NoiseModel:
 
     def misfit_limit(self, sigmas: float) -> float:
         """The largest half squared norm of ``residuals`` at a particle's mode that this
-        noise explains, ``sigmas`` standard deviations above its expectation: n / 2 +
-        sigmas sqrt(n / 2) (|r|^2 is chi^2_n); with ``level_std``, a worse fit is
-        explained by a higher level (noisier ice), so the limit is that of the level
-        v = m + sigmas sqrt(s^2 + 2 / n) (its prior's std and the spread of its estimate
-        from n coefficients): n / 2 plus half ``_level_residual(v)``^2."""
+        noise explains, ``sigmas`` standard deviations above its expectation
+        (``chi2_misfit_limit``); with ``level_std``, a worse fit is explained by a
+        higher level (noisier ice), so the limit is that of the level v = m + sigmas
+        sqrt(s^2 + 2 / n) (its prior's std and the spread of its estimate from n
+        coefficients): n / 2 plus half ``_level_residual(v)``^2."""
         n = self.dimensions
         if not self.level_std > 0:
-            return n / 2 + sigmas * math.sqrt(n / 2)
+            return chi2_misfit_limit(n, sigmas)
         v = -0.5 * self.level_std**2 + sigmas * math.sqrt(self.level_std**2 + 2 / n)
         rest = self._level_residual(torch.tensor(v, dtype=torch.float64))
         return n / 2 + 0.5 * float(rest) ** 2
