@@ -106,17 +106,19 @@ class Reference:
     def with_settings(self, **changes) -> "Reference":
         return replace(self, **changes)
 
-    def forward_model(self, groups=None, envelope: bool = True):
+    def forward_model(self, groups=None, envelope: bool = True, modes=None):
         """The ForwardModel of these settings; ``groups``: the ``OpticsGroups`` of
         per-particle CTFs (default: ``optics`` as the only group). ``envelope``: the
         model images get the B envelope of ``noise_model`` (its ``bfactor``, relative to
         the model) on top of each CTF's, as the likelihood and the training simulations
-        need; False: the bare model (a simulator that adds its own effects)."""
+        need; False: the bare model (a simulator that adds its own effects). ``modes``
+        (D, N, 3): displacement directions other than the reference's own (e.g. a
+        fitting basis)."""
         from cryosvi.physics.forward import ForwardModel
 
         bfactor = self.noise_model.bfactor if envelope and self.noise_model else 0.0
-        return ForwardModel(self.coords, self.modes, self.optics, self.imaging, groups,
-                            envelope_bfactor=bfactor)
+        return ForwardModel(self.coords, self.modes if modes is None else modes,
+                            self.optics, self.imaging, groups, envelope_bfactor=bfactor)
 
     def at_box(self, box: int, pixel_size: float) -> "Reference":
         """The reference for images of ``box`` px of ``pixel_size`` Å (a working box the

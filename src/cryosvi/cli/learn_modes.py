@@ -109,13 +109,12 @@ def run(args) -> None:
             args.reference or "ANM", noise_model=args.noise_model)
     output.parent.mkdir(parents=True, exist_ok=True)
     learnt.save(output)
+    envelope = "" if summary["bfactor"] is None else (
+        f", B envelope {summary['bfactor']:.1f} Å^2"
+        + ("" if summary["bfactor_shells"] else " (not measurable; none fitted)"))
     print(f"gray levels: scale {summary['scale']:.4g}, offset {summary['offset']:.4g}, "
           f"noise std {summary['noise_std']:.4g} ({summary['fitting_passes']} fitting "
-          f"pass(es)); noise model: {summary['noise_model']}"
-          + ("" if summary["bfactor"] is None else
-             f", B envelope {summary['bfactor']:.1f} Å^2"
-             + ("" if summary["bfactor_shells"] else " (not measurable; none fitted)")),
-          file=sys.stderr)
+          f"pass(es)); noise model: {summary['noise_model']}{envelope}", file=sys.stderr)
     for k, (std, rigid) in enumerate(zip(summary["mode_std"], summary["rigid_fraction"])):
         print(f"learnt mode {k + 1}: particles' std {std:.3g} Å RMS, rigid part "
               f"{100 * rigid ** 2:.0f} % of its square norm")

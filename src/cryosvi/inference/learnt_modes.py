@@ -259,8 +259,8 @@ def fitted_envelope(learnt: Reference, groups, images, rotation: Tensor, ctf,
         mean = (model.cpu().double().reshape(len(rows), count, *model.shape[1:])
                 * share[:, None, None]).sum(1)
         data = read(rows).double()
-        group = ctf.take(rows).group
-        group = torch.zeros(len(rows), dtype=torch.long) if group is None else group.cpu()
+        group = (torch.zeros(len(rows), dtype=torch.long) if ctf.group is None
+                 else ctf.group[rows.to(ctf.group.device)].cpu())
         sums += torch.stack(shell_gain_sums(data, mean, noise_model.spectra(group, data),
                                             weights[rows], noise_model.cropped))
     return bfactor_from_gain_sums(*sums, noise_model.box, noise_model.pixel_size)
@@ -336,10 +336,8 @@ def learn_modes(reference: Reference, basis: np.ndarray, images, rotation: Tenso
     fit_levels = not reference.noise.std > 0
 
     def model_at(settings: Reference) -> ForwardModel:
-        """The fitting basis's model, with the noise model's envelope where it has one."""
-        bfactor = 0.0 if settings.noise_model is None else settings.noise_model.bfactor
-        return ForwardModel(settings.coords, basis, settings.optics, settings.imaging,
-                            groups, envelope_bfactor=bfactor).to(device)
+        """The fitting basis's model (with the noise model's envelope, as every model)."""
+        return settings.forward_model(groups, modes=basis).to(device)
 
     def with_levels(amplitudes: Tensor) -> Reference:
         """The gray levels of the first GRAY_LEVEL_IMAGES particles against the model
