@@ -30,6 +30,7 @@ from cryosvi.config import PAPER_PRESET, Noise, Priors
 from cryosvi.errors import CryosviError
 from cryosvi.inference.driver import infer
 from cryosvi.inference.learnt_modes import fitting_basis, learnt_reference, rigid_blocks
+from cryosvi.inference.ppca import principal_directions
 from cryosvi.physics.structure import default_structure_path, read_structure
 from cryosvi.reference import Reference, build_reference
 from cryosvi.simulate import simulate_dataset
@@ -144,8 +145,9 @@ def _learnt(beads: str = "ca", n_modes: int = 2, blocks: int | None = 3):
     means = (0.3 + rng.normal(0, [3.0, 1.5][:n_modes], (400, n_modes)) @ directions.T
              + rng.normal(0, 0.05, (400, len(basis))))
     covariances = np.broadcast_to(0.0025 * np.eye(len(basis)), (400, len(basis), len(basis)))
-    learnt, _ = learnt_reference(reference, basis, torch.as_tensor(means),
-                                 torch.as_tensor(covariances.copy()), n_modes, {})
+    fit = principal_directions(torch.as_tensor(means), torch.as_tensor(covariances.copy()),
+                               n_modes)
+    learnt, _ = learnt_reference(reference, basis, fit, {})
     return reference, learnt
 
 

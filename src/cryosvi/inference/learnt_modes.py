@@ -17,9 +17,13 @@ posterior mode with a Laplace covariance (``cryosvi.inference.laplace``, a weak 
 prior), and the directions along which the particles spread are the maximum-likelihood
 subspace of these noisy estimates (``cryosvi.inference.ppca``: each particle's own covariance
 weighs what it says about each direction, e.g. nothing about a translation along its
-line of sight). The result is a reference whose pseudo-atoms sit at the particles' mean
-conformation and whose modes are the learnt directions, with prior stds equal to the
-particles' spread along them; ``cryosvi train --reference`` then uses it as any other.
+line of sight). Along each learnt direction, the particles' mean conformation and
+spread are then measured from each particle's likelihood on a grid
+(``cryosvi.inference.population``): at low SNR the fits stop short of the particles'
+conformations, and so does their mean. The result is a reference whose pseudo-atoms sit
+at the particles' mean conformation and whose modes are the learnt directions, with prior
+stds equal to the particles' spread along them; ``cryosvi train --reference`` then uses
+it as any other.
 """
 
 from __future__ import annotations
@@ -41,10 +45,11 @@ from cryosvi.physics.anm import rigid_basis
 from cryosvi.physics.forward import ForwardModel
 from cryosvi.physics.graylevels import MEASURABLE_Z, GrayLevels
 from cryosvi.physics.noise import NoiseModel
-from cryosvi.physics.spectrum import bfactor_from_gain_sums, n_shells, shell_gain_sums
+from cryosvi.inference.envelope import fitted_envelope
 from cryosvi.inference.junk import fit_junk_mixture
 from cryosvi.inference.laplace import gauss_newton
-from cryosvi.inference.ppca import principal_directions
+from cryosvi.inference.population import population_moments
+from cryosvi.inference.ppca import PrincipalDirections, principal_directions
 from cryosvi.reference import Reference
 
 FIT_STEP = 0.05
@@ -215,57 +220,6 @@ def junk_weights(log_bayes: Tensor) -> tuple[Tensor, float]:
     return 1.0 - mixture.p_junk, mixture.junk_fraction
 
 
-ENVELOPE_NODES = 3
-"""Gauss-Hermite nodes per learnt mode of ``fitted_envelope``'s average over the
-conformations (exact for model images polynomial in the amplitudes up to degree 5)."""
-
-
-def fitted_envelope(learnt: Reference, groups, images, rotation: Tensor, ctf,
-                    shifts: Tensor | None, weights: Tensor,
-                    chunk_size: int = 256) -> tuple[float, int]:
-    """(B Å^2, shells used): the envelope exp(-B s^2 / 4) the particles show beyond the
-    ``learnt`` reference's model images (its noise model's envelope included) at their
-    given poses, CTFs and shifts (as in ``fit_amplitudes``), weights (n,); at most
-    ``chunk_size`` model images at a time.
-
-    Against each particle's model image averaged over the learnt prior of the
-    conformations, m_i = E_a m_i(a) (Gauss-Hermite, ENVELOPE_NODES per mode), the
-    per-shell gain sum x_i . m_i / sum |m_i|^2 in the noise model's metric
-    (``spectrum.shell_gain_sums``) has expectation g(s), the envelope times the contrast,
-    when the conformations follow that prior: no fitted quantity of a particle enters
-    m_i. Then its Guinier line (``spectrum.bfactor_from_gain_sums``; B nan when fewer
-    than 3 shells are measurable). At each particle's fitted amplitudes instead, they fit
-    the noise too: B came out 82 for 100 at SNR 2, -27 on the realistic set at SNR 0.1."""
-    read = images if callable(images) else images.__getitem__
-    noise_model = learnt.noise_model
-    forward = learnt.forward_model(groups).to(rotation.device)
-    device = rotation.device
-    nodes, node_weights = np.polynomial.hermite_e.hermegauss(ENVELOPE_NODES)
-    std = torch.tensor(learnt.priors.mode_std, dtype=torch.float64)
-    grid = torch.cartesian_prod(*[torch.from_numpy(nodes)] * learnt.n_modes).reshape(
-        -1, learnt.n_modes) * std
-    share = torch.cartesian_prod(*[torch.from_numpy(node_weights / node_weights.sum())]
-                                 * learnt.n_modes).reshape(-1, learnt.n_modes).prod(1)
-    count = len(grid)
-    step = max(1, chunk_size // count)  # at most chunk_size model images at a time
-    sums = torch.zeros(2, n_shells(noise_model.box), dtype=torch.float64)
-    for start in range(0, rotation.shape[0], step):
-        rows = torch.arange(start, min(rotation.shape[0], start + step))
-        every = rows.repeat_interleave(count)
-        with torch.no_grad():
-            model = forward(grid.repeat(len(rows), 1).float().to(device),
-                            rotation[every.to(device)], None, ctf=ctf.take(every),
-                            shifts=None if shifts is None else shifts[every.to(device)])
-        mean = (model.cpu().double().reshape(len(rows), count, *model.shape[1:])
-                * share[:, None, None]).sum(1)
-        data = read(rows).double()
-        group = (torch.zeros(len(rows), dtype=torch.long) if ctf.group is None
-                 else ctf.group[rows.to(ctf.group.device)].cpu())
-        sums += torch.stack(shell_gain_sums(data, mean, noise_model.spectra(group, data),
-                                            weights[rows], noise_model.cropped))
-    return bfactor_from_gain_sums(*sums, noise_model.box, noise_model.pixel_size)
-
-
 class _PooledLeastSquares:
     """``graylevels.fit_scale_with_poses`` (images = scale * model + offset over every
     pixel, noise std from the residuals) from chunks of (images, model images): pooled
@@ -320,15 +274,18 @@ def learn_modes(reference: Reference, basis: np.ndarray, images, rotation: Tenso
     ``chunk_size`` at a time, so that memory does not grow with n beyond the fitted
     amplitudes (n, D) and covariances (n, D, D)); rotation (n, 4); ctf a ``ParticleCTF``
     of n; shifts (n, 2) Å or None; groups: the ``OpticsGroups`` of the CTFs.
-    ``progress``: as in ``fit_amplitudes``, over every fitting pass. Returns the learnt
-    reference (``learnt_reference``) and its summary, with the gray levels and fitting
-    passes. The reference's ``noise_model``, where it has one, whitens the fit's
-    residuals (``fit_amplitudes``); ``estimate_noise``, a function of the reference at
-    its gray levels returning the images' ``NoiseModel`` (e.g.
-    ``dataset.estimate_noise_model``), replaces it whenever the gray levels are set (its
-    contrast is relative to them); with a noise model, the learnt reference's keeps the
-    B envelope the particles show beyond it (``fitted_envelope``). ``weights`` (n,):
-    each particle's weight in the directions' likelihood and the envelope's fit
+    ``progress``: as in ``fit_amplitudes``, over every fitting pass and the
+    population's grid. Returns the learnt
+    reference (``learnt_reference``: the PPCA's directions, with the centre and spread
+    along each from ``population.population_moments``) and its summary, with the gray
+    levels, fitting passes, the PPCA's stds and the population's shift of its centre.
+    The reference's ``noise_model``, where it has one, whitens the fit's residuals
+    (``fit_amplitudes``); ``estimate_noise``, a function of the reference at its gray
+    levels returning the images' ``NoiseModel`` (e.g. ``dataset.estimate_noise_model``),
+    replaces it whenever the gray levels are set (its contrast is relative to them);
+    with a noise model, the learnt reference's keeps the B envelope the particles show
+    beyond it (``envelope.fitted_envelope``). ``weights`` (n,): each particle's weight
+    in the directions' likelihood, the population's and the envelope's fit
     (``principal_directions``; e.g. 1 - its junk probability)."""
     device = rotation.device
     read = images if callable(images) else images.__getitem__
@@ -385,8 +342,17 @@ def learn_modes(reference: Reference, basis: np.ndarray, images, rotation: Tenso
     # counts by its own probability of holding the molecule, times the given weight.
     own, junk_fraction = junk_weights(fitted.log_bayes)
     weights = own if weights is None else own * weights.double()
-    learnt, summary = learnt_reference(reference, basis, fitted.means, fitted.covariances,
-                                       n_modes, source or {}, weights)
+    fit = principal_directions(fitted.means, fitted.covariances, n_modes, weights=weights)
+    # The fits' mean, and so the PPCA's centre, sits toward the structure at low SNR:
+    # the centre and spread along each direction from the particles' likelihoods on a grid.
+    shift, spread = population_moments(learnt_reference(reference, basis, fit, {})[0],
+                                       groups, read, rotation, ctf, shifts, weights,
+                                       chunk_size, progress)
+    population = replace(fit, centre=fit.centre + torch.from_numpy(shift) @ fit.directions,
+                         std=torch.from_numpy(spread))
+    learnt, summary = learnt_reference(reference, basis, population, source or {})
+    summary.update(ppca_mode_std=fit.std.numpy().round(4).tolist(),
+                   population_shift=shift.round(4).tolist())
     bfactor_shells = 0
     if learnt.noise_model is not None:
         # the envelope nobody states, for ``train``'s simulations and ``infer``
@@ -460,15 +426,15 @@ def rigid_block_motions(coords: np.ndarray, labels: np.ndarray, fields: np.ndarr
     return rotations, translations
 
 
-def learnt_reference(reference: Reference, basis: np.ndarray, means: Tensor,
-                     covariances: Tensor, n_modes: int,
-                     source: dict, weights: Tensor | None = None) -> tuple[Reference, dict]:
-    """The reference of the ``n_modes`` directions along which the particles spread
-    (``cryosvi.inference.ppca.principal_directions`` of the fitted amplitudes ``means`` (n, D) and
-    ``covariances`` in the fitting ``basis`` (D, N, 3)): pseudo-atoms moved to the
-    particles' mean conformation, modes (n_modes, N, 3) orthonormal, mode stds (Å RMS)
-    the spread along each, eigenvalues the variances (Å^2). Also returns a summary:
-    each direction's components in the fitting basis, its rigid fraction, the spread.
+def learnt_reference(reference: Reference, basis: np.ndarray, fit: PrincipalDirections,
+                     source: dict) -> tuple[Reference, dict]:
+    """The reference of the k directions along which the particles spread, ``fit`` in
+    the fitting ``basis`` (D, N, 3) (``cryosvi.inference.ppca.principal_directions`` of
+    the fitted amplitudes, or with the population's centre and spread): pseudo-atoms
+    moved to the particles' mean conformation, modes (k, N, 3) orthonormal, mode stds
+    (Å RMS) the spread along each, eigenvalues the variances (Å^2). Also returns a
+    summary: each direction's components in the fitting basis, its rigid fraction, the
+    spread.
 
     The learnt reference keeps the structure's pseudo-atoms (``structure_coords``: the
     fitting reference's own) and, when the basis moves blocks of them rigidly and the
@@ -477,7 +443,7 @@ def learnt_reference(reference: Reference, basis: np.ndarray, means: Tensor,
     which ``cryosvi analyze`` moves every atom of the structure."""
     from cryosvi.reference import RigidBlocks
 
-    fit = principal_directions(means, covariances, n_modes, weights=weights)
+    n_modes = len(fit.directions)
     flat = basis.reshape(len(basis), -1)
     n_atoms = reference.n_atoms
     centre = fit.centre.numpy()
