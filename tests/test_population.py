@@ -1,6 +1,8 @@
 """``cryosvi.inference.population``: the nonparametric maximum-likelihood distribution of
 latent values on a grid, from each item's likelihood there."""
 
+from itertools import pairwise
+
 import numpy as np
 import torch
 from scipy import stats
@@ -48,7 +50,7 @@ def test_each_step_raises_the_marginal_likelihood_and_weights_count_as_copies():
 
     fits = [objective(grid_population(log_likelihood, max_iterations=k))
             for k in (1, 2, 5, 20, 100)]
-    assert all(b >= a - 1e-12 for a, b in zip(fits, fits[1:]))
+    assert all(b >= a - 1e-12 for a, b in pairwise(fits))
     weights = torch.ones(300, dtype=torch.float64)
     weights[:50], weights[50:100] = 0.0, 2.0
     weighted = grid_population(log_likelihood, weights)
