@@ -275,10 +275,10 @@ def learn_modes(reference: Reference, basis: np.ndarray, images, rotation: Tenso
     amplitudes (n, D) and covariances (n, D, D)); rotation (n, 4); ctf a ``ParticleCTF``
     of n; shifts (n, 2) Å or None; groups: the ``OpticsGroups`` of the CTFs.
     ``progress``: as in ``fit_amplitudes``, over every fitting pass and the
-    population's grid. Returns the learnt
-    reference (``learnt_reference``: the PPCA's directions, with the centre and spread
-    along each from ``population.population_moments``) and its summary, with the gray
-    levels, fitting passes, the PPCA's stds and the population's shift of its centre.
+    population's grid. Returns the learnt reference (``learnt_reference``: the PPCA's
+    directions, with the centre and spread along each from
+    ``population.population_moments``) and its summary, with the gray levels, fitting
+    passes, the PPCA's stds and the population's shift of its centre.
     The reference's ``noise_model``, where it has one, whitens the fit's residuals
     (``fit_amplitudes``); ``estimate_noise``, a function of the reference at its gray
     levels returning the images' ``NoiseModel`` (e.g. ``dataset.estimate_noise_model``),
