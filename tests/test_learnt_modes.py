@@ -10,7 +10,7 @@ import pytest
 from cryosvi.physics.anm import rigid_basis
 from cryosvi.cli.main import main
 from cryosvi.config import PAPER_PRESET, Noise, Priors
-from cryosvi.inference.learnt_modes import fitting_basis, rigid_blocks
+from cryosvi.inference.learnt_modes import fitting_basis, rigid_blocks, sequence_blocks
 from cryosvi.reference import Reference, build_reference
 from cryosvi.simulate import Acquisition, ImageEffects, simulate_dataset
 from cryosvi.physics.structure import default_structure_path
@@ -56,6 +56,29 @@ def test_block_basis_spans_each_blocks_and_the_whole_molecules_rigid_motions():
         rigid_blocks(reference.coords, len(reference.coords))
 
 
+def test_sequence_blocks_are_the_most_compact_cut_of_the_chain():
+    """The dynamic programme's segments against every way to cut a random chain of 24
+    pseudo-atoms into 2 or 3 segments of at least 3: the same least sum of squares."""
+    import itertools
+
+    def spread(x, labels):
+        return sum(np.square(x[labels == b] - x[labels == b].mean(0)).sum()
+                   for b in range(labels.max() + 1))
+
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        x = rng.normal(size=(24, 3)).cumsum(0)
+        for k in (2, 3):
+            labels = sequence_blocks(x, k)
+            assert (np.diff(labels) >= 0).all() and np.bincount(labels).min() >= 3
+            best = min(spread(x, np.searchsorted(np.array(cuts), np.arange(24), "right"))
+                       for cuts in itertools.combinations(range(3, 22), k - 1)
+                       if min(np.diff((0, *cuts, 24))) >= 3)
+            assert spread(x, labels) == pytest.approx(best, rel=1e-12)
+    with pytest.raises(ValueError, match="blocks"):
+        sequence_blocks(x, 9)
+
+
 def hinge_of_block(coords, labels, block) -> np.ndarray:
     """(3N,) unit: block ``block`` rotating about an axis through the point of the
     other atoms nearest to its centroid (a hinge), the rest still."""
@@ -98,6 +121,22 @@ def test_recovers_a_hinge_of_one_block_by_default(tmp_path, capsys):
     # the fit whitened by the estimate (with its per-particle levels) keeps the spread
     assert learnt.priors.mode_std[0] == pytest.approx(1.5, rel=0.15)
     assert learnt.noise_model is not None  # kept for train
+
+
+def test_segments_of_the_chain_hold_a_hinge_of_a_stretch_of_it(tmp_path, capsys):
+    """A hinge of the first of 3 compact segments of the chain: learnt in the basis of
+    chain segments (``--basis segments``)."""
+    base = reference_with(1)
+    direction = hinge_of_block(base.coords, sequence_blocks(base.coords, 3), 0)
+    data = simulate_along(tmp_path, direction, base)
+    learnt_path = tmp_path / "learnt.npz"
+    assert main(["learn-modes", "--particles", str(data / "particles.star"), "--stride",
+                 str(STRIDE), "--structure", str(default_structure_path()), "--chain", "A",
+                 "--basis", "segments", "-o", str(learnt_path), "--quiet"]) == 0
+    assert "rigid motions of 3 chain segments" in capsys.readouterr().out
+    learnt = Reference.load(learnt_path)
+    assert abs(float(learnt.modes.reshape(-1) @ direction)) > 0.97
+    assert learnt.priors.mode_std[0] == pytest.approx(1.5, rel=0.15)
 
 
 def test_fits_the_envelope_nobody_states_and_keeps_it_for_train(tmp_path, capsys):

@@ -34,12 +34,14 @@ def register(subparsers, summary: str) -> None:
                         "and CTF estimates")
     add_particle_source_arguments(parser)
     add_reference_arguments(parser, required=True)
-    parser.add_argument("--basis", choices=["blocks", "anm"], default="blocks",
+    parser.add_argument("--basis", choices=["blocks", "segments", "anm"], default="blocks",
                         help="fitting basis: the rigid motions of --blocks compact blocks "
-                        "of pseudo-atoms (k-means of their positions), or the reference's "
-                        "lowest ANM modes and the 6 rigid motions")
+                        "of pseudo-atoms (k-means of their positions), of --blocks "
+                        "segments of the chain (contiguous in sequence, each as compact "
+                        "as can be), or the reference's lowest ANM modes and the 6 rigid "
+                        "motions")
     parser.add_argument("--blocks", type=integer_between(1, 100), default=3,
-                        help="with --basis blocks: number of blocks")
+                        help="with --basis blocks or segments: number of blocks")
     parser.add_argument("--anm-modes", dest="n_modes", metavar="K",
                         type=integer_between(1, 100), default=10,
                         help="with --basis anm and --structure: ANM modes in the basis")
@@ -91,22 +93,23 @@ def run(args) -> None:
                            "belong to it; write the learnt reference elsewhere")
     device = check_device(args.device)
     table = read_particles(args.particles, args.datadir, args.invert)
-    if args.basis == "blocks" and args.structure:
+    if args.basis != "anm" and args.structure:
         args.n_modes = 1  # the reference's ANM modes are not used
     reference = reference_from_args(args, args.particles)
     count = min(len(table), args.max_particles)
     with tqdm(total=count, desc="fitting", unit="particle", disable=args.quiet,
               file=sys.stderr) as bar:
         def progress(done: int) -> None:
-            if bar.n + done > bar.total:  # a second pass with refitted gray levels
+            if bar.n + done > bar.total:  # a second pass (refitted gray levels, the grid)
                 bar.reset()
             bar.update(done)
 
         learnt, summary = learn_modes_from_particles(
             table, reference, args.learnt_modes,
-            args.blocks if args.basis == "blocks" else None, args.box, args.max_particles,
+            args.blocks if args.basis != "anm" else None, args.box, args.max_particles,
             args.seed, args.noise_std, args.prior_std, args.iterations, device, progress,
-            args.reference or "ANM", noise_model=args.noise_model)
+            args.reference or "ANM", noise_model=args.noise_model,
+            contiguous=args.basis == "segments")
     output.parent.mkdir(parents=True, exist_ok=True)
     learnt.save(output)
     envelope = "" if summary["bfactor"] is None else (

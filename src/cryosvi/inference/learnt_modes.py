@@ -84,6 +84,36 @@ def rigid_blocks(coords: np.ndarray, n_blocks: int, restarts: int = 10) -> np.nd
     return labels
 
 
+def sequence_blocks(coords: np.ndarray, n_blocks: int) -> np.ndarray:
+    """(N,) int labels 0..n_blocks-1, non-decreasing: the pseudo-atoms, in chain order,
+    cut into ``n_blocks`` segments of at least 3 that are contiguous in sequence, with
+    the lowest within-segment sum of squares of the positions (exact, by dynamic
+    programming over the cut points: Bellman 1961, Commun. ACM 4: 284). Domains are
+    mostly stretches of the chain, which k-means of the positions does not know."""
+    x = np.asarray(coords, np.float64)
+    n = len(x)
+    if not 1 <= n_blocks <= n // 3:
+        raise ValueError(f"{n_blocks} blocks: the {n} pseudo-atoms make at most "
+                         f"{n // 3} blocks of 3")
+    sums = np.concatenate([np.zeros((1, 3)), np.cumsum(x, 0)])
+    squares = np.concatenate([[0.0], np.cumsum(np.square(x).sum(1))])
+    cost = np.full((n_blocks + 1, n + 1), np.inf)  # of the first j atoms in m segments
+    cut = np.zeros((n_blocks + 1, n + 1), int)
+    cost[0, 0] = 0.0
+    for m in range(1, n_blocks + 1):
+        for j in range(3 * m, n + 1):
+            i = np.arange(3 * (m - 1), j - 2)  # the segment i..j-1
+            within = squares[j] - squares[i] - np.square(sums[j] - sums[i]).sum(1) / (j - i)
+            total = cost[m - 1, i] + within
+            cut[m, j] = i[np.argmin(total)]
+            cost[m, j] = total.min()
+    labels, end = np.zeros(n, int), n
+    for m in range(n_blocks, 0, -1):
+        labels[cut[m, end]:end] = m - 1
+        end = cut[m, end]
+    return labels
+
+
 def _orthonormal_rows(vectors: np.ndarray, n_atoms: int) -> np.ndarray:
     """(D, N, 3): an orthonormal basis of the span of the rows of ``vectors`` (m, 3N),
     in the order of the rows (Gram-Schmidt by QR), dropping rows in the span of earlier
@@ -95,22 +125,24 @@ def _orthonormal_rows(vectors: np.ndarray, n_atoms: int) -> np.ndarray:
     return q[:, keep].T.reshape(int(keep.sum()), n_atoms, 3)
 
 
-def fitting_basis(reference: Reference, blocks: int | None = None) -> np.ndarray:
+def fitting_basis(reference: Reference, blocks: int | None = None,
+                  contiguous: bool = False) -> np.ndarray:
     """(D, N, 3) float64, orthonormal as 3N-vectors in the modes' amplitude units.
 
     ``blocks`` None: the reference's K modes and the 6 rigid motions of its pseudo-atoms
     (D = K + 6). ``blocks`` B: the rigid motions of each of B compact blocks of
-    pseudo-atoms (``rigid_blocks``; D = 6 B), the rotation-translation-block basis of
-    Tama et al. (2000, Proteins 41: 1) with blocks from the geometry: a domain moving as
-    a body (a hinge, most open-closed changes) is in its span when the blocks follow the
-    domains, and the whole molecule's rigid motions are too.
+    pseudo-atoms (``rigid_blocks``, or with ``contiguous`` ``sequence_blocks``; D = 6 B),
+    the rotation-translation-block basis of Tama et al. (2000, Proteins 41: 1) with
+    blocks from the geometry: a domain moving as a body (a hinge, most open-closed
+    changes) is in its span when the blocks follow the domains, and the whole molecule's
+    rigid motions are too.
     """
     n_atoms = reference.n_atoms
     if blocks is None:
         rows = [np.asarray(reference.modes, np.float64).reshape(reference.n_modes, -1),
                 rigid_basis(reference.coords).T]
     else:
-        labels = rigid_blocks(reference.coords, blocks)
+        labels = (sequence_blocks if contiguous else rigid_blocks)(reference.coords, blocks)
         rows = []
         for block in range(blocks):
             inside = labels == block
@@ -484,16 +516,16 @@ def learn_modes_from_particles(table: ParticleSet, reference: Reference, n_modes
                                noise_std: float | None = None, prior_std: float = 10.0,
                                iterations: int = 10, device="cpu", progress=None,
                                reference_name: str = "ANM",
-                               chunk_size: int = 256,
-                               noise_model: str = "auto") -> tuple[Reference, dict]:
+                               chunk_size: int = 256, noise_model: str = "auto",
+                               contiguous: bool = False) -> tuple[Reference, dict]:
     """``cryosvi learn-modes``: the reference of ``n_modes`` modes learnt from the
     particles of ``table`` (a consensus refinement: poses and CTF estimates; CryosviError
     without them) and ``reference`` (at the particles' box and pixel size).
 
     The particles are Fourier-cropped to the working box ``box`` (``dataset.working_box``),
     at most ``max_particles`` of them (a random subset drawn with ``seed``) are fitted in
-    the basis of ``blocks`` rigid blocks (None: the reference's modes and the rigid
-    motions; ``fitting_basis``), with the gray levels and noise std fitted unless
+    the basis of ``blocks`` rigid blocks (``contiguous``: segments of the chain; None: the
+    reference's modes and the rigid motions; ``fitting_basis``), with the gray levels and noise std fitted unless
     ``noise_std`` is given (``reference_name``: how the basis names the reference's
     modes). The images are read from the stacks (memory-mapped) a chunk at a time as
     the fit needs them (``learn_modes``: at most ``chunk_size`` images, and the fit's
@@ -514,10 +546,11 @@ def learn_modes_from_particles(table: ParticleSet, reference: Reference, n_modes
     table.require("rlnImageName")
     reference = priors_from_particles(table, working_reference(table, reference, box))
     try:
-        fitting = fitting_basis(reference, blocks)
+        fitting = fitting_basis(reference, blocks, contiguous)
     except ValueError as error:  # more blocks than the pseudo-atoms allow
         raise CryosviError(f"--blocks {error}") from None
-    basis = (f"rigid motions of {blocks} blocks" if blocks else
+    basis = (f"rigid motions of {blocks} {'chain segments' if contiguous else 'blocks'}"
+             if blocks else
              f"{reference.n_modes} modes of {reference_name} + 6 rigid motions")
     if n_modes > len(fitting):
         raise CryosviError(f"--n-modes {n_modes}: the fitting basis ({basis}) has "
