@@ -103,40 +103,28 @@ def simulate_along(tmp_path, direction: np.ndarray, base: Reference,
     return data
 
 
-def test_recovers_a_hinge_of_one_block_by_default(tmp_path, capsys):
-    """A domain hinging on the rest (the default basis: rigid blocks, the default noise
-    model: the particles' own estimate, which the learnt reference keeps)."""
+@pytest.mark.parametrize("basis, blocks, named", [
+    (None, rigid_blocks, "3 blocks"), ("segments", sequence_blocks, "3 chain segments")])
+def test_recovers_a_hinge_of_one_block(tmp_path, capsys, basis, blocks, named):
+    """A domain hinging on the rest: a k-means block in the default basis (rigid blocks;
+    the default noise model: the particles' own estimate, which the learnt reference
+    keeps), a stretch of the chain with ``--basis segments``."""
     base = reference_with(1)
-    direction = hinge_of_block(base.coords, rigid_blocks(base.coords, 3), 0)
+    direction = hinge_of_block(base.coords, blocks(base.coords, 3), 0)
     data = simulate_along(tmp_path, direction, base)
     learnt_path = tmp_path / "learnt.npz"
     assert main(["learn-modes", "--particles", str(data / "particles.star"), "--stride",
                  str(STRIDE), "--structure", str(default_structure_path()), "--chain", "A",
-                 "-o", str(learnt_path), "--quiet"]) == 0
+                 *(["--basis", basis] if basis else []), "-o", str(learnt_path),
+                 "--quiet"]) == 0
     captured = capsys.readouterr()
-    assert "rigid motions of 3 blocks" in captured.out
+    assert f"rigid motions of {named}" in captured.out
     assert "noise model: estimate" in captured.err  # a bare structure: 'auto' estimates
     learnt = Reference.load(learnt_path)
     assert abs(float(learnt.modes.reshape(-1) @ direction)) > 0.97
     # the fit whitened by the estimate (with its per-particle levels) keeps the spread
     assert learnt.priors.mode_std[0] == pytest.approx(1.5, rel=0.15)
     assert learnt.noise_model is not None  # kept for train
-
-
-def test_segments_of_the_chain_hold_a_hinge_of_a_stretch_of_it(tmp_path, capsys):
-    """A hinge of the first of 3 compact segments of the chain: learnt in the basis of
-    chain segments (``--basis segments``)."""
-    base = reference_with(1)
-    direction = hinge_of_block(base.coords, sequence_blocks(base.coords, 3), 0)
-    data = simulate_along(tmp_path, direction, base)
-    learnt_path = tmp_path / "learnt.npz"
-    assert main(["learn-modes", "--particles", str(data / "particles.star"), "--stride",
-                 str(STRIDE), "--structure", str(default_structure_path()), "--chain", "A",
-                 "--basis", "segments", "-o", str(learnt_path), "--quiet"]) == 0
-    assert "rigid motions of 3 chain segments" in capsys.readouterr().out
-    learnt = Reference.load(learnt_path)
-    assert abs(float(learnt.modes.reshape(-1) @ direction)) > 0.97
-    assert learnt.priors.mode_std[0] == pytest.approx(1.5, rel=0.15)
 
 
 def test_fits_the_envelope_nobody_states_and_keeps_it_for_train(tmp_path, capsys):
