@@ -90,27 +90,37 @@ def population_moments(learnt: Reference, groups, images, rotation: Tensor, ctf,
     n, k = rotation.shape[0], learnt.n_modes
     means = np.zeros(k)
     stds = np.array(learnt.priors.mode_std, dtype=np.float64)
+    step = max(1, chunk_size // NODES)  # particles imaged at every node at once
+
+    @torch.no_grad()
+    def node_log_likelihoods(points: Tensor, rows: Tensor, data: Tensor) -> Tensor:
+        """(NODES, r) float64: the images ``data`` (r, L, L) of the particles ``rows``
+        (r,) under the model at each of ``points`` (NODES, k): every image transformed
+        once for all the nodes (the Measurement broadcasts it)."""
+        every = rows.repeat(NODES)  # node-major
+        model = forward(points.repeat_interleave(len(rows), 0).float().to(device),
+                        rotation[every.to(device)], None, ctf=ctf.take(every),
+                        shifts=None if shifts is None else shifts[every.to(device)])
+        model = model.double().view(NODES, len(rows), *model.shape[1:])
+        if noise_model is None:
+            return WhiteNoise(model, learnt.noise.std).log_prob(data).double().cpu()
+        group = None if ctf.group is None else ctf.group[rows.to(ctf.group.device)]
+        return Measurement(model, group, noise_model).log_prob(data).double().cpu()
+
     for mode in range(k):
         half_width = max(WIDTH * stds[mode], MIN_HALF_WIDTH)
         nodes = torch.linspace(-half_width, half_width, NODES, dtype=torch.float64)
+        points = torch.from_numpy(means).repeat(NODES, 1)  # (NODES, k) amplitudes
+        points[:, mode] += nodes
         log_likelihood = torch.empty(NODES, n, dtype=torch.float64)
         for start in range(0, n, chunk_size):
-            rows = torch.arange(start, min(n, start + chunk_size))
-            data = read(rows).to(device).double()
-            group = None if ctf.group is None else ctf.group[rows.to(ctf.group.device)]
-            chunk_ctf = ctf.take(rows)
-            chunk_shifts = None if shifts is None else shifts[rows.to(device)]
-            amplitudes = torch.tensor(means, dtype=torch.float32).repeat(len(rows), 1)
-            for j, node in enumerate(nodes.tolist()):
-                amplitudes[:, mode] = means[mode] + node
-                with torch.no_grad():
-                    model = forward(amplitudes.to(device), rotation[rows.to(device)], None,
-                                    ctf=chunk_ctf, shifts=chunk_shifts).double()
-                    measurement = WhiteNoise(model, learnt.noise.std) if noise_model is None \
-                        else Measurement(model, group, noise_model)
-                    log_likelihood[j, rows] = measurement.log_prob(data).double().cpu()
+            chunk = read(torch.arange(start, min(n, start + chunk_size))).to(device).double()
+            for first in range(0, len(chunk), step):
+                rows = torch.arange(start + first, start + min(len(chunk), first + step))
+                log_likelihood[:, rows] = node_log_likelihoods(points, rows,
+                                                               chunk[first:first + step])
             if progress is not None:
-                progress(len(rows))
+                progress(len(chunk))
         mass = grid_population(log_likelihood, weights)
         centre = float((mass * nodes).sum())
         means[mode] += centre
