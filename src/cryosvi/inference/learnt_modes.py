@@ -522,21 +522,22 @@ def learn_modes_from_particles(table: ParticleSet, reference: Reference, n_modes
     particles of ``table`` (a consensus refinement: poses and CTF estimates; CryosviError
     without them) and ``reference`` (at the particles' box and pixel size).
 
-    The particles are Fourier-cropped to the working box ``box`` (``dataset.working_box``),
-    at most ``max_particles`` of them (a random subset drawn with ``seed``) are fitted in
-    the basis of ``blocks`` rigid blocks (``contiguous``: segments of the chain; None: the
-    reference's modes and the rigid motions; ``fitting_basis``), with the gray levels and noise std fitted unless
-    ``noise_std`` is given (``reference_name``: how the basis names the reference's
-    modes). The images are read from the stacks (memory-mapped) a chunk at a time as
-    the fit needs them (``learn_modes``: at most ``chunk_size`` images, and the fit's
-    batches of 64), never all at once. A ``JUNK_COLUMN`` in the table (a posterior of
-    ``cryosvi infer``) weighs each particle by 1 - its junk probability in the
-    directions' fit, so that junk does not pull them. Returns the learnt reference and
-    ``learn_modes``'s summary, with 'basis' (what the basis is) and 'fitted_particles'.
-    ``noise_model`` (``dataset.NOISE_MODELS``; 'auto' resolved by
-    ``dataset.resolve_noise_model``): 'estimate' measures the particles' coloured noise
-    (``dataset.estimate_noise_model``) at the fitted gray levels; it whitens the fit and
-    the learnt reference keeps it for ``cryosvi train``.
+    The particles are Fourier-cropped to the working box ``box``
+    (``dataset.working_box``), at most ``max_particles`` of them (a random subset drawn
+    with ``seed``) are fitted in the basis of ``blocks`` rigid blocks (``contiguous``:
+    segments of the chain; None: the reference's modes and the rigid motions;
+    ``fitting_basis``), with the gray levels and noise std fitted unless ``noise_std``
+    is given (``reference_name``: how the basis names the reference's modes). The images
+    are read from the stacks (memory-mapped) a chunk at a time as the fit needs them
+    (``learn_modes``: at most ``chunk_size`` images, and the fit's batches of 64), never
+    all at once. A ``JUNK_COLUMN`` in the table (a posterior of ``cryosvi infer``)
+    weighs each particle by 1 - its junk probability in the directions' fit, so that
+    junk does not pull them. Returns the learnt reference and ``learn_modes``'s summary,
+    with 'basis' (what the basis is) and 'fitted_particles'. ``noise_model``
+    (``dataset.NOISE_MODELS``; 'auto' resolved by ``dataset.resolve_noise_model``):
+    'estimate' measures the particles' coloured noise (``dataset.estimate_noise_model``)
+    at the fitted gray levels; it whitens the fit and the learnt reference keeps it for
+    ``cryosvi train``.
     """
     missing = [c for c in (*ANGLES, "rlnDefocusU") if not table.has(c)]
     if missing or not has_ctf_estimates(table):
