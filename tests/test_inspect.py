@@ -45,9 +45,18 @@ def test_png_is_written_and_never_replaces_a_foreign_file(tmp_path, capsys):
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and b"cryosvi inspect" in data
     assert run(["inspect", str(path), "-o", str(png)], capsys)[0] == 0  # its own: replaced
-    png.write_bytes(b"my picture")
+    mine = b"\x89PNG\r\n\x1a\n my picture"
+    png.write_bytes(mine)
     code, _, err = run(["inspect", str(path), "-o", str(png)], capsys)
     assert code == 2 and "not written by cryosvi inspect" in err
-    assert png.read_bytes() == b"my picture"
+    assert png.read_bytes() == mine
     assert run(["inspect", str(path), "-o", str(png), "--force"], capsys)[0] == 0
-    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert png.read_bytes()[:4] == b"\x89PNG" and png.read_bytes() != mine
+    # never the input, nor a file that is not a PNG, even with --force
+    before = path.read_bytes()
+    code, _, err = run(["inspect", str(path), "-o", str(path), "--force"], capsys)
+    assert code == 2 and "also an input" in err and path.read_bytes() == before
+    notes = tmp_path / "notes.txt"
+    notes.write_bytes(b"my notes")
+    code, _, err = run(["inspect", str(path), "-o", str(notes), "--force"], capsys)
+    assert code == 2 and "is not a PNG" in err and notes.read_bytes() == b"my notes"

@@ -39,7 +39,7 @@ def run(args) -> None:
 
     output = Path(args.output) if args.output is not None else None
     if output is not None:
-        check_output(args.output, args.force)
+        check_output(args.output, args.force, inputs=[args.file])
     particles = read_particles(args.file, args.datadir, args.invert)
     for line in describe(particles):
         print(line)
@@ -94,19 +94,35 @@ def describe(particles) -> list[str]:
     return lines
 
 
-def check_output(path: str | Path, force: bool) -> None:
+def check_output(path: str | Path, force: bool, inputs=()) -> None:
     """Refuse a place that cannot be written (``cryosvi.io.outputs.check_writable``), a
-    missing folder, and a file that this command did not write, unless --force."""
-    from cryosvi.io.outputs import check_writable
+    missing folder, an input, a file that is not a PNG, and a PNG that this command did
+    not write unless --force."""
+    from cryosvi.io.outputs import check_writable, same_path
 
+    if any(same_path(path, source) for source in inputs):
+        raise CryosviError(f"-o {path} is also an input of this command; choose another "
+                           "output name")
     path = check_writable(path)
     if path.is_dir():
         raise CryosviError(f"-o {path} is a directory")
     if not path.parent.is_dir():
         raise CryosviError(f"-o {path}: folder {path.parent} does not exist")
-    if path.exists() and not force and not _written_here(path):
-        raise CryosviError(f"{path} exists and was not written by cryosvi inspect; choose "
-                           "another -o or use --force")
+    if path.exists() and not _written_here(path):
+        if not _is_png(path):
+            raise CryosviError(f"{path} exists and is not a PNG; --force replaces only a "
+                               "PNG, so remove it yourself or choose another -o")
+        if not force:
+            raise CryosviError(f"{path} exists and was not written by cryosvi inspect; "
+                               "choose another -o or use --force")
+
+
+def _is_png(path: Path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(8) == b"\x89PNG\r\n\x1a\n"
+    except OSError:
+        return False
 
 
 def _written_here(path: Path) -> bool:
