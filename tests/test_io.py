@@ -80,7 +80,7 @@ def test_a_mode_that_disagrees_with_the_file_size_is_refused(tmp_path):
 
 def test_image_names_with_any_padding():
     index, files = parse_image_names(["000001@a.mrcs", "12@dir/b.mrcs", "single.mrc"])
-    assert index.tolist() == [0, 11, 0]
+    assert index.tolist() == [0, 11, -1]  # -1: the file's only image
     assert files.tolist() == ["a.mrcs", "dir/b.mrcs", "single.mrc"]
     for bad in ("0@a.mrcs", "x@a.mrcs", "1.5@a.mrcs"):
         with pytest.raises(CryosviError, match="rlnImageName"):

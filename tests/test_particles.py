@@ -83,6 +83,20 @@ def test_single_2d_image_and_datadir(tmp_path):
     np.testing.assert_array_equal(ps.images([0, 1]), np.concatenate([image, image]))
 
 
+def test_a_name_without_an_image_number_must_name_a_single_image(tmp_path):
+    """'stack.mrcs' alone names a file's only image; on a stack of 4 it is refused
+    rather than read as image 1."""
+    write_stack(tmp_path / "four.mrcs")
+    frame = pd.DataFrame({"rlnImageName": ["2@four.mrcs", "four.mrcs"],
+                          "rlnDefocusU": [1e4, 1e4], "rlnOpticsGroup": [1, 1]})
+    optics = pd.DataFrame({"rlnOpticsGroup": [1], "rlnVoltage": [300.0],
+                           "rlnSphericalAberration": [2.7], "rlnAmplitudeContrast": [0.1],
+                           "rlnImagePixelSize": [1.5], "rlnImageSize": [8]})
+    starfile.write({"optics": optics, "particles": frame}, tmp_path / "p.star")
+    with pytest.raises(CryosviError, match="particle 2 .*without an image number.*4 images"):
+        read_particles(tmp_path / "p.star").images([0])
+
+
 # Origins in pixels, pixel sizes 1.5 and 2.0 Å (groups 1, 2, 2): by hand, Å = px * pixel.
 PIXEL_ORIGINS_ANGST = {"rlnOriginXAngst": [1.0 * 1.5, 3.0 * 2.0, -0.5 * 2.0],
                        "rlnOriginYAngst": [-2.0 * 1.5, 4.0 * 2.0, 0.25 * 2.0]}

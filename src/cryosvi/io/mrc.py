@@ -171,7 +171,8 @@ def open_stack(path: Path) -> Stack:
 
 def parse_image_names(names) -> tuple[np.ndarray, np.ndarray]:
     """RELION ``rlnImageName`` values ``'000001@stack.mrcs'`` -> (0-based index, file);
-    a name without '@' is a single image (index 0). Vectorised with pandas."""
+    a name without '@' names a file of a single image (index -1, which the reader checks
+    and reads as image 0). Vectorised with pandas."""
     import pandas as pd
 
     names = pd.Series(np.asarray(names, dtype=object)).astype(str)
@@ -184,4 +185,6 @@ def parse_image_names(names) -> tuple[np.ndarray, np.ndarray]:
         raise CryosviError(f"rlnImageName {example!r} does not look like "
                            "'000001@particles.mrcs' (image numbers start at 1)")
     files = np.where(has_at, parts[2].to_numpy(str), names.to_numpy(str))
-    return number.astype(np.int64) - 1, files
+    index = number.astype(np.int64) - 1
+    index[~has_at] = -1
+    return index, files

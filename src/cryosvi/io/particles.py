@@ -197,6 +197,11 @@ class ParticleSet:
                                f"{DATADIR_HINT}")
         stack = open_stack(where)
         largest = int(index[rows].max())
+        if stack.count != 1 and (index[rows] < 0).any():
+            row = rows[int(np.argmin(index[rows]))]
+            raise CryosviError(f"particle {row + 1} of {self.path.name} names {names[k]} "
+                               f"without an image number, but it holds {stack.count} "
+                               f"images; write NNNNNN@{names[k]}")
         if largest >= stack.count:
             row = rows[int(np.argmax(index[rows]))]
             raise CryosviError(f"{where} has {stack.count} image(s) but particle {row + 1} "
@@ -262,7 +267,7 @@ class ParticleSet:
         for k in np.unique(chosen):
             where = np.flatnonzero(chosen == k)
             part = out[where] if where.size < indices.size else out
-            self.stack(int(k)).read(index[indices[where]], part)
+            self.stack(int(k)).read(np.maximum(index[indices[where]], 0), part)
             if part is not out:
                 out[where] = part
         bad = ~np.isfinite(out).all(axis=(1, 2))
