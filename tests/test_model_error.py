@@ -217,3 +217,23 @@ def test_closed_form_toy_coverage_of_a_linear_amplitude():
     assert alone < 0.85 and 0.95 <= with_error <= 0.99, (alone, with_error)
     assert abs(monte_carlo(noise) - alone) < 2 * tolerance
     assert abs(monte_carlo(noise + 2 * error) - with_error) < tolerance
+
+
+def test_particles_of_other_optics_groups_are_refused(runs, tmp_path):
+    """The run's noise spectra go with its training's optics groups (one here): particles
+    in two groups, read with their CTF estimates, end in one error line, not in a shape
+    error deep in the model-error pass."""
+    from dataclasses import replace
+
+    from cryosvi.dataset import run_particles
+    from cryosvi.rundir import load_trained
+    from cryosvi.simulate import Acquisition, group_optics
+
+    root, reference, _, _ = runs
+    simulate_dataset(reference, 20, tmp_path / "two", seed=1, progress=False,
+                     acquisition=Acquisition(groups=group_optics(reference.optics, 2)))
+    _, trained, guide = load_trained(root / "run", "cpu")
+    table = read_particles(tmp_path / "two" / "particles.star")
+    config = replace(guide.config, ctf_estimates=True)
+    with pytest.raises(CryosviError, match="2 optics group.*measured on 1"):
+        run_particles(table, config, trained)

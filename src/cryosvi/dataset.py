@@ -369,6 +369,13 @@ def run_particles(table: ParticleSet, config, reference: Reference):
         raise CryosviError(f"{table.path}: the run uses per-particle CTF estimates "
                            "(rlnDefocusU/V/Angle) and this file has none")
     data = ParticleData(table, box, config.ctf_estimates)
+    noise, groups = reference.noise_model, noise_groups(data, [])[1]
+    if noise is not None and groups != noise.n_groups:
+        raise CryosviError(f"{table.path}: the particles use {groups} "
+                           f"optics group(s), but the run's noise model was measured on "
+                           f"{noise.n_groups} (each group's spectrum goes with the groups in "
+                           "the order of their rlnOpticsGroup); infer particles of the "
+                           "training's optics groups, or train on these")
     fixed = [s for s in config.sites if s not in config.latents]
     return data, known_values(table, fixed, config)
 
