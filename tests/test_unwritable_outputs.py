@@ -260,3 +260,28 @@ def test_a_read_only_file_system_is_refused(tmp_path):
     for line in lines:
         assert f"{mount} is on a read-only file system" in line, line
     assert list(mount.iterdir()) == []
+
+
+@pytest.mark.skipif(not mount_namespace_works(), reason="no user and mount namespaces")
+def test_a_full_disk_ends_in_one_error_line(tmp_path):
+    """A 64 KiB tmpfs, too small for the outputs: simulate refuses before any work (it
+    knows its size), modes' archive fails while being written; one error line each,
+    not a traceback."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    script = (
+        "import sys; from cryosvi.cli.main import main; "
+        f"codes = [main(['simulate', '-n', '200', '-o', r'{mount / 'data'}']), "
+        f"main(['modes', '--n-modes', '20', '-o', r'{mount / 'm.npz'}'])]; "
+        "print(codes); sys.exit(0 if codes == [2, 1] else 1)")
+    paths = [str(Path(__file__).resolve().parents[1] / "src"), os.environ.get("PYTHONPATH")]
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+    mount_then_run = 'mount -t tmpfs -o size=64k none "$0" && exec "$1" -c "$2"'
+    result = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", mount_then_run, str(mount), sys.executable, script],
+        capture_output=True, text=True, env=environment, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    lines = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 2 and "Traceback" not in result.stderr, result.stderr[-4000:]
+    assert "MiB but" in lines[0] and "KiB" not in lines[0], lines[0]
+    assert "No space left on device" in lines[1], lines[1]

@@ -154,6 +154,9 @@ def memory_bytes(device: str) -> int:
 
 
 def gib(n_bytes: float) -> str:
+    """A size for a message: GiB, or MiB below 1 GiB (never '0.0 GiB')."""
+    if n_bytes < 2**30:
+        return f"{n_bytes / 2**20:,.1f} MiB"
     return f"{n_bytes / 2**30:,.1f} GiB"
 
 

@@ -83,6 +83,10 @@ def _one_line_warning(command: str):
     return show
 
 
+TORCH_WRITE_FAILURES = ("PytorchStreamWriter", "inline_container")
+"""What torch.save's RuntimeError says when the file cannot be written (a full disk)."""
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(argv)
@@ -99,6 +103,17 @@ def main(argv: list[str] | None = None) -> int:
     except CryosviError as error:
         print(f"cryosvi {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # the machine's, not the code's: a full disk, a lost mount
+        where = "".join(f" ({name})" for name in (error.filename, error.filename2) if name)
+        print(f"cryosvi {args.command}: error: {error.strerror or error}{where}",
+              file=sys.stderr)
+        return 1
+    except RuntimeError as error:
+        if not any(mark in str(error) for mark in TORCH_WRITE_FAILURES):
+            raise
+        print(f"cryosvi {args.command}: error: writing a checkpoint failed (is the disk "
+              f"full?): {str(error).splitlines()[0]}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"cryosvi {args.command}: interrupted", file=sys.stderr)
         return 130
