@@ -29,7 +29,8 @@ from cryosvi.cli.main import main
 from cryosvi.config import PAPER_PRESET, Noise, Priors
 from cryosvi.errors import CryosviError
 from cryosvi.inference.driver import infer
-from cryosvi.inference.learnt_modes import fitting_basis, learnt_reference, rigid_blocks
+from cryosvi.inference.fitting_basis import fitting_basis, rigid_blocks
+from cryosvi.inference.learnt_modes import learnt_reference
 from cryosvi.inference.ppca import principal_directions
 from cryosvi.physics.structure import default_structure_path, read_structure
 from cryosvi.reference import Reference, build_reference

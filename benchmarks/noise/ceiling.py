@@ -48,7 +48,7 @@ from cryosvi.dataset import (ParticleData, data_box, data_pixel_size,
                              estimate_noise_model, refine_noise_model)
 from cryosvi.io.particles import read_particles
 from cryosvi.latents import BY_NAME
-from cryosvi.inference.learnt_modes import fitting_basis
+from cryosvi.inference.fitting_basis import fitting_basis
 from cryosvi.physics.forward import ForwardModel
 from cryosvi.physics.spectrum import apply_envelope
 from cryosvi.reference import Reference, build_reference

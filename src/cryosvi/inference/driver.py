@@ -19,7 +19,7 @@ from cryosvi.inference.chunks import (CHUNK_PARTICLES, ChunkColumns, WorkFolder,
                                       run_chunks, work_folder_path, write_samples)
 from cryosvi.inference.distributed import Ranks, auto_device
 from cryosvi.inference.importance import importance_log_evidence
-from cryosvi.inference.junk import MODELS, assess_junk, null_log_evidence, offset_log_density
+from cryosvi.inference.junk import MODELS, assess_junk, null_log_evidence
 from cryosvi.inference import model_error as errors
 from cryosvi.inference.laplace_fit import LAPLACE_STARTS
 from cryosvi.inference.refine import (METHODS, REFINERS, Batch, Settings,
@@ -257,15 +257,13 @@ def _guide_log_evidence(batch: Batch, summary: dict | None) -> torch.Tensor:
 
 def _null_log_evidence(batch: Batch, nulls) -> torch.Tensor:
     """(B, 2) float64: the batch's images under the junk nulls (``junk.null_log_evidence``
-    of the ``NoiseModel`` ``nulls``); for a white-noise run, whose likelihood counts the
-    images' DC coordinate, with that coordinate's density under offset plus noise."""
+    of the ``NoiseModel`` ``nulls``; a white-noise run's likelihood counts the images' DC
+    coordinate, and so do its nulls)."""
     ctf = batch.conditions.ctf
     group = None if ctf is None or ctf.group is None else ctf.group
-    out = null_log_evidence(batch.images, nulls, group)
-    if batch.noise_model is None:
-        offset = batch.forward.imaging.offset
-        out = out + offset_log_density(batch.images, batch.noise_std, offset)[:, None]
-    return out
+    white = None if batch.noise_model is not None else \
+        (batch.noise_std, batch.forward.imaging.offset)
+    return null_log_evidence(batch.images, nulls, group, white)
 
 
 def _write_result(output: Path, source, work: WorkFolder, chunks: list[range],

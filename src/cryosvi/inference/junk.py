@@ -48,25 +48,30 @@ MODELS = ("particle", "noise", "structureless")
 """The columns of the (N, 3) log evidences and the mixture weights."""
 
 
-def null_log_evidence(images: Tensor, noise: NoiseModel,
-                      group: Tensor | None = None) -> Tensor:
+def null_log_evidence(images: Tensor, noise: NoiseModel, group: Tensor | None = None,
+                      white: tuple[float, float] | None = None) -> Tensor:
     """(..., 2) float64: log p(x | noise) and log p(x | structureless) of images (..., L,
-    L) of optics groups ``group`` (...) (None: group 0)."""
+    L) of optics groups ``group`` (...) (None: group 0). ``white`` (std, offset): the
+    particle model's likelihood is white noise of that std about that offset, which
+    counts the images' DC coordinate (``distributions.WhiteNoise``): the nulls then count
+    it too (``offset_log_density``), so that the three evidences are densities on the
+    same space."""
     x = images.double()
     total = noise.spectra(group, x)
     power = noise.signal_power.to(x.device)
     power = power[0] if group is None else power[group.to(x.device).long()]
-    return torch.stack([gaussian_log_likelihood(x, total, True, noise.cropped, noise.level_std),
-                        gaussian_log_likelihood(x, total + power, True, noise.cropped,
-                                                noise.level_std)], -1)
+    out = torch.stack([gaussian_log_likelihood(x, total, True, noise.cropped, noise.level_std),
+                       gaussian_log_likelihood(x, total + power, True, noise.cropped,
+                                               noise.level_std)], -1)
+    if white is not None:
+        out = out + offset_log_density(images, *white)[..., None]
+    return out
 
 
 def offset_log_density(images: Tensor, std: float, offset: float) -> Tensor:
     """(...,) float64: the log density of the images' (..., L, L) DC coordinate (the pixel
     mean times L, the image's component along the unit constant image) when the image
-    is ``offset`` plus white noise of ``std``: N(L offset, std^2). Added to the nulls of
-    a white-noise run, whose ``Normal`` likelihood counts that coordinate too, so that
-    its evidence and the nulls' are densities on the same space."""
+    is ``offset`` plus white noise of ``std``: N(L offset, std^2)."""
     side = math.sqrt(images.shape[-2] * images.shape[-1])
     coordinate = (images.double().mean((-2, -1)) - float(offset)) * side
     return -0.5 * (coordinate / std).square() - 0.5 * math.log(2 * math.pi * std**2)
