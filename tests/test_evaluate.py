@@ -280,7 +280,6 @@ def drop(column):
 
 
 @pytest.mark.parametrize("damage, message", [
-    (lambda p, t: (p.iloc[:-1], t), "59 vs 60 particles"),
     (lambda p, t: (p.drop(columns=["rlnImageName"]), t),
      "posterior.star has no rlnImageName.*--match-by-order"),
     (lambda p, t: (p, t.drop(columns=["rlnImageName"])),
@@ -437,3 +436,21 @@ def test_junk_rows_are_left_out_and_their_probability_is_ranked():
     assert alone["junk"]["particles"] == 0 and alone["junk"]["auc"] is None
     assert evaluate_tables(as_table(posterior), as_table(truth.drop(
         columns="cryosviTrueJunk")))["junk"] is None
+
+
+def test_a_subset_of_the_truth_is_scored_on_its_own_rows():
+    """A posterior of some of the truth's particles (``infer --max-junk`` writes one) is
+    scored on its rows, as those rows alone would be, and says how many it left out."""
+    posterior, truth = make_tables(n=60, k=1)
+    keep = np.arange(60) % 3 != 0
+    whole = evaluate_tables(as_table(posterior[keep]), as_table(truth[keep]))
+    part = evaluate_tables(as_table(posterior[keep]), as_table(truth))
+    assert part["n_particles"] == 40 and part["truth_particles"] == 60
+    for name in ("defocus", "mode1"):
+        assert part["latents"][name] == whole["latents"][name]
+    assert part["pose"]["median_error_deg"] == whole["pose"]["median_error_deg"]
+    assert "20 of the truth's 60 particles are not in the posterior" in format_table(part)
+    assert "not in the posterior" not in format_table(whole)
+    other = posterior.assign(rlnImageName=posterior["rlnImageName"].str.replace("@", "@x"))
+    with pytest.raises(CryosviError, match="different particles"):
+        evaluate_tables(as_table(other), as_table(truth))

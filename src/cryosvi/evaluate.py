@@ -131,8 +131,9 @@ def match_rows(posterior: ParticleSet, truth: ParticleSet,
                match_by_order: bool = False) -> tuple[np.ndarray, str]:
     """Index into ``truth`` for each posterior row, and how rows were matched.
 
-    By rlnImageName when both tables have it (the sets must be equal and without
-    duplicates); by row order (the counts must be equal) only with ``match_by_order``,
+    By rlnImageName when both tables have it (without duplicates; every posterior row
+    must be in the truth, which may hold more: ``infer --max-junk`` writes a subset);
+    by row order (the counts must be equal) only with ``match_by_order``,
     else a CryosviError: unnamed rows matched by position can silently pair the wrong
     particles.
     """
@@ -147,7 +148,7 @@ def match_rows(posterior: ParticleSet, truth: ParticleSet,
                                    f"(s), e.g. {duplicated.iloc[0]}")
         position = pd.Series(np.arange(n_truth), index=names_truth.to_numpy())
         missing = names_post[~names_post.isin(position.index)]
-        if len(missing) or n_post != n_truth:
+        if len(missing):
             example = f"; e.g. {missing.iloc[0]} is not in the truth" if len(missing) else ""
             raise CryosviError(
                 f"posterior and truth describe different particles: {n_post} vs {n_truth} "
@@ -253,8 +254,9 @@ def evaluate_tables(posterior: ParticleSet, truth: ParticleSet,
         calibration[name] = observed
 
     return {
-        "n_particles": len(posterior), "posterior": str(posterior.path),
-        "truth": str(truth.path), "matched_by": matched_by,
+        "n_particles": len(posterior), "truth_particles": len(truth),
+        "posterior": str(posterior.path), "truth": str(truth.path),
+        "matched_by": matched_by,
         "coverage_levels": dict(COVERAGE_LEVELS),
         "latents": latents,
         **{latent.name: None for latent in REGISTRY.values() if latent.scored_by_error},
@@ -375,6 +377,11 @@ def format_table(metrics: dict) -> str:
                         f"; {JUNK_COLUMN} AUC {junk['auc']:.4f}, above 0.5: junk "
                         f"{number(junk['junk_above_half'], '.3f')}, real "
                         f"{number(junk['real_above_half'], '.3f')}"))
+    unscored = metrics.get("truth_particles", 0) - metrics["n_particles"] - (
+        0 if junk is None else junk["particles"])
+    if unscored > 0:
+        lines.append(f"{unscored} of the truth's {metrics['truth_particles']} particles are "
+                     "not in the posterior (a subset, e.g. infer --max-junk)")
     for reason in metrics["skipped"]:
         lines.append(f"skipped: {reason}")
     return "\n".join(lines)
@@ -490,7 +497,8 @@ def write_report(metrics: dict, posterior: ParticleSet, truth: ParticleSet,
 
     metrics.json::
 
-        {"n_particles": int, "posterior": str, "truth": str,
+        {"n_particles": int, "truth_particles": int (the truth's rows; the posterior may
+         hold a subset), "posterior": str, "truth": str,
          "matched_by": "rlnImageName" | "row order",
          "coverage_levels": {"coverage68": 0.68, "coverage95": 0.95},
          "latents": {"defocus" | "mode<k>": {"unit": "Å", "pearson_r": float|null,
