@@ -210,6 +210,14 @@ def test_infer_never_replaces_an_input_or_a_foreign_file(run, dataset, tmp_path)
     code, err = run_cli(base + ["-o", posterior])
     assert_one_error_line(code, err, "--force")
     assert run_cli(base + ["-o", posterior, "--samples", "2", "--force"])[0] == 0
+    # the earlier samples would describe another inference: --force removes them
+    assert run_cli(base + ["-o", posterior, "--force"])[0] == 0
+    assert file_kind(posterior) == "posterior" and not (tmp_path / "post.npz").exists()
+    assert run_cli(base + ["-o", posterior, "--samples", "2", "--force"])[0] == 0
+    posterior.unlink()  # without --force, a stale .npz beside a new name is refused
+    code, err = run_cli(base + ["-o", posterior])
+    assert_one_error_line(code, err, "earlier inference")
+    assert (tmp_path / "post.npz").exists()
     # the simulated ground truth is not a posterior: --force does not replace it either
     truth = tmp_path / "truth.star"
     truth.write_bytes(before)

@@ -160,6 +160,8 @@ def run(args) -> None:
         distributed.stop(ranks)
     if written is None:  # another rank wrote the result
         return
+    for stale in args.stale:  # an earlier inference's, which this one does not replace
+        stale.unlink(missing_ok=True)
     extra = ""
     if written.ess_median is not None:
         proposal = {"laplace": "the Laplace approximation",
@@ -242,6 +244,29 @@ def check_outputs(args) -> None:
                           option="the model error beside -o,")
     check_memory(args.batch_size * max(args.importance, 1), reference.optics,
                  reference.imaging, args.device, "use a smaller --batch-size or --importance")
+    args.stale = stale_side_files(output, args, reference.noise_model is not None)
+
+
+def stale_side_files(output: Path, args, noise_model: bool) -> list[Path]:
+    """An earlier inference's files beside OUTPUT that this one will not write (its .cs,
+    samples .npz, model-error .json), to be removed once the new STAR is written: with
+    --force; without it a CryosviError (they would describe other particles). Files
+    cryosvi did not write are left alone."""
+    from cryosvi.inference.model_error import beside
+    from cryosvi.io.outputs import file_kind
+
+    written = {output.with_suffix(".cs"): Path(args.particles).suffix.lower() == ".cs",
+               samples_path(output): bool(args.samples),
+               beside(output): getattr(args, "model_error", "off") == "on" and noise_model}
+    kinds = {output.with_suffix(".cs"): "posterior", samples_path(output): "samples",
+             beside(output): "model error"}
+    stale = [path for path, made in written.items()
+             if not made and path.is_file() and file_kind(path) == kinds[path]]
+    if stale and not args.force:
+        raise CryosviError(f"{stale[0]} is left from an earlier inference into "
+                           f"{output.name}; use --force to replace that inference (its "
+                           "files are then removed)")
+    return stale
 
 
 def check_work_folder(output: Path, resume: bool, force: bool) -> None:
