@@ -38,8 +38,11 @@ def register(subparsers, summary: str) -> None:
         "the particles' power without their structure), with the junk fraction fitted "
         "over the whole file (--max-junk writes only the particles below a limit). A "
         "particle's "
-        "posterior depends only on it, the run, the settings and --seed: not on "
-        "--batch-size, the device (up to rounding) or the number of processes. "
+        "posterior depends only on it, the run, the settings and --seed, not on the "
+        "other particles: --batch-size, --chunk-size, the device and the number of "
+        "processes change it only by float rounding, which the refinement's Metropolis "
+        "and Gauss-Newton decisions can turn into another Monte Carlo realisation "
+        "(differences within the Monte Carlo error). "
         "Finished chunks of particles are kept in OUTPUT.partial/ until the STAR is "
         "written, so a stopped run continues with --resume. Several processes: "
         "'torchrun --standalone --nproc-per-node N -m -- cryosvi infer ...' (the '--' "
@@ -113,8 +116,9 @@ def register(subparsers, summary: str) -> None:
                         "wider intervals (4: the guide alone's pose error -23 %%, its "
                         "95 %% intervals cover 0.97-0.99)")
     parser.add_argument("--batch-size", type=integer_between(1, 10**6), default=256,
-                        help="particles per network pass (memory and speed only: the "
-                        "results do not depend on it)")
+                        help="particles per network pass (memory and speed; the results "
+                        "depend on it by float rounding only, which the SMC can turn "
+                        "into differences within the Monte Carlo error)")
     parser.add_argument("--seed", type=seed_int, default=0,
                         help="seed of the particles' random numbers")
     parser.add_argument("--device", type=device_name, default="auto",

@@ -82,10 +82,14 @@ def infer(run: str | Path, particles: str | Path, output: str | Path, samples: i
     over that many quarter turns of each image (``Guide.turns``). ``device``: cpu, cuda, cuda:N or
     auto (cuda where present: cuda:LOCAL_RANK under torchrun; else cpu).
 
-    A particle's posterior depends only on it, the run, these settings and ``seed``:
-    not on ``batch_size`` (particles per network pass), ``chunk_size``, the device
-    (up to rounding) or the processes. The particles go in chunks of ``chunk_size``,
-    each written when done to the work folder ``OUTPUT.partial`` (removed at the end);
+    A particle's posterior depends only on it, the run, these settings and ``seed``,
+    not on the other particles: ``batch_size`` (particles per network pass),
+    ``chunk_size``, the device and the processes change it only by the rounding of
+    float32 kernels of other batch shapes, which the Gauss-Newton steps and the SMC's
+    Metropolis decisions can turn into another Monte Carlo realisation of the same
+    posterior (differences within its Monte Carlo error). The particles go in chunks
+    of ``chunk_size``, each written when done to the work folder ``OUTPUT.partial``
+    (removed at the end);
     ``resume`` continues the inference whose chunks are there (same run, particle file,
     settings and seed), ``force`` starts afresh over one; without either, a work folder
     there is an error. ``ranks``: this process's place among several (``torchrun``;
