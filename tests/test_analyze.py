@@ -508,3 +508,18 @@ def test_stacks_not_found_keep_their_names_with_a_warning(tiny_run, tmp_path, ca
     assert main([*argv, "--reconstruct", "-o", str(tmp_path / "maps")]) == 2
     assert "--reconstruct: particle stack particles.mrcs not found" in \
         capsys.readouterr().err
+
+
+def test_the_reference_records_its_structure_wherever_it_is_used_from(tmp_path,
+                                                                     monkeypatch):
+    """A structure given by a relative path is recorded absolute, so that analyze run
+    from another folder still finds it."""
+    shutil.copy(default_structure_path(), tmp_path / "model.pdb")
+    monkeypatch.chdir(tmp_path)
+    reference = build_reference("model.pdb", "A", 3, PAPER_PRESET["optics"],
+                                PAPER_PRESET["imaging"], Priors(mode_std=(2.0,)),
+                                Noise(snr=20.0))
+    assert reference.source["structure"] == str(tmp_path / "model.pdb")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert len(chain_atoms(reference).positions) > 0

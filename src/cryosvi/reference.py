@@ -280,7 +280,7 @@ def build_reference(structure: str | Path | None, chain: str | None, stride: int
         coords=atoms.coords, centroid=atoms.centroid, modes=modes.vectors,
         eigenvalues=modes.eigenvalues, optics=optics, imaging=imaging, priors=priors,
         noise=noise,
-        source={"structure": str(path), "chain": atoms.chain, "stride": stride,
+        source={"structure": str(path.resolve()), "chain": atoms.chain, "stride": stride,
                 "beads": beads, "cutoff": cutoff, "gamma": gamma},
     )
     reference.check()
