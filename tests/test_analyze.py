@@ -435,11 +435,17 @@ def test_force_replaces_only_an_analysis(tiny_run, tmp_path, capsys):
     (["--chain", "B"], "not the structure (or chain)"),
     (["--posterior", "TRUTH"], "not a posterior of cryosvi infer"),
     (["--run", "DEFOCUS"], "does not infer the conformation"),
+    (["--posterior", "OTHER"], "but the run was trained at"),
 ])
 def test_refusals_are_one_line_before_any_work(tiny_run, tmp_path, capsys, change,
                                                message):
+    if "OTHER" in change:  # the posterior of particles of another pixel size
+        tables = starfile.read(tiny_run / "posterior.star", always_dict=True)
+        tables["optics"]["rlnImagePixelSize"] *= 1.2
+        starfile.write(tables, tmp_path / "other.star")
     change = [str(tiny_run / "data" / "particles.star") if c == "TRUTH" else
-              str(tiny_run / "defocus_run") if c == "DEFOCUS" else c for c in change]
+              str(tiny_run / "defocus_run") if c == "DEFOCUS" else
+              str(tmp_path / "other.star") if c == "OTHER" else c for c in change]
     assert main(analyze_args(tiny_run, tmp_path / "out", *change)) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("cryosvi analyze: error:") and message in error

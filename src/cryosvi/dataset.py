@@ -354,17 +354,24 @@ def estimate_levels(data, reference: Reference, seed: int, device):
     return estimate_gray_levels(images, clean.cpu(), radius)
 
 
-def run_particles(table: ParticleSet, config, reference: Reference):
-    """(ParticleData, known values) of ``table`` for a trained run (its ``GuideConfig``
-    and reference): the run's working box, checked to give the run's pixel size, the
-    CTF estimates when the run uses them (a CryosviError when the file has none), and
-    the values of the latents the run does not infer, from the metadata."""
+def check_run_pixel_size(table: ParticleSet, config, reference: Reference) -> int:
+    """The run's working box for ``table`` (a CryosviError unless the particles have
+    the pixel size the run was trained at, there: particles of another data set)."""
     box = working_box(table, config.box)
     if not math.isclose(working_pixel_size(table, box), reference.optics.pixel_size,
                         rel_tol=1e-3):
         raise CryosviError(f"{table.path}: {working_pixel_size(table, box):.4g} Å pixels at "
                            f"the run's {box} px working box, but the run was trained at "
                            f"{reference.optics.pixel_size:.4g} Å")
+    return box
+
+
+def run_particles(table: ParticleSet, config, reference: Reference):
+    """(ParticleData, known values) of ``table`` for a trained run (its ``GuideConfig``
+    and reference): the run's working box, checked to give the run's pixel size, the
+    CTF estimates when the run uses them (a CryosviError when the file has none), and
+    the values of the latents the run does not infer, from the metadata."""
+    box = check_run_pixel_size(table, config, reference)
     if config.ctf_estimates and not has_ctf_estimates(table):
         raise CryosviError(f"{table.path}: the run uses per-particle CTF estimates "
                            "(rlnDefocusU/V/Angle) and this file has none")

@@ -32,6 +32,7 @@ from cryosvi.analysis.landscape import (landscape, make_bins, plot_landscape,
                                         read_coordinates, write_landscape_table)
 from cryosvi.analysis.maps import check_relion, map_correlations, reconstruct
 from cryosvi.analysis.subsets import absolute_image_names, companion_cs, write_subsets
+from cryosvi.dataset import check_run_pixel_size
 from cryosvi.errors import CryosviError, CryosviWarning
 from cryosvi.io.atomic import write_atomically
 from cryosvi.io.outputs import check_output_directory, provenance, staged_directory
@@ -69,6 +70,7 @@ def analyze(posterior: str | Path, run: str | Path, output: str | Path,
                            "run trained with the modes among --latents")
     reference = Reference.load(Path(run) / REFERENCE_FILE)
     table = read_particles(posterior, datadir)
+    check_run_pixel_size(table, config, reference)  # a posterior of another data set
     coordinates = read_coordinates(table)
     if coordinates.n_modes != reference.n_modes:
         raise CryosviError(f"{posterior} has {coordinates.n_modes} mode amplitude(s) but the "
