@@ -11,14 +11,13 @@ Data -> physics adapters (pure functions of a ParticleSet):
   and group index as a ``cryosvi.physics.optics.ParticleCTF``; ``has_ctf_estimates``.
 * ``known_shifts``: (N, 2) Å, RELION's (rlnOriginXAngst, rlnOriginYAngst); ``has_shifts``.
 * ``working_box``, ``working_pixel_size``, ``working_images``: the particles Fourier-cropped
-  to an even working box n <= L (default min(64, L)), so that the guide's size does not
-  depend on the data's box.
+  to an even working box n <= L (default min(64, L)), the guide's input whatever L is.
 * ``estimate_noise_model`` / ``refine_noise_model``: the images' noise
   (``cryosvi.physics.noise.NoiseModel``) from the particles alone, then from residuals
   against model images at given latents.
 
-All optics groups must share the image box and pixel size (one projection grid and one
-working box serve them); they may differ in voltage, Cs and amplitude contrast.
+All optics groups share the image box and pixel size (one projection grid and working
+box); voltage, Cs and amplitude contrast may differ.
 """
 
 from __future__ import annotations
@@ -355,8 +354,8 @@ def estimate_levels(data, reference: Reference, seed: int, device):
 
 
 def check_run_pixel_size(table: ParticleSet, config, reference: Reference) -> int:
-    """The run's working box for ``table`` (a CryosviError unless the particles have
-    the pixel size the run was trained at, there: particles of another data set)."""
+    """The run's working box for ``table``; a CryosviError unless the particles have
+    the run's pixel size there (else they are of another data set)."""
     box = working_box(table, config.box)
     if not math.isclose(working_pixel_size(table, box), reference.optics.pixel_size,
                         rel_tol=1e-3):
@@ -377,12 +376,10 @@ def run_particles(table: ParticleSet, config, reference: Reference):
                            "(rlnDefocusU/V/Angle) and this file has none")
     data = ParticleData(table, box, config.ctf_estimates)
     noise, groups = reference.noise_model, noise_groups(data, [])[1]
-    if noise is not None and groups != noise.n_groups:
-        raise CryosviError(f"{table.path}: the particles use {groups} "
-                           f"optics group(s), but the run's noise model was measured on "
-                           f"{noise.n_groups} (each group's spectrum goes with the groups in "
-                           "the order of their rlnOpticsGroup); infer particles of the "
-                           "training's optics groups, or train on these")
+    if noise is not None and groups != noise.n_groups:  # spectra go by the groups' order
+        raise CryosviError(f"{table.path}: the particles use {groups} optics group(s), but "
+                           f"the run's noise model was measured on {noise.n_groups}; infer "
+                           "particles of the training's optics groups, or train on these")
     fixed = [s for s in config.sites if s not in config.latents]
     return data, known_values(table, fixed, config)
 
