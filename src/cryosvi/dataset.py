@@ -367,9 +367,8 @@ def check_run_pixel_size(table: ParticleSet, config, reference: Reference) -> in
 
 def run_particles(table: ParticleSet, config, reference: Reference):
     """(ParticleData, known values) of ``table`` for a trained run (its ``GuideConfig``
-    and reference): the run's working box, checked to give the run's pixel size, the
-    CTF estimates when the run uses them (a CryosviError when the file has none), and
-    the values of the latents the run does not infer, from the metadata."""
+    and reference), checked against it (pixel size, CTF estimates, optics groups): the
+    run's working box and the metadata's values of the latents the run does not infer."""
     box = check_run_pixel_size(table, config, reference)
     if config.ctf_estimates and not has_ctf_estimates(table):
         raise CryosviError(f"{table.path}: the run uses per-particle CTF estimates "
