@@ -161,10 +161,11 @@ def gib(n_bytes: float) -> str:
 
 
 def check_memory(images: int, optics: Optics, imaging: Imaging, device: str,
-                 advice: str) -> None:
+                 advice: str, extra_per_image: int = 0) -> None:
     """Refuse a forward model of ``images`` images at once that needs more memory than
-    the device has (an estimate, ``config.bytes_per_image``)."""
-    need = images * bytes_per_image(optics, imaging)
+    the device has (an estimate, ``config.bytes_per_image``, plus ``extra_per_image``
+    bytes each, e.g. a training step's guide)."""
+    need = images * (bytes_per_image(optics, imaging) + extra_per_image)
     have = memory_bytes(device)
     if need > have:
         window = imaging.window or "default"

@@ -9,8 +9,8 @@ from cryosvi.cli.common import (HelpFormatter, add_particle_source_arguments,
                                 check_device, check_memory, device_name,
                                 integer_between, number, positive, positive_int,
                                 seed_int)
-from cryosvi.config import (ELBO_LR, LIMITS, PRECISIONS, SIM_BATCH, SIM_EPOCH_SIZE,
-                            SIM_EPOCHS, SIM_LR)
+from cryosvi.config import (ELBO_LR, GUIDE_TRAINING_BYTES_PER_PIXEL, LIMITS, PRECISIONS,
+                            SIM_BATCH, SIM_EPOCH_SIZE, SIM_EPOCHS, SIM_LR)
 from cryosvi.errors import CryosviError
 from cryosvi.latents import BY_NAME, PAPER_SITES, names
 
@@ -280,7 +280,8 @@ def run(args) -> None:
             validation = options.validation_size
             check_memory(max([s.batch_size for s in options.schedule] + [validation]),
                          reference.optics, reference.imaging, options.device,
-                         "use a smaller --batch-size")
+                         "use a smaller --batch-size",
+                         GUIDE_TRAINING_BYTES_PER_PIXEL * reference.optics.box**2)
             info = train(args.particles, reference, args.output, options,
                          force=args.force, progress=not args.quiet, command=command,
                          datadir=args.datadir, invert=args.invert)
