@@ -611,3 +611,20 @@ def test_reference_with_a_pickled_array_is_refused(tmp_path):
     with pytest.raises(CryosviError):
         Reference.load(path)
     assert not (tmp_path / "witness").exists()
+
+
+def test_resume_says_which_settings_it_ignores(run, tmp_path):
+    """--resume continues with the run's stored settings: a setting given with it (the
+    first command repeated with --resume, or an attempt to change it) is named in one
+    warning line and ignored; the options it takes (--quiet, --device) pass silently."""
+    resumed = copy_run(run, tmp_path / "resumed")
+    stored = json.loads((resumed / "run.json").read_text())["schedule"]
+    for extra, named in ((["--epochs", "12"], "--epochs"), (["--lr", "0.1"], "--lr"),
+                         (["--separate-encoders"], "--separate-encoders")):
+        code, err = run_cli(["train", "-o", resumed, "--resume", "--quiet", *extra])
+        assert code == 0 and "Traceback" not in err, err
+        warned = [line for line in err.splitlines() if "warning:" in line]
+        assert len(warned) == 1 and named in warned[0] and "ignored" in warned[0], err
+    assert json.loads((resumed / "run.json").read_text())["schedule"] == stored
+    code, err = run_cli(["train", "-o", resumed, "--resume", "--quiet", "--device", "cpu"])
+    assert code == 0 and "warning:" not in err, err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 from cryosvi.cli.common import (HelpFormatter, add_particle_source_arguments,
                                 add_structure_arguments, add_threads_argument,
@@ -11,7 +12,7 @@ from cryosvi.cli.common import (HelpFormatter, add_particle_source_arguments,
                                 seed_int)
 from cryosvi.config import (ELBO_LR, GUIDE_TRAINING_BYTES_PER_PIXEL, LIMITS, PRECISIONS,
                             SIM_BATCH, SIM_EPOCH_SIZE, SIM_EPOCHS, SIM_LR)
-from cryosvi.errors import CryosviError
+from cryosvi.errors import CryosviError, CryosviWarning
 from cryosvi.latents import BY_NAME, PAPER_SITES, names
 
 def add_guide_arguments(parser) -> None:
@@ -153,12 +154,25 @@ def register(subparsers, summary: str) -> None:
     add_threads_argument(parser)
     parser.add_argument("--seed", type=seed_int, default=0, help="random seed")
     parser.add_argument("--resume", action="store_true",
-                        help="continue the run in -o from its last checkpoint")
+                        help="continue the run in -o from its last checkpoint, with its "
+                        "stored settings (other settings given with it are ignored, with a "
+                        "warning; --particles, --datadir, --invert, --device, --threads and "
+                        "--quiet are taken)")
     parser.add_argument("--force", action="store_true",
                         help="start over in an existing run directory (never in a directory "
                         "cryosvi did not make)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.set_defaults(func=run)
+    stored = {}
+    for action in parser._actions:  # (an option and its opposite share a destination)
+        if action.option_strings and action.dest not in RESUME_OPTIONS:
+            stored.setdefault(action.dest, (action.option_strings[-1],
+                                            parser.get_default(action.dest)))
+    parser.set_defaults(func=run, stored_settings=stored)
+
+
+RESUME_OPTIONS = {"help", "output", "particles", "datadir", "invert", "device", "threads",
+                  "quiet", "resume"}
+"""What --resume takes from the command line; every other setting is the run's own."""
 
 
 def add_noise_model_argument(parser, keeps: str) -> None:
@@ -268,6 +282,13 @@ def run(args) -> None:
     check_writable(args.output, directory=True)  # the run is written, resumed or not
     with process_group(args.device) as world:
         if args.resume:
+            given = [option for dest, (option, default) in args.stored_settings.items()
+                     if getattr(args, dest) != default]
+            if given:  # e.g. the first command repeated with --resume: its own settings
+                warnings.warn(f"--resume continues the run with its stored settings; "
+                              f"{', '.join(given)} ignored (to change them, start a new "
+                              "run with --force, or from this one with --init RUN)",
+                              CryosviWarning)
             info = train(args.particles, None, args.output, resume=True,
                          progress=not args.quiet, device=args.device, command=command,
                          datadir=args.datadir, invert=args.invert)
