@@ -59,9 +59,9 @@ class Rows(NamedTuple):
     columns: list[str]
 
 
-def line_of(block):
-    """Where row i of a STAR block is, in words: its file line."""
-    return lambda row: f"line {int(block.lines[row])}"
+def line_of(block, path: Path):
+    """Where row i of a STAR block is, in words: its file and line."""
+    return lambda row: f"{path}, line {int(block.lines[row])}"
 
 
 def relion31_rows(block, optics_block, path: Path, notes: dict) -> Rows:
@@ -69,9 +69,9 @@ def relion31_rows(block, optics_block, path: Path, notes: dict) -> Rows:
     about once for the whole file (``origins_in_angstrom``)."""
     frame = block.table.copy()
     optics = optics_block.table.copy()
-    where = line_of(block)
+    where = line_of(block, path)
     check_numeric(frame, where)
-    check_numeric(optics, line_of(optics_block))
+    check_numeric(optics, line_of(optics_block, path))
     if optics.empty:
         raise CryosviError(f"{path}: the data_optics block has no optics group")
     if "rlnOpticsGroup" not in optics:
@@ -114,7 +114,7 @@ def relion31_rows(block, optics_block, path: Path, notes: dict) -> Rows:
 def relion30_rows(block, path: Path, notes: dict) -> Rows:
     """RELION 3.0 and older: one table, the optics of every row its own."""
     frame = block.table.copy()
-    where = line_of(block)
+    where = line_of(block, path)
     check_numeric(frame, where)
     if "rlnImagePixelSize" not in frame:
         if "rlnDetectorPixelSize" in frame and "rlnMagnification" in frame:
@@ -217,8 +217,9 @@ def check_numeric(frame: pd.DataFrame, where) -> None:
         finite = np.isfinite(values.to_numpy(float))
         if not finite.all():
             row = int(np.flatnonzero(~finite)[0])
-            raise CryosviError(f"{where(row)}: {column} is {frame[column].iloc[row]!r}, "
-                               "not a finite number")
+            value = frame[column].iloc[row]
+            shown = repr(value) if isinstance(value, str) else str(value)
+            raise CryosviError(f"{where(row)}: {column} is {shown}, not a finite number")
         frame[column] = values
 
 
