@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 from cryosvi.cli.common import (HelpFormatter, add_particle_source_arguments,
                                 add_threads_argument, check_device, device_name,
                                 integer_between, number, positive, seed_int)
 from cryosvi.cli.train import (add_noise_model_argument, add_reference_arguments,
                                reference_from_args)
-from cryosvi.errors import CryosviError
+from cryosvi.errors import CryosviError, CryosviWarning
 
 KIND = "reference"
 
@@ -125,5 +126,4 @@ def run(args) -> None:
           f"{output} ({learnt.n_modes} learnt mode{'s' * (learnt.n_modes > 1)}; "
           f"cryosvi train --reference {output})")
     if not summary["converged"]:
-        print("warning: the PCA's optimiser stopped at its iteration limit",
-              file=sys.stderr)
+        warnings.warn("the PCA's optimiser stopped at its iteration limit", CryosviWarning)

@@ -299,8 +299,9 @@ def check_output_directory(path: str | Path, kind: str, force: bool = False,
     if not force:
         raise CryosviError(f"{path} exists; use --force to replace it")
     if found != kind:
+        article = "an" if kind[:1] in "aeiou" else "a"
         raise CryosviError(f"{path} is a cryosvi {found} directory; --force replaces "
-                           f"only a {kind} directory here")
+                           f"only {article} {kind} directory here")
     for source in inputs:
         if source is not None and Path(source).resolve().is_relative_to(path.resolve()):
             raise CryosviError(f"input {source} lies inside {path}, which --force would "
