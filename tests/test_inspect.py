@@ -56,7 +56,9 @@ def test_png_is_written_and_never_replaces_a_foreign_file(tmp_path, capsys):
     before = path.read_bytes()
     code, _, err = run(["inspect", str(path), "-o", str(path), "--force"], capsys)
     assert code == 2 and "also an input" in err and path.read_bytes() == before
-    notes = tmp_path / "notes.txt"
+    notes = tmp_path / "notes.png"
     notes.write_bytes(b"my notes")
     code, _, err = run(["inspect", str(path), "-o", str(notes), "--force"], capsys)
     assert code == 2 and "is not a PNG" in err and notes.read_bytes() == b"my notes"
+    code, _, err = run(["inspect", str(path), "-o", str(tmp_path / "p.txt")], capsys)
+    assert code == 2 and "ending in .png" in err and not (tmp_path / "p.txt").exists()

@@ -362,6 +362,7 @@ def test_train_refuses_a_directory_it_did_not_make(dataset, tmp_path):
     (["--sigma", "inf"], "--sigma"), (["--sigma", "nan"], "--sigma"),
     (["--pixel-size", "inf"], "--pixel-size"), (["--sigma", "1e6"], "window"),
     (["--window", "100000"], "window"), (["--box", "20000"], "box"),
+    (["--max-shift", "1000"], "half the box"),
 ])
 def test_simulate_refuses_nonsense_numbers_before_any_work(tmp_path, arguments, fragment):
     code, err = run_cli(["simulate", "-o", tmp_path / "out", "-n", "2", *arguments])

@@ -104,6 +104,8 @@ def check_output(path: str | Path, force: bool, inputs=()) -> None:
         raise CryosviError(f"-o {path} is also an input of this command; choose another "
                            "output name")
     path = check_writable(path)
+    if path.suffix.lower() != ".png":
+        raise CryosviError(f"-o {path}: the picture is a PNG; give a name ending in .png")
     if path.is_dir():
         raise CryosviError(f"-o {path} is a directory")
     if not path.parent.is_dir():

@@ -10,6 +10,7 @@ from cryosvi.cli.common import (HelpFormatter, add_structure_arguments, check_de
                                 number, positive, positive_int, seed_int,
                                 validate_settings)
 from cryosvi.config import LIMITS, PAPER_PRESET, Imaging, Noise, Optics, Priors
+from cryosvi.errors import CryosviError
 
 CHUNK = 256
 """Images simulated at once (``simulate_dataset``'s chunk size)."""
@@ -135,7 +136,6 @@ def settings_from_args(args) -> dict:
 def effects_from_args(args):
     """The ``ImageEffects`` of the options; a CryosviError for spectrum options without
     --noise-spectrum coloured or with a count other than 1 or the optics groups'."""
-    from cryosvi.errors import CryosviError
     from cryosvi.simulate import ImageEffects, default_spectra
 
     groups = args.optics_groups
@@ -167,6 +167,10 @@ def run(args) -> None:
     device = check_device(args.device)
     check_output_directory(args.output, DATASET_KIND, args.force)
     box = settings["optics"].box
+    half = box * settings["optics"].pixel_size / 2
+    if args.max_shift >= half:  # the particle would leave the box (and wrap around)
+        raise CryosviError(f"--max-shift {args.max_shift:g} Å: shifts must stay inside "
+                           f"half the box ({half:g} Å)")
     check_memory(min(CHUNK, args.n_particles), settings["optics"], settings["imaging"],
                  device, "use a smaller --box or --window")
     check_disk(args.output, args.n_particles * box * box * 4)

@@ -99,7 +99,8 @@ def junk_probability(log_evidence: Tensor, weights) -> Tensor:
     log_evidence = torch.as_tensor(log_evidence)
     out = torch.empty(len(log_evidence), dtype=torch.float64, device=log_evidence.device)
     for rows in _blocks(len(log_evidence)):
-        out[rows] = -torch.expm1(_log_posteriors(log_evidence[rows], weights)[:, 0])
+        # 0 - expm1, not -expm1: a certain particle is written 0, not -0
+        out[rows] = 0.0 - torch.expm1(_log_posteriors(log_evidence[rows], weights)[:, 0])
     return out
 
 
