@@ -97,18 +97,20 @@ def test_disconnected_network_warning_is_printed(tmp_path, capsys):
     assert "cryosvi modes: warning: the elastic network has" in capsys.readouterr().err
 
 
-def test_failed_write_leaves_the_old_file(tmp_path, monkeypatch):
+def test_failed_write_leaves_the_old_file(tmp_path, monkeypatch, capsys):
     output = tmp_path / "m.npz"
     assert main(["modes", "--structure", UBQ, "--n-modes", "2", "-o", str(output)]) == 0
     old = output.read_bytes()
 
     def broken(handle, **arrays):
         handle.write(b"half")
-        raise OSError("disk full")
+        raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(np, "savez", broken)
-    with pytest.raises(OSError):
-        main(["modes", "--structure", UBQ, "--n-modes", "2", "-o", str(output), "--force"])
+    capsys.readouterr()
+    code = main(["modes", "--structure", UBQ, "--n-modes", "2", "-o", str(output), "--force"])
+    err = capsys.readouterr().err
+    assert code == 1 and err == "cryosvi modes: error: No space left on device\n"
     assert output.read_bytes() == old
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.npz"]
 
