@@ -37,8 +37,7 @@ import torch
 from torch import Tensor
 
 from cryosvi.dataset import (ParticleData, estimate_noise_model, has_ctf_estimates,
-                             junk_null_model, priors_from_particles, resolve_noise_model,
-                             working_reference)
+                             priors_from_particles, resolve_noise_model, working_reference)
 from cryosvi.errors import CryosviError
 from cryosvi.io.particles import ANGLES, ParticleSet
 from cryosvi.latents import BY_NAME, JUNK_COLUMN
@@ -46,10 +45,9 @@ from cryosvi.physics.anm import rigid_basis
 from cryosvi.physics.forward import ForwardModel
 from cryosvi.physics.graylevels import MEASURABLE_Z, GrayLevels
 from cryosvi.physics.noise import NoiseModel
-from cryosvi.distributions.measurement import Measurement, WhiteNoise
 from cryosvi.inference.envelope import fitted_envelope
 from cryosvi.inference.fitting_basis import fitting_basis
-from cryosvi.inference.junk import assess_junk, null_log_evidence
+from cryosvi.inference.junk import fit_junk_mixture
 from cryosvi.inference.laplace import gauss_newton
 from cryosvi.inference.population import population_moments
 from cryosvi.inference.ppca import PrincipalDirections, principal_directions
@@ -68,22 +66,16 @@ conformations, above which the amplitudes are fitted again with the new gray lev
 def fit_amplitudes(forward: ForwardModel, images, rotation: Tensor, ctf,
                    shifts: Tensor | None, noise_std: float, prior_std: float,
                    iterations: int = 10, batch_size: int = 64,
-                   progress=None, noise_model: NoiseModel | None = None,
-                   nulls: NoiseModel | None = None) -> "AmplitudeFit":
+                   progress=None, noise_model: NoiseModel | None = None
+                   ) -> "AmplitudeFit":
     """Each particle's posterior mode (n, D) and Laplace covariance (n, D, D) float64 of
     the amplitudes of ``forward``'s D modes under a N(0, prior_std^2) prior (Å RMS), by
-    Levenberg-Marquardt from 0 (``cryosvi.inference.laplace.gauss_newton``), and, with
-    the junk nulls' noise model ``nulls``, each image's log density (n, 3) under the
-    three models of ``cryosvi.inference.junk`` (``MODELS``): the physics model of the
-    structure itself (amplitudes 0; the likelihood ``infer`` uses:
-    ``distributions.Measurement``, contrast and level integrated out, or
-    ``WhiteNoise``), the noise alone, and the noise plus the particles' mean signal
-    power. Not at the fitted amplitudes: at low SNR the fit of an empty or
-    phase-scrambled image moves the blocks until their signal no longer contradicts it
-    (measured on the realistic set of ``benchmarks/realistic``, SNR 0.1: the physics
-    model beats the noise null by a median 19 nats on the particles and loses by 22-30
-    on the junk at the structure, where at the fitted amplitudes the junk ties), and a
-    Laplace evidence's log det H and prior terms vary by tens of nats between images.
+    Levenberg-Marquardt from 0 (``cryosvi.inference.laplace.gauss_newton``), and the
+    log Bayes factor (n,) of the particle model against an image with no particle (the
+    gray levels' offset and the noise alone), from the Laplace evidence:
+    log B = |r_0|^2 / 2 - |r|^2 / 2 + log N(a; 0, prior_std^2 I) + D/2 log 2 pi - 1/2 log
+    det H, r the (whitened) residuals at the mode a, r_0 those of the empty image, H the
+    Gauss-Newton precision (MacKay 2003, ch. 27).
 
     images: (n, L, L) in the forward model's gray levels, noise std ``noise_std``, or a
     function of particle positions (k,) int64 returning their (k, L, L) images, read
@@ -102,7 +94,7 @@ def fit_amplitudes(forward: ForwardModel, images, rotation: Tensor, ctf,
     steps = torch.full((dim,), FIT_STEP, device=device)
     means = torch.zeros(n, dim, dtype=torch.float64)
     covariances = torch.zeros(n, dim, dim, dtype=torch.float64)
-    log_evidence = None if nulls is None else torch.zeros(n, 3, dtype=torch.float64)
+    log_bayes = torch.zeros(n, dtype=torch.float64)
     for start in range(0, n, batch_size):
         rows = torch.arange(start, min(n, start + batch_size))
         data = read(rows).to(device)
@@ -138,53 +130,36 @@ def fit_amplitudes(forward: ForwardModel, images, rotation: Tensor, ctf,
             steps, iterations=iterations)
         means[rows] = result.point["a"][0].double().cpu()
         covariances[rows] = torch.linalg.inv(result.precision).cpu()
-        if nulls is not None:
-            log_evidence[rows] = _junk_log_evidence(
-                forward, data, batch_rotation, batch_ctf, batch_shifts, noise_std,
-                noise_model, nulls).cpu()
+        empty = torch.full_like(data, forward.imaging.offset)[None]
+        misfit_empty = 0.5 * whitened(empty).double().square().sum(-1)[0]
+        mode = result.point["a"][0].double()
+        log_prior = (-0.5 * (mode / prior_std).square().sum(-1)
+                     - dim * math.log(prior_std))  # + D/2 log 2 pi cancels below
+        log_bayes[rows] = (misfit_empty - result.misfit.double() + log_prior
+                           - 0.5 * torch.logdet(result.precision.double())).cpu()
         if progress is not None:
             progress(len(rows))
-    return AmplitudeFit(means, covariances, log_evidence)
-
-
-@torch.no_grad()
-def _junk_log_evidence(forward: ForwardModel, data: Tensor, rotation: Tensor, ctf,
-                       shifts: Tensor | None, noise_std: float,
-                       noise_model: NoiseModel | None, nulls: NoiseModel) -> Tensor:
-    """(B, 3) float64: images ``data`` (B, L, L) under the physics model of the
-    structure and the two junk nulls (``fit_amplitudes``)."""
-    model = forward(torch.zeros(len(data), forward.n_modes, device=data.device), rotation,
-                    None, ctf=ctf, shifts=shifts)
-    group = ctf.group
-    if noise_model is not None:
-        physics = Measurement(model, group, noise_model).log_prob(data)
-        white = None
-    else:
-        physics = WhiteNoise(model, noise_std).log_prob(data)
-        white = (noise_std, forward.imaging.offset)
-    return torch.cat([physics.double()[:, None],
-                      null_log_evidence(data, nulls.to(data.device), group, white)], -1)
+    return AmplitudeFit(means, covariances, log_bayes)
 
 
 class AmplitudeFit(NamedTuple):
-    """``fit_amplitudes``' result: means (n, D), covariances (n, D, D), and log_evidence
-    (n, 3) float64 (the physics model of the structure and the junk nulls; None without
-    nulls)."""
+    """``fit_amplitudes``' result: means (n, D), covariances (n, D, D), log_bayes (n,)
+    float64 (the particle model against an empty image)."""
 
     means: Tensor
     covariances: Tensor
-    log_evidence: Tensor | None
+    log_bayes: Tensor
 
 
-def junk_weights(log_evidence: Tensor) -> tuple[Tensor, float]:
+def junk_weights(log_bayes: Tensor) -> tuple[Tensor, float]:
     """Each particle's weight 1 - p(junk) (n,) float64 and the fitted junk fraction,
-    from the log densities (n, 3) of ``fit_amplitudes``: the three-model mixture of
-    ``cryosvi.inference.junk`` fitted by EM over the particles (``assess_junk``; a
-    broken image, NaN, weighs 0). Empty images, and images without the molecule's
-    structure at its pose (phase-scrambled particles, aggregates), are better explained
-    by a null and get weight ~0."""
-    mixture = assess_junk(log_evidence)
-    return torch.nan_to_num(1.0 - mixture.p_junk, nan=0.0), mixture.junk_fraction
+    from the log Bayes factors of ``fit_amplitudes``: the two-model mixture (particle,
+    empty image) fitted by EM over the particles (``cryosvi.inference.junk``). Empty
+    images and images without the molecule's structure at its pose (phase-scrambled
+    particles, aggregates) gain nothing from the amplitudes and get weight ~0."""
+    log_bayes = log_bayes.double()
+    mixture = fit_junk_mixture(torch.stack([log_bayes, torch.zeros_like(log_bayes)], -1))
+    return 1.0 - mixture.p_junk, mixture.junk_fraction
 
 
 class _PooledLeastSquares:
@@ -227,7 +202,7 @@ def learn_modes(reference: Reference, basis: np.ndarray, images, rotation: Tenso
                 prior_std: float = 10.0, iterations: int = 10, source: dict | None = None,
                 progress=None, chunk_size: int = 256,
                 weights: Tensor | None = None,
-                estimate_noise=None, junk_nulls=None) -> tuple[Reference, dict]:
+                estimate_noise=None) -> tuple[Reference, dict]:
     """The reference of ``n_modes`` modes learnt from particles of known pose.
 
     reference: at the images' box and pixel size; basis (D, N, 3): the fitting basis of
@@ -253,10 +228,7 @@ def learn_modes(reference: Reference, basis: np.ndarray, images, rotation: Tenso
     with a noise model, the learnt reference's keeps the B envelope the particles show
     beyond it (``envelope.fitted_envelope``). ``weights`` (n,): each particle's weight
     in the directions' likelihood, the population's and the envelope's fit
-    (``principal_directions``; e.g. 1 - its junk probability), times its own
-    probability of holding the molecule (``junk_weights``) where ``junk_nulls``, a
-    function of the reference at its gray levels returning the junk nulls' noise model
-    (e.g. ``dataset.junk_null_model``), is given."""
+    (``principal_directions``; e.g. 1 - its junk probability)."""
     device = rotation.device
     read = images if callable(images) else images.__getitem__
     n = rotation.shape[0]
@@ -296,8 +268,7 @@ def learn_modes(reference: Reference, basis: np.ndarray, images, rotation: Tenso
         noise = None if reference.noise_model is None else reference.noise_model.to(device)
         return fit_amplitudes(model_at(reference), read, rotation, ctf, shifts,
                               reference.noise.std, prior_std, iterations, progress=progress,
-                              noise_model=noise,
-                              nulls=None if junk_nulls is None else junk_nulls(reference))
+                              noise_model=noise)
 
     reference = with_levels(torch.zeros(n, len(basis))) if fit_levels \
         else with_noise(reference)
@@ -309,35 +280,16 @@ def learn_modes(reference: Reference, basis: np.ndarray, images, rotation: Tenso
         if abs(reference.imaging.scale / first_scale - 1) > REFIT_TOLERANCE:
             fitted = fit()
             passes = 2
-    given = weights
-
-    def with_given(own: Tensor) -> Tensor:
-        return own if given is None else own * given.double()
-
-    def directions(weights: Tensor | None):
-        """The PPCA's directions of the fits; the centre and spread along each from the
-        particles' likelihoods on a grid (the fits' mean, and so the PPCA's centre, sits
-        toward the structure at low SNR); each particle's log density under them."""
-        fit = principal_directions(fitted.means, fitted.covariances, n_modes,
-                                   weights=weights)
-        shift, spread, marginal = population_moments(
-            learnt_reference(reference, basis, fit, {})[0], groups, read, rotation, ctf,
-            shifts, weights, chunk_size, progress)
-        return fit, shift, spread, marginal
-
-    junk_fraction = None
-    if fitted.log_evidence is None:
-        fit, shift, spread, _ = directions(weights)
-    else:
-        # Junk (empty ice, structureless images) would pull the directions: each particle
-        # counts by its own probability of holding the molecule (times the given weight):
-        # first against the structure, which favours particles near it, then against the
-        # learnt direction and population found with those weights.
-        first = directions(with_given(junk_weights(fitted.log_evidence)[0]))[3]
-        own, junk_fraction = junk_weights(torch.cat([first[:, None],
-                                                     fitted.log_evidence[:, 1:]], 1))
-        weights = with_given(own)
-        fit, shift, spread, _ = directions(weights)
+    # Junk (empty ice, structureless images) would pull the directions: each particle
+    # counts by its own probability of holding the molecule, times the given weight.
+    own, junk_fraction = junk_weights(fitted.log_bayes)
+    weights = own if weights is None else own * weights.double()
+    fit = principal_directions(fitted.means, fitted.covariances, n_modes, weights=weights)
+    # The fits' mean, and so the PPCA's centre, sits toward the structure at low SNR:
+    # the centre and spread along each direction from the particles' likelihoods on a grid.
+    shift, spread = population_moments(learnt_reference(reference, basis, fit, {})[0],
+                                       groups, read, rotation, ctf, shifts, weights,
+                                       chunk_size, progress)
     population = replace(fit, centre=fit.centre + torch.from_numpy(shift) @ fit.directions,
                          std=torch.from_numpy(spread))
     learnt, summary = learnt_reference(reference, basis, population, source or {})
@@ -353,7 +305,7 @@ def learn_modes(reference: Reference, basis: np.ndarray, images, rotation: Tenso
                 bfactor=learnt.noise_model.bfactor + bfactor))
     summary.update(fitting_passes=passes, scale=reference.imaging.scale,
                    offset=reference.imaging.offset, noise_std=reference.noise.std,
-                   junk_fraction=None if junk_fraction is None else round(junk_fraction, 4),
+                   junk_fraction=round(junk_fraction, 4),
                    bfactor=None if learnt.noise_model is None
                    else round(learnt.noise_model.bfactor, 2),
                    bfactor_shells=bfactor_shells)
@@ -549,8 +501,7 @@ def learn_modes_from_particles(table: ParticleSet, reference: Reference, n_modes
         iterations, {"particles": str(table.path), "fitted_particles": int(len(rows)),
                      "fitting_basis": basis,
                      "junk_weighted": weights is not None, "noise_model": choice},
-        progress, chunk_size, weights, estimate_noise,
-        lambda settings: junk_null_model(data, settings, seed))
+        progress, chunk_size, weights, estimate_noise)
     # (a copy: the learnt reference's source holds ``summary`` itself)
     return learnt, {**summary, "basis": basis, "fitted_particles": int(len(rows)),
                     "noise_model": choice}

@@ -67,8 +67,7 @@ def grid_population(log_likelihood: Tensor, weights: Tensor | None = None,
 
 def population_moments(learnt: Reference, groups, images, rotation: Tensor, ctf,
                        shifts: Tensor | None, weights: Tensor | None = None,
-                       chunk_size: int = 256, progress=None
-                       ) -> tuple[np.ndarray, np.ndarray, Tensor]:
+                       chunk_size: int = 256, progress=None) -> tuple[np.ndarray, np.ndarray]:
     """The mean (k,) and std (k,) in Å RMS of the particles' amplitudes along each of
     the ``learnt`` reference's k modes (the mean relative to its pseudo-atoms), from
     their likelihoods on NODES amplitudes over the centre +- WIDTH mode stds (at least
@@ -83,10 +82,7 @@ def population_moments(learnt: Reference, groups, images, rotation: Tensor, ctf,
     likelihood is the model's: the reference's noise model (contrast integrated out;
     ``distributions.Measurement``) or white noise of its std. At most ``chunk_size``
     images are read and imaged at a time; ``progress``: called with the number of
-    particles done after each chunk, over each mode. Also returns each particle's log
-    marginal likelihood (n,) float64 under the last mode's estimate (its density under
-    the learnt direction and population, the nodes' masses as the prior): a density
-    on the same space as the junk nulls' (``cryosvi.inference.junk``)."""
+    particles done after each chunk, over each mode."""
     read = images if callable(images) else images.__getitem__
     device = rotation.device
     forward = learnt.forward_model(groups).to(device)
@@ -126,8 +122,7 @@ def population_moments(learnt: Reference, groups, images, rotation: Tensor, ctf,
             if progress is not None:
                 progress(len(chunk))
         mass = grid_population(log_likelihood, weights)
-        marginal = torch.logsumexp(log_likelihood + mass.clamp_min(1e-300).log()[:, None], 0)
         centre = float((mass * nodes).sum())
         means[mode] += centre
         stds[mode] = float((mass * (nodes - centre).square()).sum().sqrt())
-    return means, stds, marginal
+    return means, stds
