@@ -237,26 +237,37 @@ def mount_namespace_works() -> bool:
             return False
 
 
-@pytest.mark.skipif(not mount_namespace_works(), reason="no user and mount namespaces")
-def test_a_read_only_file_system_is_refused(tmp_path):
-    """A read-only tmpfs, mounted in a user and mount namespace of its own: the output's
-    folder, and one to be made in it, are refused by name."""
-    mount = tmp_path / "ro"
-    mount.mkdir()
-    script = (
-        "import sys; from cryosvi.cli.main import main; "
-        f"codes = [main(['modes', '--n-modes', '2', '-o', r'{mount / 'm.npz'}']), "
-        f"main(['simulate', '-n', '2', '-o', r'{mount / 'sub' / 'data'}'])]; "
-        "sys.exit(0 if codes == [2, 2] else 1)")
+def commands_on_a_tmpfs(mount: Path, options: str, commands: list[list[str]],
+                        codes: list[int]) -> list[str]:
+    """Run cryosvi ``commands`` (each an argv with MOUNT for the tmpfs) in a user and
+    mount namespace of their own with a tmpfs of ``options`` mounted on ``mount``;
+    assert they exit with ``codes`` and no traceback; their 'error:' lines."""
+    commands = [[str(mount) + a[5:] if a.startswith("MOUNT") else a for a in argv]
+                for argv in commands]
+    script = ("import sys; from cryosvi.cli.main import main; "
+              f"codes = [main(argv) for argv in {commands!r}]; "
+              f"print(codes); sys.exit(0 if codes == {codes!r} else 1)")
     paths = [str(Path(__file__).resolve().parents[1] / "src"), os.environ.get("PYTHONPATH")]
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
-    mount_then_run = 'mount -t tmpfs -o ro none "$0" && exec "$1" -c "$2"'
+    mount_then_run = f'mount -t tmpfs -o {options} none "$0" && exec "$1" -c "$2"'
     result = subprocess.run(
         ["unshare", "-rm", "sh", "-c", mount_then_run, str(mount), sys.executable, script],
         capture_output=True, text=True, env=environment, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
-    lines = [line for line in result.stderr.splitlines() if "error:" in line]
-    assert len(lines) == 2 and "Traceback" not in result.stderr, result.stderr[-4000:]
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert "Traceback" not in result.stderr, result.stderr[-4000:]
+    return [line for line in result.stderr.splitlines() if "error:" in line]
+
+
+@pytest.mark.skipif(not mount_namespace_works(), reason="no user and mount namespaces")
+def test_a_read_only_file_system_is_refused(tmp_path):
+    """A read-only tmpfs: the output's folder, and one to be made in it, are refused
+    by name."""
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    lines = commands_on_a_tmpfs(mount, "ro", [
+        ["modes", "--n-modes", "2", "-o", "MOUNT/m.npz"],
+        ["simulate", "-n", "2", "-o", "MOUNT/sub/data"]], [2, 2])
+    assert len(lines) == 2, lines
     for line in lines:
         assert f"{mount} is on a read-only file system" in line, line
     assert list(mount.iterdir()) == []
@@ -269,19 +280,9 @@ def test_a_full_disk_ends_in_one_error_line(tmp_path):
     not a traceback."""
     mount = tmp_path / "small"
     mount.mkdir()
-    script = (
-        "import sys; from cryosvi.cli.main import main; "
-        f"codes = [main(['simulate', '-n', '200', '-o', r'{mount / 'data'}']), "
-        f"main(['modes', '--n-modes', '20', '-o', r'{mount / 'm.npz'}'])]; "
-        "print(codes); sys.exit(0 if codes == [2, 1] else 1)")
-    paths = [str(Path(__file__).resolve().parents[1] / "src"), os.environ.get("PYTHONPATH")]
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
-    mount_then_run = 'mount -t tmpfs -o size=64k none "$0" && exec "$1" -c "$2"'
-    result = subprocess.run(
-        ["unshare", "-rm", "sh", "-c", mount_then_run, str(mount), sys.executable, script],
-        capture_output=True, text=True, env=environment, timeout=300)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    lines = [line for line in result.stderr.splitlines() if "error:" in line]
-    assert len(lines) == 2 and "Traceback" not in result.stderr, result.stderr[-4000:]
+    lines = commands_on_a_tmpfs(mount, "size=64k", [
+        ["simulate", "-n", "200", "-o", "MOUNT/data"],
+        ["modes", "--n-modes", "20", "-o", "MOUNT/m.npz"]], [2, 1])
+    assert len(lines) == 2, lines
     assert "MiB but" in lines[0] and "KiB" not in lines[0], lines[0]
     assert "No space left on device" in lines[1], lines[1]
