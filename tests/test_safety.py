@@ -291,6 +291,10 @@ def test_modes_and_bench_do_not_overwrite_without_force(tmp_path):
     code, err = run_cli(["modes", "--n-modes", "2", "-o", output])
     assert_one_error_line(code, err, "--force")
     assert run_cli(["modes", "--n-modes", "2", "-o", output, "--force"])[0] == 0
+    # a modes file given where a reference is expected: said so, in one line
+    code, err = run_cli(["train", "--particles", tmp_path / "none.star", "--reference",
+                         output, "-o", tmp_path / "run"])
+    assert_one_error_line(code, err, "it is a cryosvi modes file")
     report = tmp_path / "bench.json"
     report.write_text('{"mine": 1}')
     for extra in ([], ["--force"]):

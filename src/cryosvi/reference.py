@@ -19,7 +19,7 @@ from cryosvi import config
 from cryosvi.config import Imaging, Noise, Optics, Priors
 from cryosvi.errors import CryosviError
 from cryosvi.io.atomic import save_npz_atomically
-from cryosvi.io.outputs import provenance_array
+from cryosvi.io.outputs import file_kind, provenance_array
 from cryosvi.physics.noise import NoiseModel
 
 
@@ -175,6 +175,9 @@ class Reference:
         except Exception as error:  # zip, key, JSON, dtype and pickle refusals alike
             text = str(error).strip().splitlines()[0] if str(error).strip() else \
                 type(error).__name__
+            kind = file_kind(path)
+            if kind not in (None, "reference"):
+                text = f"it is a cryosvi {kind} file"
             raise CryosviError(f"{path} is not a cryosvi reference (.npz): {text}") from None
         try:
             reference = cls(**arrays,
