@@ -16,7 +16,7 @@ LAYERS = (
     ("cryosvi.io",),
     ("cryosvi.latents", "cryosvi.model", "cryosvi.guide", "cryosvi.reference",
      "cryosvi.posterior", "cryosvi.rundir"),
-    ("cryosvi.dataset",),
+    ("cryosvi.dataset", "cryosvi.noise_data"),
     ("cryosvi.inference", "cryosvi.training", "cryosvi.simulate", "cryosvi.evaluate",
      "cryosvi.bench", "cryosvi.analysis"),
     ("cryosvi.cli", "cryosvi.__main__"),

@@ -226,6 +226,7 @@ def test_particles_of_other_optics_groups_are_refused(runs, tmp_path):
     from dataclasses import replace
 
     from cryosvi.dataset import run_particles
+    from cryosvi.noise_data import matched_noise_model
     from cryosvi.rundir import load_trained
     from cryosvi.simulate import Acquisition, group_optics
 
@@ -235,5 +236,6 @@ def test_particles_of_other_optics_groups_are_refused(runs, tmp_path):
     _, trained, guide = load_trained(root / "run", "cpu")
     table = read_particles(tmp_path / "two" / "particles.star")
     config = replace(guide.config, ctf_estimates=True)
+    data, _ = run_particles(table, config, trained)
     with pytest.raises(CryosviError, match="2 optics group.*measured on 1"):
-        run_particles(table, config, trained)
+        matched_noise_model(data, trained)

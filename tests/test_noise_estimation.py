@@ -1,4 +1,4 @@
-"""cryosvi.dataset.estimate_noise_model / refine_noise_model on particles made here with a
+"""cryosvi.noise_data.estimate_noise_model / refine_noise_model on particles made here with a
 known noise: cryosvi's forward model (two optics groups, astigmatic CTFs, shifts), a
 lognormal contrast per particle, a B = 100 Å^2 envelope, coloured noise of a different
 spectrum per group and a noise level per particle, then each image normalised as
@@ -20,8 +20,8 @@ import starfile
 import torch
 
 from cryosvi.config import Imaging, Noise, Optics, Priors
-from cryosvi.dataset import (ParticleData, estimate_noise_model, noise_groups,
-                             refine_noise_model)
+from cryosvi.dataset import ParticleData
+from cryosvi.noise_data import estimate_noise_model, noise_groups, refine_noise_model
 from cryosvi.io.particles import read_particles
 from cryosvi.physics import spectrum as sp
 from cryosvi.physics.noise import NoiseModel, coloured_noise
@@ -229,3 +229,32 @@ def test_noise_levels_from_the_background(made, first, tmp_path):
     raw = ParticleData(read_particles(made["root"] / "raw.star"), BOX, True)
     noise = estimate_noise_model(raw, made["reference"], seed=1)
     assert noise.level_std == pytest.approx(2 * LEVEL_SPREAD, rel=0.25)
+
+
+def test_a_subset_of_the_optics_groups_gets_its_own_groups_spectra(made, first, tmp_path):
+    """The estimate records each row's rlnOpticsGroup, and the particles of group 2 alone
+    get group 2's spectra (by number, not by order); a group it never saw is refused in
+    one line; the numbers travel in the reference file."""
+    from cryosvi.errors import CryosviError
+    from cryosvi.noise_data import matched_noise_model
+
+    assert first.groups == (1, 2)
+    tables = starfile.read(made["root"] / "particles.star", always_dict=True)
+    particles = tables["particles"]
+    for group, name in ((2, "two.star"), (3, "three.star")):
+        subset = particles[particles["rlnOpticsGroup"] == 2].copy()
+        subset["rlnOpticsGroup"] = group
+        optics = tables["optics"].copy()
+        optics.loc[optics["rlnOpticsGroup"] == 2, "rlnOpticsGroup"] = group
+        starfile.write({"optics": optics, "particles": subset}, made["root"] / name,
+                       overwrite=True)
+    reference = made["reference"].with_settings(noise_model=first)
+    reference.save(tmp_path / "reference.npz")
+    reference = Reference.load(tmp_path / "reference.npz")
+    assert reference.noise_model.groups == (1, 2)
+    two = ParticleData(read_particles(made["root"] / "two.star"), BOX, True)
+    matched = matched_noise_model(two, reference).noise_model
+    assert matched.groups == (2,) and torch.equal(matched.noise, first.noise[1:])
+    three = ParticleData(read_particles(made["root"] / "three.star"), BOX, True)
+    with pytest.raises(CryosviError, match="optics group 3 .*no noise spectrum.*1, 2"):
+        matched_noise_model(three, reference)

@@ -93,7 +93,7 @@ def test_auto_noise_model_estimates_unless_the_reference_knows_the_noise(coloure
     import dataclasses
     import json
 
-    from cryosvi.dataset import resolve_noise_model
+    from cryosvi.noise_data import resolve_noise_model
     from cryosvi.errors import CryosviError
 
     known = Reference.load(coloured_run / "data" / "reference.npz")

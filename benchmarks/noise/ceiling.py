@@ -8,11 +8,11 @@ prior on +-8 Å RMS, under the data set's own prior (the truth's: uniform from 0
 largest hinge's amplitude: the Bayes estimate of a perfect model), and under a Gaussian
 of that prior's mean and variance (the shape cryosvi's priors have), with three
 likelihoods, each with the contrast integrated out and the B envelope and contrast prior
-refined against the model images at the given poses (``dataset.refine_noise_model``,
+refined against the model images at the given poses (``noise_data.refine_noise_model``,
 no model-error term):
 
 * ``true``: each optics group's true noise spectrum (``realistic_noise.truth_spectrum``);
-* ``estimate``: the particles' background estimate (``dataset.estimate_noise_model``);
+* ``estimate``: the particles' background estimate (``noise_data.estimate_noise_model``);
 * ``white``: white noise of the particles' background variance.
 
 Printed and written (--json): |Spearman| of the posterior means with the true hinge angle
@@ -44,8 +44,8 @@ import torch
 from scipy import stats
 
 from cryosvi.config import Imaging, Noise, Optics, Priors
-from cryosvi.dataset import (ParticleData, data_box, data_pixel_size,
-                             estimate_noise_model, refine_noise_model)
+from cryosvi.dataset import ParticleData, data_box, data_pixel_size
+from cryosvi.noise_data import estimate_noise_model, refine_noise_model
 from cryosvi.io.particles import read_particles
 from cryosvi.latents import BY_NAME
 from cryosvi.inference.fitting_basis import fitting_basis

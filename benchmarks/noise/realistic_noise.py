@@ -6,10 +6,10 @@
         --oracle 0 --save-clean --bfactor 0 --contrast-spread 0
     PYTHONPATH=src python benchmarks/noise/realistic_noise.py DATA --plain PLAIN
 
-1. ``dataset.estimate_noise_model`` from the particles alone (no poses), with cryosvi's
+1. ``noise_data.estimate_noise_model`` from the particles alone (no poses), with cryosvi's
    reference of 1OL5 (residue beads, sigma 2 Å: the experiments' reference) for the prior
    model images, unweighted and with the junk weighted out by the truth;
-2. ``dataset.refine_noise_model`` against model images that are the truth without the
+2. ``noise_data.refine_noise_model`` against model images that are the truth without the
    envelope and the contrast: PLAIN's clean RELION images (the same seed: the same
    particles, poses, CTFs and junk) normalised by DATA's per-particle background mean
    and std. It should find B = DATA's B-factor, the contrast prior of DATA's lognormal
@@ -34,8 +34,8 @@ import numpy as np
 import torch
 
 from cryosvi.config import Imaging, Noise, Priors
-from cryosvi.dataset import (ParticleData, estimate_noise_model, model_optics,
-                             refine_noise_model)
+from cryosvi.dataset import ParticleData, model_optics
+from cryosvi.noise_data import estimate_noise_model, refine_noise_model
 from cryosvi.io.particles import read_particles
 from cryosvi.reference import build_reference
 

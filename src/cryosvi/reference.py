@@ -238,8 +238,9 @@ ARRAYS = ("coords", "centroid", "modes", "eigenvalues")
 NOISE_MODEL_ARRAYS = ("noise", "error", "signal_power")
 """The NoiseModel's spectra, saved as ``noise_model_<name>`` (G, shells) float64."""
 NOISE_MODEL_NUMBERS = ("box", "pixel_size", "error_weight", "contrast_mean", "contrast_std",
-                       "contrast_floor", "bfactor", "level_std", "cropped", "origin")
-NOISE_MODEL_DEFAULTS = {"level_std": 0.0}
+                       "contrast_floor", "bfactor", "level_std", "cropped", "origin",
+                       "groups")
+NOISE_MODEL_DEFAULTS = {"level_std": 0.0, "groups": ()}
 """Numbers that files written before they existed lack, and their values there."""
 
 

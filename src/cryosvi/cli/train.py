@@ -176,8 +176,8 @@ RESUME_OPTIONS = {"help", "output", "particles", "datadir", "invert", "device", 
 
 
 def add_noise_model_argument(parser, keeps: str) -> None:
-    """--noise-model (``cryosvi.dataset.NOISE_MODELS``)."""
-    from cryosvi.dataset import NOISE_MODELS
+    """--noise-model (``cryosvi.noise_data.NOISE_MODELS``)."""
+    from cryosvi.noise_data import NOISE_MODELS
 
     parser.add_argument("--noise-model", choices=NOISE_MODELS, default="auto",
                         help="the noise of the likelihood (and of the training simulations): "

@@ -11,7 +11,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cryosvi.dataset import junk_null_model, run_particles
+from cryosvi.dataset import run_particles
+from cryosvi.noise_data import junk_null_model, matched_noise_model
 from cryosvi.errors import CryosviError
 from cryosvi.guide import check_turns
 from cryosvi.inference.chunks import (CHUNK_PARTICLES, ChunkColumns, WorkFolder,
@@ -107,7 +108,7 @@ def infer(run: str | Path, particles: str | Path, output: str | Path, samples: i
     Junk: every particle's log evidence under the physics model (the refinement's
     estimate, or importance sampling of JUNK_DRAWS guide draws) and under the two nulls
     of ``cryosvi.inference.junk`` (the run's noise model, or for a white-noise run white
-    noise with the particles' signal power, ``dataset.junk_null_model``), the mixture's
+    noise with the particles' signal power, ``noise_data.junk_null_model``), the mixture's
     weights fitted by EM over all particles at the end: the column ``JUNK_COLUMN``.
     ``max_junk``: only the particles whose junk probability is below it are written (STAR,
     .cs and samples; None: all). The returned table's ``attrs['junk_fraction']`` is the
@@ -134,6 +135,7 @@ def infer(run: str | Path, particles: str | Path, output: str | Path, samples: i
     source = read_particles(particles, datadir, invert)
     config = guide.config
     data, known = run_particles(source, config, reference)
+    reference = matched_noise_model(data, reference)  # its spectra for these groups
     source.forget()  # a latent's known values may have read the whole table
     output = Path(output)
     work = WorkFolder(work_folder_path(output))

@@ -36,8 +36,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cryosvi.dataset import (ParticleData, estimate_noise_model, has_ctf_estimates,
-                             priors_from_particles, resolve_noise_model, working_reference)
+from cryosvi.dataset import (ParticleData, has_ctf_estimates, priors_from_particles,
+                             working_reference)
+from cryosvi.noise_data import (estimate_noise_model, matched_noise_model,
+                                resolve_noise_model)
 from cryosvi.errors import CryosviError
 from cryosvi.io.particles import ANGLES, ParticleSet
 from cryosvi.latents import BY_NAME, JUNK_COLUMN
@@ -223,7 +225,7 @@ def learn_modes(reference: Reference, basis: np.ndarray, images, rotation: Tenso
     passes, the PPCA's stds and the population's shift of its centre.
     The reference's ``noise_model``, where it has one, whitens the fit's residuals
     (``fit_amplitudes``); ``estimate_noise``, a function of the reference at its gray
-    levels returning the images' ``NoiseModel`` (e.g. ``dataset.estimate_noise_model``),
+    levels returning the images' ``NoiseModel`` (e.g. ``noise_data.estimate_noise_model``),
     replaces it whenever the gray levels are set (its contrast is relative to them);
     with a noise model, the learnt reference's keeps the B envelope the particles show
     beyond it (``envelope.fitted_envelope``). ``weights`` (n,): each particle's weight
@@ -444,8 +446,8 @@ def learn_modes_from_particles(table: ParticleSet, reference: Reference, n_modes
     weighs each particle by 1 - its junk probability in the directions' fit, so that
     junk does not pull them. Returns the learnt reference and ``learn_modes``'s summary,
     with 'basis' (what the basis is) and 'fitted_particles'. ``noise_model``
-    (``dataset.NOISE_MODELS``; 'auto' resolved by ``dataset.resolve_noise_model``):
-    'estimate' measures the particles' coloured noise (``dataset.estimate_noise_model``)
+    (``noise_data.NOISE_MODELS``; 'auto' resolved by ``noise_data.resolve_noise_model``):
+    'estimate' measures the particles' coloured noise (``noise_data.estimate_noise_model``)
     at the fitted gray levels; it whitens the fit and the learnt reference keeps it for
     ``cryosvi train``.
     """
@@ -487,6 +489,7 @@ def learn_modes_from_particles(table: ParticleSet, reference: Reference, n_modes
                                                           std=float(noise_std)))
     if choice == "white":
         reference = reference.with_settings(noise_model=None)
+    reference = matched_noise_model(data, reference)  # a reference's own, for these groups
     estimate_noise = None if choice != "estimate" else \
         lambda settings: estimate_noise_model(data, settings, seed, device)
     weights = None

@@ -18,7 +18,7 @@ The estimate (``estimate``), before the main pass of a run with a noise model:
    pass; the model images at each particle's posterior mean (``mean_images``), and the
    junk probability from the subset's three evidences (``junk.assess_junk``), whose
    1 - p_junk weighs the particles;
-3. ``dataset.refine_noise_model`` against those images: B from the per-shell gain (the
+3. ``noise_data.refine_noise_model`` against those images: B from the per-shell gain (the
    envelope, added to the noise model's), the contrast prior and the residual spectrum
    R; then D = max(R - S, 0) smoothed over 3 shells (``model_error_spectrum``) with S
    the run's own noise spectrum (the one its guide was trained with; a background
@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from cryosvi.dataset import refine_noise_model
+from cryosvi.noise_data import refine_noise_model
 from cryosvi.errors import CryosviError
 from cryosvi.inference.junk import assess_junk
 from cryosvi.io.atomic import write_atomically

@@ -219,6 +219,9 @@ class NoiseModel:
     (``level_marginal``) and drawn in ``sample`` (0: every image has T). cropped: the
     images are Fourier-cropped to an even box, so their Nyquist
     row and column are 0 and left out. origin: how it was made (free text, provenance).
+    groups: the rlnOpticsGroup of each row (G,), or () where unknown (a simulation, a
+    run without CTF estimates): then rows go with particles' groups by order alone
+    (``for_groups``).
     """
 
     box: int
@@ -234,6 +237,7 @@ class NoiseModel:
     level_std: float = 0.0
     cropped: bool = False
     origin: str = ""
+    groups: tuple[int, ...] = ()
 
     def __post_init__(self):
         noise = torch.as_tensor(self.noise, dtype=torch.float64)
@@ -249,6 +253,7 @@ class NoiseModel:
             set_(self, name, float(getattr(self, name)))
         set_(self, "box", int(self.box))
         set_(self, "cropped", bool(self.cropped) and self.box % 2 == 0)
+        set_(self, "groups", tuple(int(g) for g in self.groups))
         self.check()
 
     def check(self, where: str = "") -> None:
@@ -280,6 +285,31 @@ class NoiseModel:
         for name, ok in checks.items():
             if not ok:
                 raise CryosviError(f"{where}bad noise model {name}")
+        if self.groups and (len(self.groups) != self.n_groups
+                            or len(set(self.groups)) != len(self.groups)):
+            raise CryosviError(f"{where}bad noise model optics groups {self.groups} for "
+                               f"{self.n_groups} spectra")
+
+    def for_groups(self, groups: tuple[int, ...], count: int) -> "NoiseModel":
+        """The noise model of particles whose ``count`` noise groups are the optics
+        groups ``groups`` (rlnOpticsGroup, in the particles' group order; () where they
+        have none): each group's spectra taken by its number where both know theirs, else
+        by order (then the counts must agree). A CryosviError for a group it has no
+        spectrum of."""
+        if not (self.groups and groups):
+            if count != self.n_groups:
+                raise CryosviError(f"the particles use {count} optics group(s), but the "
+                                   f"noise model was measured on {self.n_groups}")
+            return self
+        missing = [g for g in groups if g not in self.groups]
+        if missing:
+            raise CryosviError(f"optics group {missing[0]} of the particles has no noise "
+                               f"spectrum (the noise model's groups: "
+                               f"{', '.join(map(str, self.groups))})")
+        rows = torch.tensor([self.groups.index(g) for g in groups],
+                            device=self.noise.device)
+        return self.replace(noise=self.noise[rows], error=self.error[rows],
+                            signal_power=self.signal_power[rows], groups=tuple(groups))
 
     # ---------------------------------------------------------------- construction
     @classmethod

@@ -28,7 +28,8 @@ from pyro.optim.clipped_adam import ClippedAdam
 from tqdm.auto import tqdm
 
 from cryosvi import __version__
-from cryosvi.dataset import ParticleData, resolve_noise_model
+from cryosvi.dataset import ParticleData
+from cryosvi.noise_data import resolve_noise_model
 from cryosvi.errors import CryosviError
 from cryosvi.guide import Guide, GuideConfig, trunk_bf16
 from cryosvi.io.outputs import directory_kind, mark_directory

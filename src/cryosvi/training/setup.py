@@ -12,9 +12,10 @@ from pathlib import Path
 import torch
 
 from cryosvi.config import SIM_EPOCHS
-from cryosvi.dataset import (ParticleData, estimate_levels, estimate_noise_model,
-                             image_statistics, priors_from_particles, resolve_noise_model,
-                             uses_ctf_estimates, working_reference)
+from cryosvi.dataset import (ParticleData, estimate_levels, image_statistics,
+                             priors_from_particles, uses_ctf_estimates, working_reference)
+from cryosvi.noise_data import (estimate_noise_model, matched_noise_model,
+                                resolve_noise_model)
 from cryosvi.errors import CryosviError
 from cryosvi.guide import Architecture, Guide, GuideConfig
 from cryosvi.io.outputs import check_output_directory, directory_kind
@@ -54,8 +55,8 @@ class TrainOptions:
     """Fields of :class:`cryosvi.config.Priors` that replace the reference's (the
     command's prior options, e.g. defocus_offset_std and shift_std)."""
     noise_model: str = "auto"
-    """The noise of the likelihood and of the simulations (``dataset.NOISE_MODELS``);
-    ``train`` resolves 'auto' (``dataset.resolve_noise_model``) and records the result.
+    """The noise of the likelihood and of the simulations (``noise_data.NOISE_MODELS``);
+    ``train`` resolves 'auto' (``noise_data.resolve_noise_model``) and records the result.
     The run keeps the noise model in its reference.npz: training simulations draw from
     it and ``cryosvi infer`` evaluates its likelihood."""
     precision: str = "auto"
@@ -97,6 +98,7 @@ def prepare(particles: str | Path, reference: Reference, options: TrainOptions,
     elif choice == "estimate":  # at the gray levels just set: its contrast is relative
         reference = reference.with_settings(noise_model=estimate_noise_model(
             data, reference, options.seed, options.device))
+    reference = matched_noise_model(data, reference)  # e.g. a learnt reference's
     priors = reference.priors
     groups = {} if data.groups is None else {k: list(v) for k, v in
                                              data.groups._asdict().items()}
