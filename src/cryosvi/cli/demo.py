@@ -35,8 +35,8 @@ DEMO_DEFAULTS = dict(n_train=10000, n_test=2000, epochs=SIM_EPOCHS, batch_size=S
                      lr=SIM_LR, importance=64, moves=3)
 """The defaults of ``cryosvi train`` (guide ``guide.Architecture()``, epochs
 ``SIM_EPOCHS`` of ``SIM_BATCH``) and of ``cryosvi infer``, as in the joint SNR 20 run of
-benchmarks/results (measured: about 15 minutes on a 2-core CPU, README "Demo";
-``--epochs 40``: about 3)."""
+benchmarks/results (measured: 15-26 minutes on a 2-core AVX-512 EPYC, README's quick
+start; ``--epochs 40``: about 3)."""
 
 
 def register(subparsers, summary: str) -> None:
@@ -45,8 +45,8 @@ def register(subparsers, summary: str) -> None:
         description="Simulate the paper preset from the bundled 1OL5 (training and held-out "
         "sets with different seeds), train a guide for pose + defocus + mode by "
         "simulation, infer the held-out particles, evaluate and write a report. Sized to "
-        "finish in about 15 minutes on a 2-core CPU (--epochs 40: about 3); uses CUDA "
-        "when present.",
+        "finish in 15-26 minutes on a 2-core AVX-512 CPU (--epochs 40: about 3; machines "
+        "without AVX-512 are several times slower); uses CUDA when present.",
         formatter_class=HelpFormatter)
     parser.add_argument("-o", "--output", default="cryosvi-demo", help="output directory")
     parser.add_argument("--n-train", type=integer_between(2, 10**7),
