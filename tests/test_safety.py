@@ -633,3 +633,16 @@ def test_resume_says_which_settings_it_ignores(run, tmp_path):
     assert json.loads((resumed / "run.json").read_text())["schedule"] == stored
     code, err = run_cli(["train", "-o", resumed, "--resume", "--quiet", "--device", "cpu"])
     assert code == 0 and "warning:" not in err, err
+
+
+def test_infer_says_when_refine_is_not_used(run, dataset, tmp_path):
+    """--refine only chooses the refinement of --importance draws: with --importance 0
+    (the guide alone) a --refine given is named in one warning, and the default is
+    silent."""
+    base = ["infer", "--run", run, "--particles", dataset / "particles.star",
+            "--importance", "0", "--quiet"]
+    code, err = run_cli(base + ["-o", tmp_path / "a.star", "--refine", "smc"])
+    warned = [line for line in err.splitlines() if "warning:" in line]
+    assert code == 0 and len(warned) == 1 and "--refine smc is not used" in warned[0], err
+    code, err = run_cli(base + ["-o", tmp_path / "b.star"])
+    assert code == 0 and "warning:" not in err, err

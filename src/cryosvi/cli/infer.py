@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from cryosvi.cli.common import (HelpFormatter, add_particle_source_arguments,
                                 add_threads_argument, check_device, check_memory,
                                 device_name, integer_between, number, seed_int)
-from cryosvi.errors import CryosviError
+from cryosvi.errors import CryosviError, CryosviWarning
 
 
 def register(subparsers, summary: str) -> None:
@@ -227,6 +228,9 @@ def check_outputs(args) -> None:
     config = guide_config(read_run(args.run), args.run)
     if args.importance:
         check_refinement(args.refine, config)
+    elif args.refine != "auto":
+        warnings.warn(f"--refine {args.refine} is not used with --importance 0 (the guide "
+                      "alone)", CryosviWarning)
     args.grid = bool(args.importance) and args.refine in ("grid", "auto") \
         and grid_dimension(config.latents, config) is not None
     # The run's own files and the particles; a posterior written into the run folder
