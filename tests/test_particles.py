@@ -432,18 +432,15 @@ def test_cryodrgn_parser_reads_the_written_file_or_skip(tmp_path):
     assert list(theirs.df["_rlnImageName"]) == list(ps.metadata["rlnImageName"])
 
 
-def test_doubtful_defocus_columns_are_warned(tmp_path):
-    """A file with rlnDefocusV but no rlnDefocusU (its CTF estimates cannot be used), and
-    one with a negative defocus (overfocus), each read with one warning saying so."""
+def test_a_defocus_v_without_u_is_warned(tmp_path):
+    """A file with rlnDefocusV but no rlnDefocusU: its CTF estimates cannot be used, and
+    the reading says so in a warning."""
     write_stack(tmp_path / "a.mrcs")
     optics = pd.DataFrame({"rlnOpticsGroup": [1], "rlnVoltage": [300.0],
                            "rlnSphericalAberration": [2.7], "rlnAmplitudeContrast": [0.1],
                            "rlnImagePixelSize": [1.5], "rlnImageSize": [8]})
-    for name, defocus, message in (
-            ("v.star", {"rlnDefocusV": [1e4, 1e4]}, "rlnDefocusV without rlnDefocusU"),
-            ("n.star", {"rlnDefocusU": [1e4, -5e3]}, "negative rlnDefocusU")):
-        frame = pd.DataFrame({"rlnImageName": ["1@a.mrcs", "2@a.mrcs"], **defocus,
-                              "rlnOpticsGroup": [1, 1]})
-        starfile.write({"optics": optics, "particles": frame}, tmp_path / name)
-        with pytest.warns(CryosviWarning, match=message):
-            read_particles(tmp_path / name)
+    frame = pd.DataFrame({"rlnImageName": ["1@a.mrcs", "2@a.mrcs"],
+                          "rlnDefocusV": [1e4, 1e4], "rlnOpticsGroup": [1, 1]})
+    starfile.write({"optics": optics, "particles": frame}, tmp_path / "v.star")
+    with pytest.warns(CryosviWarning, match="rlnDefocusV without rlnDefocusU"):
+        read_particles(tmp_path / "v.star")

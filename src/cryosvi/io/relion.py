@@ -236,9 +236,6 @@ def finish(frame: pd.DataFrame, optics: pd.DataFrame, path: Path, where) -> pd.D
     if "rlnDefocusV" in frame and "rlnDefocusU" not in frame:
         warn(f"{path.name}: rlnDefocusV without rlnDefocusU; the file's CTF estimates are "
              "not used")
-    if "rlnDefocusU" in frame and (frame["rlnDefocusU"].to_numpy(float) < 0).any():
-        warn(f"{path.name}: particles with a negative rlnDefocusU (overfocus: RELION's "
-             "underfocus is positive)")
     if "rlnDefocusU" in frame:
         if "rlnDefocusV" not in frame:
             frame["rlnDefocusV"] = frame["rlnDefocusU"]
