@@ -82,7 +82,7 @@ def data_pixel_size(particles: ParticleSet) -> float:
 
 
 # ------------------------------------------------------------------ optics and CTF
-def _group_codes(particles: ParticleSet) -> tuple[np.ndarray, np.ndarray]:
+def group_codes(particles: ParticleSet) -> tuple[np.ndarray, np.ndarray]:
     """(codes (N,) int64 in 0..G-1, labels (G,) the sorted rlnOpticsGroup values)."""
     labels, codes = np.unique(particles.column("rlnOpticsGroup"), return_inverse=True)
     return codes.reshape(-1).astype(np.int64), labels
@@ -91,7 +91,7 @@ def _group_codes(particles: ParticleSet) -> tuple[np.ndarray, np.ndarray]:
 def group_index(particles: ParticleSet) -> torch.Tensor:
     """(N,) int64: each particle's optics group as an index into ``optics_groups``
     (the rank of its rlnOpticsGroup among the particles' distinct values, from 0)."""
-    return torch.from_numpy(_group_codes(particles)[0])
+    return torch.from_numpy(group_codes(particles)[0])
 
 
 def optics_groups(particles: ParticleSet, pixel_size: float | None = None) -> OpticsGroups:
@@ -100,7 +100,7 @@ def optics_groups(particles: ParticleSet, pixel_size: float | None = None) -> Op
     particle uses are left out. ``pixel_size`` (Å): the pixel size of the images the CTF
     is applied to, e.g. ``working_pixel_size`` for a working box (then every group must
     share one data pixel size)."""
-    codes, labels = _group_codes(particles)
+    codes, labels = group_codes(particles)
     first = np.unique(codes, return_index=True)[1]  # first row of each group 0..G-1
     def values(column: str) -> tuple:
         return tuple(particles.column(column, first).astype(float).tolist())
@@ -114,7 +114,7 @@ def optics_groups(particles: ParticleSet, pixel_size: float | None = None) -> Op
         amplitude_contrast=values("rlnAmplitudeContrast"), pixel_size=pixels)
 
 
-def _rows(particles: ParticleSet, rows) -> np.ndarray:
+def particle_rows(particles: ParticleSet, rows) -> np.ndarray:
     """0-based row indices (k,) int64: all rows for None."""
     if rows is None:
         return np.arange(len(particles))
@@ -131,7 +131,7 @@ def _column(particles: ParticleSet, column: str, rows: np.ndarray) -> torch.Tens
 def known_shifts(particles: ParticleSet, rows=None) -> torch.Tensor:
     """(k, 2) float32 Å: the shifts (``io.particles.origins``) of the particles ``rows``
     (indices; None = all) as a tensor."""
-    return torch.from_numpy(origins(particles, _rows(particles, rows)))
+    return torch.from_numpy(origins(particles, particle_rows(particles, rows)))
 
 
 def particle_ctf(particles: ParticleSet, rows=None) -> ParticleCTF:
@@ -141,7 +141,7 @@ def particle_ctf(particles: ParticleSet, rows=None) -> ParticleCTF:
     ``group_index``). read_particles fills absent V/angle/phase/B (V = U, else 0); a
     file without rlnDefocusU is a CryosviError (see ``has_ctf_estimates``)."""
     particles.require("rlnDefocusU")
-    rows = _rows(particles, rows)
+    rows = particle_rows(particles, rows)
     fields = [_column(particles, c, rows) for c in
               ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnPhaseShift",
                "rlnCtfBfactor")]

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from cryosvi.dataset import ParticleData, _group_codes, _rows, data_box
+from cryosvi.dataset import ParticleData, data_box, group_codes, particle_rows
 from cryosvi.errors import CryosviError
 from cryosvi.model import sample_prior
 from cryosvi.physics.contrast import contrast_floor, contrast_prior, level_spread
@@ -52,7 +52,7 @@ def noise_group_labels(data: ParticleData) -> tuple[int, ...]:
     ctf = data.conditions.ctf
     if ctf is None or ctf.group is None:
         return ()
-    return tuple(int(g) for g in _group_codes(data.particles)[1])
+    return tuple(int(g) for g in group_codes(data.particles)[1])
 
 
 def noise_groups(data: ParticleData, rows=None) -> tuple[torch.Tensor, int]:
@@ -60,7 +60,7 @@ def noise_groups(data: ParticleData, rows=None) -> tuple[torch.Tensor, int]:
     and the number of groups: the optics group of their CTF (``ParticleData``'s
     conditions, ``group_index``) when the run uses CTF estimates, else 0 (one group, as
     the model's measurement site sees them)."""
-    rows = _rows(data.particles, rows)
+    rows = particle_rows(data.particles, rows)
     ctf = data.conditions.ctf
     if ctf is None or ctf.group is None:
         return torch.zeros(len(rows), dtype=torch.long), 1
@@ -216,7 +216,7 @@ def refine_noise_model(noise: NoiseModel, data: ParticleData, reference: Referen
        T = S + k D >= R;
     5. P, the particles' power beyond the new T.
     """
-    rows = _rows(data.particles, rows)
+    rows = particle_rows(data.particles, rows)
     images = torch.from_numpy(data.images(rows)).double()
     model = model_images.detach().cpu().double()
     if model.shape != images.shape:
