@@ -16,6 +16,7 @@ object); every RNG state is stored as tensors and numbers (format 2).
 
 from __future__ import annotations
 
+import errno
 import json
 import pickle
 from pathlib import Path
@@ -82,9 +83,23 @@ def write_json_atomic(path: Path, data: dict) -> None:
 
 
 # ----------------------------------------------------------------------- checkpoint
+TORCH_WRITE_FAILURES = ("PytorchStreamWriter", "inline_container")
+"""What torch.save's RuntimeError says when the file cannot be written (a full disk)."""
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Write ``state`` (tensors, numbers, strings, lists, dicts only) atomically."""
-    write_atomically(path, lambda temporary: torch.save(state, temporary))
+    """Write ``state`` (tensors, numbers, strings, lists, dicts only) atomically; a
+    failed write is an OSError, as any other file's."""
+    def write(temporary: Path) -> None:
+        try:
+            torch.save(state, temporary)
+        except RuntimeError as error:
+            if not any(mark in str(error) for mark in TORCH_WRITE_FAILURES):
+                raise
+            raise OSError(errno.EIO, "writing a checkpoint failed (is the disk full?): "
+                          + str(error).splitlines()[0], str(path)) from None
+
+    write_atomically(path, write)
 
 
 def load_checkpoint(path: str | Path, device="cpu") -> dict:

@@ -83,10 +83,6 @@ def _one_line_warning(command: str):
     return show
 
 
-TORCH_WRITE_FAILURES = ("PytorchStreamWriter", "inline_container")
-"""What torch.save's RuntimeError says when the file cannot be written (a full disk)."""
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(argv)
@@ -107,12 +103,6 @@ def main(argv: list[str] | None = None) -> int:
         where = "".join(f" ({name})" for name in (error.filename, error.filename2) if name)
         print(f"cryosvi {args.command}: error: {error.strerror or error}{where}",
               file=sys.stderr)
-        return 1
-    except RuntimeError as error:
-        if not any(mark in str(error) for mark in TORCH_WRITE_FAILURES):
-            raise
-        print(f"cryosvi {args.command}: error: writing a checkpoint failed (is the disk "
-              f"full?): {str(error).splitlines()[0]}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"cryosvi {args.command}: interrupted", file=sys.stderr)
