@@ -489,7 +489,8 @@ def learn_modes_from_particles(table: ParticleSet, reference: Reference, n_modes
                                                           std=float(noise_std)))
     if choice == "white":
         reference = reference.with_settings(noise_model=None)
-    reference = matched_noise_model(data, reference)  # a reference's own, for these groups
+    elif choice == "reference":  # its own noise model, for these particles' groups
+        reference = matched_noise_model(data, reference)
     estimate_noise = None if choice != "estimate" else \
         lambda settings: estimate_noise_model(data, settings, seed, device)
     weights = None

@@ -98,7 +98,8 @@ def prepare(particles: str | Path, reference: Reference, options: TrainOptions,
     elif choice == "estimate":  # at the gray levels just set: its contrast is relative
         reference = reference.with_settings(noise_model=estimate_noise_model(
             data, reference, options.seed, options.device))
-    reference = matched_noise_model(data, reference)  # e.g. a learnt reference's
+    else:  # the reference's own (e.g. a learnt reference's), for these particles' groups
+        reference = matched_noise_model(data, reference)
     priors = reference.priors
     groups = {} if data.groups is None else {k: list(v) for k, v in
                                              data.groups._asdict().items()}
