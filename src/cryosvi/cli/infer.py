@@ -263,13 +263,14 @@ def stale_side_files(output: Path, args, noise_model: bool) -> list[Path]:
     from cryosvi.inference.model_error import beside
     from cryosvi.io.outputs import file_kind
 
-    written = {output.with_suffix(".cs"): Path(args.particles).suffix.lower() == ".cs",
-               samples_path(output): bool(args.samples),
-               beside(output): getattr(args, "model_error", "off") == "on" and noise_model}
-    kinds = {output.with_suffix(".cs"): "posterior", samples_path(output): "samples",
-             beside(output): "model error"}
-    stale = [path for path, made in written.items()
-             if not made and path.is_file() and file_kind(path) == kinds[path]]
+    cs_input = Path(args.particles).suffix.lower() == ".cs"
+    side_files = (  # (path, its kind, whether this inference writes it)
+        (output.with_suffix(".cs"), "posterior", cs_input),
+        (samples_path(output), "samples", bool(args.samples)),
+        (beside(output), "model error",
+         getattr(args, "model_error", "off") == "on" and noise_model))
+    stale = [path for path, kind, made in side_files
+             if not made and path.is_file() and file_kind(path) == kind]
     if stale and not args.force:
         raise CryosviError(f"{stale[0]} is left from an earlier inference into "
                            f"{output.name}; use --force to replace that inference (its "
