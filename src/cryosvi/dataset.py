@@ -11,12 +11,13 @@ Data -> physics adapters (pure functions of a ParticleSet):
   and group index as a ``cryosvi.physics.optics.ParticleCTF``; ``has_ctf_estimates``.
 * ``known_shifts``: (N, 2) Å, RELION's (rlnOriginXAngst, rlnOriginYAngst); ``has_shifts``.
 * ``working_box``, ``working_pixel_size``, ``working_images``: the particles Fourier-cropped
-  to an even working box n <= L (default min(64, L)), the guide's input whatever L is.
+  to an even working box n <= L (default min(64, L)), so that the guide's size does not
+  depend on the data's box.
 * the images' noise (``cryosvi.physics.noise.NoiseModel``) is measured from the
   particles in ``cryosvi.noise_data``.
 
-All optics groups share the image box and pixel size (one projection grid and working
-box); voltage, Cs and amplitude contrast may differ.
+All optics groups must share the image box and pixel size (one projection grid and one
+working box serve them); they may differ in voltage, Cs and amplitude contrast.
 """
 
 from __future__ import annotations
