@@ -98,11 +98,9 @@ def check_output(path: str | Path, force: bool, inputs=()) -> None:
     """Refuse a place that cannot be written (``cryosvi.io.outputs.check_writable``), a
     missing folder, an input, a file that is not a PNG, and a PNG that this command did
     not write unless --force."""
-    from cryosvi.io.outputs import check_writable, same_path
+    from cryosvi.io.outputs import check_writable, refuse_inputs
 
-    if any(same_path(path, source) for source in inputs):
-        raise CryosviError(f"-o {path} is also an input of this command; choose another "
-                           "output name")
+    refuse_inputs(Path(path), inputs)
     path = check_writable(path)
     if path.suffix.lower() != ".png":
         raise CryosviError(f"-o {path}: the picture is a PNG; give a name ending in .png")

@@ -250,6 +250,14 @@ def _check_names(path: Path, ancestor: Path, where: str) -> None:
                            f"{path_max - NAME_MARGIN} bytes the file system allows here")
 
 
+def refuse_inputs(path: Path, inputs, option: str = "-o") -> None:
+    """A CryosviError when the output ``path`` is one of the command's ``inputs``."""
+    for source in inputs:
+        if source is not None and same_path(path, source):
+            raise CryosviError(f"{option} {path} is also an input of this command; choose "
+                               "another output name")
+
+
 def check_output_file(path: str | Path, kind: str, force: bool = False,
                       inputs=(), option: str = "-o") -> Path:
     """Refuse, before any work, an output file that cannot or may not be written.
@@ -260,10 +268,7 @@ def check_output_file(path: str | Path, kind: str, force: bool = False,
     output of this ``kind``.
     """
     path = output_path(path, option)
-    for source in inputs:
-        if source is not None and same_path(path, source):
-            raise CryosviError(f"{option} {path} is also an input of this command; choose "
-                               "another output name")
+    refuse_inputs(path, inputs, option)
     check_writable(path, option)
     if path.is_dir():
         raise CryosviError(f"{option} {path} is a directory; give a file name")
