@@ -69,15 +69,20 @@ def test_metadata_needs_no_stacks(tmp_path):
         ps.images([0])
 
 
+def one_group_optics() -> pd.DataFrame:
+    """An optics table of one group of 8 px images at 1.5 Å."""
+    return pd.DataFrame({"rlnOpticsGroup": [1], "rlnVoltage": [300.0],
+                         "rlnSphericalAberration": [2.7], "rlnAmplitudeContrast": [0.1],
+                         "rlnImagePixelSize": [1.5], "rlnImageSize": [8]})
+
+
 def test_single_2d_image_and_datadir(tmp_path):
     stacks = tmp_path / "elsewhere"
     stacks.mkdir()
     image = write_stack(stacks / "one.mrc", single=True)
     frame = pd.DataFrame({"rlnImageName": ["one.mrc", "1@Extract/job9/one.mrc"],
                           "rlnDefocusU": [1e4, 1e4], "rlnOpticsGroup": [1, 1]})
-    optics = pd.DataFrame({"rlnOpticsGroup": [1], "rlnVoltage": [300.0],
-                           "rlnSphericalAberration": [2.7], "rlnAmplitudeContrast": [0.1],
-                           "rlnImagePixelSize": [1.5], "rlnImageSize": [8]})
+    optics = one_group_optics()
     starfile.write({"optics": optics, "particles": frame}, tmp_path / "p.star")
     ps = read_particles(tmp_path / "p.star", datadir=stacks)
     np.testing.assert_array_equal(ps.images([0, 1]), np.concatenate([image, image]))
@@ -89,9 +94,7 @@ def test_a_name_without_an_image_number_must_name_a_single_image(tmp_path):
     write_stack(tmp_path / "four.mrcs")
     frame = pd.DataFrame({"rlnImageName": ["2@four.mrcs", "four.mrcs"],
                           "rlnDefocusU": [1e4, 1e4], "rlnOpticsGroup": [1, 1]})
-    optics = pd.DataFrame({"rlnOpticsGroup": [1], "rlnVoltage": [300.0],
-                           "rlnSphericalAberration": [2.7], "rlnAmplitudeContrast": [0.1],
-                           "rlnImagePixelSize": [1.5], "rlnImageSize": [8]})
+    optics = one_group_optics()
     starfile.write({"optics": optics, "particles": frame}, tmp_path / "p.star")
     with pytest.raises(CryosviError, match="particle 2 .*without an image number.*4 images"):
         read_particles(tmp_path / "p.star").images([0])
@@ -436,9 +439,7 @@ def test_a_defocus_v_without_u_is_warned(tmp_path):
     """A file with rlnDefocusV but no rlnDefocusU: its CTF estimates cannot be used, and
     the reading says so in a warning."""
     write_stack(tmp_path / "a.mrcs")
-    optics = pd.DataFrame({"rlnOpticsGroup": [1], "rlnVoltage": [300.0],
-                           "rlnSphericalAberration": [2.7], "rlnAmplitudeContrast": [0.1],
-                           "rlnImagePixelSize": [1.5], "rlnImageSize": [8]})
+    optics = one_group_optics()
     frame = pd.DataFrame({"rlnImageName": ["1@a.mrcs", "2@a.mrcs"],
                           "rlnDefocusV": [1e4, 1e4], "rlnOpticsGroup": [1, 1]})
     starfile.write({"optics": optics, "particles": frame}, tmp_path / "v.star")
