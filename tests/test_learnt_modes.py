@@ -91,11 +91,11 @@ def hinge_of_block(coords, labels, block) -> np.ndarray:
 
 
 def simulate_along(tmp_path, direction: np.ndarray, base: Reference,
-                   effects: ImageEffects = ImageEffects()):
+                   effects: ImageEffects = ImageEffects(), snr: float = 2.0):
     truth = base.with_settings(
         modes=direction.reshape(1, -1, 3), eigenvalues=np.ones(1),
         priors=Priors(mode_std=(1.5,), defocus_mean=10000.0, defocus_std=2500.0),
-        noise=Noise(snr=2.0))
+        noise=Noise(snr=snr))
     data = tmp_path / "data"
     simulate_dataset(truth, 400, data, seed=5, progress=False,
                      acquisition=Acquisition(max_shift=4.0, astigmatism=500.0),
@@ -236,9 +236,9 @@ def whole_stack_learn_modes(table, reference, blocks, max_particles, seed, itera
     from dataclasses import replace
 
     from cryosvi.dataset import ParticleData, priors_from_particles, working_reference
+    from cryosvi.inference.junk import junk_weights
     from cryosvi.inference.learnt_modes import (GRAY_LEVEL_IMAGES, REFIT_TOLERANCE,
-                                                fit_amplitudes, junk_weights,
-                                                learnt_reference)
+                                                fit_amplitudes, learnt_reference)
     from cryosvi.inference.population import population_moments
     from cryosvi.inference.ppca import principal_directions
     from cryosvi.latents import BY_NAME
@@ -281,13 +281,16 @@ def whole_stack_learn_modes(table, reference, blocks, max_particles, seed, itera
     reference = with_levels(fitted.means)
     if abs(reference.imaging.scale / first_scale - 1) > REFIT_TOLERANCE:
         fitted = fit()
-    weights = junk_weights(fitted.log_bayes)[0]
-    fit = principal_directions(fitted.means, fitted.covariances, 1, weights=weights)
-    shift, spread = population_moments(learnt_reference(reference, basis, fit, {})[0],
-                                       data.groups, images, rotation, ctf, shifts, weights,
-                                       chunk_size=len(images))
-    fit = replace(fit, centre=fit.centre + torch.from_numpy(shift) @ fit.directions,
-                  std=torch.from_numpy(spread))
+    fit = None
+    for _ in range(2):
+        weights = junk_weights(fitted.log_bayes(
+            *((None, None) if fit is None else (fit.centre, fit.directions.T * fit.std))))[0]
+        fit = principal_directions(fitted.means, fitted.covariances, 1, weights=weights)
+    moments = population_moments(learnt_reference(reference, basis, fit, {})[0],
+                                 data.groups, images, rotation, ctf, shifts,
+                                 chunk_size=len(images), weigh_junk=True)
+    fit = replace(fit, centre=fit.centre + torch.from_numpy(moments.mean) @ fit.directions,
+                  std=torch.from_numpy(moments.std))
     learnt, summary = learnt_reference(reference, basis, fit, {})
     return learnt, {**summary, "scale": reference.imaging.scale,
                     "offset": reference.imaging.offset, "noise_std": reference.noise.std}
@@ -343,17 +346,19 @@ def test_reading_the_stack_in_chunks_gives_the_numbers_of_the_whole_stack(tmp_pa
     np.testing.assert_allclose(learnt.coords, old.coords, rtol=1e-9, atol=1e-12)
 
 
-def test_junk_does_not_pull_the_learnt_direction(tmp_path):
+@pytest.mark.parametrize("snr, overlap", [(2.0, 0.97), (0.1, 0.9)])
+def test_junk_does_not_pull_the_learnt_direction(tmp_path, snr, overlap):
     """A quarter of the particles replaced by junk the model cannot explain at their
     poses (pure noise, and particle images with their Fourier phases scrambled: the same
     power, no structure): learn-modes weighs each particle by its own probability of
-    holding the molecule (the Laplace evidence against an empty image), finds the junk
-    fraction and still the hinge."""
+    holding the molecule (its evidence against an empty image), finds the junk fraction
+    and still the hinge, at SNR 2 and at SNR 0.1 (where an evidence with the fit's wide
+    prior on every amplitude called half of these particles junk)."""
     import mrcfile
 
     base = reference_with(1)
     direction = hinge_of_block(base.coords, rigid_blocks(base.coords, 3), 0)
-    data = simulate_along(tmp_path, direction, base)
+    data = simulate_along(tmp_path, direction, base, snr=snr)
     noise_std = truth_noise_std(data)
     generator = np.random.default_rng(0)
     with mrcfile.open(data / "particles.mrcs", mode="r+") as mrc:
@@ -369,4 +374,40 @@ def test_junk_does_not_pull_the_learnt_direction(tmp_path):
                  "-o", str(learnt_path), "--quiet"]) == 0
     learnt = Reference.load(learnt_path)
     assert learnt.source["learnt"]["junk_fraction"] == pytest.approx(0.25, abs=0.04)
-    assert abs(float(learnt.modes.reshape(-1) @ direction)) > 0.97
+    assert abs(float(learnt.modes.reshape(-1) @ direction)) > overlap
+
+
+def test_evidence_under_a_population_is_the_integral_of_the_quadratic_misfit():
+    """``AmplitudeFit.log_bayes`` from a fit's mode, precision and misfits only: for a
+    misfit exactly quadratic in the amplitudes (D = 3), the log Bayes factor against the
+    empty image equals misfit_empty + log of the misfit's exp(-misfit) integrated over a
+    one-direction population N(c, w w^T) (scipy's adaptive quadrature over z), and, with
+    no population, misfit_empty - misfit(c) at the structure c = 0."""
+    import torch
+    from scipy import stats
+    from scipy.integrate import quad
+
+    from cryosvi.inference.learnt_modes import AmplitudeFit
+
+    rng = np.random.default_rng(4)
+    dim, prior_std, lowest, empty = 3, 10.0, 12.5, 40.0
+    root = rng.normal(size=(dim, dim))
+    likelihood = root @ root.T + 0.3 * np.eye(dim)  # H_L
+    best = rng.normal(0.0, 1.5, dim)  # the likelihood's mode
+
+    def misfit(a):
+        return lowest + 0.5 * (a - best) @ likelihood @ (a - best)
+
+    precision = likelihood + np.eye(dim) / prior_std**2
+    mode = np.linalg.solve(precision, likelihood @ best)  # the fit's posterior mode
+    fit = AmplitudeFit(torch.from_numpy(mode)[None], torch.from_numpy(
+        np.linalg.inv(precision))[None], torch.tensor([misfit(mode)]),
+        torch.tensor([empty]), prior_std)
+    assert float(fit.log_bayes()[0]) == pytest.approx(empty - misfit(np.zeros(dim)),
+                                                      rel=1e-10)
+    centre, direction = rng.normal(0.0, 1.0, dim), rng.normal(0.0, 1.2, dim)
+    integral, _ = quad(lambda z: stats.norm.pdf(z) * np.exp(
+        lowest - misfit(centre + z * direction)), -12, 12, epsabs=0, epsrel=1e-12)
+    expected = empty - lowest + np.log(integral)
+    found = fit.log_bayes(torch.from_numpy(centre), torch.from_numpy(direction)[:, None])
+    assert float(found[0]) == pytest.approx(expected, abs=1e-8)

@@ -182,3 +182,16 @@ def assess_junk(log_evidence) -> JunkMixture:
     p_junk = junk_probability(log_evidence, weights)
     p_junk[~torch.isfinite(log_evidence[:, 1:]).all(1)] = torch.nan  # a broken image
     return JunkMixture(weights, float(weights[1:].sum()), p_junk, iterations, total)
+
+
+def junk_weights(log_bayes: Tensor) -> tuple[Tensor, float]:
+    """Each particle's weight 1 - p(junk) (n,) float64 and the fitted junk fraction,
+    from the log Bayes factors (n,) of the particle model against an empty image (e.g.
+    ``learnt_modes.AmplitudeFit.log_bayes``): the two-model mixture
+    (particle, empty image) fitted by EM over the particles
+    (``cryosvi.inference.junk``). Empty images and images without the molecule's
+    structure at its pose (phase-scrambled particles, aggregates) are explained no better
+    by the molecule than by an empty image and get weight ~0."""
+    log_bayes = log_bayes.double()
+    mixture = fit_junk_mixture(torch.stack([log_bayes, torch.zeros_like(log_bayes)], -1))
+    return 1.0 - mixture.p_junk, mixture.junk_fraction

@@ -23,11 +23,14 @@ truth's 1.32; |Spearman| under the Gaussian of these moments 0.749).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 from torch import Tensor
 
 from cryosvi.distributions.measurement import Measurement, WhiteNoise
+from cryosvi.inference.junk import junk_weights
 from cryosvi.reference import Reference
 
 NODES = 64
@@ -65,15 +68,34 @@ def grid_population(log_likelihood: Tensor, weights: Tensor | None = None,
     return torch.exp(log_mass[:, 0])
 
 
+class Population(NamedTuple):
+    """``population_moments``' result: mean (k,) and std (k,) Å RMS along each mode;
+    weights (n,) float64: each particle's say in them (the given weights, times 1 - its
+    junk probability with ``weigh_junk``); junk_fraction: the fitted one (None without
+    ``weigh_junk``)."""
+
+    mean: np.ndarray
+    std: np.ndarray
+    weights: Tensor | None
+    junk_fraction: float | None
+
+
 def population_moments(learnt: Reference, groups, images, rotation: Tensor, ctf,
                        shifts: Tensor | None, weights: Tensor | None = None,
-                       chunk_size: int = 256, progress=None) -> tuple[np.ndarray, np.ndarray]:
+                       chunk_size: int = 256, progress=None,
+                       weigh_junk: bool = False) -> Population:
     """The mean (k,) and std (k,) in Å RMS of the particles' amplitudes along each of
     the ``learnt`` reference's k modes (the mean relative to its pseudo-atoms), from
     their likelihoods on NODES amplitudes over the centre +- WIDTH mode stds (at least
     +- MIN_HALF_WIDTH; ``grid_population``), one mode after the other, the others at
     their means found so far (for one mode, exact on the grid; for more, a
     coordinate-wise estimate).
+
+    ``weigh_junk``: each particle's evidence along the mode, its likelihood summed over
+    the grid's masses, against an image with no particle gives its junk probability (the
+    two-model mixture ``junk.junk_weights``), which then weighs it, times ``weights``, in
+    the masses fitted again: an exact evidence along the direction where
+    ``learnt_modes.AmplitudeFit.log_bayes`` has a quadratic one.
 
     images: as in ``learnt_modes.fit_amplitudes`` (a tensor (n, L, L) or a function of
     particle positions), in the learnt reference's gray levels; rotation (n, 4); ctf a
@@ -88,6 +110,7 @@ def population_moments(learnt: Reference, groups, images, rotation: Tensor, ctf,
     forward = learnt.forward_model(groups).to(device)
     noise_model = None if learnt.noise_model is None else learnt.noise_model.to(device)
     n, k = rotation.shape[0], learnt.n_modes
+    given, junk_fraction = weights, None
     means = np.zeros(k)
     stds = np.array(learnt.priors.mode_std, dtype=np.float64)
     step = max(1, chunk_size // NODES)  # particles imaged at every node at once
@@ -102,6 +125,8 @@ def population_moments(learnt: Reference, groups, images, rotation: Tensor, ctf,
                         rotation[every.to(device)], None, ctf=ctf.take(every),
                         shifts=None if shifts is None else shifts[every.to(device)])
         model = model.double().view(NODES, len(rows), *model.shape[1:])
+        # the last row: an image with no particle, the offset alone
+        model = torch.cat([model, torch.full_like(model[:1], learnt.imaging.offset)])
         if noise_model is None:
             return WhiteNoise(model, learnt.noise.std).log_prob(data).double().cpu()
         group = None if ctf.group is None else ctf.group[rows.to(ctf.group.device)]
@@ -112,7 +137,7 @@ def population_moments(learnt: Reference, groups, images, rotation: Tensor, ctf,
         nodes = torch.linspace(-half_width, half_width, NODES, dtype=torch.float64)
         points = torch.from_numpy(means).repeat(NODES, 1)  # (NODES, k) amplitudes
         points[:, mode] += nodes
-        log_likelihood = torch.empty(NODES, n, dtype=torch.float64)
+        log_likelihood = torch.empty(NODES + 1, n, dtype=torch.float64)
         for start in range(0, n, chunk_size):
             chunk = read(torch.arange(start, min(n, start + chunk_size))).to(device).double()
             for first in range(0, len(chunk), step):
@@ -121,8 +146,14 @@ def population_moments(learnt: Reference, groups, images, rotation: Tensor, ctf,
                                                                chunk[first:first + step])
             if progress is not None:
                 progress(len(chunk))
+        log_likelihood, log_empty = log_likelihood[:-1], log_likelihood[-1]
         mass = grid_population(log_likelihood, weights)
+        if weigh_junk:
+            evidence = torch.logsumexp(log_likelihood + mass.clamp_min(1e-300).log()[:, None], 0)
+            own, junk_fraction = junk_weights(evidence - log_empty)
+            weights = own if given is None else own * given.double()
+            mass = grid_population(log_likelihood, weights)
         centre = float((mass * nodes).sum())
         means[mode] += centre
         stds[mode] = float((mass * (nodes - centre).square()).sum().sqrt())
-    return means, stds
+    return Population(means, stds, weights, junk_fraction)
