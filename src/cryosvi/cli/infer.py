@@ -85,9 +85,10 @@ def register(subparsers, summary: str) -> None:
                         "inferred with the pose or CTF at SNR 0.75-15 (about 6x the "
                         "SMC's speed at SNR ~1, as accurate and calibrated), and 'smc' with at "
                         "least 12 moves otherwise")
-    parser.add_argument("--moves", type=integer_between(0, 1000), default=3,
+    parser.add_argument("--moves", type=integer_between(1, 1000), default=3,
                         help="smc (and the fallback of laplace and joint): Metropolis "
-                        "moves per tempering step ('auto' uses at least 12 below SNR 15)")
+                        "moves per tempering step, at least 1: without moves its resampled "
+                        "samples collapse onto a few ('auto' uses at least 12 below SNR 15)")
     parser.add_argument("--starts", type=integer_between(1, 64), default=LAPLACE_STARTS,
                         help="laplace and joint (and auto, which takes them): "
                         "Gauss-Newton starts per particle from the guide's best draws")
