@@ -102,9 +102,9 @@ def test_the_batch_size_does_not_change_the_posterior(scale_run, tmp_path, metho
     for name, values in first.items():
         close &= np.isclose(values, second[name], rtol=tolerance, atol=tolerance)
     assert close.sum() >= (N_TEST if method in ("guide", "is") else N_TEST - 4)
-    for name, std in STD_COLUMNS.items():
+    for name, std in STD_COLUMNS.items():  # (a float32 defocus of 10^4 Å has ulp 1e-3)
         assert np.all(np.abs(first[name] - second[name])
-                      <= 0.5 * first[std] + tolerance), name
+                      <= 0.5 * first[std] + tolerance * (1 + np.abs(first[name]))), name
     with np.load(outputs[0].with_suffix(".npz")) as a, \
             np.load(outputs[1].with_suffix(".npz")) as b:
         assert set(a.files) == set(b.files)
