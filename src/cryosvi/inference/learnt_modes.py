@@ -313,8 +313,8 @@ def learn_modes(reference: Reference, basis: np.ndarray, images, rotation: Tenso
     # first of the structure itself, then of the population of conformations learnt.
     given, fit = weights, None
     for _ in range(2):
-        own, junk_fraction = junk_weights(fitted.log_bayes(
-            *((None, None) if fit is None else (fit.centre, fit.directions.T * fit.std))))
+        own = junk_weights(fitted.log_bayes(
+            *((None, None) if fit is None else (fit.centre, fit.directions.T * fit.std))))[0]
         weights = own if given is None else own * given.double()
         fit = principal_directions(fitted.means, fitted.covariances, n_modes,
                                    weights=weights)
