@@ -635,6 +635,17 @@ def test_resume_says_which_settings_it_ignores(run, tmp_path):
     assert code == 0 and "warning:" not in err, err
 
 
+def test_resume_of_a_finished_run_says_so_and_changes_nothing(run, tmp_path, capsys):
+    """--resume of a run that has finished trains nothing, says so (it printed the
+    stored wall time as if it had trained), and leaves the run's files as they were."""
+    resumed = copy_run(run, tmp_path / "resumed")
+    before = {p.name: p.read_bytes() for p in resumed.iterdir() if p.is_file()}
+    assert main(["train", "-o", str(resumed), "--resume", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "already finished" in out and "nothing to resume" in out, out
+    assert {p.name: p.read_bytes() for p in resumed.iterdir() if p.is_file()} == before
+
+
 def test_infer_says_when_refine_is_not_used(run, dataset, tmp_path):
     """--refine only chooses the refinement of --importance draws: with --importance 0
     (the guide alone) a --refine given is named in one warning, and the default is
