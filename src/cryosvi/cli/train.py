@@ -273,7 +273,6 @@ def run(args) -> None:
     from pathlib import Path
 
     from cryosvi.io.outputs import check_writable
-    from cryosvi.rundir import read_run
     from cryosvi.training.distributed import process_group, rank_device
     from cryosvi.training.setup import check_run_output
     from cryosvi.training.loop import train
@@ -290,16 +289,15 @@ def run(args) -> None:
                               f"{', '.join(given)} ignored (to change them, start a new "
                               "run with --force, or from this one with --init RUN)",
                               CryosviWarning)
-            stored = read_run(args.output)
-            if stored.get("status") == "finished":
-                if world.writes:
-                    print(f"{args.output}/ has already finished its "
-                          f"{stored.get('epochs_done')} epoch(s); nothing to resume (to "
-                          f"train on from it, start a new run with --init {args.output})")
-                return
             info = train(args.particles, None, args.output, resume=True,
                          progress=not args.quiet, device=args.device, command=command,
                          datadir=args.datadir, invert=args.invert)
+            if info.get("already_finished"):
+                if world.writes:
+                    print(f"{args.output}/ has already finished its "
+                          f"{info.get('epochs_done')} epoch(s); nothing to resume (to "
+                          f"train on from it, start a new run with --init {args.output})")
+                return
         else:
             if not args.particles:
                 raise CryosviError("--particles is required (unless --resume)")

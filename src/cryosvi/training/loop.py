@@ -37,8 +37,8 @@ from cryosvi.latents import REGISTRY, names
 from cryosvi.randomness import preserved_rng, rng_state
 from cryosvi.reference import Reference
 from cryosvi.rundir import (CHECKPOINT, CHECKPOINT_FORMAT, LOG_FILE, PLOT_FILE,
-                            REFERENCE_FILE, RUN_FILE, load_checkpoint, read_run,
-                            save_checkpoint, select_device, write_json_atomic)
+                            REFERENCE_FILE, RUN_FILE, load_checkpoint, load_trained,
+                            read_run, save_checkpoint, select_device, write_json_atomic)
 from cryosvi.training.distributed import (World, data_parallel, rank_device,
                                           synchronise_batch_norm)
 from cryosvi.training.log import append_log, chunk_means, epoch_line, plot_log, truncate_log
@@ -90,7 +90,8 @@ def train(particles: str | Path, reference: Reference | None, output: str | Path
     reference, options and schedule given here are then ignored; ``device`` may move it).
     device: cpu, cuda, cuda:N or auto (CUDA when present); replaces ``options.device``.
     max_epochs: stop after this many epochs in this call (the run can be resumed).
-    command: the command line, recorded in run.json. Returns the final run info.
+    command: the command line, recorded in run.json. Returns the final run info (of a
+    finished run resumed: its stored info, with 'already_finished', and nothing written).
 
     Inside a process group of several processes (``distributed.process_group``, under
     torchrun) every process calls this alike and trains its share of each batch; the
@@ -103,6 +104,9 @@ def train(particles: str | Path, reference: Reference | None, output: str | Path
     if resume:
         info, options, state, reference, source = _resumed(output, particles, datadir,
                                                            invert)
+        if info.get("status") == "finished":  # nothing left to train
+            load_trained(output)  # but a damaged run says so, as infer would
+            return {**info, "already_finished": True}
         particles, datadir, invert = source
     else:
         options = options or TrainOptions()
