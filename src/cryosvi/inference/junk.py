@@ -187,11 +187,11 @@ def assess_junk(log_evidence) -> JunkMixture:
 def junk_weights(log_bayes: Tensor) -> tuple[Tensor, float]:
     """Each particle's weight 1 - p(junk) (n,) float64 and the fitted junk fraction,
     from the log Bayes factors (n,) of the particle model against an empty image (e.g.
-    ``learnt_modes.AmplitudeFit.log_bayes``): the two-model mixture
-    (particle, empty image) fitted by EM over the particles
-    (``cryosvi.inference.junk``). Empty images and images without the molecule's
-    structure at its pose (phase-scrambled particles, aggregates) are explained no better
-    by the molecule than by an empty image and get weight ~0."""
+    ``learnt_modes.AmplitudeFit.log_bayes``): the two-model mixture (particle, empty
+    image) fitted by EM over the particles (``fit_junk_mixture``). Empty images and
+    images without the molecule's structure at its pose (phase-scrambled particles,
+    aggregates) are explained no better by the molecule than by an empty image and get
+    weight ~0."""
     log_bayes = log_bayes.double()
     mixture = fit_junk_mixture(torch.stack([log_bayes, torch.zeros_like(log_bayes)], -1))
     return 1.0 - mixture.p_junk, mixture.junk_fraction
