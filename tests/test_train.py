@@ -341,10 +341,12 @@ def test_init_from_another_run(dataset, tmp_path):
 
 @pytest.mark.slow
 def test_joint_training_reaches_the_targets_at_reduced_size(tmp_path):
-    """Paper preset (1OL5, 32 px, SNR 20): a small simulation-trained guide (30 000
-    samples: defocus learnt, pose still near uniform) plus tempered SMC (64 samples, 6
-    moves) on 150 held-out particles meets the targets (defocus and mode r >= 0.95,
-    pose median <= 5 deg, 95 % intervals covering 85-99 % at this size)."""
+    """Paper preset (1OL5, 32 px, SNR 20): a small simulation-trained guide (60 000
+    samples) plus tempered SMC (64 samples, 6 moves) on 150 held-out particles meets
+    the targets (defocus and mode r >= 0.95, pose median <= 5 deg, 95 % intervals
+    covering 85-99 % at this size). With half the samples the pose guide is still near
+    uniform and 1-5 of the 150 particles end in a wrong pose (a flip, or a few degrees
+    traded against the mode): over six draws mode r 0.925-0.999, a coin toss at 0.95."""
     from cryosvi.config import PAPER_PRESET
     from cryosvi.evaluate import evaluate_tables
     from cryosvi.inference.driver import infer
@@ -353,7 +355,7 @@ def test_joint_training_reaches_the_targets_at_reduced_size(tmp_path):
     reference = build_reference(None, None, 2, **PAPER_PRESET)
     simulate_dataset(reference, 2000, tmp_path / "train", seed=0)
     simulate_dataset(reference, 150, tmp_path / "test", seed=1)
-    schedule = [Stage(objective="sim", epochs=6, lr=2e-3, batch_size=128, epoch_size=5000,
+    schedule = [Stage(objective="sim", epochs=12, lr=2e-3, batch_size=128, epoch_size=5000,
                       decay="cosine", warmup=50)]
     options = TrainOptions(schedule=schedule, architecture=Architecture(
         channels=(16, 32, 64), hidden=256, shared_trunk=True))
