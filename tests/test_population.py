@@ -4,10 +4,11 @@ latent values on a grid, from each item's likelihood there."""
 from itertools import pairwise
 
 import numpy as np
+import pytest
 import torch
 from scipy import stats
 
-from cryosvi.inference.population import grid_population
+from cryosvi.inference.population import grid_population, spread_evidence
 
 NODES = torch.linspace(-4.0, 8.0, 97, dtype=torch.float64)
 
@@ -57,3 +58,24 @@ def test_each_step_raises_the_marginal_likelihood_and_weights_count_as_copies():
     copies = grid_population(torch.cat([log_likelihood[:, 50:], log_likelihood[:, 50:100]],
                                        1))
     torch.testing.assert_close(weighted, copies, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("spread", [0.0, 0.5, 1.0, 2.0])
+def test_the_spread_evidence_is_the_likelihood_ratio_of_a_gaussian_spread(spread):
+    """2 000 values N(2, spread^2) seen with noise of std 1: the evidence of the fitted
+    distribution against the best single value is, for Gaussian data, the closed form
+    n/2 (v - 1 - log v) of the sample variance v of the observations (the maximum-
+    likelihood Gaussian spread against the point at their mean; 0 when v <= 1), up to
+    the grid's spacing (the best node is up to 0.0625 from the mean: n/2 0.0625^2 = 3.9
+    nats) and what the nonparametric estimate fits beyond a Gaussian."""
+    rng = np.random.default_rng(3)
+    values = rng.normal(2.0, spread, 2000) if spread else np.full(2000, 2.0)
+    log_likelihood = gaussian_log_likelihoods(values, 1.0)
+    observed = values + np.random.default_rng(1).normal(0.0, 1.0, len(values))
+    v = observed.var()
+    expected = len(values) / 2 * (v - 1 - np.log(v)) if v > 1 else 0.0
+    found = spread_evidence(log_likelihood, grid_population(log_likelihood))
+    assert abs(found - expected) < 5.0 + 0.005 * expected
+    weights = torch.full((len(values),), 2.0, dtype=torch.float64)  # each counts twice
+    assert spread_evidence(log_likelihood, grid_population(log_likelihood, weights),
+                           weights) == pytest.approx(2 * found, rel=1e-6, abs=1e-6)

@@ -21,8 +21,10 @@ def register(subparsers, summary: str) -> None:
         description="Learn the directions of the particles' conformational change from "
         "their images, given each particle's pose, CTF and shift (a consensus "
         "refinement): each particle's displacement along the rigid motions of a few "
-        "compact blocks of the structure (or the reference's lowest ANM modes and the 6 "
-        "rigid motions) is fitted (Gauss-Newton, Laplace covariance), "
+        "compact blocks of the structure, of segments of its chain, or along the "
+        "reference's lowest ANM modes and the 6 rigid motions (by default each of the "
+        "three, keeping the one that explains the particles best) is fitted "
+        "(Gauss-Newton, Laplace covariance), "
         "and the directions along which the particles spread are found by probabilistic "
         "PCA that weighs each particle by its own uncertainty (cryosvi.inference.learnt_modes). "
         "Writes a reference.npz whose pseudo-atoms sit at the particles' mean "
@@ -35,17 +37,22 @@ def register(subparsers, summary: str) -> None:
                         "and CTF estimates")
     add_particle_source_arguments(parser)
     add_reference_arguments(parser, required=True)
-    parser.add_argument("--basis", choices=["blocks", "segments", "anm"], default="blocks",
+    parser.add_argument("--basis", choices=["auto", "blocks", "segments", "anm"],
+                        default="auto",
                         help="fitting basis: the rigid motions of --blocks compact blocks "
                         "of pseudo-atoms (k-means of their positions), of --blocks "
                         "segments of the chain (contiguous in sequence, each as compact "
                         "as can be), or the reference's lowest ANM modes and the 6 rigid "
-                        "motions")
+                        "motions; 'auto' learns in each and keeps the directions along "
+                        "which the particles' spread explains their images best (the "
+                        "likelihood ratio of the spread against one conformation; three "
+                        "times the time of one basis)")
     parser.add_argument("--blocks", type=integer_between(1, 100), default=3,
                         help="with --basis blocks or segments: number of blocks")
     parser.add_argument("--anm-modes", dest="n_modes", metavar="K",
                         type=integer_between(1, 100), default=10,
-                        help="with --basis anm and --structure: ANM modes in the basis")
+                        help="with --basis anm or auto and --structure: ANM modes in "
+                        "the basis")
     parser.add_argument("--n-modes", dest="learnt_modes", metavar="K",
                         type=integer_between(1, 100), default=1, help="modes to learn")
     parser.add_argument("-o", "--output", required=True, help="output reference (.npz)")
@@ -94,7 +101,7 @@ def run(args) -> None:
                            "belong to it; write the learnt reference elsewhere")
     device = check_device(args.device)
     table = read_particles(args.particles, args.datadir, args.invert)
-    if args.basis != "anm" and args.structure:
+    if args.basis in ("blocks", "segments") and args.structure:
         args.n_modes = 1  # the reference's ANM modes are not used
     reference = reference_from_args(args, args.particles)
     count = min(len(table), args.max_particles)
@@ -106,11 +113,10 @@ def run(args) -> None:
             bar.update(done)
 
         learnt, summary = learn_modes_from_particles(
-            table, reference, args.learnt_modes,
-            args.blocks if args.basis != "anm" else None, args.box, args.max_particles,
-            args.seed, args.noise_std, args.prior_std, args.iterations, device, progress,
-            args.reference or "ANM", noise_model=args.noise_model,
-            contiguous=args.basis == "segments")
+            table, reference, args.learnt_modes, args.basis, args.blocks, args.box,
+            args.max_particles, args.seed, args.noise_std, args.prior_std,
+            args.iterations, device, progress, args.reference or "ANM",
+            noise_model=args.noise_model)
     output.parent.mkdir(parents=True, exist_ok=True)
     learnt.save(output)
     envelope = "" if summary["bfactor"] is None else (
@@ -122,6 +128,10 @@ def run(args) -> None:
     for k, (std, rigid) in enumerate(zip(summary["mode_std"], summary["rigid_fraction"])):
         print(f"learnt mode {k + 1}: particles' std {std:.3g} Å RMS, rigid part "
               f"{100 * rigid ** 2:.0f} % of its square norm")
+    if "basis_evidence" in summary:
+        print("fitting bases, how much the particles' spread explains (nats): " + ", ".join(
+            f"{kind} {value:.1f}" for kind, value in summary["basis_evidence"].items()),
+            file=sys.stderr)
     print(f"{summary['fitted_particles']} particles, {summary['basis']} -> "
           f"{output} ({learnt.n_modes} learnt mode{'s' * (learnt.n_modes > 1)}; "
           f"cryosvi train --reference {output})")

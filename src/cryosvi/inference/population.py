@@ -68,16 +68,33 @@ def grid_population(log_likelihood: Tensor, weights: Tensor | None = None,
     return torch.exp(log_mass[:, 0])
 
 
+def spread_evidence(log_likelihood: Tensor, mass: Tensor, weights: Tensor | None = None
+                    ) -> float:
+    """Nats: sum_i w_i log sum_g p_g L_ig - max_g sum_i w_i log L_ig, the log likelihood
+    ratio of the particles' spread over G grid nodes (masses ``mass`` (G,)) against the
+    single conformation on the grid that explains them best; ``log_likelihood`` (G, n),
+    ``weights`` (n,) (None: all 1). How much the particles' variation along a direction
+    explains: for Gaussian data of noise variance s^2 spread with variance t^2, about
+    n/2 (t^2/s^2 - log(1 + t^2/s^2))."""
+    values = log_likelihood.double()
+    w = torch.ones(values.shape[1], dtype=torch.float64) if weights is None \
+        else weights.double()
+    marginal = torch.logsumexp(values + mass.double().clamp_min(1e-300).log()[:, None], 0)
+    return float((w * marginal).sum() - (values * w).sum(1).max())
+
+
 class Population(NamedTuple):
     """``population_moments``' result: mean (k,) and std (k,) Å RMS along each mode;
     weights (n,) float64: each particle's say in them (the given weights, times 1 - its
     junk probability with ``weigh_junk``); junk_fraction: the fitted one (None without
-    ``weigh_junk``)."""
+    ``weigh_junk``); evidence: ``spread_evidence`` along each mode (at the others'
+    means), summed, in nats."""
 
     mean: np.ndarray
     std: np.ndarray
     weights: Tensor | None
     junk_fraction: float | None
+    evidence: float
 
 
 def population_moments(learnt: Reference, groups, images, rotation: Tensor, ctf,
@@ -110,7 +127,7 @@ def population_moments(learnt: Reference, groups, images, rotation: Tensor, ctf,
     forward = learnt.forward_model(groups).to(device)
     noise_model = None if learnt.noise_model is None else learnt.noise_model.to(device)
     n, k = rotation.shape[0], learnt.n_modes
-    given, junk_fraction = weights, None
+    given, junk_fraction, spread = weights, None, 0.0
     means = np.zeros(k)
     stds = np.array(learnt.priors.mode_std, dtype=np.float64)
     step = max(1, chunk_size // NODES)  # particles imaged at every node at once
@@ -153,7 +170,8 @@ def population_moments(learnt: Reference, groups, images, rotation: Tensor, ctf,
             own, junk_fraction = junk_weights(evidence - log_empty)
             weights = own if given is None else own * given.double()
             mass = grid_population(log_likelihood, weights)
+        spread += spread_evidence(log_likelihood, mass, weights)
         centre = float((mass * nodes).sum())
         means[mode] += centre
         stds[mode] = float((mass * (nodes - centre).square()).sum().sqrt())
-    return Population(means, stds, weights, junk_fraction)
+    return Population(means, stds, weights, junk_fraction, spread)
