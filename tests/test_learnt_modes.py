@@ -132,11 +132,11 @@ def test_the_default_basis_is_the_one_whose_directions_explain_the_particles(
         tmp_path, capsys, change):
     """``--basis auto`` (the default) learns in each basis and keeps the one along whose
     directions the particles' spread explains their images best: for a hinge of a
-    k-means block, the rigid blocks (or segments); for particles along ANM mode 4, of
-    which the 3-block basis holds only 37 % (its directions there miss it: measured
-    overlap 0.16 on a small protein), the ANM basis. Either way the change is found
-    (150 of the 400 particles: the chosen basis's evidence is 1.7 and 7.5 times the
-    next one's).""" 
+    k-means block, the rigid blocks (or segments); for particles along ANM mode 4, whose
+    projection on the 3-block span has norm 0.37 (the direction learnt there misses
+    such a mode: overlap 0.16 measured on a small protein), the ANM basis. Either way
+    the change is found (150 of the 400 particles: the chosen basis's evidence is 1.7
+    and 7.5 times the next one's)."""
     base = reference_with(1)
     direction = hinge_of_block(base.coords, rigid_blocks(base.coords, 3), 0) \
         if change == "hinge" else reference_with(10).modes[3].reshape(-1)

@@ -26,9 +26,9 @@ stds equal to the particles' spread along them; ``cryosvi train --reference`` th
 it as any other.
 
 Which basis holds a change depends on the molecule: a domain's hinge is a rigid motion
-of a block, an ANM mode of a small single-domain protein is not (ubiquitin's mode 1: 83 %
-of it in the 3-block span, and the directions learnt there from 600 particles at SNR 1
-miss it, overlap 0.16, against 0.98 in the ANM basis). By default every basis is tried,
+of a block, an ANM mode of a small single-domain protein is not (ubiquitin's mode 1: its
+projection on the 3-block span has norm 0.83, and the direction learnt there from 600
+particles at SNR 1 misses it, overlap 0.16, against 0.98 in the ANM basis). By default every basis is tried,
 and the learnt reference kept is the one along whose directions the particles' spread
 explains their images best (``population.spread_evidence``, each on its own grid).
 """
@@ -484,7 +484,7 @@ def _fitting_basis(reference: Reference, basis: str, blocks: int,
 
 
 def learn_modes_from_particles(table: ParticleSet, reference: Reference, n_modes: int = 1,
-                               basis: str = "blocks", blocks: int = 3,
+                               basis: str = "auto", blocks: int = 3,
                                box: int | None = None,
                                max_particles: int = 20000, seed: int = 0,
                                noise_std: float | None = None, prior_std: float = 10.0,
@@ -503,14 +503,13 @@ def learn_modes_from_particles(table: ParticleSet, reference: Reference, n_modes
     whose particles' spread along its directions explains the most, the summary's
     spread_evidence, ``population.spread_evidence``), with the gray levels and noise
     std fitted unless ``noise_std`` is given (``reference_name``: how the basis names
-    the reference's modes). The images
-    are read from the stacks (memory-mapped) a chunk at a time as the fit needs them
-    (``learn_modes``: at most ``chunk_size`` images, and the fit's batches of 64), never
-    all at once. A ``JUNK_COLUMN`` in the table (a posterior of ``cryosvi infer``)
-    weighs each particle by 1 - its junk probability in the directions' fit, so that
-    junk does not pull them. Returns the learnt reference and ``learn_modes``'s summary,
-    with 'basis' (what the basis is), 'fitted_particles' and, with 'auto', each basis's
-    'basis_evidence'. ``noise_model``
+    the reference's modes). The images are read from the stacks (memory-mapped) a chunk
+    at a time as the fit needs them (``learn_modes``: at most ``chunk_size`` images, and
+    the fit's batches of 64), never all at once. A ``JUNK_COLUMN`` in the table (a
+    posterior of ``cryosvi infer``) weighs each particle by 1 - its junk probability in
+    the directions' fit, so that junk does not pull them. Returns the learnt reference
+    and ``learn_modes``'s summary, with 'basis' (what the basis is), 'fitted_particles'
+    and, with 'auto', each basis's 'basis_evidence'. ``noise_model``
     (``noise_data.NOISE_MODELS``; 'auto' resolved by ``noise_data.resolve_noise_model``):
     'estimate' measures the particles' coloured noise (``noise_data.estimate_noise_model``)
     at the fitted gray levels; it whitens the fit and the learnt reference keeps it for
