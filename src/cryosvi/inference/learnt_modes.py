@@ -525,10 +525,10 @@ def learn_modes_from_particles(table: ParticleSet, reference: Reference, n_modes
     candidates = {}
     for kind in BASES if basis == "auto" else (basis,):
         candidates[kind] = _fitting_basis(reference, kind, blocks, reference_name)
-        if n_modes > len(candidates[kind][0]):
-            raise CryosviError(f"--n-modes {n_modes}: the fitting basis "
-                               f"({candidates[kind][1]}) has "
-                               f"{len(candidates[kind][0])} dimensions")
+        fitting, name = candidates[kind]
+        if n_modes > len(fitting):
+            raise CryosviError(f"--n-modes {n_modes}: the fitting basis ({name}) has "
+                               f"{len(fitting)} dimensions")
     data = ParticleData(table, reference.optics.box, ctf_estimates=True)
     rows = np.arange(len(table))
     if len(rows) > max_particles:
