@@ -11,6 +11,7 @@ from cryosvi.cli.common import (HelpFormatter, add_particle_source_arguments,
 from cryosvi.cli.train import (add_noise_model_argument, add_reference_arguments,
                                reference_from_args)
 from cryosvi.errors import CryosviError, CryosviWarning
+from cryosvi.inference.fitting_basis import BASES
 
 KIND = "reference"
 
@@ -37,7 +38,7 @@ def register(subparsers, summary: str) -> None:
                         "and CTF estimates")
     add_particle_source_arguments(parser)
     add_reference_arguments(parser, required=True)
-    parser.add_argument("--basis", choices=["auto", "blocks", "segments", "anm"],
+    parser.add_argument("--basis", choices=["auto", *BASES],
                         default="auto",
                         help="fitting basis: the rigid motions of --blocks compact blocks "
                         "of pseudo-atoms (k-means of their positions), of --blocks "

@@ -13,6 +13,11 @@ import numpy as np
 from cryosvi.physics.anm import rigid_basis
 from cryosvi.reference import Reference
 
+BASES = ("blocks", "segments", "anm")
+"""learn-modes' fitting bases: the rigid motions of k-means blocks of pseudo-atoms
+(``rigid_blocks``), of segments of the chain (``sequence_blocks``), or the reference's
+modes and the rigid motions; its ``--basis auto`` tries each."""
+
 
 def rigid_blocks(coords: np.ndarray, n_blocks: int, restarts: int = 10) -> np.ndarray:
     """(N,) int labels 0..n_blocks-1: the pseudo-atoms split into ``n_blocks`` compact

@@ -28,9 +28,10 @@ it as any other.
 Which basis holds a change depends on the molecule: a domain's hinge is a rigid motion
 of a block, an ANM mode of a small single-domain protein is not (ubiquitin's mode 1: its
 projection on the 3-block span has norm 0.83, and the direction learnt there from 600
-particles at SNR 1 misses it, overlap 0.16, against 0.98 in the ANM basis). By default every basis is tried,
-and the learnt reference kept is the one along whose directions the particles' spread
-explains their images best (``population.spread_evidence``, each on its own grid).
+particles at SNR 1 misses it, overlap 0.16, against 0.98 in the ANM basis). By default
+every basis is tried, and the learnt reference kept is the one along whose directions
+the particles' spread explains their images best (``population.spread_evidence``, each
+on its own grid).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ from cryosvi.physics.forward import ForwardModel
 from cryosvi.physics.graylevels import MEASURABLE_Z, GrayLevels
 from cryosvi.physics.noise import NoiseModel
 from cryosvi.inference.envelope import fitted_envelope
-from cryosvi.inference.fitting_basis import fitting_basis
+from cryosvi.inference.fitting_basis import BASES, fitting_basis
 from cryosvi.inference.junk import junk_weights
 from cryosvi.inference.laplace import gauss_newton
 from cryosvi.inference.population import population_moments
@@ -461,12 +462,6 @@ def learnt_reference(reference: Reference, basis: np.ndarray, fit: PrincipalDire
         structure_coords=np.array(reference.structure_beads, np.float64), blocks=blocks)
     learnt.check("learnt reference: ")
     return learnt, summary
-
-
-BASES = ("blocks", "segments", "anm")
-"""learn-modes' fitting bases (``fitting_basis``): the rigid motions of k-means blocks of
-pseudo-atoms, of segments of the chain, or the reference's modes and the rigid motions;
-'auto' tries each."""
 
 
 def _fitting_basis(reference: Reference, basis: str, blocks: int,
