@@ -144,11 +144,12 @@ def test_the_default_basis_is_the_one_whose_directions_explain_the_particles(
     learnt_path = tmp_path / "learnt.npz"
     assert main(["learn-modes", "--particles", str(data / "particles.star"), "--stride",
                  str(STRIDE), "--structure", str(default_structure_path()), "--chain", "A",
-                 "--max-particles", "150", "-o", str(learnt_path), "--quiet"]) == 0
+                 "--max-particles", "150", "-o", str(learnt_path)]) == 0
     out, err = capsys.readouterr()
     learnt = Reference.load(learnt_path)
     evidence = learnt.source["learnt"]["basis_evidence"]
     assert set(evidence) == {"blocks", "segments", "anm"} and "fitting bases" in err
+    assert all(f"{kind} basis" in err for kind in evidence)  # the progress bar's labels
     chosen = max(evidence, key=evidence.get)
     assert chosen in (("blocks", "segments") if change == "hinge" else ("anm",))
     assert ("modes of ANM" in out) == (chosen == "anm")

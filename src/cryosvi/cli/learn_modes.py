@@ -108,16 +108,27 @@ def run(args) -> None:
     count = min(len(table), args.max_particles)
     with tqdm(total=count, desc="fitting", unit="particle", disable=args.quiet,
               file=sys.stderr) as bar:
+        label, passes = "fitting", 1
+
+        def stage(basis: str) -> None:
+            nonlocal label, passes
+            label, passes = f"{basis} basis", 1
+            bar.reset()
+            bar.set_description(label)
+
         def progress(done: int) -> None:
+            nonlocal passes
             if bar.n + done > bar.total:  # a second pass (refitted gray levels, the grid)
+                passes += 1
                 bar.reset()
+                bar.set_description(f"{label}, pass {passes}")
             bar.update(done)
 
         learnt, summary = learn_modes_from_particles(
             table, reference, args.learnt_modes, args.basis, args.blocks, args.box,
             args.max_particles, args.seed, args.noise_std, args.prior_std,
             args.iterations, device, progress, args.reference or "ANM",
-            noise_model=args.noise_model)
+            noise_model=args.noise_model, stage=stage)
     output.parent.mkdir(parents=True, exist_ok=True)
     learnt.save(output)
     envelope = "" if summary["bfactor"] is None else (

@@ -485,8 +485,8 @@ def learn_modes_from_particles(table: ParticleSet, reference: Reference, n_modes
                                noise_std: float | None = None, prior_std: float = 10.0,
                                iterations: int = 10, device="cpu", progress=None,
                                reference_name: str = "ANM",
-                               chunk_size: int = 256, noise_model: str = "auto"
-                               ) -> tuple[Reference, dict]:
+                               chunk_size: int = 256, noise_model: str = "auto",
+                               stage=None) -> tuple[Reference, dict]:
     """``cryosvi learn-modes``: the reference of ``n_modes`` modes learnt from the
     particles of ``table`` (a consensus refinement: poses and CTF estimates; CryosviError
     without them) and ``reference`` (at the particles' box and pixel size).
@@ -508,7 +508,8 @@ def learn_modes_from_particles(table: ParticleSet, reference: Reference, n_modes
     (``noise_data.NOISE_MODELS``; 'auto' resolved by ``noise_data.resolve_noise_model``):
     'estimate' measures the particles' coloured noise (``noise_data.estimate_noise_model``)
     at the fitted gray levels; it whitens the fit and the learnt reference keeps it for
-    ``cryosvi train``.
+    ``cryosvi train``. ``stage``: called with each basis's name (one of BASES) before
+    its fit, e.g. to label a progress bar.
     """
     missing = [c for c in (*ANGLES, "rlnDefocusU") if not table.has(c)]
     if missing or not has_ctf_estimates(table):
@@ -557,6 +558,8 @@ def learn_modes_from_particles(table: ParticleSet, reference: Reference, n_modes
             raise CryosviError(f"{table.path}: every particle has junk probability 1")
     learnt = {}
     for kind, (fitting, name) in candidates.items():
+        if stage is not None:
+            stage(kind)
         learnt[kind] = learn_modes(
             reference, fitting, images, rotation.to(device), ctf.to(device),
             None if shifts is None else shifts.to(device), data.groups, n_modes,
