@@ -102,8 +102,6 @@ def run(args) -> None:
                            "belong to it; write the learnt reference elsewhere")
     device = check_device(args.device)
     table = read_particles(args.particles, args.datadir, args.invert)
-    if args.basis in ("blocks", "segments") and args.structure:
-        args.n_modes = 1  # the reference's ANM modes are not used
     reference = reference_from_args(args, args.particles)
     count = min(len(table), args.max_particles)
     with tqdm(total=count, desc="fitting", unit="particle", disable=args.quiet,
