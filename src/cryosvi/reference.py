@@ -26,8 +26,9 @@ from cryosvi.physics.noise import NoiseModel
 @dataclass(frozen=True)
 class RigidBlocks:
     """Modes that move blocks of pseudo-atoms rigidly (those learnt in a basis of rigid
-    blocks, ``cryosvi learn-modes --basis blocks``), as each block's motion, so that the
-    atoms of a structure can follow them (``cryosvi.analysis.ensemble``).
+    blocks or chain segments, ``cryosvi learn-modes --basis blocks|segments``), as each
+    block's motion, so that the atoms of a structure can follow them
+    (``cryosvi.analysis.ensemble``).
 
     labels (N,) int: each pseudo-atom's block, 0..B-1. Block b's centre c_b is the
     centroid of its pseudo-atoms in ``Reference.structure_beads``.

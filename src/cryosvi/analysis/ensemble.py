@@ -5,15 +5,16 @@ The reference has one pseudo-atom per residue of one chain (every ``stride``-th;
 ``cryosvi.physics.structure``) and moves them linearly, coords + sqrt(N) sum_k a_k u_k
 (amplitudes a_k in Å RMS per pseudo-atom). The atoms follow:
 
-* modes learnt in a basis of rigid blocks (``Reference.blocks``, the default of
-  ``cryosvi learn-modes``): the atoms of each block move rigidly, by the finite
-  rotation R = exp([w]_x) (angle |w| about w / |w|) about the block's centre c and the
-  translation t, where (w, t) is the block's infinitesimal rigid motion at the
-  amplitudes (linear in them, offset included); x -> x + (R - I)(x - c) + t. To first
-  order this is the pseudo-atoms' linear displacement; beyond it the rotation keeps
-  every distance within the block, where the linear displacement stretches the block (a
-  30 deg hinge moves an atom 20 Å from the axis 10.4 Å along the chord, where the
-  tangent of the linear model ends 2.6 Å farther from the axis);
+* modes learnt in a basis of rigid blocks or chain segments (``Reference.blocks``:
+  ``cryosvi learn-modes --basis blocks|segments``, or ``auto`` choosing one): the atoms
+  of each block move rigidly, by the finite rotation R = exp([w]_x) (angle |w| about
+  w / |w|) about the block's centre c and the translation t, where (w, t) is the
+  block's infinitesimal rigid motion at the amplitudes (linear in them, offset
+  included); x -> x + (R - I)(x - c) + t. To first order this is the pseudo-atoms'
+  linear displacement; beyond it the rotation keeps every distance within the block,
+  where the linear displacement stretches the block (a 30 deg hinge moves an atom 20 Å
+  from the axis 10.4 Å along the chord, where the tangent of the linear model ends 2.6
+  Å farther from the axis);
 * other modes (ANM, or learnt in the ANM basis): each atom moves with the displacement
   of its residue's pseudo-atom from its place in the structure (the reference's coords
   at the amplitudes minus the structure's pseudo-atoms).
