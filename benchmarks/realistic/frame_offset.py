@@ -30,6 +30,8 @@ def main(argv=None) -> None:
     parser.add_argument("--offset", type=float, nargs=3, default=(3.0, -2.0, 2.0),
                         metavar=("X", "Y", "Z"), help="Å (default: 3 -2 2, 4.1 Å)")
     args = parser.parse_args(argv)
+    if args.output.exists():
+        parser.error(f"{args.output} exists; give a new folder")
     args.output.mkdir(parents=True)
     star = starfile.read(args.data / "particles.star")
     particles = star["particles"]
