@@ -68,6 +68,13 @@ def grid_population(log_likelihood: Tensor, weights: Tensor | None = None,
     return torch.exp(log_mass[:, 0])
 
 
+def log_marginal(log_likelihood: Tensor, mass: Tensor) -> Tensor:
+    """(n,) float64: each item's log sum_g p_g L_ig under the masses ``mass`` (G,) of
+    the grid, from ``log_likelihood`` (G, n)."""
+    return torch.logsumexp(log_likelihood.double()
+                           + mass.double().clamp_min(1e-300).log()[:, None], 0)
+
+
 def spread_evidence(log_likelihood: Tensor, mass: Tensor, weights: Tensor | None = None
                     ) -> float:
     """Nats: sum_i w_i log sum_g p_g L_ig - max_g sum_i w_i log L_ig, the log likelihood
@@ -79,8 +86,7 @@ def spread_evidence(log_likelihood: Tensor, mass: Tensor, weights: Tensor | None
     values = log_likelihood.double()
     w = torch.ones(values.shape[1], dtype=torch.float64) if weights is None \
         else weights.double()
-    marginal = torch.logsumexp(values + mass.double().clamp_min(1e-300).log()[:, None], 0)
-    return float((w * marginal).sum() - (values * w).sum(1).max())
+    return float((w * log_marginal(values, mass)).sum() - (values * w).sum(1).max())
 
 
 class Population(NamedTuple):
@@ -166,7 +172,7 @@ def population_moments(learnt: Reference, groups, images, rotation: Tensor, ctf,
         log_likelihood, log_empty = log_likelihood[:-1], log_likelihood[-1]
         mass = grid_population(log_likelihood, weights)
         if weigh_junk:
-            evidence = torch.logsumexp(log_likelihood + mass.clamp_min(1e-300).log()[:, None], 0)
+            evidence = log_marginal(log_likelihood, mass)
             own, junk_fraction = junk_weights(evidence - log_empty)
             weights = own if given is None else own * given.double()
             mass = grid_population(log_likelihood, weights)
