@@ -41,13 +41,12 @@ from make_dataset import (given_for_relion, half_plane_weights, noise_shape,  # 
                           relion_project, shell_radius, truth_for_relion)
 
 
-def log_likelihoods(images: np.ndarray, projections: np.ndarray, inverse_power: np.ndarray,
+def log_likelihoods(y: np.ndarray, m: np.ndarray, inverse_power: np.ndarray,
                     scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per particle, the log likelihood (up to a per-particle constant) of the images
-    (n, L, L) given projections (n, L, L), the inverse noise power (n, L, L//2+1) per
-    rfft2 coefficient and weight, and the known signal scale (n,): (known scale, fitted
-    scale), each (n,)."""
-    y, m = np.fft.rfft2(images), np.fft.rfft2(projections)
+    """Per particle, the log likelihood (up to a per-particle constant) of the images'
+    rfft2 ``y`` (n, L, L//2+1) given the model's ``m`` (the same shape), the inverse
+    noise power (n, L, L//2+1) per coefficient times its weight, and the known signal
+    scale (n,): (known scale, fitted scale), each (n,)."""
     dot = (inverse_power * (y.conj() * m).real).sum((1, 2))
     norm = (inverse_power * np.abs(m) ** 2).sum((1, 2))
     known = scale * dot - 0.5 * scale**2 * norm  # -|y - s m|^2 / 2 without |y|^2
@@ -61,8 +60,11 @@ def scores(log_like: np.ndarray, angles: np.ndarray, truth: np.ndarray) -> dict:
     weights = np.exp(log_like - log_like.max(1, keepdims=True))
     mean = (weights * angles).sum(1) / weights.sum(1)
     best = angles[log_like.argmax(1)]
-    return {"abs_spearman_posterior_mean": abs(float(scipy.stats.spearmanr(mean, truth)[0])),
-            "abs_spearman_best_bin": abs(float(scipy.stats.spearmanr(best, truth)[0])),
+
+    def rank(estimate: np.ndarray) -> float:
+        return abs(float(scipy.stats.spearmanr(estimate, truth)[0]))
+
+    return {"abs_spearman_posterior_mean": rank(mean), "abs_spearman_best_bin": rank(best),
             "median_abs_error_deg": float(np.median(np.abs(mean - truth)))}
 
 
@@ -81,7 +83,8 @@ def main(argv=None) -> None:
             else np.ones(len(particles), bool))
     particles = particles[real].reset_index(drop=True)
     rows = particles["rlnImageName"].str.split("@").str[0].astype(int).to_numpy() - 1
-    images = mrcfile.read(args.data / "particles.mrcs")[rows].astype(np.float64)
+    stack = mrcfile.read(args.data / "particles.mrcs")[rows]
+    images = np.fft.rfft2(stack.astype(np.float64))  # transformed once for every map
     angles = np.linspace(0.0, settings["max_angle"], settings["bins"])
     true_angle = particles["cryosviTrueConformation"].to_numpy()
 
@@ -94,8 +97,8 @@ def main(argv=None) -> None:
                                        p["nyquist"][g]) for g in range(len(optics))])
     else:
         shapes = np.ones((len(optics), box, box // 2 + 1))
-    power = box**2 * particles["cryosviNoiseStd"].to_numpy()[:, None, None] ** 2 * shapes[group]
-    inverse_power = half_plane_weights(box) / power
+    level = particles["cryosviNoiseStd"].to_numpy()[:, None, None] ** 2
+    inverse_power = half_plane_weights(box) / (box**2 * level * shapes[group])
     inverse_power[:, 0, 0] = 0.0
     envelope = np.exp(-truth["bfactor"] * (shell_radius(box) / (box * pixel)) ** 2 / 4)
     scale = (particles["cryosviTrueSignalScale"].to_numpy()
@@ -114,23 +117,23 @@ def main(argv=None) -> None:
             known = np.empty((len(particles), len(maps)))
             fitted = np.empty_like(known)
             for k, path in enumerate(maps):
-                projections = relion_project(path, table, optics, Path(scratch), f"m{k:03d}",
-                                             pixel).astype(np.float64)
-                projections = np.fft.irfft2(np.fft.rfft2(projections) * envelope, s=(box, box))
-                known[:, k], fitted[:, k] = log_likelihoods(images, projections,
-                                                            inverse_power, scale)
-            result[f"{kind}_metadata"] = {"known_scale": scores(known, angles, true_angle),
-                                          "fitted_scale": scores(fitted, angles, true_angle)}
+                projections = relion_project(path, table, optics, Path(scratch),
+                                             f"m{k:03d}", pixel).astype(np.float64)
+                known[:, k], fitted[:, k] = log_likelihoods(
+                    images, np.fft.rfft2(projections) * envelope, inverse_power, scale)
+            found = {"known_scale": scores(known, angles, true_angle),
+                     "fitted_scale": scores(fitted, angles, true_angle)}
+            result[f"{kind}_metadata"] = found
+            known_rho, fitted_rho = (found[f"{scale}_scale"]["abs_spearman_posterior_mean"]
+                                     for scale in ("known", "fitted"))
             print(f"{kind} pose/CTF/shift: |Spearman| of the posterior mean "
-                  f"{result[f'{kind}_metadata']['known_scale']['abs_spearman_posterior_mean']:.4f}"
-                  " (known scale), "
-                  f"{result[f'{kind}_metadata']['fitted_scale']['abs_spearman_posterior_mean']:.4f}"
-                  " (fitted scale)", flush=True)
+                  f"{known_rho:.4f} (known scale), {fitted_rho:.4f} (fitted scale)",
+                  flush=True)
     white = (truth.get("oracle") or {}).get("given")
     if white:
         result["make_dataset_oracle_given"] = white["spearman_posterior_mean"]
-        print(f"make_dataset.py's oracle (white, correlation, {white['particles']} particles): "
-              f"{white['spearman_posterior_mean']:.4f}")
+        print(f"make_dataset.py's oracle (white, correlation, {white['particles']} "
+              f"particles): {white['spearman_posterior_mean']:.4f}")
     result["wall_s"] = round(time.time() - start, 1)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
